@@ -1,0 +1,12 @@
+"""isometry: dynamical isometry in JAX.
+
+Theory (mean field, free probability) and measurement (Jacobian spectra,
+signal propagation, training) of how signals and gradients propagate through
+deep networks.
+"""
+
+from isometry import activations, gaussian, initializers
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "activations", "gaussian", "initializers"]

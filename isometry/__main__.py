@@ -1,0 +1,5 @@
+import sys
+
+from isometry.cli import main
+
+sys.exit(main())

@@ -1,0 +1,53 @@
+"""Argument validation shared by the public functions (one concern: clear errors).
+
+Checks run only on concrete values; under ``jit`` tracing they are skipped, so
+validated functions stay jittable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from jax import core
+
+
+def is_concrete(x) -> bool:
+    return not isinstance(x, core.Tracer)
+
+
+def real_array(name: str, x, *, minimum=None, strict=False, maximum=None, nonempty=False):
+    """Raise ``ValueError`` naming ``name`` unless ``x`` is finite and in range."""
+    if not is_concrete(x):
+        return x
+    try:
+        a = np.asarray(x, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be a real number or array, got {type(x).__name__}") from err
+    if nonempty and a.size == 0:
+        raise ValueError(f"{name} must not be empty")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} must be finite, got {_show(a)}")
+    if minimum is not None:
+        bad = a <= minimum if strict else a < minimum
+        if np.any(bad):
+            rel = ">" if strict else ">="
+            raise ValueError(f"{name} must be {rel} {minimum}, got {_show(a[bad])}")
+    if maximum is not None and np.any(a > maximum):
+        raise ValueError(f"{name} must be <= {maximum}, got {_show(a[a > maximum])}")
+    return x
+
+
+def positive_int(name: str, x, minimum: int = 1) -> int:
+    if isinstance(x, bool) or not isinstance(x, int | np.integer) or x < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {x!r}")
+    return int(x)
+
+
+def choice(name: str, x, allowed) -> str:
+    if x not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {x!r}")
+    return x
+
+
+def _show(a) -> str:
+    a = np.ravel(a)
+    return np.array2string(a[:5]) + (" ..." if a.size > 5 else "")

@@ -1,0 +1,530 @@
+"""Mean-field signal propagation: length and correlation maps, fixed points, depth scales.
+
+For a deep network ``h^l = W^l phi(h^{l-1}) + b^l`` with ``W_ij ~ N(0,
+sigma_w2/N)`` and ``b_i ~ N(0, sigma_b2)``, in the wide limit (Poole et al.
+2016; Schoenholz et al. 2017):
+
+    q-map:  q^l  = sigma_w2 E_z[phi(sqrt(q^{l-1}) z)^2] + sigma_b2,          fixed point q*
+    c-map:  c^l  = (sigma_w2 E[phi(u1) phi(u2)] + sigma_b2) / q*,             fixed point c*
+            u1 = sqrt(q*) z1,  u2 = sqrt(q*) (c z1 + sqrt(1 - c^2) z2)
+    chi1    = sigma_w2 E_z[phi'(sqrt(q*) z)^2]            (slope of the c-map at c = 1)
+    chi_c   = sigma_w2 E[phi'(u1) phi'(u2)] at c*
+    xi_q    = -1 / log(d q-map / dq at q*),   xi_c = -1 / log(chi_c)
+
+``chi1 < 1``: ordered phase (c* = 1, gradients vanish); ``chi1 > 1``: chaotic
+(c* < 1, gradients explode); ``chi1 = 1``: the edge of chaos, where ``xi_c``
+diverges. Networks train up to depth about ``6 xi_c``.
+
+Every function takes ``act`` (an :class:`~isometry.activations.Activation`
+or its name) and broadcasts over its array arguments; all are jittable (with
+``act`` static), vmappable and differentiable. Results are float64-accurate
+when ``jax_enable_x64`` is on (see :mod:`isometry.gaussian` for the
+quadrature's accuracy).
+
+Fixed points are found by safeguarded Newton iteration; :func:`solve_q_star`
+and :func:`solve_c_star` also report convergence. A length map without a
+finite fixed point (e.g. ReLU with ``sigma_w2 > 2``: ``q^l`` grows without
+bound) gives ``q* = inf`` and ``converged = False``, never a silent NaN.
+
+References:
+    Poole, Lahiri, Raghu, Sohl-Dickstein & Ganguli 2016, "Exponential
+    expressivity in deep neural networks through transient chaos".
+    Schoenholz, Gilmer, Ganguli & Sohl-Dickstein 2017, "Deep information
+    propagation".
+    Pennington, Schoenholz & Ganguli 2017, "Resurrecting the sigmoid in deep
+    learning through dynamical isometry" (critical point for a chosen q*).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from isometry import _checks
+from isometry import gaussian as gs
+from isometry.activations import Activation
+from isometry.activations import get as get_activation
+
+__all__ = [
+    "FixedPoint",
+    "PhaseDiagram",
+    "c_map",
+    "c_star",
+    "chi1",
+    "chi_c",
+    "critical_point",
+    "critical_sigma_w2",
+    "depth_scales",
+    "iterate_c_map",
+    "iterate_q_map",
+    "phase_diagram",
+    "q_map",
+    "q_map_slope",
+    "q_star",
+    "solve_c_star",
+    "solve_q_star",
+]
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FixedPoint:
+    """A fixed point with its diagnostics.
+
+    Attributes:
+        value: the fixed point (``inf`` for a diverging length map).
+        converged: ``|map(value) - value| <= tol * max(value, 1)``, finite.
+        residual: ``map(value) - value``.
+        iterations: iterations used.
+    """
+
+    value: Array
+    converged: Array
+    residual: Array
+    iterations: Array
+
+
+def _dtype(*xs):
+    return jnp.result_type(*xs, float)
+
+
+def _tol(dtype):
+    return 1e-13 if jnp.dtype(dtype) == jnp.float64 else 1e-6
+
+
+_FLOOR = 1e-30  # lengths below this count as zero (tanh with sigma_b2 = 0, ordered)
+
+
+def _validate(sigma_w2=None, sigma_b2=None, q=None):
+    if sigma_w2 is not None:
+        _checks.real_array("sigma_w2", sigma_w2, minimum=0.0, strict=True)
+    if sigma_b2 is not None:
+        _checks.real_array("sigma_b2", sigma_b2, minimum=0.0)
+    if q is not None:
+        _checks.real_array("q", q, minimum=0.0)
+
+
+# --------------------------------------------------------------------------- #
+# Length map and its fixed point.
+# --------------------------------------------------------------------------- #
+
+
+def q_map(act: Activation | str, q, sigma_w2, sigma_b2, *, quad=None) -> Array:
+    """One step of the length map, ``sigma_w2 E[phi(sqrt(q) z)^2] + sigma_b2``.
+
+    Shapes: ``q, sigma_w2, sigma_b2`` broadcast together. (Poole et al. 2016, eq. 3.)
+    """
+    _validate(sigma_w2, sigma_b2, q)
+    act = get_activation(act)
+    return sigma_w2 * gs.second_moment(act, q, quad=quad) + sigma_b2
+
+
+def q_map_slope(act: Activation | str, q, sigma_w2, sigma_b2=0.0, *, quad=None) -> Array:
+    """``d q-map / dq``, by forward-mode autodiff of :func:`q_map`.
+
+    Equals ``chi1 + sigma_w2 E[phi''(u) phi(u)]`` at ``u ~ N(0, q)`` (Gaussian
+    integration by parts); ``xi_q = -1 / log(slope at q*)``.
+    """
+    _validate(sigma_w2, sigma_b2, q)
+    act = get_activation(act)
+    dtype = _dtype(q, sigma_w2, sigma_b2)
+    q, sw, sb = (jnp.asarray(v, dtype) for v in (q, sigma_w2, sigma_b2))
+
+    def one(qi, swi, sbi):
+        f = functools.partial(_q_map, act, sw=swi, sb=sbi, quad=quad)
+        return jax.jvp(f, (qi,), (jnp.ones_like(qi),))[1]
+
+    return jnp.vectorize(one)(q, sw, sb)
+
+
+def _q_map(act, q, sw, sb, quad):
+    return sw * gs.second_moment(act, q, quad=quad) + sb
+
+
+def _solve_q(act, sw, sb, q0, max_iter, quad):
+    """Safeguarded Newton on ``g(q) = q-map(q) - q`` for one (sigma_w2, sigma_b2)."""
+    dtype = sw.dtype
+    tol = _tol(dtype)
+    f = functools.partial(_q_map, act, sw=sw, sb=sb, quad=quad)
+    big = jnp.finfo(dtype).max / 16
+
+    def cond(state):
+        i, q, done = state
+        return (i < max_iter) & ~done & jnp.isfinite(q)
+
+    def body(state):
+        i, q, _ = state
+        m, s = jax.jvp(f, (q,), (jnp.ones_like(q),))
+        newton = q - (m - q) / (s - 1.0)
+        # Newton only where the map contracts (s < 1): it then heads for the
+        # stable fixed point; elsewhere a plain map step moves away from an
+        # unstable one (e.g. q = 0 for tanh with sigma_w2 > 1, sigma_b2 = 0).
+        use = (s < 1.0) & jnp.isfinite(newton) & (newton > 0.0)
+        q_new = jnp.maximum(jnp.where(use, newton, m), _FLOOR)
+        # Converged when the (Newton) step is below tol relative to q: for a
+        # nearly flat map (s ~ 1) a small residual alone would not suffice.
+        done = jnp.abs(q_new - q) <= tol * q + _FLOOR
+        q_new = jnp.where(jnp.isfinite(q_new) & (q_new < big), q_new, jnp.inf)
+        return i + 1, q_new, done
+
+    start = (jnp.array(0), jnp.asarray(q0, dtype), jnp.array(False))
+    i, q, done = lax.while_loop(cond, body, start)
+    finite = jnp.isfinite(q)
+    m, s = jax.jvp(f, (jnp.where(finite, q, 1.0),), (jnp.ones_like(q),))
+    growing = finite & ~done & (m > q) & (s >= 1.0)
+    # A map that still grows with slope >= 1 has no finite fixed point ahead.
+    q = jnp.where(growing, jnp.inf, q)
+    residual = jnp.where(jnp.isfinite(q), m - q, jnp.inf)
+    return FixedPoint(q, done & jnp.isfinite(q), residual, i)
+
+
+def solve_q_star(
+    act: Activation | str, sigma_w2, sigma_b2, *, q0=1.0, max_iter: int = 200, quad=None
+) -> FixedPoint:
+    """The stable fixed point ``q*`` of the length map, with convergence diagnostics.
+
+    Starts from ``q0`` (the input's ``||x||^2 / N``; default 1) and follows the
+    map to the stable fixed point it reaches. Broadcasts over ``sigma_w2,
+    sigma_b2`` (and ``q0``).
+    """
+    _validate(sigma_w2, sigma_b2)
+    _checks.real_array("q0", q0, minimum=0.0, strict=True)
+    act = get_activation(act)
+    dtype = _dtype(sigma_w2, sigma_b2, q0)
+    sw, sb, q0 = (jnp.asarray(v, dtype) for v in (sigma_w2, sigma_b2, q0))
+    one = functools.partial(_solve_q, act, max_iter=max_iter, quad=quad)
+    sw, sb, q0 = jnp.broadcast_arrays(sw, sb, q0)
+    flat = jax.vmap(one)(sw.ravel(), sb.ravel(), q0.ravel())
+    return jax.tree.map(lambda x: x.reshape(sw.shape), flat)
+
+
+def q_star(act: Activation | str, sigma_w2, sigma_b2, *, q0=1.0, quad=None) -> Array:
+    """The fixed point ``q*`` of the length map (``inf`` where ``q^l`` diverges).
+
+    Use :func:`solve_q_star` for the convergence flag. (Poole et al. 2016.)
+    """
+    return solve_q_star(act, sigma_w2, sigma_b2, q0=q0, quad=quad).value
+
+
+def iterate_q_map(act: Activation | str, q0, sigma_w2, sigma_b2, depth: int, *, quad=None):
+    """``q^1..q^depth`` from ``q^0 = q0``; shape ``(depth, *broadcast shape)``."""
+    _checks.positive_int("depth", depth)
+    _validate(sigma_w2, sigma_b2, q0)
+    act = get_activation(act)
+
+    def body(q, _):
+        q = _q_map(act, q, sigma_w2, sigma_b2, quad)
+        return q, q
+
+    dtype = _dtype(q0, sigma_w2, sigma_b2)
+    q0 = jnp.broadcast_to(
+        jnp.asarray(q0, dtype), jnp.broadcast_shapes(*map(jnp.shape, (q0, sigma_w2, sigma_b2)))
+    )
+    return lax.scan(body, q0, None, length=depth)[1]
+
+
+# --------------------------------------------------------------------------- #
+# Correlation map.
+# --------------------------------------------------------------------------- #
+
+
+def c_map(act: Activation | str, c, q, sigma_w2, sigma_b2, *, quad=None) -> Array:
+    """One step of the correlation map at the length ``q`` (normally ``q*``):
+
+        c -> (sigma_w2 E[phi(u1) phi(u2)] + sigma_b2) / q.
+
+    (Poole et al. 2016, eq. 5; Schoenholz et al. 2017.) Broadcasts over all arguments.
+    """
+    _validate(sigma_w2, sigma_b2, q)
+    _checks.real_array("c", c, minimum=-1.0, maximum=1.0)
+    act = get_activation(act)
+    return _c_map(act, c, q, sigma_w2, sigma_b2, quad)
+
+
+def _c_map(act, c, q, sw, sb, quad):
+    return (sw * gs.phi_kernel(act, q, q, c, quad=quad) + sb) / q
+
+
+def iterate_c_map(act: Activation | str, c0, q, sigma_w2, sigma_b2, depth: int, *, quad=None):
+    """``c^1..c^depth`` from ``c^0 = c0`` at fixed length ``q``; shape ``(depth, ...)``."""
+    _checks.positive_int("depth", depth)
+    _validate(sigma_w2, sigma_b2, q)
+    _checks.real_array("c0", c0, minimum=-1.0, maximum=1.0)
+    act = get_activation(act)
+
+    def body(c, _):
+        c = jnp.clip(_c_map(act, c, q, sigma_w2, sigma_b2, quad), -1.0, 1.0)
+        return c, c
+
+    dtype = _dtype(c0, q, sigma_w2, sigma_b2)
+    shape = jnp.broadcast_shapes(*map(jnp.shape, (c0, q, sigma_w2, sigma_b2)))
+    return lax.scan(body, jnp.broadcast_to(jnp.asarray(c0, dtype), shape), None, length=depth)[1]
+
+
+def _solve_c(act, q, sw, sb, chi, max_iter, quad):
+    """Stable fixed point of the c-map at length ``q``: 1 when ``chi1 <= 1``."""
+    dtype = q.dtype
+    tol = _tol(dtype)
+    f = functools.partial(_c_map, act, q=q, sw=sw, sb=sb, quad=quad)
+
+    def cond(state):
+        i, _, done = state
+        return (i < max_iter) & ~done
+
+    def body(state):
+        i, c, _ = state
+        m, s = jax.jvp(f, (c,), (jnp.ones_like(c),))
+        newton = c - (m - c) / (s - 1.0)
+        use = (s < 1.0) & jnp.isfinite(newton) & (newton < 1.0) & (newton > -1.0)
+        c_new = jnp.where(use, newton, jnp.clip(m, -1.0, 1.0))
+        done = jnp.abs(m - c) <= tol
+        return i + 1, jnp.where(done, c, c_new), done
+
+    ordered = ~(chi > 1.0)
+    start = jnp.where(ordered, jnp.ones_like(q), jnp.zeros_like(q))
+    i, c, _ = lax.while_loop(cond, body, (jnp.array(0), start, ordered))
+    residual = jnp.where(ordered, 0.0, f(c) - c)
+    # Near the edge of chaos the fixed point merges with c = 1 and Newton's
+    # residual test is the honest criterion.
+    converged = jnp.abs(residual) <= 10 * tol
+    return FixedPoint(c, converged, residual, i)
+
+
+def solve_c_star(
+    act: Activation | str, sigma_w2, sigma_b2, *, max_iter: int = 100, quad=None
+) -> FixedPoint:
+    """The stable fixed point ``c*`` of the correlation map at ``q*``, with diagnostics.
+
+    ``c* = 1`` in the ordered phase (``chi1 <= 1``); in the chaotic phase the
+    iteration starts at ``c = 0``. (Schoenholz et al. 2017.)
+    """
+    _validate(sigma_w2, sigma_b2)
+    act = get_activation(act)
+    dtype = _dtype(sigma_w2, sigma_b2)
+    sw, sb = jnp.broadcast_arrays(jnp.asarray(sigma_w2, dtype), jnp.asarray(sigma_b2, dtype))
+    qs = solve_q_star(act, sw, sb, quad=quad)
+    x = _chi1_at(act, qs.value, sw, quad)
+    fp = jax.vmap(functools.partial(_solve_c, act, max_iter=max_iter, quad=quad))(
+        *(v.ravel() for v in (qs.value, sw, sb, x))
+    )
+    fp = jax.tree.map(lambda v: v.reshape(sw.shape), fp)
+    return dataclasses.replace(fp, converged=fp.converged & qs.converged)
+
+
+def c_star(act: Activation | str, sigma_w2, sigma_b2, *, quad=None) -> Array:
+    """The stable fixed point ``c*`` of the correlation map (1 in the ordered phase)."""
+    return solve_c_star(act, sigma_w2, sigma_b2, quad=quad).value
+
+
+# --------------------------------------------------------------------------- #
+# Susceptibilities and depth scales.
+# --------------------------------------------------------------------------- #
+
+
+def _chi1_at(act, q, sw, quad):
+    finite = jnp.isfinite(q)
+    mu1 = gs.dphi_moment(act, jnp.where(finite, q, 1.0), 1, quad=quad)
+    return jnp.where(finite, sw * mu1, jnp.inf)
+
+
+def chi1(act: Activation | str, sigma_w2, sigma_b2, *, quad=None) -> Array:
+    """``chi1 = sigma_w2 E[phi'(sqrt(q*) z)^2]``: the per-layer growth of squared gradients.
+
+    ``chi1 = 1`` is the edge of chaos (Poole et al. 2016; Schoenholz et al. 2017, eq. 8).
+    ``inf`` where ``q*`` diverges.
+    """
+    act = get_activation(act)
+    qs = q_star(act, sigma_w2, sigma_b2, quad=quad)
+    return _chi1_at(act, qs, jnp.asarray(sigma_w2, qs.dtype), quad)
+
+
+def chi_c(act: Activation | str, sigma_w2, sigma_b2, *, quad=None) -> Array:
+    """``chi_c = sigma_w2 E[phi'(u1) phi'(u2)]`` at ``(q*, c*)`` (equals ``chi1`` when c* = 1)."""
+    act = get_activation(act)
+    fp = solve_c_star(act, sigma_w2, sigma_b2, quad=quad)
+    qs = q_star(act, sigma_w2, sigma_b2, quad=quad)
+    return _chi_c_at(act, qs, fp.value, jnp.asarray(sigma_w2, qs.dtype), quad)
+
+
+def _chi_c_at(act, q, c, sw, quad):
+    finite = jnp.isfinite(q)
+    qq = jnp.where(finite, q, 1.0)
+    return jnp.where(finite, sw * gs.deriv_kernel(act, qq, qq, c, quad=quad), jnp.inf)
+
+
+def _xi(slope):
+    # xi = -1 / log(slope); slope >= 1 means no exponential decay: xi = inf.
+    return jnp.where(slope < 1.0, -1.0 / jnp.log(jnp.where(slope < 1.0, slope, 0.5)), jnp.inf)
+
+
+def depth_scales(act: Activation | str, sigma_w2, sigma_b2, *, quad=None) -> tuple[Array, Array]:
+    """``(xi_q, xi_c)``: the depths over which lengths and correlations approach their fixed points.
+
+        1/xi_q = -log(d q-map/dq at q*) = -log(chi1 + sigma_w2 E[phi''(u) phi(u)])
+        1/xi_c = -log chi_c
+
+    ``xi_c`` diverges at the edge of chaos; in the ordered phase ``xi_c = -1/log chi1``.
+    (Schoenholz et al. 2017, eqs. 5 and 9.)
+    """
+    d = _diagram_point(get_activation(act), sigma_w2, sigma_b2, quad)
+    return d["xi_q"], d["xi_c"]
+
+
+def _diagram_point(act, sigma_w2, sigma_b2, quad):
+    _validate(sigma_w2, sigma_b2)
+    dtype = _dtype(sigma_w2, sigma_b2)
+    sw, sb = jnp.broadcast_arrays(jnp.asarray(sigma_w2, dtype), jnp.asarray(sigma_b2, dtype))
+    qs = solve_q_star(act, sw, sb, quad=quad)
+    x1 = _chi1_at(act, qs.value, sw, quad)
+    cs = jax.vmap(functools.partial(_solve_c, act, max_iter=100, quad=quad))(
+        *(v.ravel() for v in (qs.value, sw, sb, x1))
+    )
+    cs = jax.tree.map(lambda v: v.reshape(sw.shape), cs)
+    finite = jnp.isfinite(qs.value)
+    qq = jnp.where(finite, qs.value, 1.0)
+    slope = jnp.where(finite, q_map_slope(act, qq, sw, sb, quad=quad), jnp.inf)
+    xc = _chi_c_at(act, qs.value, cs.value, sw, quad)
+    return {
+        "q_star": qs.value,
+        "c_star": cs.value,
+        "chi1": x1,
+        "chi_c": xc,
+        "xi_q": _xi(slope),
+        "xi_c": _xi(xc),
+        "converged": qs.converged & cs.converged,
+    }
+
+
+# --------------------------------------------------------------------------- #
+# Criticality.
+# --------------------------------------------------------------------------- #
+
+
+def critical_point(act: Activation | str, q_star, *, quad=None) -> tuple[Array, Array]:
+    """The critical ``(sigma_w2, sigma_b2)`` whose length fixed point is ``q_star``.
+
+        sigma_w2 = 1 / E[phi'(sqrt(q*) z)^2],   sigma_b2 = q* - sigma_w2 E[phi(sqrt(q*) z)^2]
+
+    (Pennington, Schoenholz & Ganguli 2017.) ReLU gives ``(2, 0)`` for every q*.
+
+    Raises:
+        ValueError: ``q_star <= 0``, or no critical point has this ``q*``
+            (``sigma_b2`` would be negative), for concrete inputs. Under ``jit``
+            such points give ``sigma_b2 < 0``: check it.
+    """
+    _checks.real_array("q_star", q_star, minimum=0.0, strict=True)
+    act = get_activation(act)
+    q = jnp.asarray(q_star, _dtype(q_star))
+    sw = 1.0 / gs.dphi_moment(act, q, 1, quad=quad)
+    sb = q - sw * gs.second_moment(act, q, quad=quad)
+    # Exact zeros (ReLU, linear) come out as -1e-17: snap to the boundary.
+    sb = jnp.where(jnp.abs(sb) <= 64 * jnp.finfo(q.dtype).eps * q, 0.0, sb)
+    if _checks.is_concrete(sb):
+        bad = jnp.asarray(sb < 0)
+        if bool(jnp.any(bad)):
+            raise ValueError(
+                f"critical_point: no critical point of {act.name} has q_star = "
+                f"{jnp.asarray(q)[bad] if q.ndim else float(q)} (it would need sigma_b2 < 0); "
+                "choose a smaller q_star"
+            )
+    return sw, sb
+
+
+def critical_sigma_w2(act: Activation | str, sigma_b2, *, bracket=(1e-2, 1e2), quad=None) -> Array:
+    """The edge of chaos: the ``sigma_w2`` where ``chi1(sigma_w2, sigma_b2) = 1``.
+
+    Bisection in ``log sigma_w2`` over ``bracket`` (60 halvings: relative
+    accuracy 2^-60 of the bracket's log-width), each step solving ``q*``.
+    ``nan`` is never returned: where ``chi1 - 1`` has no sign change in the
+    bracket the result is ``inf``. Broadcasts over ``sigma_b2``.
+    """
+    _checks.real_array("sigma_b2", sigma_b2, minimum=0.0)
+    lo, hi = bracket
+    if not (0 < lo < hi):
+        raise ValueError(f"bracket must satisfy 0 < lo < hi, got {bracket}")
+    act = get_activation(act)
+    sb = jnp.asarray(sigma_b2, _dtype(sigma_b2))
+
+    def one(sbi):
+        def chi_minus_one(log_sw):
+            sw = jnp.exp(log_sw)
+            qs = _solve_q(act, sw, sbi, jnp.ones_like(sw), 200, quad).value
+            return jnp.nan_to_num(_chi1_at(act, qs, sw, quad) - 1.0, nan=jnp.inf)
+
+        a, b = jnp.log(jnp.asarray(lo, sb.dtype)), jnp.log(jnp.asarray(hi, sb.dtype))
+        fa, fb = chi_minus_one(a), chi_minus_one(b)
+
+        def body(_, ab):
+            a, b = ab
+            m = 0.5 * (a + b)
+            below = chi_minus_one(m) < 0
+            return jnp.where(below, m, a), jnp.where(below, b, m)
+
+        a, b = lax.fori_loop(0, 60, body, (a, b))
+        ok = (fa < 0) & (fb >= 0)
+        return jnp.where(ok, jnp.exp(0.5 * (a + b)), jnp.inf)
+
+    return jnp.vectorize(one)(sb)
+
+
+# --------------------------------------------------------------------------- #
+# Phase diagram.
+# --------------------------------------------------------------------------- #
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PhaseDiagram:
+    """Mean-field quantities over a ``(sigma_w2, sigma_b2)`` grid.
+
+    Arrays have shape ``(len(sigma_w2), len(sigma_b2))``; ``critical_sigma_w2``
+    has shape ``(len(sigma_b2),)`` (the edge of chaos, ``chi1 = 1``).
+    """
+
+    sigma_w2: Array
+    sigma_b2: Array
+    q_star: Array
+    c_star: Array
+    chi1: Array
+    chi_c: Array
+    xi_q: Array
+    xi_c: Array
+    converged: Array
+    critical_sigma_w2: Array
+
+    def as_dict(self) -> dict[str, Array]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def phase_diagram(
+    act: Activation | str, sigma_w2_grid, sigma_b2_grid, *, quad=None
+) -> PhaseDiagram:
+    """``q*, c*, chi1, chi_c, xi_q, xi_c`` on the grid, plus the critical line.
+
+    One vectorized, jitted computation. Shapes: grids ``(W,)`` and ``(B,)``;
+    results ``(W, B)``. (Poole et al. 2016, Fig. 2; Schoenholz et al. 2017, Fig. 1.)
+    """
+    for name, g in (("sigma_w2_grid", sigma_w2_grid), ("sigma_b2_grid", sigma_b2_grid)):
+        _checks.real_array(name, g, nonempty=True)
+        if jnp.ndim(g) != 1:
+            raise ValueError(f"{name} must be one-dimensional, got shape {jnp.shape(g)}")
+    _validate(sigma_w2_grid, sigma_b2_grid)
+    act = get_activation(act)
+    dtype = _dtype(sigma_w2_grid, sigma_b2_grid)
+    return _phase_diagram(
+        act, jnp.asarray(sigma_w2_grid, dtype), jnp.asarray(sigma_b2_grid, dtype), quad
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _phase_diagram(act, sw_grid, sb_grid, quad):
+    sw, sb = jnp.meshgrid(sw_grid, sb_grid, indexing="ij")
+    d = _diagram_point(act, sw, sb, quad)
+    crit = critical_sigma_w2(act, sb_grid, quad=quad)
+    return PhaseDiagram(sigma_w2=sw_grid, sigma_b2=sb_grid, critical_sigma_w2=crit, **d)
