@@ -40,6 +40,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from isometry.activations import Activation
 from isometry.activations import get as get_activation
@@ -54,6 +55,7 @@ __all__ = [
     "dphi_moment",
     "expect",
     "expect2",
+    "hermite_coefficients",
     "phi_kernel",
     "second_moment",
 ]
@@ -120,13 +122,27 @@ def _nodes(groups, quad: Quadrature):
         ok = jnp.abs(a) > 0
         mapped = jnp.where(ok, (f - x0) / jnp.where(ok, a, 1.0), 2 * L)
         cuts.append(jnp.clip(mapped, -L, L))
-    edges = jnp.sort(jnp.concatenate(cuts))
+    edges = _merge_sorted(jnp.concatenate(cuts))
     lo, hi = edges[:-1], edges[1:]
     t, w = (jnp.asarray(v, dtype=dtype) for v in _legendre(quad.points))
     half = 0.5 * (hi - lo)
     z = (0.5 * (hi + lo))[:, None] + half[:, None] * t[None, :]
     weight = half[:, None] * w[None, :] * jnp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
     return z.reshape(-1), weight.reshape(-1)
+
+
+def _merge_sorted(e: Array) -> Array:
+    """``jnp.sort`` of a short vector by ranking all pairs (no sort kernel).
+
+    Edge lists have ~20-40 entries and are built once per quadrature node
+    under ``vmap``; all-pairs ranking is several times faster there than a
+    batched sort on CPU.
+    """
+    n = e.shape[0]
+    less = e[None, :] < e[:, None]
+    tie = (e[None, :] == e[:, None]) & (jnp.arange(n)[None, :] < jnp.arange(n)[:, None])
+    rank = jnp.sum(less | tie, axis=1)
+    return jnp.zeros_like(e).at[rank].set(e, unique_indices=True)
 
 
 def _check_quad(quad):
@@ -210,6 +226,58 @@ def expect2(
 
     args = (jnp.asarray(v, dtype=dtype) for v in (q1, q2, c))
     return jnp.vectorize(one)(*args)
+
+
+@functools.lru_cache(maxsize=8)
+def _hermite_table(order: int, panels: int, points: int, cutoff: float):
+    """Fixed nodes ``z``, weights ``sqrt(pdf(z)) * GL weight`` and Hermite functions.
+
+    ``table[i, k] = He_k(z_i) / sqrt(k!) * sqrt(pdf(z_i))``, bounded by 1, built
+    in float64 numpy by the three-term recurrence.
+    """
+    t, w = _legendre(points)
+    edges = np.linspace(-cutoff, cutoff, panels + 1)
+    half = 0.5 * np.diff(edges)
+    z = ((0.5 * (edges[1:] + edges[:-1]))[:, None] + half[:, None] * t[None, :]).ravel()
+    root_pdf = np.exp(-0.25 * z * z) / (2.0 * np.pi) ** 0.25
+    weights = (half[:, None] * w[None, :]).ravel() * root_pdf
+    table = np.empty((z.size, order + 1))
+    table[:, 0] = root_pdf
+    table[:, 1] = z * root_pdf
+    for k in range(1, order):
+        table[:, k + 1] = (z * table[:, k] - np.sqrt(k) * table[:, k - 1]) / np.sqrt(k + 1.0)
+    return z, weights, table
+
+
+def hermite_coefficients(
+    f: Callable[[Array], Array], q: Array, order: int, *, panels: int = 64, points: int = 10
+) -> Array:
+    """Normalized Hermite coefficients ``b_k = E[f(sqrt(q) z) He_k(z)] / sqrt(k!)``, k = 0..order.
+
+    By Mehler's formula they diagonalize the correlated expectation at equal
+    variances (the "dual activation", Daniely et al. 2016):
+
+        E[f(u1) f(u2)] = sum_k b_k^2 c^k,   u1, u2 ~ N(0, q) with correlation c,
+
+    and ``sum_k b_k^2 = E[f(sqrt(q) z)^2]``, so the truncation error at
+    ``|c| <= 1`` is at most ``|c|^(order+1) (E[f^2] - sum_{k<=order} b_k^2)``.
+
+    The nodes are fixed (``panels`` uniform Gauss-Legendre panels on
+    ``[-10, 10]``), so all ``q`` share one Hermite table and the coefficients
+    of a whole grid are one matrix product. Fixed nodes do not follow the
+    activation's ``1/sqrt(q)`` scale: with the defaults, coefficients of the
+    catalog's activations are accurate to ~1e-10 for ``q <= 30``; the
+    exact-polishing routes of :mod:`isometry.meanfield` do not depend on them.
+
+    Returns:
+        array of shape ``(*q.shape, order + 1)``.
+    """
+    if not isinstance(order, int) or order < 1:
+        raise ValueError(f"order must be an integer >= 1, got {order!r}")
+    q = jnp.asarray(q, dtype=jnp.result_type(q, float))
+    z, w, table = (jnp.asarray(a, q.dtype) for a in _hermite_table(order, panels, points, 10.0))
+    values = w * f(jnp.sqrt(q)[..., None] * z)
+    return jnp.einsum("...i,ik->...k", values, table, precision=lax.Precision.HIGHEST)
 
 
 # --------------------------------------------------------------------------- #

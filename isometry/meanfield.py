@@ -121,8 +121,7 @@ def q_map(act: Activation | str, q, sigma_w2, sigma_b2, *, quad=None) -> Array:
     Shapes: ``q, sigma_w2, sigma_b2`` broadcast together. (Poole et al. 2016, eq. 3.)
     """
     _validate(sigma_w2, sigma_b2, q)
-    act = get_activation(act)
-    return sigma_w2 * gs.second_moment(act, q, quad=quad) + sigma_b2
+    return _q_map(get_activation(act), q, sigma_w2, sigma_b2, quad)
 
 
 def q_map_slope(act: Activation | str, q, sigma_w2, sigma_b2=0.0, *, quad=None) -> Array:
@@ -132,7 +131,11 @@ def q_map_slope(act: Activation | str, q, sigma_w2, sigma_b2=0.0, *, quad=None) 
     integration by parts); ``xi_q = -1 / log(slope at q*)``.
     """
     _validate(sigma_w2, sigma_b2, q)
-    act = get_activation(act)
+    return _q_map_slope(get_activation(act), q, sigma_w2, sigma_b2, quad)
+
+
+@functools.partial(jax.jit, static_argnames=("act", "quad"))
+def _q_map_slope(act, q, sigma_w2, sigma_b2, quad):
     dtype = _dtype(q, sigma_w2, sigma_b2)
     q, sw, sb = (jnp.asarray(v, dtype) for v in (q, sigma_w2, sigma_b2))
 
@@ -143,6 +146,7 @@ def q_map_slope(act: Activation | str, q, sigma_w2, sigma_b2=0.0, *, quad=None) 
     return jnp.vectorize(one)(q, sw, sb)
 
 
+@functools.partial(jax.jit, static_argnames=("act", "quad"))
 def _q_map(act, q, sw, sb, quad):
     return sw * gs.second_moment(act, q, quad=quad) + sb
 
@@ -165,11 +169,16 @@ def _solve_q(act, sw, sb, q0, max_iter, quad):
         # Newton only where the map contracts (s < 1): it then heads for the
         # stable fixed point; elsewhere a plain map step moves away from an
         # unstable one (e.g. q = 0 for tanh with sigma_w2 > 1, sigma_b2 = 0).
-        use = (s < 1.0) & jnp.isfinite(newton) & (newton > 0.0)
-        q_new = jnp.maximum(jnp.where(use, newton, m), _FLOOR)
+        contracting = (s < 1.0) & jnp.isfinite(newton)
+        # A contracting map whose Newton step crosses zero has its stable
+        # fixed point at q* = 0 (e.g. tanh, sigma_b2 = 0, sigma_w2 < 1).
+        q_new = jnp.where(contracting, newton, m)
+        q_new = jnp.maximum(q_new, _FLOOR)
         # Converged when the (Newton) step is below tol relative to q: for a
         # nearly flat map (s ~ 1) a small residual alone would not suffice.
-        done = jnp.abs(q_new - q) <= tol * q + _FLOOR
+        # (or when the residual is at rounding level: no step can do better).
+        at_rounding = jnp.abs(m - q) <= 8 * jnp.finfo(dtype).eps * jnp.maximum(m, q)
+        done = (jnp.abs(q_new - q) <= tol * q + _FLOOR) | at_rounding
         q_new = jnp.where(jnp.isfinite(q_new) & (q_new < big), q_new, jnp.inf)
         return i + 1, q_new, done
 
@@ -195,7 +204,11 @@ def solve_q_star(
     """
     _validate(sigma_w2, sigma_b2)
     _checks.real_array("q0", q0, minimum=0.0, strict=True)
-    act = get_activation(act)
+    return _solve_q_star(get_activation(act), sigma_w2, sigma_b2, q0, max_iter, quad)
+
+
+@functools.partial(jax.jit, static_argnames=("act", "max_iter", "quad"))
+def _solve_q_star(act, sigma_w2, sigma_b2, q0, max_iter, quad):
     dtype = _dtype(sigma_w2, sigma_b2, q0)
     sw, sb, q0 = (jnp.asarray(v, dtype) for v in (sigma_w2, sigma_b2, q0))
     one = functools.partial(_solve_q, act, max_iter=max_iter, quad=quad)
@@ -216,8 +229,11 @@ def iterate_q_map(act: Activation | str, q0, sigma_w2, sigma_b2, depth: int, *, 
     """``q^1..q^depth`` from ``q^0 = q0``; shape ``(depth, *broadcast shape)``."""
     _checks.positive_int("depth", depth)
     _validate(sigma_w2, sigma_b2, q0)
-    act = get_activation(act)
+    return _iterate_q_map(get_activation(act), q0, sigma_w2, sigma_b2, depth, quad)
 
+
+@functools.partial(jax.jit, static_argnames=("act", "depth", "quad"))
+def _iterate_q_map(act, q0, sigma_w2, sigma_b2, depth, quad):
     def body(q, _):
         q = _q_map(act, q, sigma_w2, sigma_b2, quad)
         return q, q
@@ -243,8 +259,12 @@ def c_map(act: Activation | str, c, q, sigma_w2, sigma_b2, *, quad=None) -> Arra
     """
     _validate(sigma_w2, sigma_b2, q)
     _checks.real_array("c", c, minimum=-1.0, maximum=1.0)
-    act = get_activation(act)
-    return _c_map(act, c, q, sigma_w2, sigma_b2, quad)
+    return _c_map_jit(get_activation(act), c, q, sigma_w2, sigma_b2, quad)
+
+
+_c_map_jit = jax.jit(
+    lambda act, c, q, sw, sb, quad: _c_map(act, c, q, sw, sb, quad), static_argnums=(0, 5)
+)
 
 
 def _c_map(act, c, q, sw, sb, quad):
@@ -256,8 +276,11 @@ def iterate_c_map(act: Activation | str, c0, q, sigma_w2, sigma_b2, depth: int, 
     _checks.positive_int("depth", depth)
     _validate(sigma_w2, sigma_b2, q)
     _checks.real_array("c0", c0, minimum=-1.0, maximum=1.0)
-    act = get_activation(act)
+    return _iterate_c_map(get_activation(act), c0, q, sigma_w2, sigma_b2, depth, quad)
 
+
+@functools.partial(jax.jit, static_argnames=("act", "depth", "quad"))
+def _iterate_c_map(act, c0, q, sigma_w2, sigma_b2, depth, quad):
     def body(c, _):
         c = jnp.clip(_c_map(act, c, q, sigma_w2, sigma_b2, quad), -1.0, 1.0)
         return c, c
@@ -267,54 +290,141 @@ def iterate_c_map(act: Activation | str, c0, q, sigma_w2, sigma_b2, depth: int, 
     return lax.scan(body, jnp.broadcast_to(jnp.asarray(c0, dtype), shape), None, length=depth)[1]
 
 
-def _solve_c(act, q, sw, sb, chi, max_iter, quad):
-    """Stable fixed point of the c-map at length ``q``: 1 when ``chi1 <= 1``."""
+def _series_order(dtype) -> int:
+    return 192 if jnp.dtype(dtype) == jnp.float64 else 96
+
+
+def _solve_c(act, q, sw, sb, chi, exact, quad):
+    """Stable fixed point of the c-map at length ``q``; 1 when ``chi1 <= 1``.
+
+    Chaotic phase (``chi1 > 1``): ``c*`` is the root in ``[0, 1)`` of the
+    deflated function ``k(c) = (c-map(c) - c) / (1 - c)``, positive below
+    ``c*`` (``c-map(0) >= 0`` when ``sigma_b2 >= 0``) and tending to
+    ``1 - chi1 < 0`` as ``c -> 1``. Dividing out the fixed point at ``c = 1``
+    keeps ``c*`` a simple root near the edge of chaos.
+
+    1. Bisection (50 halvings) on the Hermite (Mehler) series of the c-map,
+       which costs one matrix product per point
+       (:func:`isometry.gaussian.hermite_coefficients`).
+    2. Newton steps on the two-dimensional quadrature (1 in float32, 3 in
+       float64 or when ``exact``): quadratic convergence from the series'
+       estimate gives full precision; the exact residual decides ``converged``.
+
+    Returns the ``FixedPoint`` and ``chi_c`` at it.
+    """
     dtype = q.dtype
-    tol = _tol(dtype)
-    f = functools.partial(_c_map, act, q=q, sw=sw, sb=sb, quad=quad)
+    order = _series_order(dtype)
+    finite = jnp.isfinite(q)
+    q = jnp.where(finite, q, 1.0)
+    b2 = gs.hermite_coefficients(act.phi, q, order) ** 2
 
-    def cond(state):
-        i, _, done = state
-        return (i < max_iter) & ~done
+    def series_k(c):
+        poly = lax.fori_loop(0, order + 1, lambda i, acc: acc * c + b2[order - i], 0.0 * c)
+        return ((sw * poly + sb) / q - c) / (1.0 - c)
 
-    def body(state):
-        i, c, _ = state
-        m, s = jax.jvp(f, (c,), (jnp.ones_like(c),))
-        newton = c - (m - c) / (s - 1.0)
-        use = (s < 1.0) & jnp.isfinite(newton) & (newton < 1.0) & (newton > -1.0)
-        c_new = jnp.where(use, newton, jnp.clip(m, -1.0, 1.0))
-        done = jnp.abs(m - c) <= tol
-        return i + 1, jnp.where(done, c, c_new), done
+    def bisect(_, ab):
+        a, b = ab
+        m = 0.5 * (a + b)
+        up = series_k(m) > 0
+        return jnp.where(up, m, a), jnp.where(up, b, m)
 
+    one = jnp.ones_like(q)
+    a, b = lax.fori_loop(0, 50, bisect, (0.0 * one, one - jnp.finfo(dtype).eps))
+    c = 0.5 * (a + b)
+
+    def exact_map(c):
+        return _c_map(act, c, q, sw, sb, quad)
+
+    def polish(_, c):
+        kc, dk = jax.jvp(lambda c: (exact_map(c) - c) / (1.0 - c), (c,), (one,))
+        new = c - kc / dk
+        ok = jnp.isfinite(new) & (new < 1.0) & (new >= 0.0)
+        return jnp.where(ok, new, c)
+
+    steps = 3 if (exact or jnp.dtype(dtype) == jnp.float64) else 1
+    c = lax.fori_loop(0, steps, polish, c)
+    residual = exact_map(c) - c
+    tol = 1e-10 if jnp.dtype(dtype) == jnp.float64 else 1e-5
     ordered = ~(chi > 1.0)
-    start = jnp.where(ordered, jnp.ones_like(q), jnp.zeros_like(q))
-    i, c, _ = lax.while_loop(cond, body, (jnp.array(0), start, ordered))
-    residual = jnp.where(ordered, 0.0, f(c) - c)
-    # Near the edge of chaos the fixed point merges with c = 1 and Newton's
-    # residual test is the honest criterion.
-    converged = jnp.abs(residual) <= 10 * tol
-    return FixedPoint(c, converged, residual, i)
+    chi_c = jnp.where(ordered, chi, sw * gs.deriv_kernel(act, q, q, c, quad=quad))
+    fp = FixedPoint(
+        jnp.where(ordered, 1.0, jnp.where(finite, c, jnp.nan)),
+        (ordered | (jnp.abs(residual) <= tol)) & finite,
+        jnp.where(ordered, 0.0, residual),
+        jnp.where(ordered, 0, 50 + steps),
+    )
+    return fp, jnp.where(finite, chi_c, jnp.inf)
 
 
 def solve_c_star(
-    act: Activation | str, sigma_w2, sigma_b2, *, max_iter: int = 100, quad=None
+    act: Activation | str, sigma_w2, sigma_b2, *, exact: bool | None = None, quad=None
 ) -> FixedPoint:
     """The stable fixed point ``c*`` of the correlation map at ``q*``, with diagnostics.
 
-    ``c* = 1`` in the ordered phase (``chi1 <= 1``); in the chaotic phase the
-    iteration starts at ``c = 0``. (Schoenholz et al. 2017.)
+    ``c* = 1`` in the ordered phase (``chi1 <= 1``); in the chaotic phase
+    bisection on the Hermite series of the c-map, then Newton steps on the
+    two-dimensional quadrature (three with ``exact=True``, the default in
+    float64; one otherwise). (Schoenholz et al. 2017.) Where ``q*`` diverges ``c*`` is
+    undefined: ``nan`` with ``converged = False``.
     """
+    return _correlation_point(get_activation(act), sigma_w2, sigma_b2, exact, quad)[0]
+
+
+def _correlation_point(act, sigma_w2, sigma_b2, exact, quad):
     _validate(sigma_w2, sigma_b2)
-    act = get_activation(act)
+    dtype = _dtype(sigma_w2, sigma_b2)
+    exact = (jnp.dtype(dtype) == jnp.float64) if exact is None else bool(exact)
+    return _correlation_point_jit(act, sigma_w2, sigma_b2, exact, quad)
+
+
+@functools.partial(jax.jit, static_argnames=("act", "exact", "quad"))
+def _correlation_point_jit(act, sigma_w2, sigma_b2, exact, quad):
     dtype = _dtype(sigma_w2, sigma_b2)
     sw, sb = jnp.broadcast_arrays(jnp.asarray(sigma_w2, dtype), jnp.asarray(sigma_b2, dtype))
-    qs = solve_q_star(act, sw, sb, quad=quad)
-    x = _chi1_at(act, qs.value, sw, quad)
-    fp = jax.vmap(functools.partial(_solve_c, act, max_iter=max_iter, quad=quad))(
-        *(v.ravel() for v in (qs.value, sw, sb, x))
+    qs = _solve_q_star(act, sw, sb, 1.0, 200, quad)
+    x1 = _chi1_at(act, qs.value, sw, quad)
+    solve = functools.partial(_solve_c, act, exact=exact, quad=quad)
+    fp, xc = _chaotic_chunks(solve, qs.value.ravel(), sw.ravel(), sb.ravel(), x1.ravel())
+    fp, xc = jax.tree.map(lambda v: v.reshape(sw.shape), (fp, xc))
+    fp = dataclasses.replace(fp, converged=fp.converged & qs.converged)
+    return fp, xc, qs, x1, sw, sb
+
+
+def _chaotic_chunks(solve, q, sw, sb, chi, chunk: int = 512):
+    """``vmap(solve)`` over points, in chunks, skipping chunks with no chaotic point.
+
+    The two-dimensional quadrature holds (points x nodes) arrays, so points go
+    in chunks; sorting the chaotic points (``chi1 > 1``) to the end lets whole
+    chunks of ordered points (``c* = 1``, nothing to solve) skip the work.
+    """
+    n = q.shape[0]
+    order = jnp.argsort(chi > 1.0, stable=True)
+    pad = (-n) % chunk
+    take = jnp.concatenate([order, jnp.full((pad,), order[-1] if n else 0)])
+    args = tuple(v[take].reshape(-1, min(chunk, n + pad), *v.shape[1:]) for v in (q, sw, sb, chi))
+
+    def run(block):
+        work = lambda b: jax.vmap(solve)(*b)  # noqa: E731
+        skip_shape = jax.eval_shape(work, block)
+        ordered = lambda b: jax.tree.map(  # noqa: E731
+            lambda s: jnp.zeros(s.shape, s.dtype), skip_shape
+        )
+        fp, xc = lax.cond(jnp.any(block[3] > 1.0), work, ordered, block)
+        # Ordered points: c* = 1, chi_c = chi1 (what `solve` returns for them too).
+        return fp, xc
+
+    fp, xc = lax.map(run, args)
+    fp, xc = jax.tree.map(lambda v: v.reshape(-1)[: n + pad], (fp, xc))
+    inv = jnp.zeros(n, dtype=order.dtype).at[order].set(jnp.arange(n, dtype=order.dtype))
+    fp, xc = jax.tree.map(lambda v: v[inv], (fp, xc))
+    ordered = ~(chi > 1.0)
+    fp = FixedPoint(
+        jnp.where(ordered, 1.0, fp.value),
+        jnp.where(ordered, jnp.isfinite(q), fp.converged),
+        jnp.where(ordered, 0.0, fp.residual),
+        jnp.where(ordered, 0, fp.iterations),
     )
-    fp = jax.tree.map(lambda v: v.reshape(sw.shape), fp)
-    return dataclasses.replace(fp, converged=fp.converged & qs.converged)
+    return fp, jnp.where(ordered, chi, xc)
 
 
 def c_star(act: Activation | str, sigma_w2, sigma_b2, *, quad=None) -> Array:
@@ -339,23 +449,19 @@ def chi1(act: Activation | str, sigma_w2, sigma_b2, *, quad=None) -> Array:
     ``chi1 = 1`` is the edge of chaos (Poole et al. 2016; Schoenholz et al. 2017, eq. 8).
     ``inf`` where ``q*`` diverges.
     """
-    act = get_activation(act)
-    qs = q_star(act, sigma_w2, sigma_b2, quad=quad)
+    _validate(sigma_w2, sigma_b2)
+    return _chi1(get_activation(act), sigma_w2, sigma_b2, quad)
+
+
+@functools.partial(jax.jit, static_argnames=("act", "quad"))
+def _chi1(act, sigma_w2, sigma_b2, quad):
+    qs = _solve_q_star(act, sigma_w2, sigma_b2, 1.0, 200, quad).value
     return _chi1_at(act, qs, jnp.asarray(sigma_w2, qs.dtype), quad)
 
 
 def chi_c(act: Activation | str, sigma_w2, sigma_b2, *, quad=None) -> Array:
     """``chi_c = sigma_w2 E[phi'(u1) phi'(u2)]`` at ``(q*, c*)`` (equals ``chi1`` when c* = 1)."""
-    act = get_activation(act)
-    fp = solve_c_star(act, sigma_w2, sigma_b2, quad=quad)
-    qs = q_star(act, sigma_w2, sigma_b2, quad=quad)
-    return _chi_c_at(act, qs, fp.value, jnp.asarray(sigma_w2, qs.dtype), quad)
-
-
-def _chi_c_at(act, q, c, sw, quad):
-    finite = jnp.isfinite(q)
-    qq = jnp.where(finite, q, 1.0)
-    return jnp.where(finite, sw * gs.deriv_kernel(act, qq, qq, c, quad=quad), jnp.inf)
+    return _correlation_point(get_activation(act), sigma_w2, sigma_b2, None, quad)[1]
 
 
 def _xi(slope):
@@ -376,20 +482,19 @@ def depth_scales(act: Activation | str, sigma_w2, sigma_b2, *, quad=None) -> tup
     return d["xi_q"], d["xi_c"]
 
 
-def _diagram_point(act, sigma_w2, sigma_b2, quad):
+def _diagram_point(act, sigma_w2, sigma_b2, quad, exact=None):
     _validate(sigma_w2, sigma_b2)
     dtype = _dtype(sigma_w2, sigma_b2)
-    sw, sb = jnp.broadcast_arrays(jnp.asarray(sigma_w2, dtype), jnp.asarray(sigma_b2, dtype))
-    qs = solve_q_star(act, sw, sb, quad=quad)
-    x1 = _chi1_at(act, qs.value, sw, quad)
-    cs = jax.vmap(functools.partial(_solve_c, act, max_iter=100, quad=quad))(
-        *(v.ravel() for v in (qs.value, sw, sb, x1))
-    )
-    cs = jax.tree.map(lambda v: v.reshape(sw.shape), cs)
+    exact = (jnp.dtype(dtype) == jnp.float64) if exact is None else bool(exact)
+    return _diagram_point_jit(act, sigma_w2, sigma_b2, quad, exact)
+
+
+@functools.partial(jax.jit, static_argnames=("act", "quad", "exact"))
+def _diagram_point_jit(act, sigma_w2, sigma_b2, quad, exact):
+    cs, xc, qs, x1, sw, sb = _correlation_point_jit(act, sigma_w2, sigma_b2, exact, quad)
     finite = jnp.isfinite(qs.value)
     qq = jnp.where(finite, qs.value, 1.0)
-    slope = jnp.where(finite, q_map_slope(act, qq, sw, sb, quad=quad), jnp.inf)
-    xc = _chi_c_at(act, qs.value, cs.value, sw, quad)
+    slope = jnp.where(finite, _q_map_slope(act, qq, sw, sb, quad), jnp.inf)
     return {
         "q_star": qs.value,
         "c_star": cs.value,
@@ -421,19 +526,23 @@ def critical_point(act: Activation | str, q_star, *, quad=None) -> tuple[Array, 
     _checks.real_array("q_star", q_star, minimum=0.0, strict=True)
     act = get_activation(act)
     q = jnp.asarray(q_star, _dtype(q_star))
-    sw = 1.0 / gs.dphi_moment(act, q, 1, quad=quad)
-    sb = q - sw * gs.second_moment(act, q, quad=quad)
-    # Exact zeros (ReLU, linear) come out as -1e-17: snap to the boundary.
-    sb = jnp.where(jnp.abs(sb) <= 64 * jnp.finfo(q.dtype).eps * q, 0.0, sb)
+    sw, sb = _critical_point(act, q, quad)
     if _checks.is_concrete(sb):
         bad = jnp.asarray(sb < 0)
         if bool(jnp.any(bad)):
             raise ValueError(
                 f"critical_point: no critical point of {act.name} has q_star = "
-                f"{jnp.asarray(q)[bad] if q.ndim else float(q)} (it would need sigma_b2 < 0); "
-                "choose a smaller q_star"
+                f"{jnp.asarray(q)[bad] if q.ndim else float(q)} (it would need sigma_b2 < 0)"
             )
     return sw, sb
+
+
+@functools.partial(jax.jit, static_argnames=("act", "quad"))
+def _critical_point(act, q, quad):
+    sw = 1.0 / gs.dphi_moment(act, q, 1, quad=quad)
+    sb = q - sw * gs.second_moment(act, q, quad=quad)
+    # Exact zeros (ReLU, linear) come out as -1e-17: snap to the boundary.
+    return sw, jnp.where(jnp.abs(sb) <= 64 * jnp.finfo(q.dtype).eps * q, 0.0, sb)
 
 
 def critical_sigma_w2(act: Activation | str, sigma_b2, *, bracket=(1e-2, 1e2), quad=None) -> Array:
@@ -448,7 +557,12 @@ def critical_sigma_w2(act: Activation | str, sigma_b2, *, bracket=(1e-2, 1e2), q
     lo, hi = bracket
     if not (0 < lo < hi):
         raise ValueError(f"bracket must satisfy 0 < lo < hi, got {bracket}")
-    act = get_activation(act)
+    return _critical_sigma_w2(get_activation(act), sigma_b2, (float(lo), float(hi)), quad)
+
+
+@functools.partial(jax.jit, static_argnames=("act", "bracket", "quad"))
+def _critical_sigma_w2(act, sigma_b2, bracket, quad):
+    lo, hi = bracket
     sb = jnp.asarray(sigma_b2, _dtype(sigma_b2))
 
     def one(sbi):
@@ -503,12 +617,14 @@ class PhaseDiagram:
 
 
 def phase_diagram(
-    act: Activation | str, sigma_w2_grid, sigma_b2_grid, *, quad=None
+    act: Activation | str, sigma_w2_grid, sigma_b2_grid, *, exact: bool | None = None, quad=None
 ) -> PhaseDiagram:
     """``q*, c*, chi1, chi_c, xi_q, xi_c`` on the grid, plus the critical line.
 
     One vectorized, jitted computation. Shapes: grids ``(W,)`` and ``(B,)``;
-    results ``(W, B)``. (Poole et al. 2016, Fig. 2; Schoenholz et al. 2017, Fig. 1.)
+    results ``(W, B)``. ``exact`` (default: float64 in use) takes three Newton
+    steps for ``c*`` instead of one (see :func:`solve_c_star`).
+    (Poole et al. 2016, Fig. 2; Schoenholz et al. 2017, Fig. 1.)
     """
     for name, g in (("sigma_w2_grid", sigma_w2_grid), ("sigma_b2_grid", sigma_b2_grid)):
         _checks.real_array(name, g, nonempty=True)
@@ -517,14 +633,14 @@ def phase_diagram(
     _validate(sigma_w2_grid, sigma_b2_grid)
     act = get_activation(act)
     dtype = _dtype(sigma_w2_grid, sigma_b2_grid)
-    return _phase_diagram(
-        act, jnp.asarray(sigma_w2_grid, dtype), jnp.asarray(sigma_b2_grid, dtype), quad
-    )
+    exact = (jnp.dtype(dtype) == jnp.float64) if exact is None else bool(exact)
+    sw, sb = jnp.asarray(sigma_w2_grid, dtype), jnp.asarray(sigma_b2_grid, dtype)
+    return _phase_diagram(act, sw, sb, quad, exact)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _phase_diagram(act, sw_grid, sb_grid, quad):
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _phase_diagram(act, sw_grid, sb_grid, quad, exact):
     sw, sb = jnp.meshgrid(sw_grid, sb_grid, indexing="ij")
-    d = _diagram_point(act, sw, sb, quad)
-    crit = critical_sigma_w2(act, sb_grid, quad=quad)
+    d = _diagram_point_jit(act, sw, sb, quad, exact)
+    crit = _critical_sigma_w2(act, sb_grid, (1e-2, 1e2), quad)
     return PhaseDiagram(sigma_w2=sw_grid, sigma_b2=sb_grid, critical_sigma_w2=crit, **d)
