@@ -1,0 +1,1 @@
+"""Experiments: one module per study, each a frozen config with quick/full presets and a run function."""
