@@ -1,0 +1,449 @@
+"""Per-layer signal-propagation statistics of a scanned stack, and their mean-field theory.
+
+Every function takes a network in scanned-stack form: a
+:class:`~isometry.networks.Stack`, or any model with a ``stack()`` method
+(:class:`~isometry.networks.MLP`, :class:`~isometry.networks.ConvNet`), and a
+batch ``u`` of network inputs ``(B, ...)``, channels last. Statistics are
+the per-layer outputs of one ``lax.scan`` over depth; arrays of per-layer
+values have shape ``(L,)`` and entry ``l - 1`` belongs to layer ``l``.
+
+Forward (:func:`forward`), for ``h^l`` the pre-activation and ``x^l`` the
+layer output (the residual stream in residual networks):
+
+    q^l          = mean_{a,i} (h^l_{a,i})^2                    mean squared pre-activation
+    c^l          = mean_pairs <h_a, h_b> / (|h_a| |h_b|)        pairs (a, b) = (0, 1), (2, 3), ...
+    act_mean^l, act_var^l = mean and variance of phi over batch and units
+    chan_sq_mean^l = mean_ch (mean_{batch, space} x^l)^2          average channel squared mean
+    chan_var^l     = mean_ch  var_{batch, space} x^l              average channel variance
+    branch_var^l   = chan_var of the residual branch (NaN without one)
+
+The last three are the signal-propagation plots of Brock, De & Smith 2021
+("Characterizing signal propagation to close the performance gap in
+unnormalized ResNets").
+
+Backward (:func:`backward`), for a scalar loss of the network's output (by
+default a random projection ``Loss = sum_a <v_a, y_a> / B``, ``v ~ N(0, 1)``,
+whose output gradient does not depend on the forward pass):
+
+    grad_preact_sq^l = ||dLoss/dh^l||_F^2      (zero probes added to h^l)
+    grad_state_sq^l  = ||dLoss/dx^l||_F^2
+    grad_weight_sq^l = ||dLoss/dW^l||_F^2      (the ``"kernel"`` leaf; all leaves if none)
+
+Theory (:func:`theory`, :func:`model_theory`), mean field for plain and
+residual networks without normalization (Poole et al. 2016; Schoenholz et al.
+2017; Yang & Schoenholz 2017) and for layer normalization before the
+activation, from the stack input's mean square ``p^0``,
+mean ``m^0`` and pair cosine ``c^0``:
+
+    q^l  = sigma_w2 p^{l-1} + sigma_b2,   c^l = (sigma_w2 p12^{l-1} + sigma_b2) / q^l
+    plain:     p^l = E[phi(h)^2],  p12^l = E[phi(h_a) phi(h_b)]       (the q- and c-maps)
+    residual:  p^l = p^{l-1} + 2 alpha m^{l-1} E[phi(h)] + alpha^2 E[phi(h)^2]   (same for p12)
+               m^l = m^{l-1} + alpha E[phi(h)]
+    backward:  ||g_x^{l-1}||^2 = chi^l ||g_x^l||^2,
+               chi^l = sigma_w2 mu1(q^l) (plain),  1 + alpha^2 sigma_w2 mu1(q^l) (residual)
+               ||g_h^l||^2 = mu1(q^l) ||g_x^l||^2 (times alpha^2 if residual),
+               ||g_W^l||^2 proportional to p^{l-1} ||g_h^l||^2
+
+with ``mu1(q) = E[phi'(sqrt(q) z)^2]``. At the fixed point ``chi^l = chi1``:
+gradients shrink (``chi1 < 1``, ordered) or grow (``chi1 > 1``, chaotic) by
+``chi1`` per layer. Residual networks grow sub-exponentially when ``mu1``
+decays with the growing ``q^l`` (bounded activations). The backward
+recursions assume gradient independence (Schoenholz et al. 2017); they are
+checked against measurement for plain tanh/ReLU/sigmoid and residual tanh
+networks (for residual ReLU networks, whose stream accumulates a large mean,
+the measured growth is faster than predicted). Batch normalization has no
+theory here: its gradients explode at initialization (Yang et al. 2019), which
+:func:`measure` shows.
+
+Example:
+    >>> import jax
+    >>> from flax import nnx
+    >>> from isometry import networks, signal
+    >>> model = networks.MLP(networks.MLPConfig(depth=10, width=128), rngs=nnx.Rngs(0))
+    >>> u = jax.random.normal(jax.random.key(1), (32, 128))
+    >>> fwd, bwd = signal.measure(model, u, key=jax.random.key(2))
+    >>> fwd.q.shape, bwd.grad_preact_sq.shape
+    ((10,), (10,))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from isometry import _checks
+from isometry import gaussian as gs
+from isometry.activations import Activation
+from isometry.activations import get as get_activation
+from isometry.networks import Stack
+
+__all__ = [
+    "Backward",
+    "Forward",
+    "Theory",
+    "as_stack",
+    "backward",
+    "forward",
+    "input_statistics",
+    "measure",
+    "model_theory",
+    "random_projection_loss",
+    "theory",
+]
+
+Array = jax.Array
+
+
+def as_stack(model) -> Stack:
+    """A :class:`~isometry.networks.Stack` from a stack or a model with ``stack()``."""
+    if isinstance(model, Stack):
+        return model
+    if hasattr(model, "stack") and callable(model.stack):
+        return model.stack()
+    raise TypeError(
+        f"model must be a networks.Stack or have a stack() method, got {type(model).__name__}"
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Measurements.
+# --------------------------------------------------------------------------- #
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Forward:
+    """Per-layer forward statistics; every field ``(L,)`` (see the module docstring)."""
+
+    q: Array
+    c: Array
+    act_mean: Array
+    act_var: Array
+    chan_sq_mean: Array
+    chan_var: Array
+    branch_var: Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Backward:
+    """Per-layer squared gradient norms ``(L,)``; ``grad_input_sq`` is at ``x^0``."""
+
+    grad_preact_sq: Array
+    grad_state_sq: Array
+    grad_weight_sq: Array
+    grad_input_sq: Array
+    loss: Array
+
+
+def _pair_cosine(h: Array) -> Array:
+    """Mean cosine of pairs ``(0, 1), (2, 3), ...`` along axis 0 (NaN if fewer than 2)."""
+    b = h.shape[0] - h.shape[0] % 2
+    if h.ndim < 2 or b < 2:
+        return jnp.full((), jnp.nan, h.dtype)
+    f = h[:b].reshape(b // 2, 2, -1)
+    num = jnp.sum(f[:, 0] * f[:, 1], axis=-1)
+    den = jnp.sqrt(jnp.sum(f[:, 0] ** 2, axis=-1) * jnp.sum(f[:, 1] ** 2, axis=-1))
+    return jnp.mean(num / den)
+
+
+def _channel_stats(x: Array) -> tuple[Array, Array]:
+    axes = tuple(range(x.ndim - 1))
+    return jnp.mean(jnp.mean(x, axis=axes) ** 2), jnp.mean(jnp.var(x, axis=axes))
+
+
+def _layer_stats(x_new: Array, aux: dict) -> dict:
+    h = aux.get("preact", x_new)
+    post = aux.get("post", x_new)
+    sq_mean, var = _channel_stats(x_new)
+    branch = aux.get("branch")
+    return {
+        "q": jnp.mean(h**2),
+        "c": _pair_cosine(h),
+        "act_mean": jnp.mean(post),
+        "act_var": jnp.var(post),
+        "chan_sq_mean": sq_mean,
+        "chan_var": var,
+        "branch_var": (
+            jnp.full((), jnp.nan, x_new.dtype) if branch is None else _channel_stats(branch)[1]
+        ),
+    }
+
+
+def _check_batch(u) -> Array:
+    u = jnp.asarray(u)
+    if u.ndim < 2 or u.shape[0] < 1:
+        raise ValueError(f"u must be a batch (B, ...) with B >= 1, got shape {u.shape}")
+    finite = jnp.all(jnp.isfinite(u))
+    if _checks.is_concrete(finite) and not bool(finite):
+        raise ValueError("u must be finite")
+    return u
+
+
+def forward(model, u: Array) -> Forward:
+    """Per-layer forward statistics for the batch ``u`` (``(B, ...)``; pairs for ``c``)."""
+    s = as_stack(model)
+    x0 = s.input_map(_check_batch(u))
+
+    def body(x, p):
+        x_new, aux = s.step(p, x, None)
+        return x_new, _layer_stats(x_new, aux)
+
+    return Forward(**lax.scan(body, x0, s.params)[1])
+
+
+def random_projection_loss(key: Array, shape, dtype=jnp.float32) -> Callable[[Array], Array]:
+    """``y -> sum_a <v_a, y_a> / B`` with ``v ~ N(0, 1)`` of ``shape`` (``(B, ...)``)."""
+    v = jax.random.normal(key, shape, dtype)
+    return lambda y: jnp.sum(v * y) / shape[0]
+
+
+def _per_layer_sq(tree) -> Array:
+    leaves = jax.tree.leaves(tree)
+    return sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for g in leaves)
+
+
+def measure(
+    model, u: Array, loss_fn: Callable[[Array], Array] | None = None, *, key: Array | None = None
+) -> tuple[Forward, Backward]:
+    """Forward statistics and squared gradient norms in one forward/backward pass.
+
+    Args:
+        model: a :class:`~isometry.networks.Stack` or a model with ``stack()``.
+        u: network inputs ``(B, ...)``.
+        loss_fn: ``loss_fn(y) -> scalar`` of the network output for the batch;
+            default :func:`random_projection_loss` with ``key``.
+        key: PRNG key of the random projection (needed without ``loss_fn``).
+
+    Returns:
+        ``(Forward, Backward)``; the gradients are those of ``loss_fn`` with
+        respect to the pre-activations ``h^l``, layer outputs ``x^l``,
+        per-layer weights and the stack input ``x^0``.
+    """
+    s = as_stack(model)
+    u = _check_batch(u)
+    x0 = s.input_map(u)
+    if loss_fn is None:
+        if key is None:
+            raise ValueError("measure/backward: pass loss_fn, or key for the random projection")
+        y_shape = jax.eval_shape(s, u)
+        loss_fn = random_projection_loss(key, y_shape.shape, y_shape.dtype)
+    elif not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+
+    p0 = jax.tree.map(lambda a: a[0], s.params)
+    out_shape, aux_shape = jax.eval_shape(lambda p, x: s.step(p, x, None), p0, x0)
+    h_shape = aux_shape.get("preact", out_shape)
+    L = s.depth
+    probe_h = jnp.zeros((L, *h_shape.shape), h_shape.dtype)
+    probe_x = jnp.zeros((L, *out_shape.shape), out_shape.dtype)
+
+    def loss(params, ph, px, x0):
+        def body(x, inp):
+            p, dh, dx = inp
+            x_new, aux = s.step(p, x, dh)
+            x_new = x_new + dx
+            return x_new, _layer_stats(x_new, aux)
+
+        xL, stats = lax.scan(body, x0, (params, ph, px))
+        return loss_fn(s.output_map(xL)), stats
+
+    (value, stats), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
+        s.params, probe_h, probe_x, x0
+    )
+    g_params, g_h, g_x, g_x0 = grads
+    weights = (
+        g_params["kernel"] if isinstance(g_params, dict) and "kernel" in g_params else g_params
+    )
+    bwd = Backward(
+        grad_preact_sq=_per_layer_sq(g_h),
+        grad_state_sq=_per_layer_sq(g_x),
+        grad_weight_sq=_per_layer_sq(weights),
+        grad_input_sq=jnp.sum(g_x0**2),
+        loss=value,
+    )
+    return Forward(**stats), bwd
+
+
+def backward(
+    model, u: Array, loss_fn: Callable[[Array], Array] | None = None, *, key: Array | None = None
+) -> Backward:
+    """Per-layer squared gradient norms (see :func:`measure`)."""
+    return measure(model, u, loss_fn, key=key)[1]
+
+
+# --------------------------------------------------------------------------- #
+# Theory.
+# --------------------------------------------------------------------------- #
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Theory:
+    """Mean-field predictions per layer, ``(L,)``.
+
+    ``q``, ``c``: pre-activation mean square and pair correlation;
+    ``chi``: the per-layer factor of ``||dLoss/dx||^2`` (``x^l -> x^{l-1}``);
+    ``grad_preact_sq``, ``grad_state_sq``, ``grad_weight_sq``: squared
+    gradient norms relative to their value at the last layer (1 there);
+    ``grad_input_sq``: ``||dLoss/dx^0||^2`` relative to ``||dLoss/dx^L||^2``.
+    """
+
+    q: Array
+    c: Array
+    chi: Array
+    grad_preact_sq: Array
+    grad_state_sq: Array
+    grad_weight_sq: Array
+    grad_input_sq: Array
+
+
+def theory(
+    act: Activation | str,
+    sigma_w2,
+    sigma_b2,
+    depth: int,
+    q0,
+    c0=None,
+    *,
+    m0=0.0,
+    residual_scale: float | None = None,
+    layer_norm: bool = False,
+    width: int | None = None,
+) -> Theory:
+    """Mean-field per-layer statistics of a plain (or residual) network.
+
+    Args:
+        act: the activation (or its name).
+        sigma_w2, sigma_b2: the effective weight and bias variances.
+        depth: ``L``.
+        q0: ``p^0``, the mean squared entry of the stack input ``x^0``
+            (so ``q^1 = sigma_w2 q0 + sigma_b2``, Poole et al. 2016).
+        c0: the cosine of the input pairs (default 0).
+        m0: the mean entry of ``x^0`` (residual networks only).
+        residual_scale: ``alpha`` for ``x^l = x^{l-1} + alpha phi(h^l)``;
+            ``None`` for a plain network.
+        layer_norm: layer normalization before the activation,
+            ``x^l = phi(LN(h^l))`` (unit gain, zero offset): the activation
+            always sees variance 1, so ``p^l = E[phi(z)^2]``, and the backward
+            factor becomes ``chi^l = (1 - 2/N) sigma_w2 mu1(1) / q^l`` (the
+            normalization divides by ``sqrt(q^l)`` and projects out the mean
+            and the normalized direction).
+        width: ``N`` (needed with ``layer_norm``).
+
+    Returns:
+        a :class:`Theory` (see the module docstring for the recursions).
+    """
+    _checks.positive_int("depth", depth)
+    _checks.real_array("sigma_w2", sigma_w2, minimum=0.0, strict=True)
+    _checks.real_array("sigma_b2", sigma_b2, minimum=0.0)
+    _checks.real_array("q0", q0, minimum=0.0)
+    c0 = 0.0 if c0 is None else c0
+    _checks.real_array("c0", c0, minimum=-1.0 - 1e-6, maximum=1.0 + 1e-6)
+    if residual_scale is not None:
+        _checks.real_array("residual_scale", residual_scale, minimum=0.0, strict=True)
+    if layer_norm:
+        if residual_scale is not None:
+            raise ValueError("theory: layer_norm with a residual branch is not covered")
+        width = _checks.positive_int("width", width, minimum=3)
+    act = get_activation(act)
+    dtype = jnp.result_type(q0, c0, m0, sigma_w2, sigma_b2, float)
+    sw, sb, p0, c0, m0 = (jnp.asarray(v, dtype) for v in (sigma_w2, sigma_b2, q0, c0, m0))
+    a = None if residual_scale is None else jnp.asarray(residual_scale, dtype)
+
+    def body(carry, _):
+        p, p12, m = carry
+        q = sw * p + sb
+        q12 = sw * p12 + sb
+        safe = jnp.where(q > 0, q, 1.0)
+        c = jnp.where(q > 0, jnp.clip(q12 / safe, -1.0, 1.0), 1.0)
+        e2 = gs.second_moment(act, safe) * (q > 0)
+        k = gs.phi_kernel(act, safe, safe, c) * (q > 0)
+        mu1 = gs.dphi_moment(act, safe, 1)
+        if layer_norm:
+            one = jnp.ones((), dtype)
+            proj = 1.0 - 2.0 / width
+            e2 = gs.second_moment(act, one)
+            k = gs.phi_kernel(act, one, one, c)
+            mu1 = gs.dphi_moment(act, one, 1)
+            gh = proj * mu1 / safe
+            new = (e2, k, m)
+            chi = sw * gh
+        elif a is None:
+            new = (e2, k, m)
+            chi = sw * mu1
+            gh = mu1
+        else:
+            e1 = gs.expect(act.phi, safe, kinks=act.kinks) * (q > 0)
+            new = (p + 2 * a * m * e1 + a * a * e2, p12 + 2 * a * m * e1 + a * a * k, m + a * e1)
+            chi = 1.0 + a * a * sw * mu1
+            gh = a * a * mu1
+        return new, (q, c, chi, gh, p)
+
+    _, (q, c, chi, gh, p_prev) = lax.scan(body, (p0, c0 * p0, m0), None, length=depth)
+    # ||g_x^l||^2 relative to ||g_x^L||^2: prod_{k=l+1}^{L} chi^k.
+    tail = jnp.concatenate([chi[1:], jnp.ones((1,), dtype)])
+    g_state = jnp.cumprod(tail[::-1])[::-1]
+    g_pre = gh * g_state
+    g_w = p_prev * g_pre
+    return Theory(
+        q=q,
+        c=c,
+        chi=chi,
+        grad_preact_sq=g_pre / g_pre[-1],
+        grad_state_sq=g_state,
+        grad_weight_sq=g_w / g_w[-1],
+        grad_input_sq=jnp.prod(chi),
+    )
+
+
+def input_statistics(model, u: Array) -> tuple[Array, Array, Array]:
+    """``(p^0, c^0, m^0)``: mean square, pair cosine and mean of the stack input ``x^0``."""
+    s = as_stack(model)
+    x0 = s.input_map(_check_batch(u))
+    c0 = _pair_cosine(x0)
+    return jnp.mean(x0**2), jnp.where(jnp.isnan(c0), 0.0, c0), jnp.mean(x0)
+
+
+def model_theory(model, u: Array) -> Theory:
+    """:func:`theory` for an :class:`~isometry.networks.MLP` or
+    :class:`~isometry.networks.ConvNet` without normalization, at the statistics
+    of its stack input for the batch ``u``.
+
+    Raises:
+        ValueError: the model normalizes (no mean-field theory here; measure it).
+        TypeError: not a built-in model (call :func:`theory` directly).
+    """
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "variances"):
+        raise TypeError(
+            f"model_theory needs an MLP or ConvNet, got {type(model).__name__}; "
+            "call signal.theory with the layer's variances"
+        )
+    norm = getattr(cfg, "norm", "none")
+    ln = norm == "layer" and cfg.norm_position == "pre" and not cfg.residual
+    if norm != "none" and not ln:
+        raise ValueError(
+            f"model_theory: no mean-field theory here for norm={norm!r} "
+            f"(position {getattr(cfg, 'norm_position', None)!r}, residual "
+            f"{getattr(cfg, 'residual', False)}); compare measured statistics instead"
+        )
+    sw, sb = cfg.variances()
+    p0, c0, m0 = input_statistics(model, u)
+    alpha = cfg.residual_scale if getattr(cfg, "residual", False) else None
+    return theory(
+        cfg.act,
+        sw,
+        sb,
+        cfg.depth,
+        p0,
+        c0,
+        m0=m0,
+        residual_scale=alpha,
+        layer_norm=ln,
+        width=getattr(cfg, "width", None) if ln else None,
+    )

@@ -1,0 +1,382 @@
+"""Signal propagation measured on width-1,000 networks against mean-field theory.
+
+Tolerances come from the fluctuations of one finite network (float64):
+
+* forward: given layer l-1, the N pre-activations of layer l are i.i.d.
+  Gaussian, so log q-hat has variance 2/N and a pair cosine (1 - c^2)^2 / N
+  (an upper bound for batch averages). These one-layer errors are carried
+  through the maps linearized at the theory (the linear-noise approximation):
+  Sigma^l = J^l Sigma^{l-1} J^l^T + diag(2/N, (1 - c_l^2)^2 / N).
+* backward: one layer multiplies ||g||^2 by sigma_w2 sum_i phi'(h_i)^2 y_i^2
+  with y = W g: relative variance (3 mu2/mu1^2 - 1 + 2) / N, summed over the
+  layers between the two gradients compared.
+
+Comparisons are at Z standard deviations.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from isometry import gaussian as gs
+from isometry import meanfield, signal
+from isometry import networks as nw
+from isometry.activations import get as get_act
+
+Z = 4.5
+N = 1000
+B = 16
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", False)
+
+
+def pair_inputs(key, p0=1.0, c0=0.5, batch=B, width=N):
+    """``batch`` inputs: pairs (2k, 2k+1) with cosine ~c0, mean square ~p0."""
+    z = jax.random.normal(key, (batch // 2, 2, width))
+    b = c0 * z[:, 0] + np.sqrt(1 - c0**2) * z[:, 1]
+    return np.sqrt(p0) * jnp.stack([z[:, 0], b], 1).reshape(batch, width)
+
+
+def run(cfg, u, seed=0):
+    model = nw.MLP(cfg, rngs=nnx.Rngs(seed))
+    stack = model.stack()
+    fwd, bwd = jax.jit(lambda u: signal.measure(stack, u, key=jax.random.key(seed + 1)))(u)
+    return model, jax.tree.map(np.asarray, fwd), jax.tree.map(np.asarray, bwd)
+
+
+def lna_sd(act, sw, sb, th, width=N):
+    """Linear-noise standard deviations of (log q^l, c^l) for one network."""
+    q, c = np.asarray(th.q), np.asarray(th.c)
+    dq, dc, dcq = (np.asarray(a) for a in _map_slopes(act, sw, sb, q, c))
+    cov = np.diag([2.0 / width, (1 - c[0] ** 2) ** 2 / width])
+    out = [np.sqrt(np.diag(cov))]
+    for l in range(1, len(q)):
+        J = np.array([[dq[l - 1], 0.0], [dcq[l - 1], dc[l - 1]]])
+        cov = J @ cov @ J.T + np.diag([2.0 / width, (1 - c[l] ** 2) ** 2 / width])
+        out.append(np.sqrt(np.diag(cov)))
+    out = np.array(out)
+    return out[:, 0], out[:, 1]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _map_slopes(act, sw, sb, q, c):
+    """Slopes of one layer's (log q, c) -> (log q', c') at the theory, vectorized over l."""
+
+    def c_next(logq, cc):
+        qq = jnp.exp(logq)
+        return (sw * gs.phi_kernel(act, qq, qq, cc) + sb) / (sw * gs.second_moment(act, qq) + sb)
+
+    qp, cp = q[:-1], c[:-1]
+    dq = meanfield.q_map_slope(act, qp, sw, sb) * qp / q[1:]
+    dc = sw * qp * gs.deriv_kernel(act, qp, qp, cp) / q[1:]
+    eps = 1e-5
+    dcq = (c_next(jnp.log(qp) + eps, cp) - c_next(jnp.log(qp) - eps, cp)) / (2 * eps)
+    return dq, dc, dcq
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _mu(act, q):
+    return gs.dphi_moment(act, q, 1), gs.dphi_moment(act, q, 2)
+
+
+def grad_sd(act, q, width=N):
+    """sd of log(||g_h^l||^2 / ||g_h^L||^2): layers l+1..L contribute (3 mu2/mu1^2 + 1)/N."""
+    mu1, mu2 = (np.asarray(a) for a in _mu(get_act(act), jnp.asarray(q, jnp.float64)))
+    v = (3 * mu2 / mu1**2 + 1) / width
+    tail = np.cumsum(v[::-1])[::-1]  # sum_{k >= l}
+    return np.sqrt(np.concatenate([tail[1:], [0.0]]))
+
+
+def log_ratio(g):
+    return np.log(g / g[-1])
+
+
+# Ordered and chaotic phases; tanh starts at q* so the rate is chi1 at every layer.
+PHASES = [
+    pytest.param("tanh", 0.8, 0.05, marks=pytest.mark.slow),  # ordered, chi1 ~ 0.65
+    ("tanh", 4.0, 0.05),  # chaotic, chi1 ~ 1.34
+    ("relu", 1.5, 0.0),  # ordered, chi1 = 0.75 (q -> 0)
+    pytest.param("relu", 2.5, 0.0, marks=pytest.mark.slow),  # chaotic, chi1 = 1.25
+]
+
+
+@pytest.mark.parametrize("act, sw, sb", PHASES)
+def test_plain_mlp_follows_mean_field(act, sw, sb):
+    L = 20
+    qs = float(meanfield.q_star(act, sw, sb)) if act == "tanh" else 1.0
+    p0 = (qs - sb) / sw
+    u = pair_inputs(jax.random.key(7), p0=p0)
+    cfg = nw.MLPConfig(depth=L, width=N, activation=act, sigma_w2=sw, sigma_b2=sb)
+    model, fwd, bwd = run(cfg, u)
+    th = jax.tree.map(np.asarray, signal.model_theory(model, u))
+
+    # Forward: q^l and c^l follow the iterated maps.
+    sd_logq, sd_c = lna_sd(get_act(act), sw, sb, th)
+    np.testing.assert_array_less(np.abs(np.log(fwd.q / th.q)), Z * sd_logq)
+    np.testing.assert_array_less(np.abs(fwd.c - th.c), Z * sd_c + 1e-9)
+
+    # Backward: ||dL/dh^l||^2 changes by chi^l per layer; chi1 at the fixed point.
+    sd_g = grad_sd(act, th.q)
+    np.testing.assert_array_less(
+        np.abs(log_ratio(bwd.grad_preact_sq) - np.log(th.grad_preact_sq)), Z * sd_g + 1e-9
+    )
+    chi1 = float(meanfield.chi1(act, sw, sb)) if act == "tanh" else sw / 2
+    np.testing.assert_allclose(th.chi[-1], chi1, rtol=1e-6)
+    rate = log_ratio(bwd.grad_preact_sq)[0] / (L - 1)
+    assert abs(rate - np.log(chi1)) <= Z * sd_g[0] / (L - 1)
+    assert (rate < 0) == (chi1 < 1)  # vanish toward the input if ordered, explode if chaotic
+
+
+def test_sigmoid_xavier_vanishes_he_relu_does_not():
+    L = 12
+    u = pair_inputs(jax.random.key(3))
+    sig = nw.MLPConfig(depth=L, width=N, activation="sigmoid", init="xavier_normal")
+    model, _, bwd = run(sig, u)
+    th = signal.model_theory(model, u)
+    sd = grad_sd("sigmoid", np.asarray(th.q))[0]
+    first_over_last = bwd.grad_preact_sq[0] / bwd.grad_preact_sq[-1]
+    # Theory: prod of sigma_w2 mu1(q^l) ~ chi1^(L-1) with chi1 ~ 0.056 (sigmoid' <= 1/4).
+    threshold = float(th.grad_preact_sq[0]) * np.exp(Z * sd)
+    assert threshold < 1e-10
+    assert first_over_last < threshold
+
+    he = nw.MLPConfig(depth=L, width=N, activation="relu", init="he_normal")
+    model, _, bwd = run(he, u)
+    sd = grad_sd("relu", np.ones(L))[0]
+    assert abs(np.log(bwd.grad_preact_sq[0] / bwd.grad_preact_sq[-1])) < Z * sd
+
+
+def _rate_and_se(g, skip=2):
+    """Mean per-layer log growth toward the input and its standard error over layers
+    (the first ``skip`` layers, where the input's statistics relax, left out)."""
+    d = -np.diff(np.log(g[skip:]))
+    return d.mean(), d.std(ddof=1) / np.sqrt(d.size)
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_batch_norm_gradients_explode(act):
+    L, width = 15, 500
+    u = pair_inputs(jax.random.key(5), width=width)
+    for sw in (1.0, 2.0):
+        cfg = nw.MLPConfig(
+            depth=L, width=width, activation=act, sigma_w2=sw, norm="batch", bias=False
+        )
+        _, _, bwd = run(cfg, u)
+        rate, se = _rate_and_se(bwd.grad_preact_sq)
+        assert rate - Z * se > 0, (sw, rate, se)  # per-layer factor exp(rate) > 1
+
+
+@pytest.mark.slow
+def test_batch_norm_linear_rate_falls_with_batch_size():
+    L = 15
+    rates = {}
+    for batch in (8, 32):
+        u = pair_inputs(jax.random.key(6), batch=batch)
+        cfg = nw.MLPConfig(depth=L, width=N, activation="linear", norm="batch", bias=False)
+        _, _, bwd = run(cfg, u)
+        rates[batch] = _rate_and_se(bwd.grad_preact_sq)
+    (r8, s8), (r32, s32) = rates[8], rates[32]
+    assert r32 - Z * s32 > 0
+    assert r8 - r32 > Z * np.hypot(s8, s32)
+
+
+@pytest.mark.slow
+def test_layer_norm_removes_the_dependence_on_sigma_w2():
+    L, width = 12, 500
+    u = pair_inputs(jax.random.key(8), width=width)
+    rates = []
+    for act, sw in [("relu", 1.0), ("relu", 3.0), ("tanh", 3.0)]:
+        cfg = nw.MLPConfig(depth=L, width=width, activation=act, sigma_w2=sw, norm="layer")
+        model, fwd, bwd = run(cfg, u)
+        th = jax.tree.map(np.asarray, signal.model_theory(model, u))
+        # Per-layer factor (1 - 2/N) E[phi'(z)^2] / E[phi(z)^2] from layer 2 on: 1 - 2/N for
+        # ReLU whatever sigma_w2 (a plain ReLU network would scale by sigma_w2 / 2).
+        e2 = float(gs.second_moment(act, 1.0))
+        mu1 = float(gs.dphi_moment(act, 1.0, 1))
+        np.testing.assert_allclose(th.chi[1:], (1 - 2 / width) * mu1 / e2, rtol=1e-9)
+        sd_g = grad_sd(act, np.ones(L), width=width)
+        np.testing.assert_array_less(
+            np.abs(log_ratio(bwd.grad_preact_sq) - np.log(th.grad_preact_sq)), Z * sd_g + 1e-9
+        )
+        np.testing.assert_allclose(fwd.q[1:], sw * e2, rtol=Z * np.sqrt(2 / width))
+        rates.append(log_ratio(bwd.grad_preact_sq)[1] / (L - 2))
+    # Scale invariant up to the normalization's eps = 1e-5 (relative to variances ~1).
+    assert abs(rates[0] - rates[1]) < 1e-5
+
+
+@pytest.mark.slow
+def test_residual_tanh_is_subexponential():
+    L, width = 30, 500
+    u = pair_inputs(jax.random.key(9), width=width)
+    cfg = nw.MLPConfig(depth=L, width=width, activation="tanh", sigma_w2=1.0, residual=True)
+    model, fwd, bwd = run(cfg, u)
+    th = jax.tree.map(np.asarray, signal.model_theory(model, u))
+    # q^l grows linearly (tanh^2 <= 1 is added each layer), not exponentially.
+    np.testing.assert_array_less(
+        np.abs(np.log(fwd.q / th.q)), Z * np.sqrt(2 * np.arange(1, L + 1) / width)
+    )
+    assert np.all(np.diff(th.q) <= cfg.sigma_w2 + 1e-12)
+    # ||dL/dx^l||^2 follows prod (1 + sigma_w2 mu1(q^l)), a factor falling toward 1.
+    mu1, mu2 = (np.asarray(a) for a in _mu(get_act("tanh"), jnp.asarray(th.q)))
+    # One layer adds sigma_w2 sum phi'^2 y^2 to ||g||^2: relative variance of the factor.
+    v = (th.chi - 1) ** 2 / th.chi**2 * (3 * mu2 / mu1**2 + 1) / width
+    sd = np.sqrt(np.concatenate([np.cumsum(v[::-1])[::-1][1:], [0.0]]))
+    np.testing.assert_array_less(
+        np.abs(log_ratio(bwd.grad_state_sq) - np.log(th.grad_state_sq)), Z * sd + 1e-9
+    )
+    assert np.all(np.diff(th.chi) < 0) and th.chi[-1] > 1
+    g = np.log(bwd.grad_state_sq)
+    early, late = (g[0] - g[9]) / 9, (g[-10] - g[-1]) / 9
+    assert early - late > Z * np.hypot(sd[0] - sd[9], sd[-10]) / 9
+
+
+@pytest.mark.slow
+def test_theory_at_the_fixed_point_matches_meanfield():
+    act, sw, sb, L = "tanh", 1.7, 0.1, 12
+    qs = float(meanfield.q_star(act, sw, sb))
+    q0 = 0.3
+    th = signal.theory(act, sw, sb, L, (q0 - sb) / sw, 0.4)
+    np.testing.assert_allclose(
+        th.q[1:], meanfield.iterate_q_map(act, q0, sw, sb, L - 1), rtol=1e-12
+    )
+    th = signal.theory(act, sw, sb, L, (qs - sb) / sw, 0.4)
+    np.testing.assert_allclose(th.q, qs, rtol=1e-10)
+    c = meanfield.iterate_c_map(act, float(th.c[0]), qs, sw, sb, L - 1)
+    np.testing.assert_allclose(th.c[1:], c, rtol=1e-10)
+    np.testing.assert_allclose(th.chi, meanfield.chi1(act, sw, sb), rtol=1e-10)
+    np.testing.assert_allclose(th.grad_state_sq, th.chi[0] ** np.arange(L - 1, -1, -1), rtol=1e-9)
+
+
+def test_forward_statistics_definitions():
+    cfg = nw.MLPConfig(depth=3, width=6, activation="relu", residual=True, residual_scale=0.5)
+    model = nw.MLP(cfg, rngs=nnx.Rngs(0))
+    u = jax.random.normal(jax.random.key(0), (4, 6))
+    fwd = signal.forward(model, u)
+    s = model.stack()
+    p = jax.tree.map(lambda a: a[0], s.params)
+    h = u @ p["kernel"] + p["bias"]
+    x1 = u + 0.5 * jax.nn.relu(h)
+    cos = [
+        jnp.dot(h[i], h[i + 1]) / jnp.linalg.norm(h[i]) / jnp.linalg.norm(h[i + 1]) for i in (0, 2)
+    ]
+    np.testing.assert_allclose(fwd.q[0], jnp.mean(h**2), rtol=1e-10)
+    np.testing.assert_allclose(fwd.c[0], np.mean(cos), rtol=1e-10)
+    np.testing.assert_allclose(fwd.act_mean[0], jnp.mean(jax.nn.relu(h)), rtol=1e-10)
+    np.testing.assert_allclose(fwd.chan_sq_mean[0], jnp.mean(x1.mean(0) ** 2), rtol=1e-10)
+    np.testing.assert_allclose(fwd.chan_var[0], jnp.mean(x1.var(0)), rtol=1e-10)
+    np.testing.assert_allclose(
+        fwd.branch_var[0], jnp.mean((0.5 * jax.nn.relu(h)).var(0)), rtol=1e-10
+    )
+
+
+def test_backward_matches_autodiff():
+    cfg = nw.MLPConfig(depth=3, width=5, in_dim=4, out_dim=2, activation="tanh", sigma_b2=0.1)
+    model = nw.MLP(cfg, rngs=nnx.Rngs(0))
+    u = jax.random.normal(jax.random.key(0), (6, 4))
+    loss = lambda y: jnp.sum(jnp.sin(y))  # noqa: E731
+    bwd = signal.backward(model, u, loss)
+    s = model.stack()
+    g = jax.grad(lambda p: loss(nw.Stack(s.step, p, s.input_map, s.output_map)(u)))(s.params)
+    np.testing.assert_allclose(
+        bwd.grad_weight_sq, jnp.sum(g["kernel"] ** 2, axis=(1, 2)), rtol=1e-10
+    )
+    # dL/dh^L = phi'(h^L) * dL/dx^L for the last layer.
+    hs = s.hidden_states(s.input_map(u))
+    gL = jax.grad(lambda x: loss(s.output_map(x)))(hs[-1])
+    np.testing.assert_allclose(bwd.grad_state_sq[-1], jnp.sum(gL**2), rtol=1e-10)
+    np.testing.assert_allclose(
+        bwd.grad_preact_sq[-1], jnp.sum((gL * (1 - hs[-1] ** 2)) ** 2), rtol=1e-9
+    )
+
+
+def test_any_scanned_stack():
+    params = {"w": 0.5 * jax.random.normal(jax.random.key(0), (4, 3, 3))}
+    s = nw.Stack.from_layer(lambda p, x: jnp.sin(x @ p["w"]), params)
+    u = jax.random.normal(jax.random.key(1), (4, 3))
+    fwd, bwd = signal.measure(s, u, key=jax.random.key(2))
+    assert fwd.q.shape == bwd.grad_weight_sq.shape == (4,)
+    np.testing.assert_allclose(fwd.q[-1], jnp.mean(s(u) ** 2), rtol=1e-10)
+    np.testing.assert_allclose(bwd.grad_preact_sq, bwd.grad_state_sq, rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_critical_delta_orthogonal_cnn_signal():
+    # A critical delta-orthogonal CNN keeps q at q* and gradients flat (chi1 = 1).
+    cfg = nw.ConvConfig(depth=10, channels=64, activation="tanh", q_star=0.5, init="critical")
+    cnn = nw.ConvNet(cfg, rngs=nnx.Rngs(0))
+    sw, sb = cfg.variances()
+    x = jnp.sqrt((0.5 - sb) / sw) * jax.random.normal(jax.random.key(3), (4, 8, 8, 64))
+    fwd, bwd = signal.measure(cnn, x, key=jax.random.key(4))
+    th = signal.model_theory(cnn, x)
+    # Bounds with the 64 channels of one position as the width (positions only average).
+    np.testing.assert_allclose(fwd.q, th.q, rtol=Z * np.sqrt(2 * 10 / 64))
+    sd = grad_sd("tanh", np.asarray(th.q), width=64)[0]
+    assert abs(np.log(bwd.grad_preact_sq[0] / bwd.grad_preact_sq[-1])) < Z * sd
+
+
+def test_vmap_over_seeds_and_jit():
+    cfg = nw.MLPConfig(depth=4, width=16)
+    u = jax.random.normal(jax.random.key(0), (8, 16))
+
+    def one(key):
+        model = nw.MLP(cfg, rngs=nnx.Rngs(key))
+        return signal.measure(model, u, key=key)
+
+    fwd, bwd = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(1), 3))
+    assert fwd.q.shape == bwd.grad_preact_sq.shape == (3, 4)
+    f0, b0 = one(jax.random.split(jax.random.key(1), 3)[0])
+    np.testing.assert_allclose(fwd.q[0], f0.q, rtol=1e-10)
+    np.testing.assert_allclose(bwd.grad_preact_sq[0], b0.grad_preact_sq, rtol=1e-8)
+
+
+def test_bad_input():
+    model = nw.MLP(nw.MLPConfig(depth=2, width=4), rngs=nnx.Rngs(0))
+    u = jnp.ones((2, 4))
+    with pytest.raises(ValueError, match="loss_fn, or key"):
+        signal.measure(model, u)
+    with pytest.raises(ValueError, match="batch"):
+        signal.forward(model, jnp.ones(4))
+    with pytest.raises(ValueError, match="finite"):
+        signal.forward(model, jnp.full((2, 4), jnp.nan))
+    with pytest.raises(TypeError, match="stack"):
+        signal.forward(object(), u)
+    with pytest.raises(TypeError, match="loss_fn"):
+        signal.measure(model, u, loss_fn=3)
+    bn = nw.MLP(nw.MLPConfig(depth=2, width=4, norm="batch"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="no mean-field theory"):
+        signal.model_theory(bn, u)
+    with pytest.raises(ValueError, match="depth"):
+        signal.theory("tanh", 1.0, 0.0, 0, 1.0)
+    with pytest.raises(ValueError, match="sigma_w2"):
+        signal.theory("tanh", -1.0, 0.0, 3, 1.0)
+    with pytest.raises(ValueError, match="width"):
+        signal.theory("tanh", 1.0, 0.0, 3, 1.0, layer_norm=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("act, sw, sb", PHASES)
+def test_plain_mlp_depth_50_several_seeds(act, sw, sb):
+    """Deeper networks, several seeds: each seed within its own fluctuation bound."""
+    L = 50
+    qs = float(meanfield.q_star(act, sw, sb)) if act == "tanh" else 1.0
+    u = pair_inputs(jax.random.key(11), p0=(qs - sb) / sw)
+    cfg = nw.MLPConfig(depth=L, width=N, activation=act, sigma_w2=sw, sigma_b2=sb)
+    for seed in range(3):
+        model, fwd, bwd = run(cfg, u, seed=10 * seed)
+        th = jax.tree.map(np.asarray, signal.model_theory(model, u))
+        sd_logq, sd_c = lna_sd(get_act(act), sw, sb, th)
+        np.testing.assert_array_less(np.abs(np.log(fwd.q / th.q)), Z * sd_logq)
+        np.testing.assert_array_less(np.abs(fwd.c - th.c), Z * sd_c + 1e-9)
+        sd_g = grad_sd(act, th.q)
+        np.testing.assert_array_less(
+            np.abs(log_ratio(bwd.grad_preact_sq) - np.log(th.grad_preact_sq)), Z * sd_g + 1e-9
+        )
