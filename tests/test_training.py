@@ -1,0 +1,289 @@
+"""Tests of isometry.training: optimization, clipping, metrics, resume, non-finite stops."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from isometry import cli, data, networks, training
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load_digits()
+
+
+def _mlp(depth=2, width=32, **kw):
+    kw.setdefault("activation", "tanh")
+    kw.setdefault("init", "orthogonal")
+    if "sigma_w2" not in kw:
+        kw.setdefault("q_star", 0.25)
+    cfg = networks.MLPConfig(depth=depth, width=width, in_dim=64, out_dim=10, **kw)
+    return networks.MLP(cfg, rngs=nnx.Rngs(0))
+
+
+def _leaves(state):
+    return [np.asarray(x) for x in jax.tree.leaves(state)]
+
+
+# --------------------------------------------------------------------------- #
+# Accuracy on the embedded dataset.
+# --------------------------------------------------------------------------- #
+
+
+def test_small_mlp_reaches_90_percent_on_digits(digits):
+    """A depth-4, width-64 critical tanh MLP reaches >= 90% held-out accuracy in 300 SGD steps."""
+    cfg = training.TrainConfig(
+        steps=300, batch_size=64, learning_rate=0.05, clip="global_norm:1.0", log_every=50,
+        eval_every=300, probe_every=0, seed=0,
+    )  # fmt: skip
+    result = training.train(_mlp(depth=4, width=64), digits, cfg)
+    assert result.summary["status"] == "completed"
+    assert result.summary["eval_accuracy"] >= 0.90
+    assert result.records[0]["eval_accuracy"] < 0.3  # untrained: near chance
+
+
+# --------------------------------------------------------------------------- #
+# The exploding regime: gradient clipping makes the difference.
+# --------------------------------------------------------------------------- #
+
+
+def _exploding(clip):
+    """Deep ReLU at sigma_w2 = 3 (chi1 = 1.5 per layer: gradients grow ~1.5^16 ~ 650x)."""
+    model = _mlp(depth=16, width=64, activation="relu", init="gaussian", sigma_w2=3.0)
+    cfg = training.TrainConfig(
+        steps=200, batch_size=64, learning_rate=0.1, clip=clip, log_every=10, eval_every=200,
+        probe_every=0, checkpoint_every=1,
+    )  # fmt: skip
+    return model, cfg
+
+
+def test_exploding_without_clipping_stops_cleanly(digits, tmp_path):
+    model, cfg = _exploding("none")
+    with pytest.raises(training.NonFiniteError, match=r"non-finite .* at step \d+") as info:
+        training.train(model, digits, cfg, tmp_path)
+    bad = info.value.step
+    assert 1 <= bad < cfg.steps
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "non_finite" and summary["failed_step"] == bad
+    # the last good checkpoint (one per step here) is the step before the failure
+    ckpts = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert ckpts and ckpts[-1] == bad - 1
+    # metrics were kept and every logged value is finite; the state is finite too
+    records = training.MetricsLog(tmp_path / "metrics.jsonl").read()
+    assert records[0]["step"] == 0
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert all(np.all(np.isfinite(x)) for x in _leaves(nnx.state(model, nnx.Param)))
+
+
+def test_exploding_with_global_norm_clipping_trains(digits):
+    model, cfg = _exploding("global_norm:1.0")
+    result = training.train(model, digits, cfg)
+    losses = [r["loss"] for r in result.records if "loss" in r]
+    assert np.all(np.isfinite(losses))
+    assert all(r["clipped"] for r in result.records[1:4])  # early gradients are clipped
+    assert result.records[1]["grad_norm"] > 10.0
+    assert np.mean(losses[-5:]) < np.mean(losses[:2]) / 2
+    assert result.summary["eval_accuracy"] > 0.5  # chance is 0.1
+
+
+# --------------------------------------------------------------------------- #
+# Resume.
+# --------------------------------------------------------------------------- #
+
+
+def test_resume_equals_uninterrupted(digits, tmp_path):
+    cfg = training.TrainConfig(
+        steps=40, batch_size=32, optimizer="adam", learning_rate=1e-3, schedule="cosine",
+        warmup_steps=5, clip="global_norm:1.0", log_every=5, eval_every=10, probe_every=10,
+        probe_inputs=2, checkpoint_every=10,
+    )  # fmt: skip
+    full = training.train(_mlp(), digits, cfg, tmp_path / "full")
+    # a killed run: stops after 25 steps, its last checkpoint is at step 20
+    part = training.train(_mlp(), digits, cfg, tmp_path / "part", stop_after=25)
+    assert part.summary["status"] == "stopped"
+    log = training.MetricsLog(tmp_path / "part" / "metrics.jsonl")
+    assert log.read()[-1]["step"] == 25
+    with open(log.path, "a") as f:
+        f.write('{"step": 26, "loss": ')  # a torn write
+    resumed = training.train(_mlp(depth=2, width=32), digits, cfg, tmp_path / "part")
+    assert resumed.summary["status"] == "completed"
+    for a, b in zip(_leaves(full.state), _leaves(resumed.state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    full_recs = training.MetricsLog(tmp_path / "full" / "metrics.jsonl").read()
+    assert log.read() == full_recs
+    assert [r["step"] for r in full_recs] == [0, *range(5, 41, 5)]
+    s_full = json.loads((tmp_path / "full" / "summary.json").read_text())
+    s_res = json.loads((tmp_path / "part" / "summary.json").read_text())
+    for k in ("eval_loss", "eval_accuracy", "jac_sv2_mean", "jac_sv2_max"):
+        assert s_full[k] == s_res[k]
+    # the directory refuses a different configuration
+    other = training.TrainConfig(**{**cfg.to_dict(), "learning_rate": 0.5})
+    with pytest.raises(ValueError, match=r"different config.*learning_rate"):
+        training.train(_mlp(), digits, other, tmp_path / "full")
+
+
+# --------------------------------------------------------------------------- #
+# Metrics, clipping, optimizers.
+# --------------------------------------------------------------------------- #
+
+
+def test_logged_metrics_are_consistent(digits):
+    cfg = training.TrainConfig(
+        steps=6, batch_size=32, learning_rate=0.1, clip="global_norm:0.05", log_every=1,
+        eval_every=3, probe_every=3, probe_inputs=3,
+    )  # fmt: skip
+    res = training.train(_mlp(depth=3, width=64), digits, cfg)
+    recs = res.records
+    assert [r["step"] for r in recs] == list(range(7))
+    for r in recs[1:]:
+        layers = np.asarray(r["grad_norm_layers"])
+        assert layers.shape == (3,)
+        total = np.sqrt(np.sum(layers**2) + r["grad_norm_input"] ** 2 + r["grad_norm_output"] ** 2)
+        np.testing.assert_allclose(total, r["grad_norm"], rtol=1e-5)
+        np.testing.assert_allclose(r["grad_norm_clipped"], min(r["grad_norm"], 0.05), rtol=1e-5)
+        assert r["clipped"] == (r["grad_norm"] > 0.05)
+        np.testing.assert_allclose(r["clip_ratio"], r["grad_norm_clipped"] / r["grad_norm"])
+        assert r["lr"] == pytest.approx(0.1)
+    assert {"eval_loss", "eval_accuracy", "jac_sv2_mean"} <= set(recs[3])
+    assert "eval_loss" not in recs[2] and "jac_sv2_mean" not in recs[2]
+
+
+def test_jacobian_probe_matches_dense_jacobian():
+    model = _mlp(depth=3, width=16)
+    _, g_eval, state = training.init_state(model, optax.sgd(0.1))
+    u = jax.random.normal(jax.random.key(1), (2, 64))
+    probe = training.jacobian_probe(g_eval)(state["params"], state["batch_stats"], state["rest"], u)
+    s = model.stack()
+    lams = []
+    for x0 in s.input_map(u):
+        J = jax.jacfwd(s.hidden)(x0)
+        lams.append(np.linalg.svd(np.asarray(J, np.float64), compute_uv=False) ** 2)
+    lams = np.stack(lams)
+    np.testing.assert_allclose(probe["mean"], lams.mean(1).mean(), rtol=1e-4)
+    np.testing.assert_allclose(probe["var"], lams.var(1).mean(), rtol=1e-3)
+    np.testing.assert_allclose(probe["max"], lams.max(), rtol=1e-4)
+
+
+def test_agc_is_per_layer_and_unitwise():
+    depth, n = 3, 4
+    params = {"kernel": jnp.ones((depth, n, n)) * jnp.arange(1, depth + 1)[:, None, None]}
+    grads = {"kernel": jnp.ones((depth, n, n)) * 10.0}
+    tx = training.adaptive_grad_clip(0.1, 1e-3, training._stacked_predicate(depth))
+    out, _ = tx.update(grads, tx.init(params), params)
+    # per (layer l, unit i): ||W|| = 2 l, ||G|| = 20, so G scaled to 0.1 * 2 l
+    col = np.linalg.norm(np.asarray(out["kernel"]), axis=1)
+    np.testing.assert_allclose(
+        col, 0.2 * np.arange(1, depth + 1)[:, None] * np.ones((1, n)), rtol=1e-6
+    )
+
+
+def test_clip_specs():
+    assert training.parse_clip("global_norm:1.0") == ("global_norm", 1.0)
+    assert training.parse_clip("none") == ("none", None)
+    assert training.TrainConfig(clip="agc:0.01").clip == "agc:0.01"
+    for bad in ("norm:1", "global_norm", "value:-1", "global_norm:x"):
+        with pytest.raises(ValueError, match="clip"):
+            training.parse_clip(bad)
+    g = {"w": jnp.array([3.0, -4.0])}
+    out, _ = training.clipping("value:1.0").update(g, optax.EmptyState())
+    np.testing.assert_array_equal(out["w"], [1.0, -1.0])
+
+
+def test_schedule_warmup_and_decay():
+    cfg = training.TrainConfig(steps=110, learning_rate=1.0, schedule="linear", warmup_steps=10)
+    lr = training.schedule(cfg)
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
+    assert float(lr(10)) == pytest.approx(1.0)
+    assert float(lr(110)) == pytest.approx(0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("opt", training.OPTIMIZERS)
+def test_each_optimizer_lowers_the_loss(digits, opt):
+    lr = {"sgd": 0.1, "momentum": 0.05, "rmsprop": 1e-3, "adam": 1e-3}[opt]
+    cfg = training.TrainConfig(
+        steps=30, batch_size=64, optimizer=opt, learning_rate=lr, clip="agc:0.05", log_every=10,
+        eval_every=30, probe_every=0,
+    )  # fmt: skip
+    res = training.train(_mlp(), digits, cfg)
+    assert res.records[-1]["eval_loss"] < res.records[0]["eval_loss"]
+
+
+def test_batch_norm_model_and_regression_task():
+    ts = data.teacher_student(0, n_train=256, n_test=64, in_dim=16, num_classes=None, out_dim=2)
+    cfg = networks.MLPConfig(
+        depth=2, width=16, in_dim=16, out_dim=2, norm="batch", init="orthogonal"
+    )
+    model = networks.MLP(cfg, rngs=nnx.Rngs(0))
+    before = np.asarray(model.running_var[...])
+    tc = training.TrainConfig(
+        steps=20, batch_size=32, learning_rate=0.05, log_every=10, probe_every=10
+    )
+    res = training.train(model, ts, tc)
+    assert res.records[-1]["eval_loss"] < res.records[0]["eval_loss"]
+    assert "eval_accuracy" not in res.records[-1]
+    assert np.isfinite(res.records[-1]["jac_sv2_mean"])
+    assert not np.array_equal(before, np.asarray(model.running_var[...]))  # stats updated
+
+
+def test_run_config_json_roundtrip(tmp_path):
+    rc = training.RunConfig(
+        model=networks.MLPConfig(
+            depth=3,
+            width=8,
+            activation="leaky_relu",
+            activation_params={"negative_slope": 0.1},
+            init="he_normal",
+        ),
+        train=training.TrainConfig(clip="value:0.5"),
+        dataset="teacher_student",
+        data_options={"n_train": 64},
+    )
+    path = rc.to_json(tmp_path / "c.json")
+    assert training.RunConfig.from_json(path) == rc
+    with pytest.raises(ValueError, match="unknown field"):
+        training.TrainConfig.from_dict({"stepz": 3})
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="optimizer"):
+        training.TrainConfig(optimizer="lbfgs")
+    with pytest.raises(ValueError, match="learning_rate"):
+        training.TrainConfig(learning_rate=0.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        training.TrainConfig(batch_size=0)
+
+
+# --------------------------------------------------------------------------- #
+# The command.
+# --------------------------------------------------------------------------- #
+
+
+def test_cli_train_and_config_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [
+        "train", "--dataset", "digits", "--depth", "2", "--width", "32", "--activation", "tanh",
+        "--init", "orthogonal", "--q-star", "0.25", "--optimizer", "sgd", "--lr", "0.05",
+        "--clip", "global_norm:1.0", "--steps", "20", "--batch-size", "32", "--log-every", "10",
+        "--probe-every", "10", "--checkpoint-every", "10", "--no-progress", "--out", str(out),
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "eval_accuracy" in text and str(out) in text
+    for name in ("config.json", "metrics.jsonl", "summary.json"):
+        assert (out / name).exists()
+    # the written config drives a second run; flags override it
+    out2 = tmp_path / "run2"
+    argv2 = ["train", "--config", str(out / "config.json"), "--steps", "10", "--no-progress"]
+    assert cli.main([*argv2, "--out", str(out2)]) == 0
+    cfg2 = json.loads((out2 / "config.json").read_text())
+    assert cfg2["train"]["steps"] == 10 and cfg2["model"]["depth"] == 2
+    bad = ["train", "--depth", "2", "--width", "8", "--clip", "bogus:1"]
+    assert cli.main([*bad, "--out", str(tmp_path / "x")]) == 2
