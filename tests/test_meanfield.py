@@ -250,3 +250,15 @@ def test_no_critical_point_for_small_q_star_sigmoid():
         mf.critical_point("sigmoid", 0.5)
     sw, sb = mf.critical_point("sigmoid", 200.0)
     assert float(sb) > 0 and float(mf.chi1("sigmoid", sw, sb)) == pytest.approx(1.0, rel=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CATALOG)
+def test_correlation_fixed_points_over_the_whole_range(name):
+    """c* converges wherever q* is finite, over sigma_w2 in (0, 10], sigma_b2 in [0, 4]."""
+    sw, sb = np.meshgrid(np.geomspace(0.05, 10, 5), [0.0, 0.3, 4.0], indexing="ij")
+    qs = mf.solve_q_star(name, sw, sb)
+    cs = mf.solve_c_star(name, sw, sb)
+    finite = jnp.isfinite(qs.value)
+    assert bool(jnp.all(jnp.where(finite, cs.converged, True)))
+    assert bool(jnp.all(jnp.where(finite, (cs.value >= 0) & (cs.value <= 1), True)))

@@ -1,0 +1,23 @@
+"""Order-to-chaos phase diagram of tanh networks: chi1 with the edge of chaos, q* and c* (Poole et al. 2016; Schoenholz et al. 2017, Fig. 1)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from isometry import meanfield, plotting
+
+TIERS = {
+    "tiny": {"sigma_w2": (0.5, 5.0, 9), "sigma_b2": (0.0, 2.0, 5)},
+    "quick": {"sigma_w2": (0.5, 5.0, 181), "sigma_b2": (0.0, 2.0, 121)},
+    "full": {"sigma_w2": (0.5, 5.0, 401), "sigma_b2": (0.0, 2.0, 401)},
+}
+
+
+def compute(sigma_w2, sigma_b2) -> dict:
+    sw = np.linspace(*sigma_w2[:2], int(sigma_w2[2]))
+    sb = np.linspace(*sigma_b2[:2], int(sigma_b2[2]))
+    return meanfield.phase_diagram("tanh", sw, sb).as_dict()
+
+
+def plot(data, params):
+    return plotting.phase_diagram_figure(data, "tanh", panels=("chi1", "q_star", "c_star"))
