@@ -5,8 +5,33 @@ signal propagation, training) of how signals and gradients propagate through
 deep networks.
 """
 
-from isometry import activations, gaussian, initializers
+from isometry import (
+    activations,
+    data,
+    freeprob,
+    gaussian,
+    initializers,
+    jacobian,
+    networks,
+    signal,
+    spectra,
+    sweep,
+    training,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "activations", "gaussian", "initializers"]
+__all__ = [
+    "__version__",
+    "activations",
+    "data",
+    "freeprob",
+    "gaussian",
+    "initializers",
+    "jacobian",
+    "networks",
+    "signal",
+    "spectra",
+    "sweep",
+    "training",
+]

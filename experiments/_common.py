@@ -1,0 +1,57 @@
+"""Helpers shared by the experiment modules (not an experiment: the name starts with ``_``)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from isometry import _checks, activations
+
+__all__ = ["check_names", "seed_key", "spectrum_rows", "sphere_input"]
+
+
+def seed_key(seed, index):
+    """The key of grid point ``index`` under base ``seed``: ``fold_in(key(seed), index)``."""
+    return jax.random.fold_in(jax.random.key(seed), index)
+
+
+def sphere_input(key, shape, q_star):
+    """An input of ``shape`` on the sphere ``||x||^2 = x.size * q*`` (mean square ``q*``)."""
+    x = jax.random.normal(key, shape)
+    return x * jnp.sqrt(x.size * q_star) / jnp.linalg.norm(x)
+
+
+def spectrum_rows(depths, lam) -> list[dict]:
+    """One row per depth of bulk statistics of squared singular values ``lam (K, n)``."""
+    lam = np.asarray(lam, dtype=np.float64)
+    rows = []
+    for d, v in zip(depths, lam, strict=True):
+        rows.append(
+            {
+                "depth": int(d),
+                "mean": float(v.mean()),
+                "var": float(v.var()),
+                "max": float(v.max()),
+                "min": float(v.min()),
+            }
+        )
+    return rows
+
+
+def check_names(field: str, values, allowed) -> None:
+    """``values`` is a non-empty tuple of names from ``allowed``."""
+    if not isinstance(values, tuple) or not values:
+        raise ValueError(f"{field} must be a non-empty tuple, got {values!r}")
+    for v in values:
+        _checks.choice(field, v, allowed)
+
+
+def check_positive_ints(field: str, values) -> None:
+    if not isinstance(values, tuple) or not values:
+        raise ValueError(f"{field} must be a non-empty tuple, got {values!r}")
+    for v in values:
+        _checks.positive_int(field, v)
+
+
+ACTIVATIONS = tuple(activations.names())

@@ -1,0 +1,171 @@
+"""Deep vanilla CNNs at initialization: delta-orthogonal vs Gaussian kernels, vs depth.
+
+Sweep: initializer (``delta_orthogonal`` / ``gaussian``) x seed, every depth
+of ``depths`` in one pass. Each network is a stack of ``depth``
+stride-1 convolutions ``C -> C`` with circular padding
+(:class:`isometry.networks.ConvNet`), ``x^l = phi(conv(x^{l-1}, K^l) + b^l)``,
+at the critical point of ``q*`` (``sigma_w2 = fan_in Var(K)``):
+
+    delta-orthogonal:  K^l[centre] = sqrt(sigma_w2) Q^l (Haar orthogonal C x C), 0 elsewhere
+    Gaussian:          K^l ~ N(0, sigma_w2 / (C k^d))
+
+The input (``spatial^d x C``) lies on the sphere of mean square ``q*``. The
+squared singular values of the input-output Jacobian ``J_d`` (a
+``n x n`` matrix, ``n = C size^d``) are summarized per depth: the
+delta-orthogonal network keeps them concentrated near 1 at any depth
+(dynamical isometry), the Gaussian one spreads them out as depth grows
+(Xiao et al. 2018, Figure 1's mechanism; the test-accuracy-vs-depth study
+needs training and is a separate experiment).
+
+Vectorized: the initializer and the seed vary inside one compiled function.
+
+Table columns: ``init, seed, depth, mean, var, max, min``.
+
+Reference: Xiao, Bahri, Sohl-Dickstein, Schoenholz & Pennington 2018,
+"Dynamical isometry and a mean field theory of CNNs: how to train
+10,000-layer vanilla convolutional neural networks" (ICML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments import Experiment
+from experiments._common import (
+    ACTIVATIONS,
+    check_names,
+    check_positive_ints,
+    seed_key,
+    spectrum_rows,
+    sphere_input,
+)
+from isometry import _checks, jacobian, meanfield, networks, sweep
+
+__all__ = ["EXPERIMENT", "INITS", "PRESETS", "Config", "run"]
+
+INITS = ("delta_orthogonal", "gaussian")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Deep-CNN Jacobian sweep.
+
+    Attributes:
+        inits: subset of ``delta_orthogonal``, ``gaussian``.
+        activation: activation name.
+        q_star: fixed point whose critical ``(sigma_w2, sigma_b2)`` is used.
+        depths: depths at which the spectrum is taken.
+        channels: ``C``.
+        size: spatial extent along each axis.
+        spatial_dims: 1 or 2.
+        kernel_size: ``k``.
+        seeds: independent networks per initializer.
+        seed: base seed.
+    """
+
+    inits: tuple[str, ...] = INITS
+    activation: str = "tanh"
+    q_star: float = 0.25
+    depths: tuple[int, ...] = (4, 16, 64)
+    channels: int = 8
+    size: int = 4
+    spatial_dims: int = 2
+    kernel_size: int = 3
+    seeds: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        check_names("inits", self.inits, INITS)
+        _checks.choice("activation", self.activation, ACTIVATIONS)
+        _checks.real_array("q_star", self.q_star, minimum=0.0, strict=True)
+        check_positive_ints("depths", self.depths)
+        _checks.positive_int("channels", self.channels)
+        _checks.positive_int("size", self.size)
+        _checks.choice("spatial_dims", self.spatial_dims, (1, 2))
+        _checks.positive_int("kernel_size", self.kernel_size)
+        _checks.positive_int("seeds", self.seeds)
+        _checks.positive_int("seed", self.seed, 0)
+
+
+PRESETS = {
+    "quick": Config(),
+    "full": Config(depths=(8, 32, 128, 512), channels=16, size=8, seeds=8),
+}
+
+
+def grid(cfg: Config) -> sweep.Grid:
+    """``init x seed``."""
+    return sweep.product(init=cfg.inits, seed=range(cfg.seeds))
+
+
+def point_function(cfg: Config):
+    """``f(orthogonal, index) -> (K, n)`` squared singular values of ``J_d`` at each depth."""
+    sw, sb = (float(v) for v in meanfield.critical_point(cfg.activation, cfg.q_star))
+    net = networks.ConvConfig(
+        depth=max(cfg.depths), channels=cfg.channels, kernel_size=cfg.kernel_size,
+        spatial_dims=cfg.spatial_dims, activation=cfg.activation, init="gaussian",
+        sigma_w2=sw, sigma_b2=sb,
+    )  # fmt: skip
+    layer = networks.ConvNet(net, rngs=nnx.Rngs(0)).stack().layer
+    C, k, d = cfg.channels, cfg.kernel_size, cfg.spatial_dims
+    shape = (cfg.size,) * d + (C,)
+    n = int(np.prod(shape))
+    depths = sorted(set(cfg.depths))
+
+    def kernel(key, orthogonal):
+        kg, ko, kb = jax.random.split(key, 3)
+        g = jax.random.normal(kg, (k,) * d + (C, C)) * jnp.sqrt(sw / (C * k**d))
+        centre = (k // 2,) * d
+        delta = (
+            jnp.zeros((k,) * d + (C, C)).at[centre].set(jnp.sqrt(sw) * jax.random.orthogonal(ko, C))
+        )
+        b = jnp.sqrt(sb) * jax.random.normal(kb, (C,))
+        return {"kernel": jnp.where(orthogonal > 0.5, delta, g), "bias": b}
+
+    def f(orthogonal, index):
+        k_w, k_x = jax.random.split(seed_key(cfg.seed, index))
+        keys = jax.vmap(lambda l: jax.random.fold_in(k_w, l))(jnp.arange(max(depths)))
+        params = jax.vmap(lambda kl: kernel(kl, orthogonal))(keys)
+        x0 = sphere_input(k_x, shape, cfg.q_star)
+        return jacobian.stack_jacobians(
+            layer, params, x0, depths,
+            reduce=lambda J: jnp.linalg.svd(J.reshape(n, n), compute_uv=False) ** 2,
+        )  # fmt: skip
+
+    return f
+
+
+def run(
+    cfg: Config, out, *, per_device: int = 4, optimize: bool = True, progress: bool = True
+) -> Path:
+    """Run the sweep into the store ``out``; returns the aggregate csv path."""
+    g = grid(cfg)
+    store = sweep.Store(out, "deep_cnn", cfg)
+    index = {sweep.point_id(p): i for i, p in enumerate(g.points())}
+    depths = sorted(set(cfg.depths))
+    return sweep.run_vectorized(
+        store,
+        g,
+        lambda s: point_function(cfg),
+        lambda p, lam: spectrum_rows(depths, lam),
+        inputs=lambda p: {
+            "orthogonal": float(p["init"] == "delta_orthogonal"),
+            "index": index[sweep.point_id(p)],
+        },
+        arrays=lambda p, lam: {"depths": np.asarray(depths), "sq_singular_values": lam},
+        per_device=per_device,
+        optimize=optimize,
+        progress=progress,
+        label="deep_cnn",
+    )
+
+
+EXPERIMENT = Experiment(
+    "deep_cnn", Config, PRESETS, run, "delta-orthogonal vs Gaussian CNNs: Jacobian spectra vs depth"
+)

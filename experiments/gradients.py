@@ -1,0 +1,211 @@
+"""Per-layer gradient norms at initialization: the seed techniques side by side.
+
+Sweep: activation (sigmoid / tanh / relu) x initializer (xavier / he /
+orthogonal) x technique (plain, batch norm, layer norm, residual) x seed.
+Each network is an :class:`isometry.networks.MLP` of ``depth`` hidden layers
+of width ``N``; a batch of Gaussian inputs goes forward and the gradient of a
+random projection of the output, ``Loss = sum_a <v_a, y_a> / B``, comes back
+(:func:`isometry.signal.measure`). Per layer ``l``:
+
+    grad_preact_sq^l = ||dLoss/dh^l||_F^2,   grad_weight_sq^l = ||dLoss/dW^l||_F^2,
+    q^l = mean (h^l)^2.
+
+Vanishing gradients show as ``grad_weight_sq`` falling toward the input
+(``l = 1``), exploding gradients as it growing (Glorot & Bengio 2010; He et
+al. 2015; Saxe et al. 2014; Ioffe & Szegedy 2015; Ba et al. 2016; He et al.
+2016). ``orthogonal`` uses ``sigma_w2 = orthogonal_sigma_w2`` (1 by default;
+2 is the ReLU analogue of He). Initializers are sampled from their ensemble
+(Gaussian or Haar orthogonal) at their effective ``sigma_w2`` for ``N x N``
+layers (Xavier 1, He 2), so the initializer is a number inside one compiled
+function.
+
+Vectorized: initializers and seeds vary inside one compiled function per
+(activation, technique); the points are sharded over all devices.
+
+Table columns: ``activation, init, technique, seed, layer, grad_preact_sq,
+grad_weight_sq, q``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from experiments import Experiment
+from experiments._common import ACTIVATIONS, check_names, seed_key
+from isometry import _checks, initializers, networks, signal, sweep
+
+__all__ = ["EXPERIMENT", "PRESETS", "TECHNIQUES", "Config", "run"]
+
+INITS = (
+    "gaussian", "orthogonal", "xavier", "xavier_normal", "glorot", "glorot_normal",
+    "he", "he_normal", "kaiming", "kaiming_normal", "lecun", "lecun_normal",
+)  # fmt: skip
+TECHNIQUES = ("plain", "batch_norm", "layer_norm", "residual")
+_NETWORK = {
+    "plain": {},
+    "batch_norm": {"norm": "batch"},
+    "layer_norm": {"norm": "layer"},
+    "residual": {"residual": True},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Gradient-norm sweep.
+
+    Attributes:
+        activations: activation names.
+        inits: initializer names (:mod:`isometry.initializers`).
+        techniques: subset of ``plain``, ``batch_norm``, ``layer_norm``, ``residual``.
+        depth: hidden layers ``L``.
+        width: ``N``.
+        batch: inputs per measurement (batch statistics for batch norm).
+        seeds: independent networks per combination.
+        orthogonal_sigma_w2: ``sigma_w2`` of the ``orthogonal`` (and ``gaussian``) init.
+        residual_scale: branch scale ``alpha`` of residual networks.
+        seed: base seed.
+    """
+
+    activations: tuple[str, ...] = ("sigmoid", "tanh", "relu")
+    inits: tuple[str, ...] = ("xavier", "he", "orthogonal")
+    techniques: tuple[str, ...] = TECHNIQUES
+    depth: int = 16
+    width: int = 64
+    batch: int = 16
+    seeds: int = 2
+    orthogonal_sigma_w2: float = 1.0
+    residual_scale: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        check_names("activations", self.activations, ACTIVATIONS)
+        check_names("inits", self.inits, INITS)
+        check_names("techniques", self.techniques, TECHNIQUES)
+        _checks.positive_int("depth", self.depth)
+        _checks.positive_int("width", self.width)
+        _checks.positive_int("batch", self.batch, 2)
+        _checks.positive_int("seeds", self.seeds)
+        _checks.real_array("orthogonal_sigma_w2", self.orthogonal_sigma_w2, minimum=0, strict=True)
+        _checks.real_array("residual_scale", self.residual_scale, minimum=0, strict=True)
+        _checks.positive_int("seed", self.seed, 0)
+
+
+PRESETS = {
+    "quick": Config(),
+    "full": Config(depth=50, width=256, batch=64, seeds=8),
+}
+
+
+def grid(cfg: Config) -> sweep.Grid:
+    """``activation x init x technique x seed``."""
+    return sweep.product(
+        activation=cfg.activations, init=cfg.inits, technique=cfg.techniques,
+        seed=range(cfg.seeds),
+    )  # fmt: skip
+
+
+def network_config(cfg: Config, activation: str, technique: str) -> networks.MLPConfig:
+    """The :class:`~isometry.networks.MLPConfig` of one (activation, technique).
+
+    Built with Gaussian ``sigma_w2 = 1`` weights; :func:`measure_function`
+    replaces the kernels by the point's initializer.
+    """
+    kw = dict(_NETWORK[technique])
+    if technique == "residual":
+        kw["residual_scale"] = cfg.residual_scale
+    return networks.MLPConfig(
+        depth=cfg.depth, width=cfg.width, activation=activation, init="gaussian", **kw
+    )
+
+
+def init_numbers(cfg: Config, init: str) -> dict[str, float]:
+    """``{"sigma_w2", "orthogonal"}`` of an initializer for square ``N x N`` layers."""
+    ini = initializers.get(init, **_init_params(cfg, init))
+    return {
+        "sigma_w2": float(ini.sigma_w2(cfg.width, cfg.width)),
+        "orthogonal": float(ini.ensemble == "orthogonal"),
+    }
+
+
+def _init_params(cfg: Config, init: str) -> dict:
+    return (
+        {}
+        if initializers.get(init).sigma_w2_param is None
+        else {"sigma_w2": cfg.orthogonal_sigma_w2}
+    )
+
+
+def measure_function(net: networks.MLPConfig, batch: int, seed: int):
+    """``f(sigma_w2, orthogonal, index) -> {grad_preact_sq, grad_weight_sq, q}``, each ``(L,)``.
+
+    The hidden kernels are ``sqrt(sigma_w2)`` times a Haar-orthogonal matrix
+    (``orthogonal = 1``) or times ``N(0, 1/N)`` entries (``orthogonal = 0``),
+    one per layer from ``fold_in(key, l)``; everything else (zero biases,
+    unit norm gains) as :class:`~isometry.networks.MLP` initializes it.
+    """
+    N, L = net.width, net.depth
+    # Built once: apart from the kernels its parameters (zero biases, unit
+    # norm gains) do not depend on the seed.
+    base = networks.MLP(net, rngs=nnx.Rngs(params=seed)).stack()
+
+    def f(sigma_w2, orthogonal, index):
+        k_w, k_in, k_loss = jax.random.split(seed_key(seed, index), 3)
+        stack = base
+
+        def kernel(l):
+            kg, ko = jax.random.split(jax.random.fold_in(k_w, l))
+            g = jax.random.normal(kg, (N, N)) / jnp.sqrt(N)
+            q = jax.random.orthogonal(ko, N)
+            return jnp.sqrt(sigma_w2) * jnp.where(orthogonal > 0.5, q, g)
+
+        params = dict(stack.params)
+        params["kernel"] = jax.vmap(kernel)(jnp.arange(L)).astype(params["kernel"].dtype)
+        stack = dataclasses.replace(stack, params=params)
+        u = jax.random.normal(k_in, (batch, N))
+        fwd, bwd = signal.measure(stack, u, key=k_loss)
+        return {
+            "grad_preact_sq": bwd.grad_preact_sq,
+            "grad_weight_sq": bwd.grad_weight_sq,
+            "q": fwd.q,
+        }
+
+    return f
+
+
+def layer_rows(out) -> list[dict]:
+    """One row per layer ``l = 1..L`` of the per-layer arrays in ``out``."""
+    n = len(next(iter(out.values())))
+    return [{"layer": l + 1, **{k: float(v[l]) for k, v in out.items()}} for l in range(n)]
+
+
+def run(
+    cfg: Config, out, *, per_device: int = 4, optimize: bool = True, progress: bool = True
+) -> Path:
+    """Run the sweep into the store ``out``; returns the aggregate csv path."""
+    g = grid(cfg)
+    store = sweep.Store(out, "gradients", cfg)
+    index = {sweep.point_id(p): i for i, p in enumerate(g.points())}
+    return sweep.run_vectorized(
+        store,
+        g,
+        lambda s: measure_function(
+            network_config(cfg, s["activation"], s["technique"]), cfg.batch, cfg.seed
+        ),
+        lambda p, o: layer_rows(o),
+        static=("activation", "technique"),
+        inputs=lambda p: {**init_numbers(cfg, p["init"]), "index": index[sweep.point_id(p)]},
+        per_device=per_device,
+        optimize=optimize,
+        progress=progress,
+        label="gradients",
+    )
+
+
+EXPERIMENT = Experiment(
+    "gradients", Config, PRESETS, run, "per-layer gradient norms: activations x inits x techniques"
+)

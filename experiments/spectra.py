@@ -1,0 +1,203 @@
+"""Jacobian spectra of random deep networks: empirical and free-probability theory.
+
+Sweep: activation x weights (Gaussian / orthogonal) x ``q*`` x seed, every
+depth of ``depths`` in one pass. Each network sits at the critical point of
+its ``q*`` (``sigma_w2 = 1 / E[phi'(h)^2]``, ``sigma_b2`` so that ``q*`` is
+the length fixed point; ReLU: ``(2, 0)``), its input on the sphere
+``||x^0||^2 = N q*``, and
+
+    h^l = x^{l-1} W^l + b^l,  x^l = phi(h^l),  J_d = dx^d/dx^0 = prod_{l<=d} D^l W^l,
+
+with ``W^l`` Gaussian (``Var = sigma_w2 / N``) or ``sqrt(sigma_w2)`` times Haar
+orthogonal, generated inside the scan from ``fold_in(key, l)``. The squared
+singular values of ``J_d`` (eigenvalues of ``J_d J_d^T``) are summarized per
+depth (mean, variance, max, min) beside the wide-network theory
+(:func:`isometry.freeprob.jacobian_moments`: ``m1 = (sigma_w2 mu1)^L = 1``,
+variance ``L (mu2/mu1^2 - 1 - s1)``; :func:`isometry.freeprob.max_eigenvalue`).
+The squared singular values themselves are kept per point (``.npz``).
+
+Vectorized: ``q*`` and seeds vary inside one compiled function per
+(activation, weights); the points are sharded over all devices.
+
+Table columns: ``activation, weights, q_star, seed, depth, mean, var, max,
+min, sigma_w2, sigma_b2, theory_mean, theory_var, theory_max``.
+
+Reference: Pennington, Schoenholz & Ganguli 2017, "Resurrecting the sigmoid
+in deep learning through dynamical isometry" (Figure 2); 2018, "The
+emergence of spectral universality in deep networks".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import Experiment
+from experiments._common import (
+    ACTIVATIONS,
+    check_names,
+    check_positive_ints,
+    seed_key,
+    spectrum_rows,
+    sphere_input,
+)
+from isometry import _checks, activations, freeprob, jacobian, meanfield, sweep
+
+__all__ = ["EXPERIMENT", "PRESETS", "Config", "run"]
+
+WEIGHTS = ("gaussian", "orthogonal")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Jacobian-spectra sweep.
+
+    Attributes:
+        activations: activation names.
+        weights: ``"gaussian"`` and/or ``"orthogonal"``.
+        q_stars: fixed points ``q*`` (> 0); the critical point of each is used.
+        depths: depths at which the spectrum is taken (one pass to the deepest).
+        width: ``N``.
+        seeds: independent networks per (activation, weights, q*).
+        seed: base seed (point ``i`` uses ``fold_in(key(seed), i)``).
+    """
+
+    activations: tuple[str, ...] = ("tanh", "relu")
+    weights: tuple[str, ...] = WEIGHTS
+    q_stars: tuple[float, ...] = (0.25, 1.0)
+    depths: tuple[int, ...] = (2, 8, 32)
+    width: int = 64
+    seeds: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        check_names("activations", self.activations, ACTIVATIONS)
+        check_names("weights", self.weights, WEIGHTS)
+        if not isinstance(self.q_stars, tuple) or not self.q_stars:
+            raise ValueError(f"q_stars must be a non-empty tuple, got {self.q_stars!r}")
+        for q in self.q_stars:
+            _checks.real_array("q_stars", q, minimum=0.0, strict=True)
+        check_positive_ints("depths", self.depths)
+        _checks.positive_int("width", self.width, 2)
+        _checks.positive_int("seeds", self.seeds)
+        _checks.positive_int("seed", self.seed, 0)
+
+
+PRESETS = {
+    "quick": Config(),
+    "full": Config(
+        activations=("tanh", "hard_tanh", "relu", "erf"),
+        q_stars=(1 / 64, 0.25, 1.0, 4.0),
+        depths=(2, 8, 32, 128),
+        width=400,
+        seeds=8,
+    ),
+}
+
+
+def grid(cfg: Config) -> sweep.Grid:
+    """``activation x weights x q_star x seed``."""
+    return sweep.product(
+        activation=cfg.activations,
+        weights=cfg.weights,
+        q_star=cfg.q_stars,
+        seed=range(cfg.seeds),
+    )
+
+
+@functools.cache
+def critical(activation: str, q_star: float) -> tuple[float, float]:
+    """``(sigma_w2, sigma_b2)`` of the critical point with fixed point ``q*`` (floats)."""
+    sw, sb = meanfield.critical_point(activation, q_star)
+    return float(sw), float(sb)
+
+
+@functools.cache
+def theory(activation: str, q_star: float, depth: int, weights: str) -> dict[str, float]:
+    """Wide-network mean, variance and right edge of the eigenvalues of ``J J^T``."""
+    m = freeprob.jacobian_moments(activation, q_star, depth, weights)
+    edge = freeprob.max_eigenvalue(activation, q_star, depth, weights)
+    return {
+        "theory_mean": float(m.mean),
+        "theory_var": float(m.variance),
+        "theory_max": float(edge),
+    }
+
+
+def point_function(cfg: Config, activation: str, weights: str):
+    """``f(q_star, sigma_w2, sigma_b2, index) -> (K, N)`` squared singular values, decreasing."""
+    act = activations.get(activation)
+    params = dict(act.params)
+    N, depths = cfg.width, sorted(set(cfg.depths))
+
+    def f(q_star, sigma_w2, sigma_b2, index):
+        k_w, k_x = jax.random.split(seed_key(cfg.seed, index))
+
+        def layer(k_l, x):
+            kw, kb = jax.random.split(k_l)
+            if weights == "orthogonal":
+                W = jnp.sqrt(sigma_w2) * jax.random.orthogonal(kw, N, dtype=x.dtype)
+            else:
+                W = jnp.sqrt(sigma_w2 / N) * jax.random.normal(kw, (N, N), x.dtype)
+            b = jnp.sqrt(sigma_b2) * jax.random.normal(kb, (N,), x.dtype)
+            return act.fn(x @ W + b, **params)
+
+        keys = jax.vmap(lambda l: jax.random.fold_in(k_w, l))(jnp.arange(max(depths)))
+        x0 = sphere_input(k_x, (N,), q_star)
+        sv = jacobian.stack_jacobians(
+            layer, keys, x0, depths, reduce=lambda J: jnp.linalg.svd(J, compute_uv=False) ** 2
+        )
+        return sv
+
+    return f
+
+
+def run(
+    cfg: Config, out, *, per_device: int = 4, optimize: bool = True, progress: bool = True
+) -> Path:
+    """Run the sweep into the store ``out``; returns the aggregate csv path."""
+    g = grid(cfg)
+    store = sweep.Store(out, "spectra", cfg)
+    depths = sorted(set(cfg.depths))
+    index = {sweep.point_id(p): i for i, p in enumerate(g.points())}
+
+    def inputs(p):
+        sw, sb = critical(p["activation"], p["q_star"])
+        return {
+            "q_star": p["q_star"],
+            "sigma_w2": sw,
+            "sigma_b2": sb,
+            "index": index[sweep.point_id(p)],
+        }
+
+    def rows(p, lam):
+        sw, sb = critical(p["activation"], p["q_star"])
+        out = spectrum_rows(depths, lam)
+        for r in out:
+            r.update(sigma_w2=sw, sigma_b2=sb)
+            r.update(theory(p["activation"], p["q_star"], r["depth"], p["weights"]))
+        return out
+
+    return sweep.run_vectorized(
+        store,
+        g,
+        lambda s: point_function(cfg, s["activation"], s["weights"]),
+        rows,
+        static=("activation", "weights"),
+        inputs=inputs,
+        arrays=lambda p, lam: {"depths": np.asarray(depths), "sq_singular_values": lam},
+        per_device=per_device,
+        optimize=optimize,
+        progress=progress,
+        label="spectra",
+    )
+
+
+EXPERIMENT = Experiment(
+    "spectra", Config, PRESETS, run, "Jacobian spectra, empirical and free-probability theory"
+)
