@@ -42,6 +42,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from isometry import _checks
@@ -628,7 +629,7 @@ def phase_diagram(
     """
     for name, g in (("sigma_w2_grid", sigma_w2_grid), ("sigma_b2_grid", sigma_b2_grid)):
         _checks.real_array(name, g, nonempty=True)
-        if jnp.ndim(g) != 1:
+        if np.ndim(g) != 1:
             raise ValueError(f"{name} must be one-dimensional, got shape {jnp.shape(g)}")
     _validate(sigma_w2_grid, sigma_b2_grid)
     act = get_activation(act)

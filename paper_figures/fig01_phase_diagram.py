@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from isometry import meanfield, plotting
@@ -14,9 +15,13 @@ TIERS = {
 
 
 def compute(sigma_w2, sigma_b2) -> dict:
-    sw = np.linspace(*sigma_w2[:2], int(sigma_w2[2]))
-    sb = np.linspace(*sigma_b2[:2], int(sigma_b2[2]))
-    return meanfield.phase_diagram("tanh", sw, sb).as_dict()
+    """The diagram in float32 (accurate to ~1e-5, ample for a heat map; see BENCHMARKS.md)."""
+    sw = np.linspace(*sigma_w2[:2], int(sigma_w2[2]), dtype=np.float32)
+    sb = np.linspace(*sigma_b2[:2], int(sigma_b2[2]), dtype=np.float32)
+    with jax.enable_x64(False):
+        return {
+            k: np.asarray(v) for k, v in meanfield.phase_diagram("tanh", sw, sb).as_dict().items()
+        }
 
 
 def plot(data, params):

@@ -12,9 +12,10 @@ from isometry import networks as nw
 
 @pytest.fixture
 def x64():
+    old = bool(jax.config.read("jax_enable_x64"))
     jax.config.update("jax_enable_x64", True)
     yield
-    jax.config.update("jax_enable_x64", False)
+    jax.config.update("jax_enable_x64", old)
 
 
 # ------------------------------------------------------------------- shapes and options

@@ -34,9 +34,10 @@ B = 16
 
 @pytest.fixture(autouse=True)
 def x64():
+    old = bool(jax.config.read("jax_enable_x64"))
     jax.config.update("jax_enable_x64", True)
     yield
-    jax.config.update("jax_enable_x64", False)
+    jax.config.update("jax_enable_x64", old)
 
 
 def pair_inputs(key, p0=1.0, c0=0.5, batch=B, width=N):

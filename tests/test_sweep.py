@@ -179,7 +179,8 @@ def test_map_sharded_matches_vmap():
         [o["a"] for _, o in sweep.map_sharded(f, {"x": xs, "k": ks}, per_device=3)]
     )
     want = jax.vmap(f)(jnp.asarray(xs), jnp.asarray(ks))["a"]
-    np.testing.assert_allclose(got, want, rtol=1e-12)
+    # Same math; XLA may fuse the sharded and plain programs differently (a few ulp).
+    np.testing.assert_allclose(got, want, rtol=8 * jnp.finfo(want.dtype).eps)
     with pytest.raises(ValueError, match="per_device"):
         next(sweep.map_sharded(f, {"x": xs, "k": ks}, per_device=0))
     with pytest.raises(ValueError, match="common leading length"):
