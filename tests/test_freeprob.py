@@ -1,0 +1,529 @@
+"""Tests of isometry.freeprob: closed forms, consistency between routes, and measurement.
+
+Theory is tested three ways (float64 throughout):
+
+* closed forms: the Fuss-Catalan law of linear Gaussian networks (moments,
+  edge, the Marchenko-Pastur density at L = 1); all mass at 1 for linear
+  orthogonal networks;
+* consistency: the numerical moments of the solved density equal the
+  closed-form / S-transform-series moments of ``jacobian_moments``, and the
+  density integrates to 1 minus the atoms;
+* measurement: spectra of sampled finite networks against the predicted law
+  (Kolmogorov-Smirnov distance under a bound derived below).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+
+from isometry import activations, freeprob, gaussian, meanfield  # noqa: E402
+
+# --------------------------------------------------------------------------- #
+# Helpers.
+# --------------------------------------------------------------------------- #
+
+_T, _WT = np.polynomial.legendre.leggauss(8)
+
+
+def _gauss(lo, hi, panels, smooth_ends):
+    """Composite 8-point Gauss-Legendre nodes and weights on ``[lo, hi]``.
+
+    With ``smooth_ends`` the variable is ``lo + (hi - lo) sin(pi t / 2)^2``:
+    a square-root (or inverse-square-root) behaviour at either end becomes
+    smooth in ``t``.
+    """
+    edges = np.linspace(0.0, 1.0, panels + 1)
+    half = 0.5 * np.diff(edges)
+    t = (((edges[:-1] + edges[1:]) / 2)[:, None] + half[:, None] * _T).ravel()
+    w = (half[:, None] * _WT).ravel()
+    if smooth_ends:
+        g, dg = np.sin(np.pi * t / 2) ** 2, np.sin(np.pi * t) * np.pi / 2
+    else:
+        g, dg = t, np.ones_like(t)
+    return lo + (hi - lo) * g, w * (hi - lo) * dg
+
+
+# The laws at hand have, besides square-root edges and divergences at atoms
+# inside the support, an integrable power divergence at 0 that can be very
+# strong: rho(lambda) ~ lambda^(a - 1) with a = 1/L for Bernoulli laws of d
+# (ReLU, hard-tanh: M -> -p, z ~ (M + p)^L), a = 1/(L + 1) for linear
+# Gaussian networks, a = 1/(1 + L (4 q* - 1)) for erf (P(d < e) ~ e^(1/(4 q*)));
+# leaky ReLU spreads half its mass over L decades per factor 1/a^2 down to
+# (sigma_w2 a^2)^L ~ 1e-30. A grid linear in lambda misses that mass (it
+# carries almost no moment), so the quadrature is in x = log lambda:
+# the top ``_SPLIT`` decades with ``sin^2`` ends (the edge), the deep range down
+# to ``_FLOOR`` x edge uniformly in x, and the rest by the power law.
+_SPLIT = 1e-8
+_FLOOR = 1e-100
+
+
+def _log_nodes(lo, hi, panels, smooth_ends, breaks=()):
+    """Nodes and weights in ``lambda`` for integrating over ``[lo, hi]`` in ``log lambda``."""
+    pts = [np.log(lo), *sorted(np.log(b) for b in breaks if lo < b < hi), np.log(hi)]
+    xs, ws, ids = [], [], []
+    span = pts[-1] - pts[0]
+    for i, (a, b) in enumerate(itertools.pairwise(pts)):
+        # Panels in proportion to the length in log lambda, at least 8 per segment.
+        x, w = _gauss(a, b, max(8, round(panels * (b - a) / span)), smooth_ends)
+        xs.append(x)
+        ws.append(w)
+        ids.append(np.full(x.size, i))
+    x, w = np.concatenate(xs), np.concatenate(ws)
+    return np.exp(x), w * np.exp(x), np.concatenate(ids)
+
+
+def _drop_gaps(lam, dens, ids, scale, atoms):
+    """Zero the segments between breaks that lie in a gap of the support.
+
+    A gap ending at an atom (orthogonal weights: the atom at ``sigma_w2^L``)
+    holds only round-off of the subtracted pole, which grows like
+    ``1 / |lambda - atom|`` as the ``sin^2`` nodes cluster at the atom.
+    """
+    f = lam * dens
+    out = dens.copy()
+    for i in np.unique(ids):
+        seg = lam[ids == i]
+        near = any(np.isclose(a, seg.max(), rtol=1e-6) for a in atoms)
+        if near and np.median(f[ids == i]) <= 1e-10 * scale:
+            out[ids == i] = 0.0
+    return out
+
+
+def _support_edges(act, q, depth, weights, sigma_w2, lam, dens, scale=None):
+    """Edges of the continuous part's support inside ``(split, edge)``.
+
+    An atom at the top (orthogonal weights, Bernoulli ``d``) leaves a gap
+    below it: the continuous part ends at a square-root edge inside
+    ``(0, max_eigenvalue)``, which becomes a quadrature break. Found where
+    ``lambda rho`` crosses ``1e-10`` of its maximum between grid points, then
+    refined by two rounds of 32 geometric points.
+    """
+    order = np.argsort(lam)
+    lam, f = lam[order], (lam * dens)[order]
+    thr = 1e-10 * (f.max() if scale is None else scale)
+    on = f > thr
+    out = []
+    for i in np.nonzero(on[1:] != on[:-1])[0]:
+        lo, hi = lam[i], lam[i + 1]
+        for _ in range(2):
+            x = np.geomspace(lo, hi, 32)
+            r = freeprob.spectral_density(act, q, depth, weights, x, sigma_w2)
+            g = x * np.asarray(r.density) > thr
+            j = int(np.nonzero(g != g[0])[0][0])
+            lo, hi = x[j - 1], x[j]
+        out.append(float(np.sqrt(lo * hi)))
+    return tuple(out)
+
+
+def _density_parts(act, q, depth, weights, sigma_w2=None):
+    """The continuous part on log grids (top and deep ranges) and the extrapolated tail.
+
+    Returns ``(lam, w, dens, tail, r)``: nodes, weights, density there, the
+    mass below ``_FLOOR x edge`` (or the lowest resolved point) from the
+    local power law ``rho ~ lambda^(a-1)``
+    (mass ``lambda rho(lambda) / a`` below ``lambda``; ``a`` the log-slope of
+    ``lambda rho`` over the last e-fold), and the top-range result (atoms).
+    """
+    edge = freeprob.max_eigenvalue(act, q, depth, weights, sigma_w2)
+    probe = freeprob.spectral_density(act, q, depth, weights, [edge], sigma_w2)
+    breaks = tuple(np.asarray(probe.atom_locations))
+    split, floor = _SPLIT * edge, _FLOOR * edge
+    lam_top, w_top, id_top = _log_nodes(split, edge, 100, True, breaks)
+    top = freeprob.spectral_density(act, q, depth, weights, lam_top, sigma_w2)
+    edges = _support_edges(act, q, depth, weights, sigma_w2, lam_top, np.asarray(top.density))
+    if edges:
+        breaks = breaks + edges
+        lam_top, w_top, id_top = _log_nodes(split, edge, 100, True, breaks)
+        top = freeprob.spectral_density(act, q, depth, weights, lam_top, sigma_w2)
+    lam_deep, w_deep, _ = _log_nodes(floor, split, 160, True, breaks)
+    deep = freeprob.spectral_density(act, q, depth, weights, lam_deep, sigma_w2, on_failure="nan")
+    bad = ~np.asarray(deep.converged)
+    if bad.any():
+        # The solver reports where the discretized law of d cannot resolve the
+        # spectrum (erf: d's law reaches 0 as a power, u -> 0): the power law
+        # takes over from just above the highest such point.
+        floor = float(lam_deep[bad].max()) * np.e
+        lam_deep, w_deep, _ = _log_nodes(floor, split, 160, True, breaks)
+        deep = freeprob.spectral_density(act, q, depth, weights, lam_deep, sigma_w2)
+    scale = float(np.max(lam_top * np.asarray(top.density)))
+    edges = _support_edges(
+        act, q, depth, weights, sigma_w2, lam_deep, np.asarray(deep.density), scale
+    )
+    if edges:
+        lam_deep, w_deep, _ = _log_nodes(floor, split, 160, True, breaks + edges)
+    lam_end = np.array([floor, floor * np.e])
+    deep = freeprob.spectral_density(
+        act, q, depth, weights, np.concatenate([lam_deep, lam_end]), sigma_w2
+    )
+    dens_deep = np.asarray(deep.density)
+    f0, f1 = lam_end * dens_deep[-2:]
+    tail = 0.0
+    if f0 > 0 and f1 > f0:
+        a = np.log(f1 / f0)
+        tail = f0 / a
+    lam = np.concatenate([lam_top, lam_deep])
+    w = np.concatenate([w_top, w_deep])
+    dens_top = np.asarray(top.density)
+    scale = float(np.max(lam_top * dens_top))
+    atoms = np.asarray(top.atom_locations)
+    dens_top = _drop_gaps(lam_top, dens_top, id_top, scale, atoms)
+    dens = np.concatenate([dens_top, dens_deep[:-2]])
+    return lam, w, dens, tail, top
+
+
+def _integrate(act, q, depth, weights, sigma_w2=None, powers=(0, 1, 2, 3)):
+    lam, w, dens, tail, r = _density_parts(act, q, depth, weights, sigma_w2)
+    locs, masses = np.asarray(r.atom_locations), np.asarray(r.atom_masses)
+    zero = float(r.atom_at_zero)
+    out = []
+    for k in powers:
+        cont = float(np.sum(w * dens * lam**k)) + (tail if k == 0 else 0.0)
+        atoms = float(np.sum(masses * locs**k)) + (zero if k == 0 else 0.0)
+        out.append(cont + atoms)
+    return out
+
+
+def _fuss_catalan(depth, k):
+    return math.comb((depth + 1) * k, k) / (depth * k + 1)
+
+
+# --------------------------------------------------------------------------- #
+# Closed forms.
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 5])
+def test_fuss_catalan_density_moments(depth):
+    mass, m1, m2, m3 = _integrate("linear", 1.0, depth, "gaussian")
+    assert mass == pytest.approx(1.0, rel=1e-8)
+    for k, mk in ((1, m1), (2, m2), (3, m3)):
+        assert mk == pytest.approx(_fuss_catalan(depth, k), rel=1e-8)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 7, 100, 1000])
+def test_fuss_catalan_edge(depth):
+    expected = math.exp((depth + 1) * math.log(depth + 1) - depth * math.log(depth))
+    assert freeprob.max_eigenvalue("linear", 0.5, depth, "gaussian") == pytest.approx(
+        expected, rel=1e-9
+    )
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4, 50])
+def test_fuss_catalan_series_moments(depth):
+    jm = freeprob.jacobian_moments("linear", 1.0, depth, "gaussian", order=5)
+    expected = [_fuss_catalan(depth, k) for k in range(1, 6)]
+    np.testing.assert_allclose(np.asarray(jm.moments), expected, rtol=1e-10)
+    assert float(jm.variance) == pytest.approx(depth, rel=1e-12)
+
+
+def test_marchenko_pastur_pointwise():
+    grid = np.linspace(0.01, 4.5, 300)
+    r = freeprob.spectral_density("linear", 1.0, 1, "gaussian", grid)
+    expected = np.where(grid < 4, np.sqrt(np.maximum(4 / grid - 1, 0)) / (2 * np.pi), 0.0)
+    np.testing.assert_allclose(np.asarray(r.density), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("depth", [1, 3, 100])
+@pytest.mark.parametrize("sigma_w2", [None, 1.3])
+def test_linear_orthogonal_is_an_atom(depth, sigma_w2):
+    sw = 1.0 if sigma_w2 is None else sigma_w2
+    grid = np.linspace(0.05, 3.0, 50)
+    r = freeprob.spectral_density("linear", 1.0, depth, "orthogonal", grid, sigma_w2)
+    np.testing.assert_allclose(np.asarray(r.atom_locations), [sw**depth], rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(r.atom_masses), [1.0], rtol=1e-12)
+    assert float(r.atom_at_zero) == 0.0
+    assert np.max(np.asarray(r.density)) < 1e-6
+    edge = freeprob.max_eigenvalue("linear", 1.0, depth, "orthogonal", sigma_w2)
+    assert edge == pytest.approx(sw**depth, rel=1e-9)
+
+
+def test_relu_atom_at_zero():
+    r = freeprob.spectral_density("relu", 1.0, 4, "gaussian", np.linspace(0.1, 5.0, 20))
+    assert float(r.atom_at_zero) == pytest.approx(0.5, abs=1e-15)
+
+
+def test_series_second_moment_matches_closed_form():
+    for name in ("tanh", "relu", "erf", "selu", "leaky_relu"):
+        for weights in ("gaussian", "orthogonal"):
+            for depth in (1, 7, 40):
+                jm = freeprob.jacobian_moments(name, 0.3, depth, weights, order=3)
+                assert float(jm.moments[1]) == pytest.approx(float(jm.second_moment), rel=1e-10)
+                assert float(jm.moments[0]) == pytest.approx(float(jm.mean), rel=1e-12)
+
+
+def test_moments_closed_form_off_criticality():
+    # m1 = (sigma_w2 mu1)^L for any sigma_w2.
+    mu1 = float(gaussian.dphi_moment("tanh", 0.5, 1))
+    jm = freeprob.jacobian_moments("tanh", 0.5, 6, "orthogonal", sigma_w2=1.7)
+    assert float(jm.mean) == pytest.approx((1.7 * mu1) ** 6, rel=1e-12)
+
+
+# --------------------------------------------------------------------------- #
+# Consistency: the density's moments equal the series moments.
+# --------------------------------------------------------------------------- #
+
+_FAST = [
+    ("tanh", "gaussian", 1.0, 3),
+    ("relu", "gaussian", 1.0, 3),
+    ("hard_tanh", "orthogonal", 0.25, 8),
+    ("leaky_relu", "orthogonal", 0.25, 8),
+]
+# Smooth laws with orthogonal weights reach the bottom of the law of d, where the
+# solver falls back to the cell law (20-200 s each on two CPU cores).
+_HEAVY = [
+    ("tanh", "orthogonal", 0.25, 8),
+    ("erf", "orthogonal", 1.0, 3),
+    ("selu", "gaussian", 0.25, 8),
+]
+
+
+def _sigma_w2(name, q):
+    # Criticality (chi1 = 1) even where no sigma_b2 >= 0 has this q*.
+    return 1.0 / float(gaussian.dphi_moment(name, q, 1))
+
+
+def _check_consistency(name, weights, q, depth):
+    sw = _sigma_w2(name, q)
+    mass, m1, m2, m3 = _integrate(name, q, depth, weights, sw)
+    jm = freeprob.jacobian_moments(name, q, depth, weights, sw, order=3)
+    law = freeprob.d2_law(name, q)
+    # Exact (finite) laws: limited by the density quadrature; quadrature laws
+    # of d: by the node rule (G to 1e-7) and, near the support of d, the cell
+    # law (G to 1e-3, on a small part of the spectrum).
+    tol = 1e-7 if law.exact else 2e-5
+    assert mass == pytest.approx(1.0, rel=tol, abs=tol)
+    assert m1 == pytest.approx(float(jm.mean), rel=tol)
+    assert m2 == pytest.approx(float(jm.second_moment), rel=tol)
+    assert m3 == pytest.approx(float(jm.moments[2]), rel=5 * tol)
+
+
+# Slow (minutes per case on 2 cores). Known open defect: erf-orthogonal-1.0-3 fails (the
+# density's mass and moments miss the series' by more than the stated tolerance).
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "weights", "q", "depth"), _FAST)
+def test_density_moments_match_series(name, weights, q, depth):
+    _check_consistency(name, weights, q, depth)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "weights", "q", "depth"), _HEAVY)
+def test_density_moments_match_series_heavy(name, weights, q, depth):
+    _check_consistency(name, weights, q, depth)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", activations.names())
+@pytest.mark.parametrize("weights", ["gaussian", "orthogonal"])
+@pytest.mark.parametrize("q", [1 / 64, 0.25, 1.0])
+@pytest.mark.parametrize("depth", [2, 8, 32])
+def test_density_moments_match_series_catalog(name, weights, q, depth):
+    _check_consistency(name, weights, q, depth)
+
+
+def test_deep_density_is_fast_and_converged():
+    grid = np.linspace(1e-3, 3000.0, 1000)
+    r = freeprob.spectral_density("linear", 1.0, 1000, "gaussian", grid)
+    assert bool(np.all(np.asarray(r.converged)))
+    assert np.all(np.asarray(r.density)[grid > 2720.0] < 1e-8)
+    assert np.all(np.asarray(r.density)[grid < 2700.0] > 0)
+
+
+@pytest.mark.xfail(
+    reason="known open defect: the law's constants are built with concrete values, so "
+    "spectral_density cannot yet be traced under an outer jit",
+    strict=False,
+)
+def test_jittable_over_grid():
+    grid = np.linspace(0.05, 3.0, 64)
+
+    @jax.jit
+    def f(g):
+        return freeprob.spectral_density("tanh", 0.1, 4, "orthogonal", g, on_failure="nan").density
+
+    np.testing.assert_allclose(
+        np.asarray(f(grid)),
+        np.asarray(freeprob.spectral_density("tanh", 0.1, 4, "orthogonal", grid).density),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+
+
+def test_singular_value_density_is_the_change_of_variables():
+    s = np.linspace(0.05, 2.0, 40)
+    a = freeprob.singular_value_density("erf", 0.5, 3, "gaussian", s)
+    b = freeprob.spectral_density("erf", 0.5, 3, "gaussian", s**2)
+    np.testing.assert_allclose(np.asarray(a.density), 2 * s * np.asarray(b.density), rtol=1e-12)
+
+
+def test_default_sigma_is_critical_point():
+    sw, _ = meanfield.critical_point("tanh", 0.25)
+    a = freeprob.jacobian_moments("tanh", 0.25, 5, "gaussian")
+    b = freeprob.jacobian_moments("tanh", 0.25, 5, "gaussian", float(sw))
+    assert float(a.variance) == float(b.variance)
+    assert float(a.mean) == pytest.approx(1.0, rel=1e-12)
+
+
+# --------------------------------------------------------------------------- #
+# Bad input.
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"q_star": 0.0}, "q_star"),
+        ({"q_star": -1.0}, "q_star"),
+        ({"q_star": float("nan")}, "q_star"),
+        ({"depth": 0}, "depth"),
+        ({"depth": 2.5}, "depth"),
+        ({"weights": "uniform"}, "weights"),
+        ({"sigma_w2": -1.0}, "sigma_w2"),
+        ({"grid": [0.1, float("nan")]}, "grid"),
+        ({"grid": [0.1, float("inf")]}, "grid"),
+        ({"grid": []}, "grid"),
+    ],
+)
+def test_bad_input(kwargs, match):
+    args = {
+        "act": "tanh",
+        "q_star": 0.25,
+        "depth": 3,
+        "weights": "gaussian",
+        "grid": [0.5, 1.0],
+        "sigma_w2": None,
+    }
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        freeprob.spectral_density(**args)
+    if "grid" not in kwargs:
+        del args["grid"]
+        with pytest.raises(ValueError, match=match):
+            freeprob.jacobian_moments(**args)
+        with pytest.raises(ValueError, match=match):
+            freeprob.max_eigenvalue(**args)
+
+
+def test_failure_names_the_points(monkeypatch):
+    monkeypatch.setattr(freeprob, "_TOL", -1.0)  # nothing can converge
+    grid = np.array([0.5, 1.5])
+    with pytest.raises(freeprob.SolverError, match=r"2 of 2 grid points.*0\.5"):
+        freeprob.spectral_density("relu", 1.0, 2, "gaussian", grid)
+    r = freeprob.spectral_density("relu", 1.0, 2, "gaussian", grid, on_failure="nan")
+    assert not np.any(np.asarray(r.converged))
+    assert np.all(np.isnan(np.asarray(r.density)))
+
+
+# --------------------------------------------------------------------------- #
+# Against measurement.
+# --------------------------------------------------------------------------- #
+
+
+def sample_spectra(name, q, weights, depths, width, seed):
+    """Eigenvalues of ``J J^T`` of a sampled network at each depth in ``depths``.
+
+    ``W`` Gaussian (``N(0, sigma_w2 / N)``) or ``sqrt(sigma_w2)`` Haar
+    orthogonal (QR with sign fix), at the critical point for ``q*``; the input
+    ``x^0 = phi(sqrt(q*) z)`` puts ``h^1`` on the ``q*`` sphere; ``J`` is
+    accumulated in float64; eigenvalues are squared singular values.
+    """
+    act = activations.get(name)
+    sw, sb = (float(v) for v in meanfield.critical_point(act, q))
+    rng = np.random.default_rng(seed)
+    n = width
+    x = np.asarray(act.phi(np.sqrt(q) * rng.standard_normal(n)))
+    jac = np.eye(n)
+    out = {}
+    for layer in range(1, max(depths) + 1):
+        if weights == "gaussian":
+            w = rng.standard_normal((n, n)) * np.sqrt(sw / n)
+        else:
+            qm, rm = np.linalg.qr(rng.standard_normal((n, n)))
+            w = qm * np.sign(np.diag(rm)) * np.sqrt(sw)
+        h = w @ x + rng.standard_normal(n) * np.sqrt(sb)
+        jac = np.asarray(act.dphi(h))[:, None] * (w @ jac)
+        x = np.asarray(act.phi(h))
+        if layer in depths:
+            out[layer] = np.linalg.svd(jac, compute_uv=False) ** 2
+    return out
+
+
+def theory_cdf(name, q, depth, weights, points):
+    """The predicted CDF at ``points``: the integrated density plus the atoms."""
+    lam, w, dens, tail, r = _density_parts(name, q, depth, weights)
+    order = np.argsort(lam)
+    lam, cum = lam[order], tail + np.cumsum((w * dens)[order])
+    cdf = np.interp(points, lam, cum, left=0.0) + float(r.atom_at_zero)
+    for a, m in zip(np.asarray(r.atom_locations), np.asarray(r.atom_masses), strict=True):
+        cdf = cdf + m * (points >= a * (1 - 1e-9))
+    return cdf
+
+
+def ks_distance(name, q, depth, weights, eigenvalues):
+    """Kolmogorov-Smirnov distance above the float64 floor of the measurement.
+
+    ``J`` accumulated in float64 resolves squared singular values only down
+    to ``~(eps s_max)^2``; deep Gaussian laws put much mass far below (their
+    CDF near 0 goes like ``lambda^(1/(L+1))``), so the sup is taken over
+    eigenvalues above ``1e4 (eps s_max)^2``, where both CDFs are meaningful.
+    """
+    ev = np.sort(eigenvalues)
+    n = ev.size
+    floor = 1e4 * np.finfo(float).eps ** 2 * ev[-1]
+    keep = ev > floor
+    cdf = theory_cdf(name, q, depth, weights, ev)
+    hi = np.abs(cdf - np.arange(1, n + 1) / n)[keep]
+    lo = np.abs(cdf - np.arange(n) / n)[keep]
+    return max(hi.max(), lo.max())
+
+
+def ks_bound(depth, width):
+    """The KS tolerance for one sampled network of this width and depth.
+
+    Eigenvalues of a random matrix are rigid: the empirical CDF fluctuates by
+    O(log N / N), not the O(N^-1/2) of i.i.d. samples. The dominant error is
+    the finite-width bias of a product of L free factors, which grows like
+    L / N (Akemann, Burda & Kieburg 2014: the limit law holds for L << N). The
+    bound is 3 log(N) / N + 2 L / N: 0.02 + 0.016 at L = 8, N = 1000.
+    """
+    return 3 * math.log(width) / width + 2 * depth / width
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "weights", "q"), [("linear", "gaussian", 1.0), ("tanh", "orthogonal", 0.25)]
+)
+def test_measured_spectra_small(name, weights, q):
+    width = 1000
+    spectra = sample_spectra(name, q, weights, (2, 8), width, seed=0)
+    for depth, ev in spectra.items():
+        assert ks_distance(name, q, depth, weights, ev) < ks_bound(depth, width)
+
+
+_MEASURED = [
+    ("linear", "gaussian", 1.0),
+    *[("relu", "orthogonal", q) for q in (1.0,)],
+    *[("hard_tanh", "orthogonal", q) for q in (1 / 64, 0.25, 1.0)],
+    *[
+        (n, w, q)
+        for n in ("tanh", "erf")
+        for w in ("orthogonal", "gaussian")
+        for q in (1 / 64, 0.25, 1.0)
+    ],
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "weights", "q"), _MEASURED)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_measured_spectra(name, weights, q, seed):
+    width = 1000
+    spectra = sample_spectra(name, q, weights, (2, 8, 32, 128), width, seed)
+    for depth, ev in spectra.items():
+        assert ks_distance(name, q, depth, weights, ev) < ks_bound(depth, width), depth
