@@ -695,7 +695,8 @@ def _density_core(act, q, depth, weights, sw, lam):
     ok = (r < _TOL) & jnp.isfinite(g)
     if not law.exact:
         # Resolution: a second, independent rule must give the same G at the solution.
-        check = d2_law(act, q, quad=_CHECK_QUADRATURE)
+        with jax.ensure_compile_time_eval():
+            check = d2_law(act, q, quad=_CHECK_QUADRATURE)
         _, c_check = _m_of_u(jnp.exp(v), jnp.asarray(check.nodes), jnp.asarray(check.weights))
         g_check = _green(c_check, z, locs, masses)
         ok = ok & (jnp.abs(g_check - g) <= _RESOLVED * jnp.abs(g))
@@ -711,10 +712,11 @@ def _density_core(act, q, depth, weights, sw, lam):
                 size = 1 << math.ceil(math.log2(idx.size))
                 idx = np.concatenate([idx, np.full(size - idx.size, idx[-1])])
             sub = lam if idx is None else lam[idx]
-            fine = _cells(act, q, _CELLS)
+            with jax.ensure_compile_time_eval():
+                fine = _cells(act, q, _CELLS)
+                coarse = _cells(act, q, _CELLS // 2)
             cc, zc, rc, vc = _solve_law(sub, fine, 0.0, True, sw, depth, s, law.mu, edge, levels)
             gc = _green(cc, zc, locs, masses)
-            coarse = _cells(act, q, _CELLS // 2)
             _, c2 = _m_of_u_cells(jnp.exp(vc), *(jnp.asarray(x) for x in coarse))
             g2 = _green(c2, zc, locs, masses)
             okc = (

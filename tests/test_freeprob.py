@@ -304,9 +304,6 @@ def _check_consistency(name, weights, q, depth):
     assert m3 == pytest.approx(float(jm.moments[2]), rel=5 * tol)
 
 
-# Slow (minutes per case on 2 cores). Known open defect: erf-orthogonal-1.0-3 fails (the
-# density's mass and moments miss the series' by more than the stated tolerance).
-@pytest.mark.slow
 @pytest.mark.parametrize(("name", "weights", "q", "depth"), _FAST)
 def test_density_moments_match_series(name, weights, q, depth):
     _check_consistency(name, weights, q, depth)
@@ -335,11 +332,6 @@ def test_deep_density_is_fast_and_converged():
     assert np.all(np.asarray(r.density)[grid < 2700.0] > 0)
 
 
-@pytest.mark.xfail(
-    reason="known open defect: the law's constants are built with concrete values, so "
-    "spectral_density cannot yet be traced under an outer jit",
-    strict=False,
-)
 def test_jittable_over_grid():
     grid = np.linspace(0.05, 3.0, 64)
 
