@@ -1,19 +1,33 @@
 """Paper figures: one script per figure, each reading (or computing and caching) its results.
 
-Every figure module defines
+Every figure module ``paper_figures/figNN_<name>.py`` defines
 
     TIERS: dict[str, dict]       # "tiny" (tests), "quick" (a laptop), "full" (papers' sizes)
+    KEYS: tuple[str, ...]        # the arrays compute() returns (checked by the tests)
     compute(**params) -> dict    # arrays; the experiment (or theory) the figure shows
     plot(data, params) -> Figure # no computation
 
 and its docstring's first line is the caption: what the figure shows and which paper it
-reproduces. ``isometry figures [NAMES...] --tier quick|full`` and ``python -m paper_figures``
+reproduces. Modules are discovered (ordered by ``NN``), so a new figure is one new module.
+``isometry figures [NAMES...] --tier quick|full`` and ``python -m paper_figures``
 regenerate them (see :func:`paper_figures.core.make`).
 """
 
-FIGURES = {
-    "phase_diagram": "paper_figures.fig01_phase_diagram",
-    "depth_scales": "paper_figures.fig02_depth_scales",
-}
+import pkgutil
+import re
+
+_PATTERN = re.compile(r"fig(\d\d)_(\w+)$")
+
+
+def _discover() -> dict[str, str]:
+    found = []
+    for m in pkgutil.iter_modules(__path__):
+        match = _PATTERN.match(m.name)
+        if match:
+            found.append((int(match.group(1)), match.group(2), f"{__name__}.{m.name}"))
+    return {name: module for _, name, module in sorted(found)}
+
+
+FIGURES = _discover()
 
 __all__ = ["FIGURES"]

@@ -7,6 +7,8 @@ import numpy as np
 
 from isometry import meanfield, plotting
 
+KEYS = ("sigma_w2", "xi_q", "xi_c", "xi_c_iter", "critical_sigma_w2")
+
 TIERS = {
     "tiny": {"sigma_w2": (0.5, 4.0, 15), "sigma_b2": 0.05, "depth": 120},
     "quick": {"sigma_w2": (0.5, 4.0, 351), "sigma_b2": 0.05, "depth": 1000},
