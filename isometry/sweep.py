@@ -85,6 +85,7 @@ import sys
 import time
 import types
 import typing
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -699,6 +700,11 @@ def map_sharded(
     several times faster to compile, slower to run; the better choice for
     small sweeps with many static combinations (each compiles once).
 
+    A program with LAPACK calls (SVD, eigh, QR) that would run on several CPU
+    devices of one process runs on one CPU device per process instead, with
+    a ``RuntimeWarning``: concurrent LAPACK custom calls on simulated CPU
+    devices can deadlock the XLA CPU runtime. GPUs and TPUs are unaffected.
+
     Yields ``(indices, outputs)`` per chunk: the point indices ``(k,)`` in
     ``args`` and the outputs (numpy, leading axis ``k``).
     """
@@ -713,6 +719,9 @@ def map_sharded(
         raise ValueError(f"args must be arrays with one common leading length, got {sizes}")
     n = next(iter(sizes.values()))
     devs = list(jax.devices() if devices is None else devices)
+    f = jax.jit(lambda a: jax.vmap(lambda p: fn(**p))(a))
+    if _cpu_lapack_hazard(f, cols, devs):
+        devs = _one_per_process(devs)
     mesh = Mesh(np.asarray(devs), ("points",))
     shard = NamedSharding(mesh, PartitionSpec("points"))
     repl = NamedSharding(mesh, PartitionSpec())
@@ -732,6 +741,47 @@ def map_sharded(
         k = idx.size
         out = jax.tree.map(lambda x, k=k: np.asarray(x)[:k], compiled(glob))
         yield idx, out
+
+
+def _cpu_lapack_hazard(f, cols: Mapping[str, np.ndarray], devs) -> bool:
+    """Whether ``f`` calls LAPACK and would run on several CPU devices of one process.
+
+    Several CPU devices in one process (``--xla_force_host_platform_device_count``)
+    execute concurrently, and programs with LAPACK custom calls (SVD, eigh,
+    QR, ...) can then deadlock inside the XLA CPU runtime (seen with jaxlib
+    0.10: every thread parked, nondeterministically). Such sweeps run on one
+    CPU device per process instead; the results are the same (each point's
+    computation does not depend on the sharding), only the simulated
+    parallelism is lost.
+    """
+    import jax
+
+    if not devs or devs[0].platform != "cpu":
+        return False
+    per_process: dict[int, int] = {}
+    for d in devs:
+        per_process[d.process_index] = per_process.get(d.process_index, 0) + 1
+    if max(per_process.values()) < 2:
+        return False
+    one = {k: jax.ShapeDtypeStruct((1, *v.shape[1:]), v.dtype) for k, v in cols.items()}
+    if "lapack" not in f.lower(one).as_text():
+        return False
+    warnings.warn(
+        "this sweep calls LAPACK (SVD/eigh/QR) and would run on several CPU devices of one "
+        "process, which can deadlock the XLA CPU runtime; running it on one CPU device per "
+        "process (same results)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return True
+
+
+def _one_per_process(devs) -> list:
+    """The first device of each process in ``devs``."""
+    first: dict[int, Any] = {}
+    for d in devs:
+        first.setdefault(d.process_index, d)
+    return [first[k] for k in sorted(first)]
 
 
 def _group(points: Sequence[Mapping], static: Sequence[str]) -> dict[tuple, list[int]]:
