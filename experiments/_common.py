@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from isometry import _checks, activations
 
-__all__ = ["check_names", "seed_key", "spectrum_rows", "sphere_input"]
+__all__ = ["check_names", "results_dir", "seed_key", "spectrum_rows", "sphere_input"]
 
 
 def seed_key(seed, index):
@@ -55,3 +59,20 @@ def check_positive_ints(field: str, values) -> None:
 
 
 ACTIVATIONS = tuple(activations.names())
+
+
+@contextlib.contextmanager
+def results_dir(path=None):
+    """``path`` as a :class:`~pathlib.Path`; for ``None`` a temporary directory removed on exit.
+
+    Figures run their experiment into a lasting store (resumable) or, at the
+    test tier, into a throw-away one::
+
+        with results_dir(None) as out:
+            table = sweep.load_table(experiments.run("gradients", "quick", out=out))
+    """
+    if path is not None:
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="isometry-") as tmp:
+        yield Path(tmp)

@@ -1,0 +1,398 @@
+"""Training runs shared by the training experiments (not an experiment: the name starts with ``_``).
+
+``trainability``, ``learning_speed`` and ``clipping`` each train many
+independent MLPs, one per grid point, with :func:`isometry.training.train`.
+One run here is
+
+1. data: a classification dataset of :mod:`isometry.data` (the embedded
+   digits by default), inputs flattened and, optionally, scaled by ``s`` so
+   that the first pre-activations start at a chosen ``q*``
+   (:func:`input_scale`);
+2. model: :class:`isometry.networks.MLP` in float32 from ``nnx.Rngs(seed)``;
+3. training: :func:`isometry.training.train` into a scratch directory of the
+   results store (its checkpoints let an interrupted run resume; the
+   directory is removed once the point is recorded). A
+   :class:`~isometry.training.NonFiniteError` is caught and recorded as a
+   divergence at its step, with the metrics logged before it;
+4. reduction (:func:`train_mlp`): one table row of final numbers and curves
+   over the logged steps.
+
+Compilation dominates small trainings, and every run compiles its own train
+step. :func:`run_points` runs a sweep's points inside :func:`compile_cache`,
+JAX's persistent compilation cache in a temporary directory of the process,
+so runs whose train steps have the same shapes and code (any ``sigma_w2``,
+seed or learning rate at one depth) load the compiled step instead of
+compiling it again.
+
+Figures read experiments back with :func:`stored_run`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import functools
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from experiments._common import results_dir
+from isometry import _checks, networks, sweep, training
+from isometry import data as _data
+
+__all__ = [
+    "CURVE_KEYS",
+    "DATASETS",
+    "PROBE_KEYS",
+    "RESULTS",
+    "RunResult",
+    "StoredRun",
+    "check_train_options",
+    "compile_cache",
+    "curves",
+    "evaluate",
+    "input_scale",
+    "load_data",
+    "run_points",
+    "scaled",
+    "stored_run",
+    "train_mlp",
+]
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
+"""Classification datasets of :mod:`isometry.data` (``digits`` is embedded; the others read
+local files)."""
+
+CURVE_KEYS = (
+    "step", "loss", "accuracy", "grad_norm", "grad_norm_clipped", "clip_ratio",
+    "grad_norm_layers", "eval_step", "eval_loss", "eval_accuracy", "probe_step",
+    "jac_sv2_mean", "jac_sv2_var", "jac_sv2_max",
+)  # fmt: skip
+"""Arrays :func:`curves` extracts from training records."""
+
+PROBE_KEYS = ("jac_sv2_mean", "jac_sv2_var", "jac_sv2_max")
+"""The Jacobian probe's numbers (:func:`isometry.training.jacobian_probe`)."""
+
+RESULTS = Path("results") / "experiments"
+"""Root of the stores that figures run experiments into (``RESULTS/<name>/<tier>``)."""
+
+
+# --------------------------------------------------------------------------- #
+# Data.
+# --------------------------------------------------------------------------- #
+
+
+def load_data(name: str = "digits", seed: int = 0) -> _data.Dataset:
+    """The classification dataset ``name`` with inputs flattened to ``(n, in_dim)``.
+
+    ``digits``: the embedded 8x8 digits (1,438 training, 359 held-out
+    examples, 64 standardized features, 10 classes), split by ``seed``.
+    """
+    _checks.choice("dataset", name, DATASETS)
+    return _data.load(name, seed=seed).flatten()
+
+
+def input_scale(ds: _data.Dataset, sigma_w2: float, sigma_b2: float, q_star: float) -> float:
+    """The input scale ``s`` that starts the first pre-activations at ``q*``.
+
+    The MLP's input map keeps the mean square of the features (LeCun
+    variance ``1/in_dim``, or no map), so ``x^0`` has mean square
+    ``s^2 m_u`` with ``m_u = mean(u^2)`` over the training inputs, and
+
+        q^1 = sigma_w2 s^2 m_u + sigma_b2 = q*   =>   s = sqrt((q* - sigma_b2) / (sigma_w2 m_u)).
+
+    The network then starts at the fixed point whose critical
+    ``(sigma_w2, sigma_b2)`` it uses, as the free-probability analysis of
+    Pennington, Schoenholz & Ganguli 2017 assumes (``h^l ~ N(0, q*)`` in
+    every layer).
+    """
+    _checks.real_array("q_star", q_star, minimum=sigma_b2, strict=True)
+    m_u = float(np.mean(np.square(ds.x_train, dtype=np.float64)))
+    return math.sqrt((q_star - sigma_b2) / (sigma_w2 * m_u))
+
+
+def scaled(ds: _data.Dataset, s: float) -> _data.Dataset:
+    """The dataset with inputs multiplied by ``s`` (both splits)."""
+    if s == 1.0:
+        return ds
+    return dataclasses.replace(
+        ds,
+        x_train=(ds.x_train * np.float32(s)).astype(np.float32),
+        x_test=(ds.x_test * np.float32(s)).astype(np.float32),
+    )
+
+
+def check_train_options(cfg) -> None:
+    """Validate the training fields the three experiments share (clear ``ValueError``s)."""
+    _checks.choice("dataset", cfg.dataset, DATASETS)
+    for name in ("width", "steps", "batch_size", "log_every", "seeds", "checkpoint_every"):
+        _checks.positive_int(name, getattr(cfg, name))
+    _checks.positive_int("seed", cfg.seed, 0)
+    _checks.choice("optimizer", cfg.optimizer, training.OPTIMIZERS)
+    _checks.real_array("learning_rate", cfg.learning_rate, minimum=0.0, strict=True)
+    if cfg.log_every > cfg.steps:
+        raise ValueError(f"log_every must be <= steps ({cfg.steps}), got {cfg.log_every}")
+
+
+# --------------------------------------------------------------------------- #
+# One run.
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """One training run reduced.
+
+    Attributes:
+        row: final numbers: ``steps_done``, ``diverged``, ``diverged_step``
+            (``None`` unless diverged), ``loss`` (last logged batch loss),
+            ``train_loss``/``train_accuracy`` (whole training split) and
+            ``eval_loss``/``eval_accuracy`` (held-out split), both at the
+            final parameters (the last finite ones after a divergence).
+        curves: arrays over the logged steps (:func:`curves`).
+    """
+
+    row: dict
+    curves: dict[str, np.ndarray]
+
+
+def train_mlp(
+    net: networks.MLPConfig,
+    ds: _data.Dataset,
+    config: training.TrainConfig,
+    run_dir: str | Path | None,
+    *,
+    seed: int,
+) -> RunResult:
+    """Train ``MLP(net)`` (float32, initialized from ``nnx.Rngs(seed)``) on ``ds``.
+
+    ``run_dir``: the training directory (resumes a run left there; removed
+    when done), or ``None`` to keep everything in memory (a divergence then
+    loses the records before it). Same arguments, same result.
+    """
+    model = networks.MLP(net, rngs=nnx.Rngs(seed), dtype=jnp.float32)
+    diverged_step = None
+    try:
+        records = training.train(model, ds, config, run_dir).records
+    except training.NonFiniteError as err:
+        diverged_step = err.step
+        records = (
+            [] if run_dir is None else training.MetricsLog(Path(run_dir) / "metrics.jsonl").read()
+        )
+    train_loss, train_acc = evaluate(model, ds.x_train, ds.y_train)
+    eval_loss, eval_acc = evaluate(model, ds.x_test, ds.y_test)
+    c = curves(records, net.depth)
+    row = {
+        "steps_done": config.steps if diverged_step is None else diverged_step - 1,
+        "diverged": diverged_step is not None,
+        "diverged_step": diverged_step,
+        "loss": float(c["loss"][-1]) if c["loss"].size else math.nan,
+        "train_loss": train_loss,
+        "train_accuracy": train_acc,
+        "eval_loss": eval_loss,
+        "eval_accuracy": eval_acc,
+    }
+    if run_dir is not None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return RunResult(row, c)
+
+
+def _num(v) -> float:
+    """A logged number (``None`` for NaN, ``"inf"`` strings in the JSON log) as a float."""
+    return math.nan if v is None else float(v)
+
+
+def curves(records: Sequence[dict], depth: int) -> dict[str, np.ndarray]:
+    """Arrays over the logged steps of :func:`isometry.training.train` records.
+
+    Returns (``T`` training log steps, ``E`` evaluation steps, ``L = depth``)
+    ``step (T,)`` int, ``loss``, ``accuracy``, ``grad_norm`` (before
+    clipping), ``grad_norm_clipped``, ``clip_ratio`` ``(T,)``,
+    ``grad_norm_layers (T, L)``, ``eval_step (E,)`` int, ``eval_loss``,
+    ``eval_accuracy`` ``(E,)``, and for the Jacobian probe ``probe_step (P,)``
+    int, ``jac_sv2_mean``, ``jac_sv2_var``, ``jac_sv2_max`` ``(P,)``.
+    """
+    train = [r for r in records if "loss" in r]
+    ev = [r for r in records if "eval_loss" in r]
+    probe = [r for r in records if "jac_sv2_mean" in r]
+    out = {
+        "step": np.asarray([r["step"] for r in train], np.int64),
+        "eval_step": np.asarray([r["step"] for r in ev], np.int64),
+        "eval_loss": np.asarray([_num(r["eval_loss"]) for r in ev]),
+        "eval_accuracy": np.asarray([_num(r.get("eval_accuracy")) for r in ev]),
+    }
+    for k in ("loss", "accuracy", "grad_norm", "grad_norm_clipped", "clip_ratio"):
+        out[k] = np.asarray([_num(r.get(k)) for r in train])
+    out["probe_step"] = np.asarray([r["step"] for r in probe], np.int64)
+    for k in PROBE_KEYS:
+        out[k] = np.asarray([_num(r[k]) for r in probe])
+    layers = [[_num(v) for v in r.get("grad_norm_layers", [])] for r in train]
+    out["grad_norm_layers"] = np.asarray(layers).reshape(len(train), depth)
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_chunk(graphdef, state, xb, yb, mask):
+    """Summed softmax cross-entropy and number correct over the masked rows of one chunk."""
+    out = nnx.merge(graphdef, state)(xb).astype(jnp.float32)
+    per = optax.softmax_cross_entropy_with_integer_labels(out, yb)
+    per = jnp.where(jnp.isfinite(per), per, jnp.inf)
+    return jnp.sum(jnp.where(mask, per, 0.0)), jnp.sum(mask * (jnp.argmax(out, -1) == yb))
+
+
+def evaluate(model: nnx.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 512):
+    """``(mean softmax cross-entropy, accuracy)`` of ``model`` (evaluation mode) on ``x, y``.
+
+    Evaluated in chunks of ``batch_size`` rows, the last one padded and
+    masked, so every split of a dataset shares one compiled function.
+    """
+    model.eval()
+    graphdef, state = nnx.split(model)
+    model.train()
+    n = x.shape[0]
+    dtype = jax.tree.leaves(state)[0].dtype
+    loss = correct = 0.0
+    for i in range(0, n, batch_size):
+        xb, yb = np.asarray(x[i : i + batch_size]), np.asarray(y[i : i + batch_size])
+        m = xb.shape[0]
+        mask = np.arange(batch_size) < m
+        if m < batch_size:
+            xb = np.concatenate([xb, np.zeros((batch_size - m, *xb.shape[1:]), xb.dtype)])
+            yb = np.concatenate([yb, np.zeros((batch_size - m,), yb.dtype)])
+        sl, sc = _eval_chunk(graphdef, state, jnp.asarray(xb, dtype), jnp.asarray(yb),
+                             jnp.asarray(mask))  # fmt: skip
+        loss += float(sl)
+        correct += float(sc)
+    return loss / n, correct / n
+
+
+# --------------------------------------------------------------------------- #
+# A sweep of runs.
+# --------------------------------------------------------------------------- #
+
+
+_CACHE_DIR: Path | None = None
+
+
+def _cache_dir() -> Path:
+    """This process's compilation-cache directory (created once, removed at exit)."""
+    global _CACHE_DIR
+    if _CACHE_DIR is None:
+        _CACHE_DIR = Path(tempfile.mkdtemp(prefix="isometry-compile-"))
+        atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+    return _CACHE_DIR
+
+
+@contextlib.contextmanager
+def compile_cache() -> Iterator[Path | None]:
+    """JAX's persistent compilation cache for the ``with`` block.
+
+    Every compiled function is stored (no minimum compile time) in a
+    private temporary directory kept for the life of the process, so a later
+    run with an identical program (in this sweep or a later one) loads it
+    instead of compiling. The same program compiles to the same executable
+    either way, so results do not change. A cache the user configured
+    (``jax_compilation_cache_dir``) is left as it is and used; after the
+    block the process's settings are as before. Yields the directory
+    (``None`` when the user's own cache is in use).
+    """
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    if jax.config.jax_compilation_cache_dir is not None:
+        yield None
+        return
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    directory = _cache_dir()
+    cc.reset_cache()
+    cc.set_cache_dir(str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        yield directory
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+        jax.config.update("jax_compilation_cache_dir", None)
+        cc.reset_cache()
+
+
+def run_dir(store: sweep.Store, point: dict) -> Path:
+    """The scratch training directory of ``point`` inside ``store``."""
+    return store.root / "runs" / sweep.point_id(point)
+
+
+def run_points(
+    store: sweep.Store,
+    grid: sweep.Grid,
+    fn: Callable[[dict, Path], dict],
+    *,
+    progress: bool = True,
+    label: str | None = None,
+) -> Path:
+    """:func:`isometry.sweep.run_partitioned` of ``fn(point, run_dir)`` in a :func:`compile_cache`.
+
+    Returns the aggregate csv path. Finished points are skipped; an
+    interrupted point resumes from its last checkpoint in its ``run_dir``.
+    """
+    with compile_cache():
+        csv = sweep.run_partitioned(
+            store, grid, lambda p: fn(p, run_dir(store, p)), progress=progress, label=label
+        )
+    with contextlib.suppress(OSError):  # the scratch parent, once every run is done
+        (store.root / "runs").rmdir()
+    return csv
+
+
+# --------------------------------------------------------------------------- #
+# Reading an experiment back (figures).
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredRun:
+    """A finished experiment read back: config, grid points, aggregate table, point arrays."""
+
+    config: object
+    points: list[dict]
+    table: dict[str, np.ndarray]
+    point_arrays: dict[str, dict[str, np.ndarray]]
+
+    def arrays(self, point: dict) -> dict[str, np.ndarray]:
+        """The arrays stored with ``point`` (empty if none)."""
+        return self.point_arrays.get(sweep.point_id(point), {})
+
+
+def stored_run(
+    name: str,
+    preset: str = "quick",
+    overrides: Sequence[str] = (),
+    store: str | Path | None = None,
+    *,
+    progress: bool = False,
+) -> StoredRun:
+    """Run experiment ``name`` at ``preset`` with ``overrides`` into ``store``; read it back.
+
+    ``store``: the results directory (a finished store is read, an
+    interrupted one resumed; one holding another configuration is refused,
+    :class:`isometry.sweep.ConfigMismatchError`), or ``None`` for a temporary
+    directory removed after reading (:func:`experiments._common.results_dir`).
+    """
+    import importlib
+
+    import experiments
+
+    cfg = experiments.config(name, preset, overrides)
+    grid = importlib.import_module(f"experiments.{name}").grid
+    with results_dir(store) as out:
+        csv = experiments.get(name).run(cfg, out, progress=progress)
+        st = sweep.Store(out, name, cfg)
+        points = grid(cfg).points()
+        arrays = {sweep.point_id(p): st.arrays(p) for p in points}
+        return StoredRun(cfg, points, sweep.load_table(csv), arrays)

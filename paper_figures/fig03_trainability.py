@@ -1,0 +1,132 @@
+"""Training accuracy of deep tanh networks over (sigma_w2, depth) at sigma_b2 = 0.05, with the mean-field bound 6 xi_c on the trainable depth (Schoenholz et al. 2017, Figs. 5-6).
+
+Measurement: the ``trainability`` experiment (one training run per
+``(sigma_w2, L, seed)`` on the embedded digits); the heat map is the
+training-split accuracy after training, averaged over seeds (chance 0.1).
+Theory: ``6 xi_c(sigma_w2)`` (:func:`isometry.meanfield.depth_scales`) and
+the edge of chaos ``chi1 = 1``. Runs stopped by a non-finite loss are
+marked. The ``quick`` tier trains far fewer steps than the paper, so its
+trainable band sits inside the 6 xi_c curve (the paper's Fig. 6 shows the
+band filling it as training time grows).
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from experiments import _training as tr
+from experiments import trainability
+from isometry import plotting
+
+KEYS = (
+    "sigma_w2", "depth", "train_accuracy", "eval_accuracy", "diverged_fraction",
+    "sigma_w2_theory", "six_xi_c", "critical_sigma_w2", "sigma_b2", "steps", "width",
+)  # fmt: skip
+
+TIERS = {
+    "tiny": {
+        "preset": "quick",
+        "overrides": (
+            "sigma_w2=1.0,1.75,4.0",
+            "depths=4",
+            "width=16",
+            "steps=20",
+            "log_every=10",
+        ),
+        "store": None,
+    },
+    "quick": {
+        "preset": "quick",
+        "overrides": (),
+        "store": str(tr.RESULTS / "trainability" / "quick"),
+    },
+    "full": {"preset": "full", "overrides": (), "store": str(tr.RESULTS / "trainability" / "full")},
+}
+
+
+def _grid_mean(table, key, rows, cols, row_key, col_key) -> np.ndarray:
+    """``(len(rows), len(cols))`` mean of ``table[key]`` over the rows of each cell (seeds)."""
+    out = np.full((len(rows), len(cols)), np.nan)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            m = (table[row_key] == r) & np.isclose(table[col_key], c)
+            if m.any():
+                out[i, j] = np.mean(np.asarray(table[key], float)[m])
+    return out
+
+
+def _flag(column) -> np.ndarray:
+    """A csv boolean column (``true``/``false`` text) as floats 1/0."""
+    return np.asarray([str(v).lower() == "true" for v in column], float)
+
+
+def compute(preset, overrides, store) -> dict:
+    run = tr.stored_run("trainability", preset, overrides, store)
+    cfg, t = run.config, dict(run.table)
+    t["diverged"] = _flag(t["diverged"])
+    sw = np.asarray(sorted(set(cfg.sigma_w2)), float)
+    depths = np.asarray(sorted(set(cfg.depths)), int)
+    edges = _edges(sw)
+    sw_th = np.linspace(max(edges[0], 0.05), edges[-1], 601)
+    th = trainability.theory(cfg.activation, sw_th, cfg.sigma_b2)
+    cell = {"rows": depths, "cols": sw, "row_key": "depth", "col_key": "sigma_w2"}
+    return {
+        "sigma_w2": sw,
+        "depth": depths,
+        "train_accuracy": _grid_mean(t, "train_accuracy", **cell),
+        "eval_accuracy": _grid_mean(t, "eval_accuracy", **cell),
+        "diverged_fraction": _grid_mean(t, "diverged", **cell),
+        "sigma_w2_theory": sw_th,
+        "six_xi_c": 6.0 * th["xi_c"],
+        "critical_sigma_w2": th["critical_sigma_w2"],
+        "sigma_b2": np.asarray(cfg.sigma_b2),
+        "steps": np.asarray(cfg.steps),
+        "width": np.asarray(cfg.width),
+    }
+
+
+def _edges(centres) -> np.ndarray:
+    """Cell edges halfway between sorted centres (the outer ones mirrored)."""
+    c = np.asarray(centres, float)
+    if c.size == 1:
+        return np.array([c[0] - 0.5, c[0] + 0.5])
+    mid = (c[1:] + c[:-1]) / 2
+    return np.concatenate([[2 * c[0] - mid[0]], mid, [2 * c[-1] - mid[-1]]])
+
+
+def plot(data, params):
+    plotting.style()
+    sw, depth = np.asarray(data["sigma_w2"]), np.asarray(data["depth"])
+    acc = np.asarray(data["train_accuracy"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), constrained_layout=True)
+    xe, ye = _edges(sw), _edges(depth)
+    im = ax.pcolormesh(xe, ye, acc, cmap="viridis", vmin=0.0, vmax=1.0, shading="flat")
+    fig.colorbar(im, ax=ax, label="training-set accuracy after training (chance 0.1)")
+    bound = np.asarray(data["six_xi_c"])
+    ax.plot(data["sigma_w2_theory"], bound, color="white", lw=2.6)
+    ax.plot(
+        data["sigma_w2_theory"], bound, color=plotting.THEORY_COLOR, lw=1.3, ls="--",
+        label=r"$6\,\xi_c$ (mean-field theory)",
+    )  # fmt: skip
+    crit = float(data["critical_sigma_w2"])
+    ax.axvline(crit, color="white", lw=1.0, ls=":")
+    ax.axvline(
+        crit, color="tab:red", lw=1.0, ls=(0, (2, 3)),
+        label=rf"edge of chaos $\sigma_w^2 = {crit:.2f}$",
+    )  # fmt: skip
+    div = np.asarray(data["diverged_fraction"])
+    ii, jj = np.nonzero(div > 0)
+    if ii.size:
+        ax.plot(sw[jj], depth[ii], "x", color="tab:red", ms=7, mew=1.5, label="diverged (NaN)")
+    ax.set_xlim(xe[0], xe[-1])
+    ax.set_ylim(ye[0], ye[-1])
+    ax.set_yticks(depth)
+    ax.set_xlabel(r"weight variance $\sigma_w^2$")
+    ax.set_ylabel(r"depth $L$ (hidden layers)")
+    ax.set_title(
+        rf"Trainability, tanh, $\sigma_b^2={float(data['sigma_b2']):g}$: "
+        rf"width {int(data['width'])}, {int(data['steps'])} steps"
+    )
+    ax.legend(loc="upper right", framealpha=0.9)
+    return fig

@@ -1,0 +1,189 @@
+"""Per-layer backpropagated gradient norms at initialization for sigmoid / tanh / relu under xavier / he / orthogonal init, plain vs batch norm, layer norm and residual networks: measured (markers) against mean-field theory (lines) (Glorot & Bengio 2010; He et al. 2015; Saxe et al. 2014; Ioffe & Szegedy 2015; Ba et al. 2016; He et al. 2016).
+
+Each panel shows ``||dLoss/dh^l||^2 / ||dLoss/dh^L||^2``, the squared norm
+of the gradient with respect to the pre-activations ``h^l`` relative to the
+last layer, against the layer ``l`` (the input is at ``l = 1``): the geometric
+mean over seeds of the measurement (experiment ``gradients``: width-``N`` MLPs
+of ``L`` hidden layers, zero biases, Gaussian inputs, a random projection of
+the output as the loss) and the mean-field recursion of
+:func:`isometry.signal.theory` (plain and residual networks, and layer
+normalization before the activation; none exists here for batch
+normalization), which predicts these ratios with no free parameter.
+Orthogonal init is ``sigma_w2 = 1`` times a Haar-orthogonal matrix, so in
+mean field it coincides with Xavier (``sigma_w2 = 1`` for square layers); He
+is ``sigma_w2 = 2``.
+
+What to see: plain networks with xavier or orthogonal init vanish toward the
+input (``chi1 < 1``; sigmoid, whose slope is at most 1/4, by ~20 orders of
+magnitude over 16 layers, and still with he); relu with he stays flat
+(``chi1 = 1``); tanh with he grows mildly (``chi1 > 1`` until the activations
+saturate). Batch norm makes every combination grow toward the input (Yang et
+al. 2019; mildly for sigmoid). Residual connections keep sigmoid and tanh
+within two orders of magnitude, but relu's residual stream grows, and its
+gradients faster than the mean-field line (the recursion ignores the stream's
+growing mean). Layer norm before the activation flattens tanh and relu but not
+sigmoid: the activation always sees unit variance, where sigmoid's slope is
+small, so its gradients vanish as in the plain network (as predicted). For
+relu the weight gradients ``||dLoss/dW^l||^2`` stay flat under any ``sigma_w2``
+(the forward signal shrinks as fast as the backward one), which is why the
+backpropagated gradient is shown. Quick sizes (``L = 16``,
+``N = 64``, 2 seeds) are smaller than the full tier (``L = 50``, ``N = 256``,
+8 seeds).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+import experiments
+from experiments import gradients
+from experiments._common import results_dir
+from isometry import plotting, signal, sweep
+
+KEYS = ("layer", "activations", "inits", "techniques", "grad_preact_sq", "relative", "theory")
+
+_STORE = "results/experiments/gradients/{}"
+TIERS = {
+    "tiny": {
+        "preset": "quick",
+        "overrides": (
+            "activations=relu",
+            "inits=xavier,he",
+            "depth=6",
+            "width=16",
+            "batch=4",
+            "seeds=1",
+        ),
+        "store": None,
+    },
+    "quick": {"preset": "quick", "overrides": (), "store": _STORE.format("quick")},
+    "full": {"preset": "full", "overrides": (), "store": _STORE.format("full")},
+}
+
+TECHNIQUE_TITLES = {
+    "plain": "plain",
+    "batch_norm": "batch norm",
+    "layer_norm": "layer norm (pre-activation)",
+    "residual": "residual",
+}
+
+
+def theory_curves(cfg, activation: str, technique: str) -> np.ndarray:
+    """Mean-field ``||dLoss/dh^l||^2 / ||dLoss/dh^L||^2`` per init of ``cfg``: ``(I, L)``.
+
+    Zero biases (``sigma_b2 = 0``), inputs of mean square ``q0 = 1``
+    (``x^0 = u ~ N(0, 1)``), ``sigma_w2`` of each initializer for ``N x N``
+    layers (:func:`experiments.gradients.init_numbers`); one compiled
+    recursion for all inits. NaN for batch norm (no theory here).
+    """
+    if technique == "batch_norm":
+        return np.full((len(cfg.inits), cfg.depth), np.nan)
+    sw = np.asarray([gradients.init_numbers(cfg, i)["sigma_w2"] for i in cfg.inits])
+    kw = {}
+    if technique == "residual":
+        kw["residual_scale"] = cfg.residual_scale
+    elif technique == "layer_norm":
+        kw.update(layer_norm=True, width=cfg.width)
+    th = jax.vmap(lambda s: signal.theory(activation, s, 0.0, cfg.depth, 1.0, **kw))(sw)
+    return np.asarray(th.grad_preact_sq, dtype=np.float64)
+
+
+def compute(preset, overrides, store) -> dict:
+    cfg = experiments.config("gradients", preset, overrides)
+    with results_dir(store) as out:
+        path = experiments.run("gradients", preset, overrides, out=out, progress=False)
+        t = sweep.load_table(path)
+    acts, inits, techs = cfg.activations, cfg.inits, cfg.techniques
+    L, S = cfg.depth, cfg.seeds
+    g = np.full((len(acts), len(inits), len(techs), S, L), np.nan)
+    index = {
+        (a, i, tq, int(s), int(l)): v
+        for a, i, tq, s, l, v in zip(
+            t["activation"],
+            t["init"],
+            t["technique"],
+            t["seed"],
+            t["layer"],
+            t["grad_preact_sq"],
+            strict=True,
+        )
+    }
+    theory = np.full((len(acts), len(inits), len(techs), L), np.nan)
+    for ia, a in enumerate(acts):
+        for it, tq in enumerate(techs):
+            theory[ia, :, it] = theory_curves(cfg, a, tq)
+            for ii, i in enumerate(inits):
+                for s in range(S):
+                    g[ia, ii, it, s] = [index[(a, i, tq, s, l + 1)] for l in range(L)]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.exp(np.mean(np.log(g / g[..., -1:]), axis=-2))
+    return {
+        "layer": np.arange(1, L + 1),
+        "activations": np.asarray(acts),
+        "inits": np.asarray(inits),
+        "techniques": np.asarray(techs),
+        "grad_preact_sq": g,
+        "relative": rel,
+        "theory": theory,
+    }
+
+
+def plot(data, params):
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    plotting.style()
+    acts, inits, techs = (list(map(str, data[k])) for k in ("activations", "inits", "techniques"))
+    layer, rel, th = data["layer"], data["relative"], data["theory"]
+    fig, axes = plt.subplots(
+        len(acts),
+        len(techs),
+        figsize=(3.1 * len(techs), 2.5 * len(acts) + 0.6),
+        sharex=True,
+        sharey="row",
+        squeeze=False,
+        constrained_layout=True,
+    )
+    colors = {i: f"C{k}" for k, i in enumerate(inits)}
+    markers = dict(zip(inits, "osD^v<>", strict=False))
+    # Orthogonal and xavier coincide in mean field: dashes keep both lines visible.
+    styles = {i: ("--" if i == "orthogonal" else "-") for i in inits}
+    for ia, a in enumerate(acts):
+        for it, tq in enumerate(techs):
+            ax = axes[ia, it]
+            for ii, i in enumerate(inits):
+                m = rel[ia, ii, it]
+                ok = np.isfinite(m) & (m > 0)
+                ax.plot(layer[ok], m[ok], markers[i], ms=3.5, color=colors[i], mfc="none", mew=1)
+                if np.all(np.isfinite(th[ia, ii, it])):
+                    ax.plot(layer, th[ia, ii, it], styles[i], lw=1.1, color=colors[i], alpha=0.8)
+            ax.set_yscale("log")
+            ax.axhline(1.0, color="0.6", lw=0.6, ls=":")
+            if ia == 0:
+                ax.set_title(TECHNIQUE_TITLES.get(tq, tq))
+            if ia == len(acts) - 1:
+                ax.set_xlabel("layer $l$ (input at $l = 1$)")
+            if it == 0:
+                ax.set_ylabel(
+                    f"{a}\n" + r"$\|\partial L/\partial h^l\|^2 / \|\partial L/\partial h^L\|^2$"
+                )
+            if np.all(~np.isfinite(th[ia, :, it])) and ia == 0:
+                ax.text(
+                    0.03,
+                    0.04,
+                    "no mean-field theory here",
+                    transform=ax.transAxes,
+                    fontsize=7,
+                    color="0.4",
+                )
+    handles = [
+        Line2D([], [], color=colors[i], marker=markers[i], mfc="none", ls=styles[i], label=i)
+        for i in inits
+    ]
+    handles += [
+        Line2D([], [], color="0.3", marker="o", mfc="none", ls="none", label="measured"),
+        Line2D([], [], color="0.3", ls="-", label="mean-field theory"),
+    ]
+    fig.legend(handles=handles, loc="outside upper center", ncol=len(handles), frameon=False)
+    return fig
