@@ -1,4 +1,8 @@
-"""Each figure script at the tiny tier: a non-empty image and data with the expected keys."""
+"""Each figure script at the tiny tier: a non-empty image and data with the expected keys.
+
+Two figures go through the ``isometry figures`` command end to end; the others
+through :func:`paper_figures.core.make`. Both routes check the same things.
+"""
 
 import numpy as np
 import pytest
@@ -6,26 +10,45 @@ import pytest
 from isometry import cli
 from paper_figures import FIGURES, core
 
+END_TO_END = ("phase_diagram", "depth_scales")
 
-@pytest.mark.parametrize("name", list(FIGURES))
-def test_figure_tiny_tier(name, tmp_path):
-    r = core.make(name, "tiny", tmp_path / "out", tmp_path / "results")
-    assert set(core.load_module(name).KEYS) <= set(r["data"])
-    for p in r["paths"]:
+
+def check_outputs(name, data, paths):
+    assert set(core.load_module(name).KEYS) <= set(data)
+    assert {p.suffix for p in paths} == {".png", ".pdf"}
+    for p in paths:
         assert p.exists() and p.stat().st_size > 1000
     assert core.caption(name)  # the docstring's first line
+
+
+@pytest.mark.parametrize("name", [n for n in FIGURES if n not in END_TO_END])
+def test_figure_tiny_tier(name, tmp_path):
+    r = core.make(name, "tiny", tmp_path / "out", tmp_path / "results")
+    check_outputs(name, r["data"], r["paths"])
     # A second call reads the cache and gives the same data.
     again = core.make(name, "tiny", tmp_path / "out", tmp_path / "results")
     for k, v in r["data"].items():
         np.testing.assert_array_equal(v, again["data"][k])
 
 
-def test_figures_command_end_to_end(tmp_path, capsys):
-    args = ["figures", "phase_diagram", "depth_scales", "--tier", "tiny"]
-    assert cli.main([*args, "--out", str(tmp_path / "o"), "--results", str(tmp_path / "r")]) == 0
-    assert (tmp_path / "o" / "phase_diagram.png").exists()
-    assert (tmp_path / "o" / "depth_scales.pdf").exists()
-    assert "2 figure(s)" in capsys.readouterr().out
+def test_figures_command_end_to_end(tmp_path, capsys, monkeypatch):
+    out, results = tmp_path / "o", tmp_path / "r"
+    args = ["figures", *END_TO_END, "--tier", "tiny", "--out", str(out), "--results", str(results)]
+    assert cli.main(args) == 0
+    assert f"{len(END_TO_END)} figure(s)" in capsys.readouterr().out
+    for name in END_TO_END:
+        # The command cached the results: make() reads them back instead of computing.
+        monkeypatch.setattr(core.load_module(name), "compute", _must_not_compute)
+        r = core.make(name, "tiny", out, results)
+        check_outputs(name, r["data"], [out / f"{name}.png", out / f"{name}.pdf"])
+
+
+def _must_not_compute(**params):
+    raise AssertionError("the cached results were not used")
+
+
+def test_every_figure_is_tested():
+    assert set(END_TO_END) <= set(FIGURES) and len(FIGURES) >= 10
 
 
 def test_unknown_figure_is_a_clear_error(capsys):
