@@ -4,7 +4,8 @@ Sweep: activation x weights (Gaussian / orthogonal) x ``q*`` x seed, every
 depth of ``depths`` in one pass. Each network sits at the critical point of
 its ``q*`` (``sigma_w2 = 1 / E[phi'(h)^2]``, ``sigma_b2`` so that ``q*`` is
 the length fixed point; ReLU: ``(2, 0)``), its input on the sphere
-``||x^0||^2 = N q*``, and
+``||x^0||^2 = N (q* - sigma_b2) / sigma_w2``, so that ``h^1`` (like every
+later pre-activation) has variance ``q*``, as the theory assumes, and
 
     h^l = x^{l-1} W^l + b^l,  x^l = phi(h^l),  J_d = dx^d/dx^0 = prod_{l<=d} D^l W^l,
 
@@ -148,7 +149,8 @@ def point_function(cfg: Config, activation: str, weights: str):
             return act.fn(x @ W + b, **params)
 
         keys = jax.vmap(lambda l: jax.random.fold_in(k_w, l))(jnp.arange(max(depths)))
-        x0 = sphere_input(k_x, (N,), q_star)
+        # ||x0||^2 = N (q* - sigma_b2) / sigma_w2: Var h^1 = sigma_w2 ||x0||^2 / N + sigma_b2 = q*.
+        x0 = sphere_input(k_x, (N,), (q_star - sigma_b2) / sigma_w2)
         sv = jacobian.stack_jacobians(
             layer, keys, x0, depths, reduce=lambda J: jnp.linalg.svd(J, compute_uv=False) ** 2
         )

@@ -24,6 +24,8 @@ __all__ = [
     "save",
     "signal_forward_figure",
     "signal_gradients_figure",
+    "spectra_grid_figure",
+    "spectral_edge_figure",
     "spectrum_figure",
     "style",
 ]
@@ -293,44 +295,354 @@ def signal_forward_figure(runs: list[dict], title: str = ""):
     return fig
 
 
-def spectrum_figure(depths, sq_singular_values, title: str = "", bins: int = 80):
+def _theory_label(base: str, th: dict | None) -> str:
+    """Legend text for one depth: the distance to theory and the theory's atoms."""
+    if th is None:
+        return base
+    parts = [base]
+    if th.get("ks") is not None and np.isfinite(th["ks"]):
+        parts.append(f"KS {th['ks']:.3f}")
+    zero = float(th.get("atom_at_zero", 0.0))
+    if zero > 1e-6:
+        parts.append(f"atom {zero:.2f} at 0")
+    for loc, mass in zip(th.get("atom_locations", ()), th.get("atom_masses", ()), strict=True):
+        parts.append(f"atom {mass:.2f} at s={loc:.3g}")
+    return ", ".join(parts)
+
+
+def spectrum_figure(
+    depths,
+    sq_singular_values,
+    title: str = "",
+    bins: int = 80,
+    theory: list | None = None,
+    floor: float | None = None,
+):
     """Jacobian singular-value densities per depth (histograms), and their summary vs depth.
 
     ``sq_singular_values`` is ``(K, samples)`` (pooled seeds/inputs) for the
     ``K`` ``depths``. Left: densities of the singular values ``s`` of ``J``
-    (isometry means mass at 1); right: the log10 of the squared singular
-    values, with the mean of ``s^2`` and ``s^2_max`` against depth as inset
-    markers.
+    (isometry means mass at 1); right: the density of ``log10 s^2``, with the
+    mean of ``s^2`` and ``s^2_max`` against depth as inset markers. Densities
+    are normalized over all samples, so mass off the axis is missing, not
+    spread over the rest.
+
+    ``floor`` (optional): the smallest ``s^2`` the computation resolves (plain
+    float products: about ``(1e3 eps)^2 s^2_max``); the log axis starts no lower,
+    and where it starts there the legend gives the mass below. Bins: at least
+    ``bins``, more (up to 3x) for narrow spectra.
+
+    ``theory`` (optional): one dict per depth with the free-probability
+    prediction, drawn as lines of the histogram's colour over it:
+    ``s (G,)`` singular values, ``density (G,)`` the density of ``s``
+    (continuous part; NaN where unresolved), ``atom_at_zero``,
+    ``atom_locations``/``atom_masses`` (other atoms, in ``s``; drawn as
+    vertical lines), ``ks`` (distance to the measurement, in the legend),
+    ``edge`` and ``mean`` (of ``s^2``; lines in the inset), optionally ``cdf``
+    (the CDF on ``s``, NaN below the floor; the legend gives its mass below the axis).
     """
     style()
     depths = np.asarray(depths)
     lam = np.asarray(sq_singular_values, dtype=float)
-    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.0), constrained_layout=True)
-    colors = plt.cm.viridis(np.linspace(0.05, 0.9, len(depths)))
+    if theory is not None and len(theory) != len(depths):
+        raise ValueError(f"theory must hold one entry per depth ({len(depths)}), got {len(theory)}")
+    ths = [None] * len(depths) if theory is None else list(theory)
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.4), constrained_layout=True)
+    colors = plt.cm.viridis(np.linspace(0.05, 0.85, len(depths)))
     s = np.sqrt(np.clip(lam, 0, None))
+    with np.errstate(divide="ignore"):
+        logl = np.log10(np.clip(lam, 0, None))
+    finite = logl[np.isfinite(logl)]
+    lo, hi2 = np.percentile(finite, 0.5), np.percentile(finite, 99.9)
+    at_floor = floor is not None and lo <= np.log10(floor)
+    if at_floor:  # the log axis starts at the resolution floor; the legend gives the mass below
+        lo = float(np.log10(floor))
+    hi2 = hi2 + 0.05 * (hi2 - lo)
+
     hi = float(np.nanpercentile(s, 99.5)) * 1.05
-    for d, sd, c in zip(depths, s, colors, strict=True):
-        axes[0].hist(sd, bins=bins, range=(0, hi), density=True, histtype="step", lw=1.5, color=c,
-                     label=f"L = {d}")  # fmt: skip
+    edges = np.linspace(0.0, hi, _bins(s, (0.0, hi), bins) + 1)
+    heights = []
+    for d, sd, ld, c, th in zip(depths, s, logl, colors, ths, strict=True):
+        h = _normalized_hist(sd, edges)
+        heights.append(h)
+        label = _theory_label(f"L = {d}", th)
+        if at_floor:
+            label += f"; {np.mean(ld < lo):.1%} below $s^2$={10**lo:.1g}"
+            below = _theory_cdf_at(th, 10 ** (lo / 2)) if th is not None else np.nan
+            if np.isfinite(below):
+                label += f" (theory {below:.1%})"
+        axes[0].stairs(h, edges, color=c, lw=1.2, alpha=0.9 if th is None else 0.6, label=label)
+        if th is not None:
+            g, dens = np.asarray(th["s"], float), np.asarray(th["density"], float)
+            axes[0].plot(g, dens, color=c, lw=1.8)
+            for loc in th.get("atom_locations", ()):
+                axes[0].axvline(loc, color=c, lw=1.8, ls="--")
     axes[0].axvline(1.0, color=THEORY_COLOR, ls=":", lw=1, label="isometry (s = 1)")
+    axes[0].set_xlim(0, hi)
     axes[0].set_xlabel("singular value $s$ of $J$")
-    axes[0].set_ylabel("density")
-    axes[0].legend(loc="best")
-    logl = np.log10(np.where(lam > 0, lam, np.nan))
-    lo, hi2 = np.nanpercentile(logl, 0.5), np.nanpercentile(logl, 99.9)
-    for d, ld, c in zip(depths, logl, colors, strict=True):
-        ld = ld[np.isfinite(ld)]
-        axes[1].hist(ld, bins=bins, range=(lo, hi2), density=True, histtype="step", lw=1.5,
-                     color=c, label=f"L = {d}")  # fmt: skip
+    axes[0].set_ylabel("density of $s$")
+    if theory is not None:
+        curves = [(th["s"], th["density"]) for th in ths]
+        axes[0].set_ylim(0, _ylim(heights, (0, hi), curves))
+        axes[0].plot([], [], color="0.3", lw=1.8, label="lines: free probability")
+        axes[0].plot([], [], color="0.3", lw=1.2, alpha=0.6, label="steps: measured")
+    axes[0].legend(loc="upper right", fontsize=7 if at_floor else None)
+
+    edges = np.linspace(lo, hi2, _bins(logl, (lo, hi2), bins) + 1)
+    heights = []
+    for ld, c, th in zip(logl, colors, ths, strict=True):
+        h = _normalized_hist(ld, edges)
+        heights.append(h)
+        axes[1].stairs(h, edges, color=c, lw=1.2, alpha=0.9 if th is None else 0.6)
+        if th is not None:
+            g, dens = np.asarray(th["s"], float), np.asarray(th["density"], float)
+            pos = g > 0
+            # density of log10 s^2 = 2 log10 s: s ln(10) p_s(s) / 2.
+            axes[1].plot(2 * np.log10(g[pos]), g[pos] * np.log(10) * dens[pos] / 2, color=c, lw=1.8)
     axes[1].axvline(0.0, color=THEORY_COLOR, ls=":", lw=1)
+    axes[1].set_xlim(lo, hi2)
     axes[1].set_xlabel(r"$\log_{10} s^2$ (eigenvalues of $J J^T$)")
-    axes[1].set_ylabel("density")
-    inset = axes[1].inset_axes([0.64, 0.6, 0.33, 0.36])
-    inset.loglog(depths, lam.mean(1), "o-", ms=3, color="C0", label=r"mean $s^2$")
-    inset.loglog(depths, lam.max(1), "s-", ms=3, color="C3", label=r"max $s^2$")
+    axes[1].set_ylabel(r"density of $\log_{10} s^2$")
+    if theory is not None:
+        curves = [
+            (2 * np.log10(th["s"]), np.asarray(th["s"]) * np.log(10) * th["density"] / 2)
+            for th in ths
+        ]
+        axes[1].set_ylim(0, _ylim(heights, (lo, hi2), curves))
+    inset = axes[1].inset_axes([0.1, 0.6, 0.28, 0.36])
+    inset.loglog(depths, lam.mean(1), "o", ms=3, color="C0", label=r"mean $s^2$")
+    inset.loglog(depths, lam.max(1), "s", ms=3, color="C3", label=r"max $s^2$")
+    if theory is not None:
+        inset.loglog(depths, [th["edge"] for th in ths], "-", lw=1, color="C3")
+        inset.loglog(depths, [th["mean"] for th in ths], "-", lw=1, color="C0")
+    _depth_ticks(inset, depths)
     inset.set_xlabel("depth L", fontsize=7)
     inset.tick_params(labelsize=6)
-    inset.legend(fontsize=6, loc="upper left")
+    inset.legend(fontsize=6, loc="upper left", frameon=False)
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def _bins(values, rng, bins: int) -> int:
+    """At least ``bins``, and up to 3x more so that the narrowest row's bulk spans ~10 bins."""
+    widths = []
+    for v in np.atleast_2d(values):
+        v = v[np.isfinite(v) & (v >= rng[0]) & (v <= rng[1])]
+        if v.size > 20:
+            q1, q3 = np.percentile(v, [25, 75])
+            if q3 > q1:
+                widths.append(q3 - q1)
+    if not widths:
+        return bins
+    return int(np.clip(10 * (rng[1] - rng[0]) / min(widths), bins, 3 * bins))
+
+
+def _theory_cdf_at(th: dict, s: float) -> float:
+    """The theory's CDF (key ``cdf`` on the grid ``s``, NaN below its floor) at ``s``."""
+    if "cdf" not in th:
+        return np.nan
+    g, c = np.asarray(th["s"], float), np.asarray(th["cdf"], float)
+    ok = np.isfinite(c)
+    if not ok.any() or s < g[ok][0] * (1 - 1e-9):
+        return np.nan
+    return float(np.interp(s, g[ok], c[ok]))
+
+
+def _normalized_hist(values, edges) -> np.ndarray:
+    """Histogram heights ``counts / (n width)`` over all ``n`` values (non-finite included)."""
+    v = np.ravel(np.asarray(values, float))
+    v = v[~np.isnan(v)]
+    counts, _ = np.histogram(v[np.isfinite(v)], bins=edges)
+    return counts / (max(v.size, 1) * np.diff(edges))
+
+
+def _ylim(heights, rng, curves=()) -> float:
+    """A y-limit showing every histogram and theory curve in full, save for divergences.
+
+    A theory curve counts up to 3x the tallest histogram bar (densities diverge at 0
+    and beside atoms).
+    """
+    top = max((float(np.max(h, initial=0.0)) for h in heights), default=0.0)
+    line = 0.0
+    for x, y in curves:
+        x, y = np.asarray(x, float), np.asarray(y, float)
+        inside = (x >= rng[0]) & (x <= rng[1]) & np.isfinite(y)
+        if inside.any():
+            line = max(line, float(y[inside].max()))
+    top = max(top, min(line, 3 * top)) if top > 0 else line
+    return 1.1 * top if top > 0 else 1.0
+
+
+def _depth_ticks(ax, depths) -> None:
+    """Log depth axis labelled at the depths themselves (no 2x10^0-style minor labels)."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator, ScalarFormatter
+
+    ax.xaxis.set_major_locator(FixedLocator(np.asarray(depths, float)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def spectra_grid_figure(panels: list[dict], depths, *, ncols: int = 4, xlim=(-4.0, 1.5), bins=70):
+    """A grid of Jacobian spectra, measured (step histograms) with free probability (lines).
+
+    One panel per ensemble; in each, one colour per depth. The variable is
+    ``log10 s`` (``s`` a singular value of ``J``), on which spectra that span
+    decades (Gaussian weights, ReLU) and spectra concentrated at ``s = 1``
+    (isometry) read alike; densities are of ``log10 s`` and normalized over
+    all singular values, so mass at ``s = 0`` or off the axis is missing from
+    both curves alike.
+
+    Args:
+        panels: dicts with ``title``; ``log10_s`` ``(K, M)`` measured values
+            (``-inf`` for zeros; NaN padding ignored); ``theory_x`` ``(K, G)``
+            (log10 s) and ``theory_density`` ``(K, G)`` (density of log10 s,
+            continuous part); ``atom_at_zero`` ``(K,)``; ``atom_location``
+            ``(K,)`` (log10 s of the other atom, NaN if none) and ``atom_mass``
+            ``(K,)``.
+        depths: ``(K,)`` depths (colours).
+        ncols: panels per row.
+        xlim: the log10 s range (histogram range).
+    """
+    style()
+    depths = np.asarray(depths)
+    n = len(panels)
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows), squeeze=False, constrained_layout=True
+    )
+    colors = plt.cm.viridis(np.linspace(0.05, 0.85, len(depths)))
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        zoom = _narrow_range(panel["log10_s"], xlim)
+        _spectra_panel(ax, panel, depths, colors, xlim, bins, legend=True)
+        if zoom is not None:  # the upper left holds the zoom
+            ax.legend(loc="lower left", fontsize=6, frameon=False, handlelength=1.2)
+        ax.axvline(0.0, color=THEORY_COLOR, ls=":", lw=0.8)
+        ax.set_title(panel["title"], fontsize=9)
+        ax.set_xlabel(r"$\log_{10} s$ (singular value of $J$)", fontsize=8)
+        ax.set_ylabel(r"density of $\log_{10} s$", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if zoom is not None:  # a spectrum concentrated near s = 1: zoom in beside it
+            inset = ax.inset_axes([0.08, 0.4, 0.45, 0.56])
+            _spectra_panel(inset, panel, depths, colors, zoom, 90, legend=False, cap=None)
+            inset.axvline(0.0, color=THEORY_COLOR, ls=":", lw=0.8)
+            inset.tick_params(labelsize=5.5)
+            inset.set_yticks([])
+            inset.text(0.03, 0.92, "zoom", transform=inset.transAxes, fontsize=6)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(
+        "Jacobian singular values: measured (steps) and free probability (lines); "
+        "dotted: isometry, s = 1",
+        fontsize=10,
+    )
+    return fig
+
+
+def _narrow_range(log10_s, xlim, fraction=0.12):
+    """``(lo, hi)`` around the measured bulk when it spans < ``fraction`` of ``xlim``; else None."""
+    v = np.asarray(log10_s, float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return None
+    lo, hi = np.quantile(v, [0.002, 0.998])
+    if hi - lo >= fraction * (xlim[1] - xlim[0]):
+        return None
+    pad = max(0.3 * (hi - lo), 0.005)
+    return (float(lo - pad), float(hi + pad))
+
+
+def _spectra_panel(ax, panel, depths, colors, xlim, bins, legend, cap=3.0):
+    """Step histograms of ``log10 s`` per depth with the theory lines and atoms, on ``xlim``.
+
+    The y-limit shows every histogram and the theory lines up to ``cap`` times the
+    tallest bar (densities diverge at 0 and beside atoms); ``cap=None``: in full.
+    """
+    edges = np.linspace(xlim[0], xlim[1], bins + 1)
+    width = edges[1] - edges[0]
+    top, line_top = 0.0, 0.0
+    zero = np.asarray(panel["atom_at_zero"], float)
+    for k, (d, c) in enumerate(zip(depths, colors, strict=True)):
+        v = np.asarray(panel["log10_s"][k], float)
+        v = v[~np.isnan(v)]
+        counts, _ = np.histogram(v[np.isfinite(v)], bins=edges)
+        h = counts / (v.size * width)  # normalized over all singular values, zeros included
+        ax.stairs(h, edges, color=c, lw=1.1, alpha=0.65)
+        loc = float(np.asarray(panel["atom_location"])[k])
+        atom = np.isfinite(loc)
+        if atom:  # the atom's bin is a spike: keep it out of the y-limit
+            h = np.where((edges[:-1] <= loc) & (loc < edges[1:]), 0.0, h)
+        top = max(top, float(h.max(initial=0.0)))
+        x = np.asarray(panel["theory_x"][k], float)
+        y = np.asarray(panel["theory_density"][k], float)
+        inside = (x >= xlim[0]) & (x <= xlim[1]) & np.isfinite(y)
+        label = f"L = {d}"
+        if zero[k] > 1e-3:
+            label += f"; atom {zero[k]:.2f} at 0"
+        ax.plot(x[inside], y[inside], color=c, lw=1.6, label=label)
+        line_top = max(line_top, float(y[inside].max(initial=0.0)))
+        if atom and xlim[0] <= loc <= xlim[1]:
+            mass = float(np.asarray(panel["atom_mass"])[k])
+            label = f"  atom {mass:.2f} at s={10**loc:.3g}"
+            ax.axvline(loc, color=c, ls="--", lw=1.2, label=label)
+    line_top = line_top if cap is None or top == 0 else min(line_top, cap * top)
+    top = max(top, line_top)
+    ax.set_ylim(0, 1.12 * top if top > 0 else 1.0)
+    ax.set_xlim(*xlim)
+    if legend:
+        ax.legend(loc="upper left", fontsize=6, frameon=False, handlelength=1.2)
+
+
+def spectral_edge_figure(columns: list[dict]):
+    """Largest eigenvalue and variance of ``J J^T`` vs depth: theory lines, measured points.
+
+    ``columns``: one dict per column with ``title`` and ``cases``, a list of
+    dicts with ``label``, ``color``, ``ls`` (line style of the theory),
+    ``marker``; theory ``depth_theory (D,)``, ``max_theory (D,)``,
+    ``var_theory (D,)``; measured ``depth (K,)``, ``max_measured`` and
+    ``var_measured`` ``(seeds, K)``, drawn as the geometric mean over seeds with
+    bars of one geometric standard deviation. Rows: ``lambda_max`` and
+    ``Var(lambda)`` of ``J J^T`` on log-log axes.
+    """
+    style()
+    ncol = len(columns)
+    fig, axes = plt.subplots(
+        2, ncol, figsize=(4.3 * ncol, 6.8), squeeze=False, constrained_layout=True
+    )
+    rows = [
+        ("max", r"largest eigenvalue $\lambda_{\max}$ of $J J^T$"),
+        ("var", r"variance of the eigenvalues of $J J^T$"),
+    ]
+    for j, col in enumerate(columns):
+        for i, (key, ylabel) in enumerate(rows):
+            ax = axes[i, j]
+            for case in col["cases"]:
+                th = np.asarray(case[f"{key}_theory"], float)
+                dt = np.asarray(case["depth_theory"], float)
+                pos = th > 0
+                ax.plot(dt[pos], th[pos], ls=case["ls"], color=case["color"], lw=1.5)
+                logs = np.log(np.asarray(case[f"{key}_measured"], float))
+                center, spread = np.exp(logs.mean(0)), np.exp(logs.std(0))
+                bars = [center - center / spread, center * spread - center]
+                ax.errorbar(
+                    case["depth"], center, yerr=bars,
+                    fmt=case["marker"], ms=4, color=case["color"], mfc="white", capsize=2, lw=1,
+                    label=case["label"],
+                )  # fmt: skip
+            ax.plot([], [], color="0.3", lw=1.5, label="free probability")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            _depth_ticks(ax, col["cases"][0]["depth"])
+            ax.set_xlabel("depth $L$")
+            ax.set_ylabel(ylabel)
+            if i == 0:
+                ax.set_title(col["title"])
+            ax.legend(loc="upper left", fontsize=7)
+    fig.suptitle(
+        "Spectral edge and spread of $J J^T$ vs depth: free probability (lines: solid orthogonal, "
+        "dashed Gaussian), measured (markers: geometric mean $\\times/\\div$ sd over seeds)",
+        fontsize=10,
+    )
     return fig

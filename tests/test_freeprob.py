@@ -1,4 +1,4 @@
-"""Tests of isometry.freeprob: closed forms, consistency between routes, and measurement.
+"""Tests of isometry.freeprob: closed forms, consistency between routes, bad input.
 
 Theory is tested three ways (float64 throughout):
 
@@ -8,8 +8,8 @@ Theory is tested three ways (float64 throughout):
 * consistency: the numerical moments of the solved density equal the
   closed-form / S-transform-series moments of ``jacobian_moments``, and the
   density integrates to 1 minus the atoms;
-* measurement: spectra of sampled finite networks against the predicted law
-  (Kolmogorov-Smirnov distance under a bound derived below).
+* measurement: spectra of sampled finite networks against the predicted law,
+  in ``test_freeprob_measurement.py``.
 """
 
 from __future__ import annotations
@@ -402,6 +402,63 @@ def test_bad_input(kwargs, match):
             freeprob.max_eigenvalue(**args)
 
 
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: freeprob.jacobian_moments("tanhh", 0.25, 3, "gaussian"), ValueError, "unknown"),
+        (lambda: freeprob.max_eigenvalue("tanh", 0.25, 3, None), ValueError, "weights"),
+        (
+            lambda: freeprob.max_eigenvalue("tanh", float("inf"), 3, "gaussian"),
+            ValueError,
+            "q_star",
+        ),
+        (lambda: freeprob.max_eigenvalue("tanh", [0.1, 0.2], 3, "gaussian"), ValueError, "q_star"),
+        (lambda: freeprob.max_eigenvalue("tanh", 0.25, True, "gaussian"), ValueError, "depth"),
+        (lambda: freeprob.max_eigenvalue("sigmoid", 0.01, 3, "gaussian"), ValueError, "critical"),
+        (
+            lambda: freeprob.singular_value_density("tanh", -1.0, 3, "gaussian", [0.5]),
+            ValueError,
+            "q_star",
+        ),
+        (
+            lambda: freeprob.singular_value_density("tanh", 0.25, 0, "gaussian", [0.5]),
+            ValueError,
+            "depth",
+        ),
+        (
+            lambda: freeprob.singular_value_density("tanh", 0.25, 3, "orth", [0.5]),
+            ValueError,
+            "weights",
+        ),
+        (
+            lambda: freeprob.singular_value_density("tanh", 0.25, 3, "gaussian", [float("nan")]),
+            ValueError,
+            "grid",
+        ),
+        (
+            lambda: freeprob.spectral_density("tanh", 0.25, 3, "gaussian", "abc"),
+            TypeError,
+            "grid",
+        ),
+        (
+            lambda: freeprob.spectral_density("tanh", 0.25, 3, "gaussian", [1.0], on_failure="x"),
+            ValueError,
+            "on_failure",
+        ),
+        (lambda: freeprob.s_transform("tanh", 0.0, "gaussian", 0.1), ValueError, "q_star"),
+        (lambda: freeprob.s_transform("tanh", 0.25, "uniform", 0.1), ValueError, "weights"),
+        (
+            lambda: freeprob.jacobian_moments("tanh", 0.25, 3, "gaussian", order=1),
+            ValueError,
+            "order",
+        ),
+    ],
+)
+def test_bad_input_every_entry_point(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
 def test_failure_names_the_points(monkeypatch):
     monkeypatch.setattr(freeprob, "_TOL", -1.0)  # nothing can converge
     grid = np.array([0.5, 1.5])
@@ -410,112 +467,3 @@ def test_failure_names_the_points(monkeypatch):
     r = freeprob.spectral_density("relu", 1.0, 2, "gaussian", grid, on_failure="nan")
     assert not np.any(np.asarray(r.converged))
     assert np.all(np.isnan(np.asarray(r.density)))
-
-
-# --------------------------------------------------------------------------- #
-# Against measurement.
-# --------------------------------------------------------------------------- #
-
-
-def sample_spectra(name, q, weights, depths, width, seed):
-    """Eigenvalues of ``J J^T`` of a sampled network at each depth in ``depths``.
-
-    ``W`` Gaussian (``N(0, sigma_w2 / N)``) or ``sqrt(sigma_w2)`` Haar
-    orthogonal (QR with sign fix), at the critical point for ``q*``; the input
-    ``x^0 = phi(sqrt(q*) z)`` puts ``h^1`` on the ``q*`` sphere; ``J`` is
-    accumulated in float64; eigenvalues are squared singular values.
-    """
-    act = activations.get(name)
-    sw, sb = (float(v) for v in meanfield.critical_point(act, q))
-    rng = np.random.default_rng(seed)
-    n = width
-    x = np.asarray(act.phi(np.sqrt(q) * rng.standard_normal(n)))
-    jac = np.eye(n)
-    out = {}
-    for layer in range(1, max(depths) + 1):
-        if weights == "gaussian":
-            w = rng.standard_normal((n, n)) * np.sqrt(sw / n)
-        else:
-            qm, rm = np.linalg.qr(rng.standard_normal((n, n)))
-            w = qm * np.sign(np.diag(rm)) * np.sqrt(sw)
-        h = w @ x + rng.standard_normal(n) * np.sqrt(sb)
-        jac = np.asarray(act.dphi(h))[:, None] * (w @ jac)
-        x = np.asarray(act.phi(h))
-        if layer in depths:
-            out[layer] = np.linalg.svd(jac, compute_uv=False) ** 2
-    return out
-
-
-def theory_cdf(name, q, depth, weights, points):
-    """The predicted CDF at ``points``: the integrated density plus the atoms."""
-    lam, w, dens, tail, r = _density_parts(name, q, depth, weights)
-    order = np.argsort(lam)
-    lam, cum = lam[order], tail + np.cumsum((w * dens)[order])
-    cdf = np.interp(points, lam, cum, left=0.0) + float(r.atom_at_zero)
-    for a, m in zip(np.asarray(r.atom_locations), np.asarray(r.atom_masses), strict=True):
-        cdf = cdf + m * (points >= a * (1 - 1e-9))
-    return cdf
-
-
-def ks_distance(name, q, depth, weights, eigenvalues):
-    """Kolmogorov-Smirnov distance above the float64 floor of the measurement.
-
-    ``J`` accumulated in float64 resolves squared singular values only down
-    to ``~(eps s_max)^2``; deep Gaussian laws put much mass far below (their
-    CDF near 0 goes like ``lambda^(1/(L+1))``), so the sup is taken over
-    eigenvalues above ``1e4 (eps s_max)^2``, where both CDFs are meaningful.
-    """
-    ev = np.sort(eigenvalues)
-    n = ev.size
-    floor = 1e4 * np.finfo(float).eps ** 2 * ev[-1]
-    keep = ev > floor
-    cdf = theory_cdf(name, q, depth, weights, ev)
-    hi = np.abs(cdf - np.arange(1, n + 1) / n)[keep]
-    lo = np.abs(cdf - np.arange(n) / n)[keep]
-    return max(hi.max(), lo.max())
-
-
-def ks_bound(depth, width):
-    """The KS tolerance for one sampled network of this width and depth.
-
-    Eigenvalues of a random matrix are rigid: the empirical CDF fluctuates by
-    O(log N / N), not the O(N^-1/2) of i.i.d. samples. The dominant error is
-    the finite-width bias of a product of L free factors, which grows like
-    L / N (Akemann, Burda & Kieburg 2014: the limit law holds for L << N). The
-    bound is 3 log(N) / N + 2 L / N: 0.02 + 0.016 at L = 8, N = 1000.
-    """
-    return 3 * math.log(width) / width + 2 * depth / width
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("name", "weights", "q"), [("linear", "gaussian", 1.0), ("tanh", "orthogonal", 0.25)]
-)
-def test_measured_spectra_small(name, weights, q):
-    width = 1000
-    spectra = sample_spectra(name, q, weights, (2, 8), width, seed=0)
-    for depth, ev in spectra.items():
-        assert ks_distance(name, q, depth, weights, ev) < ks_bound(depth, width)
-
-
-_MEASURED = [
-    ("linear", "gaussian", 1.0),
-    *[("relu", "orthogonal", q) for q in (1.0,)],
-    *[("hard_tanh", "orthogonal", q) for q in (1 / 64, 0.25, 1.0)],
-    *[
-        (n, w, q)
-        for n in ("tanh", "erf")
-        for w in ("orthogonal", "gaussian")
-        for q in (1 / 64, 0.25, 1.0)
-    ],
-]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("name", "weights", "q"), _MEASURED)
-@pytest.mark.parametrize("seed", [0, 1])
-def test_measured_spectra(name, weights, q, seed):
-    width = 1000
-    spectra = sample_spectra(name, q, weights, (2, 8, 32, 128), width, seed)
-    for depth, ev in spectra.items():
-        assert ks_distance(name, q, depth, weights, ev) < ks_bound(depth, width), depth

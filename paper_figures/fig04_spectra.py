@@ -1,0 +1,212 @@
+"""Jacobian singular-value densities at depths 2-128, measured (histograms) with the free-probability prediction (lines): orthogonal sigmoid networks at small q* stay isometric, Gaussian and ReLU networks spread (Pennington, Schoenholz & Ganguli 2017, Fig. 2).
+
+Each panel is one ensemble at its critical point (``chi1 = 1``) for its ``q*``:
+linear with Gaussian weights, ReLU and hard-tanh with orthogonal weights, and
+tanh / erf with orthogonal against Gaussian weights at ``q* = 1/64, 1/4, 1``
+(the quick tier: ``1/64`` and ``1``). Each axis is ``log10 s``, so spectra that
+span decades and spectra concentrated at ``s = 1`` read alike; narrow ones get
+a zoomed inset.
+The measurement is the ``spectra`` experiment (inputs on the ``q*`` sphere,
+every depth in one pass), run into a results store; the prediction is
+:func:`isometry.freeprob.singular_value_density` with its atoms.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import experiments
+from experiments import spectra as spectra_experiment
+from isometry import freeprob, plotting, sweep
+
+KEYS = (
+    "depths",
+    "activation",
+    "weights",
+    "q_star",
+    "log10_s",
+    "theory_x",
+    "theory_density",
+    "atom_at_zero",
+    "atom_location",
+    "atom_mass",
+)
+
+
+def _panels(q_stars) -> list[tuple[str, str, float]]:
+    """Row 1: linear Gaussian, ReLU and hard-tanh orthogonal; then one row per ``q*``:
+    tanh and erf, orthogonal against Gaussian."""
+    return [
+        ("linear", "gaussian", 1.0),
+        ("relu", "orthogonal", 1.0),
+        ("hard_tanh", "orthogonal", 0.25),
+        ("hard_tanh", "orthogonal", 1.0),
+        *[
+            (act, w, q)
+            for q in q_stars
+            for act in ("tanh", "erf")
+            for w in ("orthogonal", "gaussian")
+        ],
+    ]
+
+
+TIERS = {
+    "tiny": {
+        "panels": [("hard_tanh", "orthogonal", 0.25)],
+        "depths": (2, 8),
+        "width": 32,
+        "seeds": 1,
+        "points": 40,
+        "store": None,
+    },
+    "quick": {
+        "panels": _panels((1 / 64, 1.0)),
+        "depths": (2, 8, 32, 128),
+        "width": 200,
+        "seeds": 2,
+        "points": 50,
+        "store": "results/experiments/fig04_spectra/quick",
+    },
+    "full": {
+        "panels": _panels((1 / 64, 0.25, 1.0)),
+        "depths": (2, 8, 32, 128),
+        "width": 1000,
+        "seeds": 8,
+        "points": 200,
+        "store": "results/experiments/fig04_spectra/full",
+    },
+}
+
+XLIM = (-4.0, 1.5)
+"""The log10 s axis: Gaussian spectra reach far below; their mass there is off the axis."""
+
+
+def _measure(panels, depths, width, seeds, root: Path) -> np.ndarray:
+    """Squared singular values ``(P, K, seeds * width)`` from the ``spectra`` experiment.
+
+    One sweep per (activation, weights), over its ``q*`` values and seeds, into
+    ``root/<activation>_<weights>_<fingerprint>`` (resumable; a changed
+    configuration gets a new directory). Computed in float32 (``log10 s`` on a
+    histogram above ``1e-4``, far above float32 rounding).
+    """
+    groups: dict[tuple[str, str], list[float]] = {}
+    for act, w, q in panels:
+        groups.setdefault((act, w), []).append(float(q))
+    found = {}
+    for (act, w), qs in groups.items():
+        over = [
+            f"activations={act}",
+            f"weights={w}",
+            "q_stars=" + ",".join(repr(q) for q in qs),
+            "depths=" + ",".join(str(d) for d in depths),
+            f"width={width}",
+            f"seeds={seeds}",
+        ]
+        cfg = experiments.config("spectra", "quick", over)
+        out = root / f"{act}_{w}_{sweep.fingerprint('spectra', cfg)[:10]}"
+        with jax.enable_x64(False):
+            experiments.run("spectra", "quick", over, out, progress=False)
+        store = sweep.Store(out, "spectra", cfg)
+        for p in spectra_experiment.grid(cfg).points():
+            found.setdefault((act, w, float(p["q_star"])), []).append(
+                store.arrays(p)["sq_singular_values"]
+            )
+    lam = [np.stack(found[(a, w, float(q))], axis=1) for a, w, q in panels]  # (K, S, N)
+    return np.stack([x.reshape(x.shape[0], -1) for x in lam]).astype(np.float64)
+
+
+def _theory(act, weights, q, depth, log10_s, points):
+    """The density of ``log10 s`` on a grid over the axis, denser over the measured bulk.
+
+    ``p(log10 s) = s ln(10) p_s(s)`` with ``p_s`` from
+    :func:`isometry.freeprob.singular_value_density`. Returns ``(x, density,
+    atom_at_zero, atom_location (log10 s, NaN if none), atom_mass)``.
+    """
+    x_edge = 0.5 * np.log10(freeprob.max_eigenvalue(act, q, depth, weights))
+    finite = log10_s[np.isfinite(log10_s)]
+    lo = max(XLIM[0], float(np.quantile(finite, 0.005)) if finite.size else XLIM[0])
+    x = np.concatenate(
+        [
+            np.linspace(XLIM[0], x_edge, points),
+            np.linspace(min(lo, x_edge - 1e-3), x_edge, points // 2),
+            x_edge + np.log10(1.0 - np.geomspace(1e-7, 0.02, 8)),
+            [x_edge + 1e-3, XLIM[1]],
+        ]
+    )
+    x = np.unique(x[(x >= XLIM[0]) & (x <= max(XLIM[1], x_edge))])
+    # One grid length for every call (padded with its last point): one compilation.
+    s = 10.0 ** np.pad(x, (0, 2 * points + 16 - x.size), mode="edge")
+    r = freeprob.singular_value_density(act, q, depth, weights, s, on_failure="nan")
+    dens = (s * np.log(10.0) * np.asarray(r.density))[: x.size]
+    locs, masses = np.asarray(r.atom_locations), np.asarray(r.atom_masses)
+    loc = float(np.log10(locs[0])) if locs.size else np.nan
+    mass = float(masses[0]) if masses.size else 0.0
+    return x, dens, float(r.atom_at_zero), loc, mass
+
+
+def compute(panels, depths, width, seeds, points, store) -> dict:
+    panels = [(str(a), str(w), float(q)) for a, w, q in panels]
+    depths = tuple(int(d) for d in depths)
+    if store is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            lam = _measure(panels, depths, width, seeds, Path(tmp))
+    else:
+        lam = _measure(panels, depths, width, seeds, Path(store))
+    with np.errstate(divide="ignore"):
+        log10_s = 0.5 * np.log10(np.clip(lam, 0.0, None))
+    P, K = len(panels), len(depths)
+    G = 2 * points + 16
+    tx, td = np.full((P, K, G), np.nan), np.full((P, K, G), np.nan)
+    zero, loc, mass = np.zeros((P, K)), np.full((P, K), np.nan), np.zeros((P, K))
+    for i, (act, w, q) in enumerate(panels):
+        for k, d in enumerate(depths):
+            x, dens, zero[i, k], loc[i, k], mass[i, k] = _theory(
+                act, w, q, d, log10_s[i, k], points
+            )
+            tx[i, k, : x.size], td[i, k, : x.size] = x, dens
+    return {
+        "depths": np.asarray(depths),
+        "activation": np.asarray([a for a, _, _ in panels]),
+        "weights": np.asarray([w for _, w, _ in panels]),
+        "q_star": np.asarray([q for _, _, q in panels]),
+        "log10_s": log10_s,
+        "theory_x": tx,
+        "theory_density": td,
+        "atom_at_zero": zero,
+        "atom_location": loc,
+        "atom_mass": mass,
+    }
+
+
+def _q_text(q: float) -> str:
+    inv = 1.0 / q
+    return f"1/{round(inv)}" if q < 1 and abs(inv - round(inv)) < 1e-9 else f"{q:g}"
+
+
+def _title(act: str, weights: str, q: float) -> str:
+    name = {"hard_tanh": "hard-tanh", "relu": "ReLU"}.get(act, act)
+    if act in ("linear", "relu"):  # laws of phi' that do not depend on q*
+        return f"{name}, {weights}"
+    return f"{name}, {weights}, $q^*$ = {_q_text(q)}"
+
+
+def plot(data, params):
+    panels = [
+        {
+            "title": _title(str(a), str(w), float(q)),
+            "log10_s": data["log10_s"][i],
+            "theory_x": data["theory_x"][i],
+            "theory_density": data["theory_density"][i],
+            "atom_at_zero": data["atom_at_zero"][i],
+            "atom_location": data["atom_location"][i],
+            "atom_mass": data["atom_mass"][i],
+        }
+        for i, (a, w, q) in enumerate(
+            zip(data["activation"], data["weights"], data["q_star"], strict=True)
+        )
+    ]
+    return plotting.spectra_grid_figure(panels, data["depths"], ncols=4, xlim=XLIM)
