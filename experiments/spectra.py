@@ -49,7 +49,7 @@ from experiments._common import (
 )
 from isometry import _checks, activations, freeprob, jacobian, meanfield, sweep
 
-__all__ = ["EXPERIMENT", "PRESETS", "Config", "run"]
+__all__ = ["EXPERIMENT", "PRESETS", "Config", "run", "run_cases"]
 
 WEIGHTS = ("gaussian", "orthogonal")
 
@@ -198,6 +198,39 @@ def run(
         progress=progress,
         label="spectra",
     )
+
+
+def run_cases(cases, depths, width: int, seeds: int, root, *, preset: str = "quick") -> dict:
+    """Run the sweep for ``cases`` ``(activation, weights, q*)``: one store per activation/weights.
+
+    Each group's ``q*`` values share one sweep, in
+    ``root/<activation>_<weights>_<fingerprint>`` (resumable; a changed
+    configuration gets a new directory), computed in float32. Returns
+    ``{(activation, weights): (config, store directory)}``; read the table with
+    :func:`isometry.sweep.load_table` on ``<dir>/results.csv`` and the spectra
+    with :meth:`isometry.sweep.Store.arrays`.
+    """
+    import experiments
+
+    groups: dict[tuple[str, str], list[float]] = {}
+    for act, w, q in cases:
+        groups.setdefault((act, w), []).append(float(q))
+    runs = {}
+    for (act, w), qs in groups.items():
+        over = [
+            f"activations={act}",
+            f"weights={w}",
+            "q_stars=" + ",".join(repr(q) for q in qs),
+            "depths=" + ",".join(str(d) for d in depths),
+            f"width={width}",
+            f"seeds={seeds}",
+        ]
+        cfg = experiments.config("spectra", preset, over)
+        out = Path(root) / f"{act}_{w}_{sweep.fingerprint('spectra', cfg)[:10]}"
+        with jax.enable_x64(False):
+            experiments.run("spectra", preset, over, out, progress=False)
+        runs[(act, w)] = (cfg, out)
+    return runs
 
 
 EXPERIMENT = Experiment(

@@ -16,10 +16,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import jax
 import numpy as np
 
-import experiments
 from experiments import spectra as spectra_experiment
 from isometry import freeprob, plotting, sweep
 
@@ -93,23 +91,10 @@ def _measure(panels, depths, width, seeds, root: Path) -> np.ndarray:
     configuration gets a new directory). Computed in float32 (``log10 s`` on a
     histogram above ``1e-4``, far above float32 rounding).
     """
-    groups: dict[tuple[str, str], list[float]] = {}
-    for act, w, q in panels:
-        groups.setdefault((act, w), []).append(float(q))
     found = {}
-    for (act, w), qs in groups.items():
-        over = [
-            f"activations={act}",
-            f"weights={w}",
-            "q_stars=" + ",".join(repr(q) for q in qs),
-            "depths=" + ",".join(str(d) for d in depths),
-            f"width={width}",
-            f"seeds={seeds}",
-        ]
-        cfg = experiments.config("spectra", "quick", over)
-        out = root / f"{act}_{w}_{sweep.fingerprint('spectra', cfg)[:10]}"
-        with jax.enable_x64(False):
-            experiments.run("spectra", "quick", over, out, progress=False)
+    for (act, w), (cfg, out) in spectra_experiment.run_cases(
+        panels, depths, width, seeds, root
+    ).items():
         store = sweep.Store(out, "spectra", cfg)
         for p in spectra_experiment.grid(cfg).points():
             found.setdefault((act, w, float(p["q_star"])), []).append(

@@ -15,10 +15,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import jax
 import numpy as np
 
-import experiments
+from experiments import spectra as spectra_experiment
 from isometry import freeprob, plotting, sweep
 
 KEYS = (
@@ -76,25 +75,8 @@ def _measure(cases, depths, width, seeds, root: Path) -> list[dict]:
     One sweep per (activation, weights) over its ``q*`` values, into
     ``root/<activation>_<weights>_<fingerprint>`` (float32).
     """
-    groups: dict[tuple[str, str], list[float]] = {}
-    for act, w, q in cases:
-        groups.setdefault((act, w), []).append(float(q))
-    tables = {}
-    for (act, w), qs in groups.items():
-        over = [
-            f"activations={act}",
-            f"weights={w}",
-            "q_stars=" + ",".join(repr(q) for q in qs),
-            "depths=" + ",".join(str(d) for d in depths),
-            f"width={width}",
-            f"seeds={seeds}",
-        ]
-        cfg = experiments.config("spectra", "quick", over)
-        out = root / f"{act}_{w}_{sweep.fingerprint('spectra', cfg)[:10]}"
-        with jax.enable_x64(False):
-            tables[(act, w)] = sweep.load_table(
-                experiments.run("spectra", "quick", over, out, progress=False)
-            )
+    runs = spectra_experiment.run_cases(cases, depths, width, seeds, root)
+    tables = {k: sweep.load_table(out / "results.csv") for k, (_, out) in runs.items()}
     found = []
     for act, w, q in cases:
         t = tables[(act, w)]
