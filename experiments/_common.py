@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from isometry import _checks, activations
+from isometry import activations
 
-__all__ = ["check_names", "results_dir", "seed_key", "spectrum_rows", "sphere_input"]
+__all__ = ["results_dir", "seed_key", "spectrum_rows", "sphere_input"]
 
 
 def seed_key(seed, index):
@@ -41,21 +41,6 @@ def spectrum_rows(depths, lam) -> list[dict]:
             }
         )
     return rows
-
-
-def check_names(field: str, values, allowed) -> None:
-    """``values`` is a non-empty tuple of names from ``allowed``."""
-    if not isinstance(values, tuple) or not values:
-        raise ValueError(f"{field} must be a non-empty tuple, got {values!r}")
-    for v in values:
-        _checks.choice(field, v, allowed)
-
-
-def check_positive_ints(field: str, values) -> None:
-    if not isinstance(values, tuple) or not values:
-        raise ValueError(f"{field} must be a non-empty tuple, got {values!r}")
-    for v in values:
-        _checks.positive_int(field, v)
 
 
 ACTIVATIONS = tuple(activations.names())

@@ -45,9 +45,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments._common import results_dir
-from isometry import _checks, networks, sweep, training
 from isometry import data as _data
+from isometry import networks, sweep, training, validate
+from isometry.experiments._common import results_dir
 
 __all__ = [
     "CURVE_KEYS",
@@ -97,7 +97,7 @@ def load_data(name: str = "digits", seed: int = 0) -> _data.Dataset:
     ``digits``: the embedded 8x8 digits (1,438 training, 359 held-out
     examples, 64 standardized features, 10 classes), split by ``seed``.
     """
-    _checks.choice("dataset", name, DATASETS)
+    validate.choice("dataset", name, DATASETS)
     return _data.load(name, seed=seed).flatten()
 
 
@@ -115,7 +115,7 @@ def input_scale(ds: _data.Dataset, sigma_w2: float, sigma_b2: float, q_star: flo
     Pennington, Schoenholz & Ganguli 2017 assumes (``h^l ~ N(0, q*)`` in
     every layer).
     """
-    _checks.real_array("q_star", q_star, minimum=sigma_b2, strict=True)
+    validate.real_array("q_star", q_star, minimum=sigma_b2, strict=True)
     m_u = float(np.mean(np.square(ds.x_train, dtype=np.float64)))
     return math.sqrt((q_star - sigma_b2) / (sigma_w2 * m_u))
 
@@ -133,12 +133,12 @@ def scaled(ds: _data.Dataset, s: float) -> _data.Dataset:
 
 def check_train_options(cfg) -> None:
     """Validate the training fields the three experiments share (clear ``ValueError``s)."""
-    _checks.choice("dataset", cfg.dataset, DATASETS)
+    validate.choice("dataset", cfg.dataset, DATASETS)
     for name in ("width", "steps", "batch_size", "log_every", "seeds", "checkpoint_every"):
-        _checks.positive_int(name, getattr(cfg, name))
-    _checks.positive_int("seed", cfg.seed, 0)
-    _checks.choice("optimizer", cfg.optimizer, training.OPTIMIZERS)
-    _checks.real_array("learning_rate", cfg.learning_rate, minimum=0.0, strict=True)
+        validate.positive_int(name, getattr(cfg, name))
+    validate.positive_int("seed", cfg.seed, 0)
+    validate.choice("optimizer", cfg.optimizer, training.OPTIMIZERS)
+    validate.real_array("learning_rate", cfg.learning_rate, minimum=0.0, strict=True)
     if cfg.log_every > cfg.steps:
         raise ValueError(f"log_every must be <= steps ({cfg.steps}), got {cfg.log_every}")
 
@@ -386,10 +386,10 @@ def stored_run(
     """
     import importlib
 
-    import experiments
+    from isometry import experiments
 
     cfg = experiments.config(name, preset, overrides)
-    grid = importlib.import_module(f"experiments.{name}").grid
+    grid = importlib.import_module(f"isometry.experiments.{name}").grid
     with results_dir(store) as out:
         csv = experiments.get(name).run(cfg, out, progress=progress)
         st = sweep.Store(out, name, cfg)

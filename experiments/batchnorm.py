@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import Experiment, gradients
-from experiments._common import ACTIVATIONS, check_names, check_positive_ints
-from isometry import _checks, sweep
+from isometry import sweep, validate
+from isometry.experiments import Experiment, gradients
+from isometry.experiments._common import ACTIVATIONS
 
 __all__ = ["EXPERIMENT", "PRESETS", "Config", "growth_rate", "run"]
 
@@ -59,14 +59,14 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
-        check_names("activations", self.activations, ACTIVATIONS)
-        check_positive_ints("batch_sizes", self.batch_sizes)
+        validate.names("activations", self.activations, ACTIVATIONS)
+        validate.positive_ints("batch_sizes", self.batch_sizes)
         for b in self.batch_sizes:
-            _checks.positive_int("batch_sizes", b, 2)
-        _checks.positive_int("depth", self.depth, 2)
-        _checks.positive_int("width", self.width)
-        _checks.positive_int("seeds", self.seeds)
-        _checks.positive_int("seed", self.seed, 0)
+            validate.positive_int("batch_sizes", b, 2)
+        validate.positive_int("depth", self.depth, 2)
+        validate.positive_int("width", self.width)
+        validate.positive_int("seeds", self.seeds)
+        validate.positive_int("seed", self.seed, 0)
 
 
 PRESETS = {

@@ -47,10 +47,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments import Experiment
-from experiments import _training as tr
-from experiments._common import ACTIVATIONS
-from isometry import _checks, gaussian, meanfield, networks, sweep, training
+from isometry import gaussian, meanfield, networks, sweep, training, validate
+from isometry.experiments import Experiment
+from isometry.experiments import _training as tr
+from isometry.experiments._common import ACTIVATIONS
 
 __all__ = ["EXPERIMENT", "PRESETS", "Config", "gradient_growth", "grid", "run"]
 
@@ -104,12 +104,12 @@ class Config:
             training.parse_clip(c)
         if len(set(self.clips)) != len(self.clips):
             raise ValueError(f"clips must not repeat, got {self.clips!r}")
-        _checks.choice("activation", self.activation, ACTIVATIONS)
-        _checks.choice("init", self.init, ("gaussian", "orthogonal"))
-        _checks.real_array("sigma_w2", self.sigma_w2, minimum=0.0, strict=True)
-        _checks.real_array("sigma_b2", self.sigma_b2, minimum=0.0)
-        _checks.positive_int("depth", self.depth)
-        _checks.positive_int("eval_every", self.eval_every, 0)
+        validate.choice("activation", self.activation, ACTIVATIONS)
+        validate.choice("init", self.init, ("gaussian", "orthogonal"))
+        validate.real_array("sigma_w2", self.sigma_w2, minimum=0.0, strict=True)
+        validate.real_array("sigma_b2", self.sigma_b2, minimum=0.0)
+        validate.positive_int("depth", self.depth)
+        validate.positive_int("eval_every", self.eval_every, 0)
         tr.check_train_options(self)
 
 

@@ -67,9 +67,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments import Experiment
-from experiments._common import ACTIVATIONS, check_names, check_positive_ints, seed_key
-from isometry import _checks, data, initializers, networks, sweep, training
+from isometry import data, initializers, networks, sweep, training, validate
+from isometry.experiments import Experiment
+from isometry.experiments._common import ACTIVATIONS, seed_key
 
 __all__ = ["EXPERIMENT", "INITS", "PRESETS", "Config", "TrainabilityCNN", "run", "train_point"]
 
@@ -139,32 +139,32 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
-        check_names("inits", self.inits, INITS)
-        check_positive_ints("depths", self.depths)
-        _checks.choice("activation", self.activation, ACTIVATIONS)
-        _checks.real_array("q_star", self.q_star, minimum=0.0, strict=True)
-        _checks.positive_int("channels", self.channels)
-        _checks.positive_int("kernel_size", self.kernel_size)
-        _checks.choice("head", self.head, HEADS)
-        _checks.positive_int("steps", self.steps)
-        _checks.positive_int("batch_size", self.batch_size)
-        _checks.choice("optimizer", self.optimizer, OPTIMIZERS)
-        _checks.real_array("learning_rate", self.learning_rate, minimum=0.0, strict=True)
-        _checks.choice("schedule", self.schedule, training.SCHEDULES)
-        _checks.choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
-        _checks.real_array("momentum", self.momentum, minimum=0.0, maximum=1.0)
-        _checks.positive_int("log_every", self.log_every)
-        _checks.positive_int("eval_every", self.eval_every, 0)
-        _checks.positive_int("n_train", self.n_train, 0)
+        validate.names("inits", self.inits, INITS)
+        validate.positive_ints("depths", self.depths)
+        validate.choice("activation", self.activation, ACTIVATIONS)
+        validate.real_array("q_star", self.q_star, minimum=0.0, strict=True)
+        validate.positive_int("channels", self.channels)
+        validate.positive_int("kernel_size", self.kernel_size)
+        validate.choice("head", self.head, HEADS)
+        validate.positive_int("steps", self.steps)
+        validate.positive_int("batch_size", self.batch_size)
+        validate.choice("optimizer", self.optimizer, OPTIMIZERS)
+        validate.real_array("learning_rate", self.learning_rate, minimum=0.0, strict=True)
+        validate.choice("schedule", self.schedule, training.SCHEDULES)
+        validate.choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
+        validate.real_array("momentum", self.momentum, minimum=0.0, maximum=1.0)
+        validate.positive_int("log_every", self.log_every)
+        validate.positive_int("eval_every", self.eval_every, 0)
+        validate.positive_int("n_train", self.n_train, 0)
         if 0 < self.n_train < self.batch_size:
             raise ValueError(
                 f"n_train must be 0 (all) or >= batch_size = {self.batch_size}, got {self.n_train}"
             )
-        _checks.positive_int("seeds", self.seeds)
+        validate.positive_int("seeds", self.seeds)
         if not isinstance(self.unroll, bool):
             raise TypeError(f"unroll must be True or False, got {self.unroll!r}")
-        _checks.positive_int("checkpoint_every", self.checkpoint_every, 0)
-        _checks.positive_int("seed", self.seed, 0)
+        validate.positive_int("checkpoint_every", self.checkpoint_every, 0)
+        validate.positive_int("seed", self.seed, 0)
         # The critical point must exist for q_star (e.g. tanh at large q* needs sigma_b2 < 0).
         self.network_config("gaussian", min(self.depths))
 
@@ -226,7 +226,7 @@ class TrainabilityCNN(nnx.Module):
         unroll: bool,
         rngs: nnx.Rngs,
     ):
-        _checks.choice("head", head, HEADS)
+        validate.choice("head", head, HEADS)
         if net.pool or net.out_dim is not None:
             raise ValueError(
                 "TrainabilityCNN: the body must have no head (pool=False, out_dim=None)"

@@ -36,16 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments import Experiment
-from experiments._common import (
+from isometry import jacobian, meanfield, networks, sweep, validate
+from isometry.experiments import Experiment
+from isometry.experiments._common import (
     ACTIVATIONS,
-    check_names,
-    check_positive_ints,
     seed_key,
     spectrum_rows,
     sphere_input,
 )
-from isometry import _checks, jacobian, meanfield, networks, sweep
 
 __all__ = ["EXPERIMENT", "INITS", "PRESETS", "Config", "run"]
 
@@ -81,16 +79,16 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
-        check_names("inits", self.inits, INITS)
-        _checks.choice("activation", self.activation, ACTIVATIONS)
-        _checks.real_array("q_star", self.q_star, minimum=0.0, strict=True)
-        check_positive_ints("depths", self.depths)
-        _checks.positive_int("channels", self.channels)
-        _checks.positive_int("size", self.size)
-        _checks.choice("spatial_dims", self.spatial_dims, (1, 2))
-        _checks.positive_int("kernel_size", self.kernel_size)
-        _checks.positive_int("seeds", self.seeds)
-        _checks.positive_int("seed", self.seed, 0)
+        validate.names("inits", self.inits, INITS)
+        validate.choice("activation", self.activation, ACTIVATIONS)
+        validate.real_array("q_star", self.q_star, minimum=0.0, strict=True)
+        validate.positive_ints("depths", self.depths)
+        validate.positive_int("channels", self.channels)
+        validate.positive_int("size", self.size)
+        validate.choice("spatial_dims", self.spatial_dims, (1, 2))
+        validate.positive_int("kernel_size", self.kernel_size)
+        validate.positive_int("seeds", self.seeds)
+        validate.positive_int("seed", self.seed, 0)
 
 
 PRESETS = {

@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from experiments import Experiment
-from experiments._common import ACTIVATIONS, check_names, seed_key
-from isometry import _checks, initializers, networks, signal, sweep
+from isometry import initializers, networks, signal, sweep, validate
+from isometry.experiments import Experiment
+from isometry.experiments._common import ACTIVATIONS, seed_key
 
 __all__ = ["EXPERIMENT", "PRESETS", "TECHNIQUES", "Config", "run"]
 
@@ -83,16 +83,16 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
-        check_names("activations", self.activations, ACTIVATIONS)
-        check_names("inits", self.inits, INITS)
-        check_names("techniques", self.techniques, TECHNIQUES)
-        _checks.positive_int("depth", self.depth)
-        _checks.positive_int("width", self.width)
-        _checks.positive_int("batch", self.batch, 2)
-        _checks.positive_int("seeds", self.seeds)
-        _checks.real_array("orthogonal_sigma_w2", self.orthogonal_sigma_w2, minimum=0, strict=True)
-        _checks.real_array("residual_scale", self.residual_scale, minimum=0, strict=True)
-        _checks.positive_int("seed", self.seed, 0)
+        validate.names("activations", self.activations, ACTIVATIONS)
+        validate.names("inits", self.inits, INITS)
+        validate.names("techniques", self.techniques, TECHNIQUES)
+        validate.positive_int("depth", self.depth)
+        validate.positive_int("width", self.width)
+        validate.positive_int("batch", self.batch, 2)
+        validate.positive_int("seeds", self.seeds)
+        validate.real_array("orthogonal_sigma_w2", self.orthogonal_sigma_w2, minimum=0, strict=True)
+        validate.real_array("residual_scale", self.residual_scale, minimum=0, strict=True)
+        validate.positive_int("seed", self.seed, 0)
 
 
 PRESETS = {

@@ -64,10 +64,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments import Experiment
-from experiments import _training as tr
-from experiments._common import ACTIVATIONS, check_names, check_positive_ints
-from isometry import _checks, freeprob, meanfield, networks, sweep, training
+from isometry import freeprob, meanfield, networks, sweep, training, validate
+from isometry.experiments import Experiment
+from isometry.experiments import _training as tr
+from isometry.experiments._common import ACTIVATIONS
 
 __all__ = [
     "EXPERIMENT",
@@ -93,7 +93,7 @@ def parse_setting(text: str) -> tuple[str, float]:
     if not isinstance(text, str) or text.count(":") != 1:
         raise ValueError(f"a setting must be 'activation:q_star' (e.g. 'tanh:1/64'), got {text!r}")
     act, q = (t.strip() for t in text.split(":"))
-    _checks.choice("setting activation", act, ACTIVATIONS)
+    validate.choice("setting activation", act, ACTIVATIONS)
     try:
         q_star = float(Fraction(q))
     except (ValueError, ZeroDivisionError):
@@ -163,12 +163,12 @@ class Config:
             raise ValueError(f"settings must be a non-empty tuple, got {self.settings!r}")
         for s in self.settings:
             critical_setting(s)
-        check_names("inits", self.inits, INITS)
-        check_positive_ints("depths", self.depths)
-        _checks.positive_int("lr_reference_depth", self.lr_reference_depth)
-        _checks.real_array("lr_depth_exponent", self.lr_depth_exponent)
-        _checks.real_array("accuracy_threshold", self.accuracy_threshold, minimum=0.0, maximum=1.0)
-        _checks.positive_int("eval_every", self.eval_every)
+        validate.names("inits", self.inits, INITS)
+        validate.positive_ints("depths", self.depths)
+        validate.positive_int("lr_reference_depth", self.lr_reference_depth)
+        validate.real_array("lr_depth_exponent", self.lr_depth_exponent)
+        validate.real_array("accuracy_threshold", self.accuracy_threshold, minimum=0.0, maximum=1.0)
+        validate.positive_int("eval_every", self.eval_every)
         tr.check_train_options(self)
 
 

@@ -38,16 +38,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import Experiment
-from experiments._common import (
+from isometry import activations, freeprob, jacobian, meanfield, sweep, validate
+from isometry.experiments import Experiment
+from isometry.experiments._common import (
     ACTIVATIONS,
-    check_names,
-    check_positive_ints,
     seed_key,
     spectrum_rows,
     sphere_input,
 )
-from isometry import _checks, activations, freeprob, jacobian, meanfield, sweep
 
 __all__ = ["EXPERIMENT", "PRESETS", "Config", "run", "run_cases"]
 
@@ -77,16 +75,16 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
-        check_names("activations", self.activations, ACTIVATIONS)
-        check_names("weights", self.weights, WEIGHTS)
+        validate.names("activations", self.activations, ACTIVATIONS)
+        validate.names("weights", self.weights, WEIGHTS)
         if not isinstance(self.q_stars, tuple) or not self.q_stars:
             raise ValueError(f"q_stars must be a non-empty tuple, got {self.q_stars!r}")
         for q in self.q_stars:
-            _checks.real_array("q_stars", q, minimum=0.0, strict=True)
-        check_positive_ints("depths", self.depths)
-        _checks.positive_int("width", self.width, 2)
-        _checks.positive_int("seeds", self.seeds)
-        _checks.positive_int("seed", self.seed, 0)
+            validate.real_array("q_stars", q, minimum=0.0, strict=True)
+        validate.positive_ints("depths", self.depths)
+        validate.positive_int("width", self.width, 2)
+        validate.positive_int("seeds", self.seeds)
+        validate.positive_int("seed", self.seed, 0)
 
 
 PRESETS = {
@@ -210,7 +208,7 @@ def run_cases(cases, depths, width: int, seeds: int, root, *, preset: str = "qui
     :func:`isometry.sweep.load_table` on ``<dir>/results.csv`` and the spectra
     with :meth:`isometry.sweep.Store.arrays`.
     """
-    import experiments
+    from isometry import experiments
 
     groups: dict[tuple[str, str], list[float]] = {}
     for act, w, q in cases:

@@ -50,10 +50,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments import Experiment
-from experiments import _training as tr
-from experiments._common import ACTIVATIONS, check_positive_ints
-from isometry import _checks, meanfield, networks, sweep, training
+from isometry import meanfield, networks, sweep, training, validate
+from isometry.experiments import Experiment
+from isometry.experiments import _training as tr
+from isometry.experiments._common import ACTIVATIONS
 
 __all__ = ["EXPERIMENT", "PRESETS", "Config", "grid", "run", "theory"]
 
@@ -95,12 +95,12 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
-        _checks.choice("activation", self.activation, ACTIVATIONS)
+        validate.choice("activation", self.activation, ACTIVATIONS)
         if not isinstance(self.sigma_w2, tuple) or not self.sigma_w2:
             raise ValueError(f"sigma_w2 must be a non-empty tuple, got {self.sigma_w2!r}")
-        _checks.real_array("sigma_w2", self.sigma_w2, minimum=0.0, strict=True)
-        _checks.real_array("sigma_b2", self.sigma_b2, minimum=0.0)
-        check_positive_ints("depths", self.depths)
+        validate.real_array("sigma_w2", self.sigma_w2, minimum=0.0, strict=True)
+        validate.real_array("sigma_b2", self.sigma_b2, minimum=0.0)
+        validate.positive_ints("depths", self.depths)
         tr.check_train_options(self)
 
 

@@ -656,7 +656,7 @@ def _add_figures(sub):
 
 
 def _run_figures(args) -> int:
-    from paper_figures import FIGURES, core
+    from isometry.paper_figures import FIGURES, core
 
     names = args.names or list(FIGURES)
     if args.list:
@@ -703,8 +703,7 @@ def _add_run(sub):
 
 
 def _run_run(args) -> int:
-    import experiments
-    from isometry import sweep
+    from isometry import experiments, sweep
 
     if args.list:
         for name in experiments.names():

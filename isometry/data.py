@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from isometry import _checks
+from isometry import validate
 
 __all__ = [
     "DATASETS",
@@ -160,7 +160,7 @@ class Dataset:
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     """A permutation of ``range(n)`` determined by ``(seed, epoch)`` alone (PCG64)."""
-    _checks.positive_int("n", n)
+    validate.positive_int("n", n)
     return np.random.default_rng([int(seed), int(epoch)]).permutation(n).astype(np.int32)
 
 
@@ -171,7 +171,7 @@ def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
     ``n // batch_size`` batches (the remainder is dropped), so the batch at
     step ``t`` is a function of ``(seed, t)`` only.
     """
-    _checks.positive_int("batch_size", batch_size)
+    validate.positive_int("batch_size", batch_size)
     if batch_size > n:
         raise ValueError(f"batch_size must be <= the number of examples {n}, got {batch_size}")
     per_epoch = n // batch_size
@@ -234,7 +234,7 @@ def load_digits(
         raise ImportError(
             "the digits dataset needs scikit-learn (pip install scikit-learn)"
         ) from err
-    _checks.real_array("test_fraction", test_fraction, minimum=0.0, strict=True, maximum=1.0)
+    validate.real_array("test_fraction", test_fraction, minimum=0.0, strict=True, maximum=1.0)
     if test_fraction >= 1.0:
         raise ValueError(f"test_fraction must be < 1, got {test_fraction}")
     d = _sk_digits()
@@ -465,10 +465,10 @@ def teacher_student(
     from isometry import networks
 
     for name, v in (("n_train", n_train), ("n_test", n_test), ("in_dim", in_dim)):
-        _checks.positive_int(name, v)
-    _checks.real_array("noise", noise, minimum=0.0)
+        validate.positive_int(name, v)
+    validate.real_array("noise", noise, minimum=0.0)
     outputs = (
-        out_dim if num_classes is None else _checks.positive_int("num_classes", num_classes, 2)
+        out_dim if num_classes is None else validate.positive_int("num_classes", num_classes, 2)
     )
     cfg = networks.MLPConfig(
         depth=depth,
@@ -505,7 +505,7 @@ def load(name: str, *, root: str | os.PathLike | None = None, seed: int = 0, **k
     ``$ISOMETRY_DATA``); ``seed`` fixes the digits split and the teacher;
     other keyword arguments go to the loader.
     """
-    _checks.choice("dataset", name, DATASETS)
+    validate.choice("dataset", name, DATASETS)
     if name == "digits":
         return load_digits(seed=seed, **kwargs)
     if name == "mnist":

@@ -67,8 +67,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from isometry import _checks, meanfield
 from isometry import gaussian as gs
+from isometry import meanfield, validate
 from isometry.activations import Activation
 from isometry.activations import get as get_activation
 
@@ -132,7 +132,7 @@ class D2Law:
 
 
 def _check_q(q_star):
-    _checks.real_array("q_star", q_star, minimum=0.0, strict=True)
+    validate.real_array("q_star", q_star, minimum=0.0, strict=True)
     if np.ndim(q_star) != 0:
         raise ValueError(f"q_star must be a scalar, got shape {np.shape(q_star)}")
     return float(q_star)
@@ -228,11 +228,11 @@ def _check_weights(weights):
     if not isinstance(weights, str):
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     key = weights.strip().lower()
-    return _checks.choice("weights", key, WEIGHTS)
+    return validate.choice("weights", key, WEIGHTS)
 
 
 def _check_depth(depth):
-    return _checks.positive_int("depth", depth)
+    return validate.positive_int("depth", depth)
 
 
 def _sigma(act, q_star, sigma_w2):
@@ -240,7 +240,7 @@ def _sigma(act, q_star, sigma_w2):
         with jax.enable_x64(True):
             sw, _ = meanfield.critical_point(act, np.float64(q_star))
         return float(sw)
-    _checks.real_array("sigma_w2", sigma_w2, minimum=0.0, strict=True)
+    validate.real_array("sigma_w2", sigma_w2, minimum=0.0, strict=True)
     if np.ndim(sigma_w2) != 0:
         raise ValueError(f"sigma_w2 must be a scalar, got shape {np.shape(sigma_w2)}")
     return float(sigma_w2)
@@ -380,7 +380,7 @@ def jacobian_moments(
         ValueError: ``q_star <= 0``, ``depth < 1``, unknown ``weights``, bad ``sigma_w2``.
     """
     act, q, depth, weights, sw = _setup(act, q_star, depth, weights, sigma_w2)
-    order = _checks.positive_int("order", order, minimum=2)
+    order = validate.positive_int("order", order, minimum=2)
     mu = np.array(_moments(act, q, order + 1))
     s1 = -1.0 if weights == "gaussian" else 0.0
     m1 = (sw * mu[0]) ** depth
@@ -686,7 +686,7 @@ def _density_core(act, q, depth, weights, sw, lam):
         locs, masses = _atoms(law, depth, weights, sw)
         zeros = jnp.zeros_like(lam)
         return zeros, 0.0, locs, masses, jnp.ones(lam.shape, bool), zeros
-    levels = _levels(lam, edge) if _checks.is_concrete(lam) else _levels([edge * 1e-30], edge)
+    levels = _levels(lam, edge) if validate.is_concrete(lam) else _levels([edge * 1e-30], edge)
     locs, masses = _atoms(law, depth, weights, sw)
     zero = law.zero_mass
     nodes = (law.nodes, law.weights)
@@ -701,12 +701,12 @@ def _density_core(act, q, depth, weights, sw, lam):
         g_check = _green(c_check, z, locs, masses)
         ok = ok & (jnp.abs(g_check - g) <= _RESOLVED * jnp.abs(g))
         bad = ~ok & (lam > 0)
-        if not _checks.is_concrete(bad) or bool(jnp.any(bad)):
+        if not validate.is_concrete(bad) or bool(jnp.any(bad)):
             # Where the nodes do not resolve M_{D^2} (u close to the support of d),
             # solve again with the law as a mixture of uniform cells, which is
             # exact up to the real axis; check it against half as many cells.
             idx = None
-            if _checks.is_concrete(bad):
+            if validate.is_concrete(bad):
                 idx = np.nonzero(np.asarray(bad))[0]
                 # Pad to a power of two (repeating a point): few shapes, few compilations.
                 size = 1 << math.ceil(math.log2(idx.size))
@@ -735,11 +735,11 @@ def _density_core(act, q, depth, weights, sw, lam):
 
 
 def _check_grid(grid):
-    _checks.real_array("grid", grid, nonempty=True)
+    validate.real_array("grid", grid, nonempty=True)
 
 
 def _report(name, grid, ok, on_failure):
-    if on_failure == "nan" or not _checks.is_concrete(ok):
+    if on_failure == "nan" or not validate.is_concrete(ok):
         return
     bad = ~np.asarray(ok)
     if bad.any():
@@ -786,7 +786,7 @@ def spectral_density(
     """
     with jax.ensure_compile_time_eval():
         act, q, depth, weights, sw = _setup(act, q_star, depth, weights, sigma_w2)
-    _checks.choice("on_failure", on_failure, ("raise", "nan"))
+    validate.choice("on_failure", on_failure, ("raise", "nan"))
     _check_grid(grid)
     with jax.enable_x64(True):
         g = jnp.asarray(grid, jnp.float64)
@@ -821,7 +821,7 @@ def singular_value_density(
     """
     with jax.ensure_compile_time_eval():
         act, q, depth, weights, sw = _setup(act, q_star, depth, weights, sigma_w2)
-    _checks.choice("on_failure", on_failure, ("raise", "nan"))
+    validate.choice("on_failure", on_failure, ("raise", "nan"))
     _check_grid(grid)
     with jax.enable_x64(True):
         s = jnp.asarray(grid, jnp.float64)

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from isometry import _checks, activations, initializers, spectra
+from isometry import activations, initializers, spectra, validate
 
 __all__ = [
     "NonFiniteJacobianError",
@@ -106,7 +106,7 @@ def jacobian(f, x, *, mode: str = "auto") -> Array:
     Returns:
         ``J`` of shape ``y.shape + x.shape`` (as ``jax.jacfwd``).
     """
-    _checks.choice("mode", mode, ("auto", "fwd", "rev"))
+    validate.choice("mode", mode, ("auto", "fwd", "rev"))
     f = _as_function(f)
     x = _float_input("x", x)
     if mode == "auto":
@@ -117,7 +117,7 @@ def jacobian(f, x, *, mode: str = "auto") -> Array:
 
 def batch_jacobian(f, xs, *, mode: str = "auto") -> Array:
     """Per-example Jacobians over the leading axis: ``xs (B, *in) -> (B, *out, *in)`` (``vmap``)."""
-    _checks.choice("mode", mode, ("auto", "fwd", "rev"))
+    validate.choice("mode", mode, ("auto", "fwd", "rev"))
     f = _as_function(f)
     xs = _float_input("xs", xs)
     if xs.ndim < 2:
@@ -318,7 +318,7 @@ def stack_jacobians(
 
 
 def _check_finite(values, what: str) -> None:
-    if not _checks.is_concrete(values):
+    if not validate.is_concrete(values):
         return
     v = np.asarray(values)
     if not np.all(np.isfinite(v)):
@@ -355,7 +355,7 @@ def stack_singular_values(
             :func:`isometry.spectra.log_singular_values`. Disable with
             ``check_finite=False`` (also skipped under ``jit``).
     """
-    _checks.choice("method", method, ("svd", "eigh"))
+    validate.choice("method", method, ("svd", "eigh"))
     J = stack_jacobians(layer, params, x, depths, tangents=tangents)
     J = J.reshape(J.shape[0], jnp.asarray(x).size, -1)
     if check_finite:
@@ -403,14 +403,14 @@ class RandomNetwork:
     depth: int = 64
 
     def __post_init__(self):
-        _checks.positive_int("width", self.width)
-        _checks.positive_int("depth", self.depth)
+        validate.positive_int("width", self.width)
+        validate.positive_int("depth", self.depth)
         for name in ("sigma_w2", "q_star"):
             v = getattr(self, name)
             if v is not None:
-                _checks.real_array(name, v, minimum=0.0, strict=True)
+                validate.real_array(name, v, minimum=0.0, strict=True)
         if self.sigma_b2 is not None:
-            _checks.real_array("sigma_b2", self.sigma_b2, minimum=0.0)
+            validate.real_array("sigma_b2", self.sigma_b2, minimum=0.0)
         activations.get(self.activation)
         if not isinstance(self.weights, str | initializers.Initializer):
             raise TypeError(f"weights must be an initializer name, got {self.weights!r}")
@@ -479,7 +479,7 @@ def random_layer(net: RandomNetwork, dtype=None) -> Callable[[Array, Array], Arr
 
 def random_params(key: Array, depth: int) -> Array:
     """Per-layer keys ``fold_in(key, l)``, ``l = 0..depth-1``: the stack's params ``(depth,)``."""
-    depth = _checks.positive_int("depth", depth)
+    depth = validate.positive_int("depth", depth)
     return jax.vmap(lambda l: jax.random.fold_in(key, l))(jnp.arange(depth))
 
 
@@ -496,7 +496,7 @@ def sample_inputs(key: Array, net: RandomNetwork, n: int, dtype=None) -> Array:
     sit on the ``q*`` sphere from the first layer on, as the free-probability
     theory assumes (Pennington, Schoenholz & Ganguli 2017).
     """
-    n = _checks.positive_int("n", n)
+    n = validate.positive_int("n", n)
     _, _, sw, sb, q = net.resolved()
     if not q > sb:
         raise ValueError(f"q_star ({q}) must exceed sigma_b2 ({sb}) for inputs at the fixed point")
@@ -507,8 +507,8 @@ def sample_inputs(key: Array, net: RandomNetwork, n: int, dtype=None) -> Array:
 
 
 def _ensemble(key, net, n_seeds, n_inputs, inputs, dtype):
-    _checks.positive_int("n_seeds", n_seeds)
-    _checks.positive_int("n_inputs", n_inputs)
+    validate.positive_int("n_seeds", n_seeds)
+    validate.positive_int("n_inputs", n_inputs)
     dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
     seed_keys = jax.random.split(key, n_seeds)
     layer_keys = jax.vmap(lambda k: random_params(jax.random.fold_in(k, 0), net.depth))(seed_keys)
@@ -591,12 +591,12 @@ def random_network_spectra(
         ``(n_seeds, n_inputs, K, N)`` decreasing, or for ``"moments"`` a dict
         of ``(n_seeds, n_inputs, K)`` arrays.
     """
-    _checks.choice(
+    validate.choice(
         "statistic",
         statistic,
         ("squared_singular_values", "singular_values", "log_singular_values", "moments"),
     )
-    _checks.choice("method", method, ("svd", "eigh"))
+    validate.choice("method", method, ("svd", "eigh"))
     if statistic == "moments":
         return random_network_jacobians(
             key, net, depths, n_seeds=n_seeds, n_inputs=n_inputs, inputs=inputs,

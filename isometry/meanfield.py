@@ -45,8 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from isometry import _checks
 from isometry import gaussian as gs
+from isometry import validate
 from isometry.activations import Activation
 from isometry.activations import get as get_activation
 
@@ -104,11 +104,11 @@ _FLOOR = 1e-30  # lengths below this count as zero (tanh with sigma_b2 = 0, orde
 
 def _validate(sigma_w2=None, sigma_b2=None, q=None):
     if sigma_w2 is not None:
-        _checks.real_array("sigma_w2", sigma_w2, minimum=0.0, strict=True)
+        validate.real_array("sigma_w2", sigma_w2, minimum=0.0, strict=True)
     if sigma_b2 is not None:
-        _checks.real_array("sigma_b2", sigma_b2, minimum=0.0)
+        validate.real_array("sigma_b2", sigma_b2, minimum=0.0)
     if q is not None:
-        _checks.real_array("q", q, minimum=0.0)
+        validate.real_array("q", q, minimum=0.0)
 
 
 # --------------------------------------------------------------------------- #
@@ -204,7 +204,7 @@ def solve_q_star(
     sigma_b2`` (and ``q0``).
     """
     _validate(sigma_w2, sigma_b2)
-    _checks.real_array("q0", q0, minimum=0.0, strict=True)
+    validate.real_array("q0", q0, minimum=0.0, strict=True)
     return _solve_q_star(get_activation(act), sigma_w2, sigma_b2, q0, max_iter, quad)
 
 
@@ -228,7 +228,7 @@ def q_star(act: Activation | str, sigma_w2, sigma_b2, *, q0=1.0, quad=None) -> A
 
 def iterate_q_map(act: Activation | str, q0, sigma_w2, sigma_b2, depth: int, *, quad=None):
     """``q^1..q^depth`` from ``q^0 = q0``; shape ``(depth, *broadcast shape)``."""
-    _checks.positive_int("depth", depth)
+    validate.positive_int("depth", depth)
     _validate(sigma_w2, sigma_b2, q0)
     return _iterate_q_map(get_activation(act), q0, sigma_w2, sigma_b2, depth, quad)
 
@@ -259,7 +259,7 @@ def c_map(act: Activation | str, c, q, sigma_w2, sigma_b2, *, quad=None) -> Arra
     (Poole et al. 2016, eq. 5; Schoenholz et al. 2017.) Broadcasts over all arguments.
     """
     _validate(sigma_w2, sigma_b2, q)
-    _checks.real_array("c", c, minimum=-1.0, maximum=1.0)
+    validate.real_array("c", c, minimum=-1.0, maximum=1.0)
     return _c_map_jit(get_activation(act), c, q, sigma_w2, sigma_b2, quad)
 
 
@@ -274,9 +274,9 @@ def _c_map(act, c, q, sw, sb, quad):
 
 def iterate_c_map(act: Activation | str, c0, q, sigma_w2, sigma_b2, depth: int, *, quad=None):
     """``c^1..c^depth`` from ``c^0 = c0`` at fixed length ``q``; shape ``(depth, ...)``."""
-    _checks.positive_int("depth", depth)
+    validate.positive_int("depth", depth)
     _validate(sigma_w2, sigma_b2, q)
-    _checks.real_array("c0", c0, minimum=-1.0, maximum=1.0)
+    validate.real_array("c0", c0, minimum=-1.0, maximum=1.0)
     return _iterate_c_map(get_activation(act), c0, q, sigma_w2, sigma_b2, depth, quad)
 
 
@@ -524,11 +524,11 @@ def critical_point(act: Activation | str, q_star, *, quad=None) -> tuple[Array, 
             (``sigma_b2`` would be negative), for concrete inputs. Under ``jit``
             such points give ``sigma_b2 < 0``: check it.
     """
-    _checks.real_array("q_star", q_star, minimum=0.0, strict=True)
+    validate.real_array("q_star", q_star, minimum=0.0, strict=True)
     act = get_activation(act)
     q = jnp.asarray(q_star, _dtype(q_star))
     sw, sb = _critical_point(act, q, quad)
-    if _checks.is_concrete(sb):
+    if validate.is_concrete(sb):
         bad = jnp.asarray(sb < 0)
         if bool(jnp.any(bad)):
             raise ValueError(
@@ -554,7 +554,7 @@ def critical_sigma_w2(act: Activation | str, sigma_b2, *, bracket=(1e-2, 1e2), q
     ``nan`` is never returned: where ``chi1 - 1`` has no sign change in the
     bracket the result is ``inf``. Broadcasts over ``sigma_b2``.
     """
-    _checks.real_array("sigma_b2", sigma_b2, minimum=0.0)
+    validate.real_array("sigma_b2", sigma_b2, minimum=0.0)
     lo, hi = bracket
     if not (0 < lo < hi):
         raise ValueError(f"bracket must satisfy 0 < lo < hi, got {bracket}")
@@ -628,7 +628,7 @@ def phase_diagram(
     (Poole et al. 2016, Fig. 2; Schoenholz et al. 2017, Fig. 1.)
     """
     for name, g in (("sigma_w2_grid", sigma_w2_grid), ("sigma_b2_grid", sigma_b2_grid)):
-        _checks.real_array(name, g, nonempty=True)
+        validate.real_array(name, g, nonempty=True)
         if np.ndim(g) != 1:
             raise ValueError(f"{name} must be one-dimensional, got shape {jnp.shape(g)}")
     _validate(sigma_w2_grid, sigma_b2_grid)

@@ -83,9 +83,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from isometry import _checks, meanfield
 from isometry import activations as _activations
 from isometry import initializers as _initializers
+from isometry import meanfield, validate
 
 __all__ = [
     "MLP",
@@ -96,6 +96,8 @@ __all__ = [
     "ConvNet",
     "MLPConfig",
     "Stack",
+    "StackedBatchStat",
+    "StackedParam",
     "conv",
 ]
 
@@ -109,6 +111,21 @@ PADDINGS = ("circular", "same")
 # --------------------------------------------------------------------------- #
 # The scanned-stack representation.
 # --------------------------------------------------------------------------- #
+
+
+class StackedParam(nnx.Param):
+    """A parameter of the scanned stack: leading axis ``L``, layer ``l``'s slice ``[l]``.
+
+    The type declares the layout, so tools that need per-layer numbers
+    (per-layer gradient norms in :mod:`isometry.training`, signal statistics)
+    select these with ``nnx.state(model, StackedParam)`` instead of guessing
+    from names or shapes. Everything else (input map, readout) is a plain
+    ``nnx.Param``. Optimizers see it as an ``nnx.Param``.
+    """
+
+
+class StackedBatchStat(nnx.BatchStat):
+    """Batch-norm running statistics of the scanned stack, leading axis ``L``."""
 
 
 def _identity(x):
@@ -203,7 +220,7 @@ def _resolve_init(owner: str, cfg, *, conv: bool) -> tuple[_initializers.Initial
     if isinstance(name, str) and name.strip().lower() == "critical":
         name = "delta_orthogonal" if conv else "gaussian"
     if cfg.q_star is not None:
-        _checks.real_array("q_star", cfg.q_star, minimum=0.0, strict=True)
+        validate.real_array("q_star", cfg.q_star, minimum=0.0, strict=True)
         if cfg.sigma_w2 is not None or cfg.sigma_b2 is not None:
             raise ValueError(
                 f"{owner}: give either q_star (critical initialization) or sigma_w2/sigma_b2, "
@@ -220,18 +237,18 @@ def _resolve_init(owner: str, cfg, *, conv: bool) -> tuple[_initializers.Initial
         sw, sb = float(sw), float(sb)
         return _initializers.get(name, sigma_w2=sw), sb
     if cfg.sigma_w2 is not None:
-        _checks.real_array("sigma_w2", cfg.sigma_w2, minimum=0.0, strict=True)
+        validate.real_array("sigma_w2", cfg.sigma_w2, minimum=0.0, strict=True)
     init = _initializers.get(name, sigma_w2=cfg.sigma_w2)
     sb = 0.0 if cfg.sigma_b2 is None else cfg.sigma_b2
-    _checks.real_array("sigma_b2", sb, minimum=0.0)
+    validate.real_array("sigma_b2", sb, minimum=0.0)
     return init, float(sb)
 
 
 def _check_common(owner: str, cfg) -> None:
-    _checks.positive_int("depth", cfg.depth)
+    validate.positive_int("depth", cfg.depth)
     for name in ("in_dim", "out_dim", "in_channels"):
         if getattr(cfg, name, None) is not None:
-            _checks.positive_int(name, getattr(cfg, name))
+            validate.positive_int(name, getattr(cfg, name))
     if not isinstance(cfg.bias, bool):
         raise TypeError(f"bias must be True or False, got {cfg.bias!r}")
     _activations.get(cfg.activation, **dict(cfg.activation_params))  # validates
@@ -320,14 +337,14 @@ class MLPConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "activation_params", _activation_params(self.activation_params))
-        _checks.positive_int("width", self.width)
-        _checks.choice("norm", self.norm, NORMS)
-        _checks.choice("norm_position", self.norm_position, NORM_POSITIONS)
+        validate.positive_int("width", self.width)
+        validate.choice("norm", self.norm, NORMS)
+        validate.choice("norm_position", self.norm_position, NORM_POSITIONS)
         if not isinstance(self.residual, bool):
             raise TypeError(f"residual must be True or False, got {self.residual!r}")
-        _checks.real_array("residual_scale", self.residual_scale, minimum=0.0, strict=True)
-        _checks.real_array("norm_eps", self.norm_eps, minimum=0.0)
-        _checks.real_array("momentum", self.momentum, minimum=0.0, maximum=1.0)
+        validate.real_array("residual_scale", self.residual_scale, minimum=0.0, strict=True)
+        validate.real_array("norm_eps", self.norm_eps, minimum=0.0)
+        validate.real_array("momentum", self.momentum, minimum=0.0, maximum=1.0)
         if _initializers.get(
             "gaussian" if str(self.init).lower() == "critical" else self.init
         ).name == ("delta_orthogonal"):
@@ -420,10 +437,11 @@ class MLP(nnx.Module):
     """A deep fully connected network as a scanned stack (see the module docstring).
 
     Shapes: input ``(..., in_dim)``, output ``(..., out_dim)`` (or ``(..., width)``).
-    Parameters (``nnx.Param``) carry a leading depth axis ``L``:
+    Stacked parameters (:class:`StackedParam`) carry a leading depth axis ``L``:
     ``kernel (L, N, N)``, ``bias (L, N)``, ``slope (L, N)`` (PReLU),
     ``norm_scale, norm_offset (L, N)``; batch norm's running statistics
-    ``running_mean, running_var (L, N)`` are ``nnx.BatchStat``.
+    ``running_mean, running_var (L, N)`` are :class:`StackedBatchStat`. The
+    input map ``embed`` and the readout are plain ``nnx.Param``.
 
     Args:
         config: an :class:`MLPConfig`.
@@ -442,21 +460,21 @@ class MLP(nnx.Module):
         L, N = cfg.depth, cfg.width
         init = cfg.initializer()
         _, sb = cfg.variances()
-        self.kernel = nnx.Param(_stacked(init, rngs.params(), L, (N, N), dtype))
-        self.bias = nnx.Param(_bias_init(rngs.params(), (L, N), sb, dtype)) if cfg.bias else None
+        self.kernel = StackedParam(_stacked(init, rngs.params(), L, (N, N), dtype))
+        self.bias = StackedParam(_bias_init(rngs.params(), (L, N), sb, dtype)) if cfg.bias else None
         self.slope = (
-            nnx.Param(jnp.full((L, N), cfg.act.kwargs["negative_slope"], dtype))
+            StackedParam(jnp.full((L, N), cfg.act.kwargs["negative_slope"], dtype))
             if cfg.learnable_slope
             else None
         )
         if cfg.norm != "none":
-            self.norm_scale = nnx.Param(jnp.ones((L, N), dtype))
-            self.norm_offset = nnx.Param(jnp.zeros((L, N), dtype))
+            self.norm_scale = StackedParam(jnp.ones((L, N), dtype))
+            self.norm_offset = StackedParam(jnp.zeros((L, N), dtype))
         else:
             self.norm_scale = self.norm_offset = None
         if cfg.norm == "batch":
-            self.running_mean = nnx.BatchStat(jnp.zeros((L, N), dtype))
-            self.running_var = nnx.BatchStat(jnp.ones((L, N), dtype))
+            self.running_mean = StackedBatchStat(jnp.zeros((L, N), dtype))
+            self.running_var = StackedBatchStat(jnp.ones((L, N), dtype))
         else:
             self.running_mean = self.running_var = None
         if cfg.in_dim is not None and cfg.in_dim != N:
@@ -588,11 +606,11 @@ class ConvConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "activation_params", _activation_params(self.activation_params))
-        _checks.positive_int("channels", self.channels)
-        _checks.positive_int("kernel_size", self.kernel_size)
+        validate.positive_int("channels", self.channels)
+        validate.positive_int("kernel_size", self.kernel_size)
         if self.spatial_dims not in (1, 2, 3) or isinstance(self.spatial_dims, bool):
             raise ValueError(f"spatial_dims must be 1, 2 or 3, got {self.spatial_dims!r}")
-        _checks.choice("padding", self.padding, PADDINGS)
+        validate.choice("padding", self.padding, PADDINGS)
         if not isinstance(self.pool, bool):
             raise TypeError(f"pool must be True or False, got {self.pool!r}")
         if self.out_dim is not None and not self.pool:
@@ -683,8 +701,8 @@ class ConvNet(nnx.Module):
         L, C = cfg.depth, cfg.channels
         init = cfg.initializer()
         _, sb = cfg.variances()
-        self.kernel = nnx.Param(_stacked(init, rngs.params(), L, cfg.kernel_shape, dtype))
-        self.bias = nnx.Param(_bias_init(rngs.params(), (L, C), sb, dtype)) if cfg.bias else None
+        self.kernel = StackedParam(_stacked(init, rngs.params(), L, cfg.kernel_shape, dtype))
+        self.bias = StackedParam(_bias_init(rngs.params(), (L, C), sb, dtype)) if cfg.bias else None
         if cfg.in_channels is not None and cfg.in_channels != C:
             shape = (cfg.kernel_size,) * cfg.spatial_dims + (cfg.in_channels, C)
             first = (

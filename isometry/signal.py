@@ -75,8 +75,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from isometry import _checks
 from isometry import gaussian as gs
+from isometry import validate
 from isometry.activations import Activation
 from isometry.activations import get as get_activation
 from isometry.networks import Stack
@@ -179,7 +179,7 @@ def _check_batch(u) -> Array:
     if u.ndim < 2 or u.shape[0] < 1:
         raise ValueError(f"u must be a batch (B, ...) with B >= 1, got shape {u.shape}")
     finite = jnp.all(jnp.isfinite(u))
-    if _checks.is_concrete(finite) and not bool(finite):
+    if validate.is_concrete(finite) and not bool(finite):
         raise ValueError("u must be finite")
     return u
 
@@ -338,18 +338,18 @@ def theory(
     Returns:
         a :class:`Theory` (see the module docstring for the recursions).
     """
-    _checks.positive_int("depth", depth)
-    _checks.real_array("sigma_w2", sigma_w2, minimum=0.0, strict=True)
-    _checks.real_array("sigma_b2", sigma_b2, minimum=0.0)
-    _checks.real_array("q0", q0, minimum=0.0)
+    validate.positive_int("depth", depth)
+    validate.real_array("sigma_w2", sigma_w2, minimum=0.0, strict=True)
+    validate.real_array("sigma_b2", sigma_b2, minimum=0.0)
+    validate.real_array("q0", q0, minimum=0.0)
     c0 = 0.0 if c0 is None else c0
-    _checks.real_array("c0", c0, minimum=-1.0 - 1e-6, maximum=1.0 + 1e-6)
+    validate.real_array("c0", c0, minimum=-1.0 - 1e-6, maximum=1.0 + 1e-6)
     if residual_scale is not None:
-        _checks.real_array("residual_scale", residual_scale, minimum=0.0, strict=True)
+        validate.real_array("residual_scale", residual_scale, minimum=0.0, strict=True)
     if layer_norm:
         if residual_scale is not None:
             raise ValueError("theory: layer_norm with a residual branch is not covered")
-        width = _checks.positive_int("width", width, minimum=3)
+        width = validate.positive_int("width", width, minimum=3)
     act = get_activation(act)
     dtype = jnp.result_type(q0, c0, m0, sigma_w2, sigma_b2, float)
     sw, sb, p0, c0, m0 = (jnp.asarray(v, dtype) for v in (sigma_w2, sigma_b2, q0, c0, m0))

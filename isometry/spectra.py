@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from isometry import _checks
+from isometry import validate
 
 __all__ = [
     "SLQResult",
@@ -119,7 +119,7 @@ def _parallel(fn, np_fn, J: Array, workers: int | None) -> Array:
     batch = J.shape[:-2]
     nb = math.prod(batch)
     workers = 1 if workers is None else workers
-    if workers <= 1 or nb < 2 or not _checks.is_concrete(J) or jax.default_backend() != "cpu":
+    if workers <= 1 or nb < 2 or not validate.is_concrete(J) or jax.default_backend() != "cpu":
         return fn(J)
     flat = np.asarray(J).reshape((nb, *J.shape[-2:]))
     chunks = np.array_split(np.arange(nb), min(workers, nb))
@@ -149,7 +149,7 @@ def singular_values(J, *, method: str = "svd", workers: int | None = None) -> Ar
     lets a multi-threaded BLAS use the cores inside each factorization.
     """
     J = _as_matrix_batch("J", J)
-    _checks.choice("method", method, ("svd", "eigh"))
+    validate.choice("method", method, ("svd", "eigh"))
     if method == "svd":
         return _parallel(_svd_vals, _np_svd_vals, J, workers)
     return jnp.sqrt(_parallel(_gram_vals, _np_gram_vals, J, workers))
@@ -162,7 +162,7 @@ def squared_singular_values(J, *, method: str = "svd", workers: int | None = Non
     error about ``eps * s_max^2``); see :func:`singular_values`.
     """
     J = _as_matrix_batch("J", J)
-    _checks.choice("method", method, ("svd", "eigh"))
+    validate.choice("method", method, ("svd", "eigh"))
     if method == "eigh":
         return _parallel(_gram_vals, _np_gram_vals, J, workers)
     return singular_values(J, method="svd", workers=workers) ** 2
@@ -181,7 +181,7 @@ def moments(sq_singular_values, order: int = 4) -> Array:
     ``m2 = m1^2 [1 + L (mu2/mu1^2 - 1 - s1)]`` (Pennington et al. 2018).
     """
     lam = jnp.asarray(sq_singular_values)
-    order = _checks.positive_int("order", order)
+    order = validate.positive_int("order", order)
     ks = jnp.arange(1, order + 1, dtype=lam.dtype)
     return jnp.mean(lam[..., None] ** ks, axis=-2)
 
@@ -195,7 +195,7 @@ def summary(sq_singular_values, *, zero_tol: float = 1e-3) -> dict[str, Array]:
     when ``lambda_min = 0``) and ``frac_near_zero`` (fraction with
     ``lambda < zero_tol * mean``, the collapsed directions).
     """
-    _checks.real_array("zero_tol", zero_tol, minimum=0.0)
+    validate.real_array("zero_tol", zero_tol, minimum=0.0)
     lam = jnp.asarray(sq_singular_values)
     if lam.ndim < 1 or lam.shape[-1] == 0:
         raise ValueError(f"sq_singular_values must have shape (..., n), n >= 1, got {lam.shape}")
@@ -435,9 +435,9 @@ def slq(
     ``matvec`` maps ``(n,) -> (n,)`` and is vmapped over probes. ``dtype``
     defaults to the default float (float64 when x64 is enabled).
     """
-    n = _checks.positive_int("n", n)
-    n_probes = _checks.positive_int("n_probes", n_probes)
-    n_steps = _checks.positive_int("n_steps", n_steps)
+    n = validate.positive_int("n", n)
+    n_probes = validate.positive_int("n_probes", n_probes)
+    n_steps = validate.positive_int("n_steps", n_steps)
     dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
     probes = jax.random.rademacher(key, (n_probes, n), dtype=dtype) / jnp.sqrt(n).astype(dtype)
     alpha, beta = jax.vmap(lambda v: lanczos(matvec, v, n_steps))(probes)
@@ -465,8 +465,8 @@ def jacobian_slq(
     """
     x = jnp.asarray(x)
     dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
-    n_probes = _checks.positive_int("n_probes", n_probes)
-    n_steps = _checks.positive_int("n_steps", n_steps)
+    n_probes = validate.positive_int("n_probes", n_probes)
+    n_steps = validate.positive_int("n_steps", n_steps)
     nodes, weights = _jacobian_slq(f, x.astype(dtype), key, n_probes, n_steps)
     return SLQResult(nodes=nodes, weights=weights, n=x.size)
 

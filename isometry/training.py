@@ -87,7 +87,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from isometry import _checks, atomic, jacobian, networks, spectra
+from isometry import atomic, jacobian, networks, spectra, validate
 from isometry import data as _data
 
 __all__ = [
@@ -141,7 +141,7 @@ def parse_clip(spec: str) -> tuple[str, float | None]:
         raise TypeError(f"clip must be a string like 'global_norm:1.0', got {spec!r}")
     kind, _, value = spec.strip().partition(":")
     kind = kind.strip().lower().replace("-", "_")
-    _checks.choice("clip", kind, CLIPS)
+    validate.choice("clip", kind, CLIPS)
     if kind == "none":
         if value:
             raise ValueError(f"clip 'none' takes no threshold, got {spec!r}")
@@ -150,7 +150,7 @@ def parse_clip(spec: str) -> tuple[str, float | None]:
         c = float(value)
     except ValueError as err:
         raise ValueError(f"clip must be '{kind}:THRESHOLD' with a number, got {spec!r}") from err
-    _checks.real_array("clip threshold", c, minimum=0.0, strict=True)
+    validate.real_array("clip threshold", c, minimum=0.0, strict=True)
     return kind, c
 
 
@@ -209,23 +209,23 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
-            _checks.positive_int(name, getattr(self, name))
+            validate.positive_int(name, getattr(self, name))
         for name in ("eval_every", "probe_every", "warmup_steps"):
-            _checks.positive_int(name, getattr(self, name), minimum=0)
-        _checks.positive_int("probe_inputs", self.probe_inputs)
-        _checks.positive_int("eval_batch_size", self.eval_batch_size)
-        _checks.positive_int("seed", self.seed, minimum=0)
-        _checks.choice("optimizer", self.optimizer, OPTIMIZERS)
-        _checks.choice("schedule", self.schedule, SCHEDULES)
-        _checks.real_array("learning_rate", self.learning_rate, minimum=0.0, strict=True)
-        _checks.real_array("final_lr_fraction", self.final_lr_fraction, minimum=0.0, maximum=1.0)
+            validate.positive_int(name, getattr(self, name), minimum=0)
+        validate.positive_int("probe_inputs", self.probe_inputs)
+        validate.positive_int("eval_batch_size", self.eval_batch_size)
+        validate.positive_int("seed", self.seed, minimum=0)
+        validate.choice("optimizer", self.optimizer, OPTIMIZERS)
+        validate.choice("schedule", self.schedule, SCHEDULES)
+        validate.real_array("learning_rate", self.learning_rate, minimum=0.0, strict=True)
+        validate.real_array("final_lr_fraction", self.final_lr_fraction, minimum=0.0, maximum=1.0)
         if self.schedule == "exponential" and self.final_lr_fraction <= 0:
             raise ValueError("final_lr_fraction must be > 0 for the exponential schedule")
         for name in ("momentum", "decay", "b1", "b2"):
-            _checks.real_array(name, getattr(self, name), minimum=0.0, maximum=1.0)
-        _checks.real_array("eps", self.eps, minimum=0.0)
-        _checks.real_array("weight_decay", self.weight_decay, minimum=0.0)
-        _checks.real_array("agc_eps", self.agc_eps, minimum=0.0, strict=True)
+            validate.real_array(name, getattr(self, name), minimum=0.0, maximum=1.0)
+        validate.real_array("eps", self.eps, minimum=0.0)
+        validate.real_array("weight_decay", self.weight_decay, minimum=0.0)
+        validate.real_array("agc_eps", self.agc_eps, minimum=0.0, strict=True)
         kind, c = parse_clip(self.clip)
         object.__setattr__(self, "clip", kind if c is None else f"{kind}:{c:g}")
 
@@ -287,8 +287,8 @@ def adaptive_grad_clip(
     their norms are taken per layer (``vmap`` over the axis), not across
     layers as a plain ``optax.adaptive_grad_clip`` would.
     """
-    _checks.real_array("clipping", clipping, minimum=0.0, strict=True)
-    _checks.real_array("eps", eps, minimum=0.0, strict=True)
+    validate.real_array("clipping", clipping, minimum=0.0, strict=True)
+    validate.real_array("eps", eps, minimum=0.0, strict=True)
 
     def clip_leaf(path, g, p):
         norm = _unitwise_norm
@@ -434,7 +434,7 @@ def make_train_step(
     whose loss, gradient or update is non-finite (or any step after one)
     leaves the state unchanged and records its index in ``bad_step``.
     """
-    _checks.choice("loss", loss, ("cross_entropy", "mse"))
+    validate.choice("loss", loss, ("cross_entropy", "mse"))
 
     def loss_fn(params, stats, rest, x, y):
         model = nnx.merge(graphdef, params, stats, rest, copy=True)
@@ -955,7 +955,7 @@ class RunConfig:
             object.__setattr__(self, "data_options", tuple(sorted(self.data_options.items())))
         else:
             object.__setattr__(self, "data_options", tuple(tuple(p) for p in self.data_options))
-        _checks.choice("dataset", self.dataset, _data.DATASETS)
+        validate.choice("dataset", self.dataset, _data.DATASETS)
 
     def to_dict(self) -> dict:
         return {

@@ -9,7 +9,7 @@ Every figure module ``paper_figures/figNN_<name>.py`` defines
 
 and its docstring's first line is the caption: what the figure shows and which paper it
 reproduces. Modules are discovered (ordered by ``NN``), so a new figure is one new module.
-``isometry figures [NAMES...] --tier quick|full`` and ``python -m paper_figures``
+``isometry figures [NAMES...] --tier quick|full`` and ``python -m isometry.paper_figures``
 regenerate them (see :func:`paper_figures.core.make`).
 """
 

@@ -1,4 +1,4 @@
-"""``python -m paper_figures [NAMES...] --tier quick|full``: regenerate the paper figures."""
+"""``python -m isometry.paper_figures [NAMES...] --tier quick|full``: the paper figures."""
 
 import sys
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from isometry import atomic, plotting
-from paper_figures import FIGURES
+from isometry.paper_figures import FIGURES
 
 __all__ = ["caption", "load_module", "make"]
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments import _training as tr
-from experiments import trainability
 from isometry import plotting
+from isometry.experiments import _training as tr
+from isometry.experiments import trainability
 
 KEYS = (
     "sigma_w2", "depth", "train_accuracy", "eval_accuracy", "diverged_fraction",

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import spectra as spectra_experiment
 from isometry import freeprob, plotting, sweep
+from isometry.experiments import spectra as spectra_experiment
 
 KEYS = (
     "case_activation",

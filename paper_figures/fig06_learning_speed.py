@@ -20,9 +20,9 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments import _training as tr
-from experiments import learning_speed as ls
 from isometry import plotting
+from isometry.experiments import _training as tr
+from isometry.experiments import learning_speed as ls
 
 KEYS = (
     "settings", "inits", "depth", "steps_to_accuracy", "jac_var", "jac_mean", "jac_var_theory",

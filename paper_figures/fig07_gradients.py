@@ -36,10 +36,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-import experiments
-from experiments import gradients
-from experiments._common import results_dir
-from isometry import plotting, signal, sweep
+from isometry import experiments, plotting, signal, sweep
+from isometry.experiments import gradients
+from isometry.experiments._common import results_dir
 
 KEYS = ("layer", "activations", "inits", "techniques", "grad_preact_sq", "relative", "theory")
 

@@ -22,8 +22,8 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments import _training as tr
 from isometry import gaussian, meanfield, plotting
+from isometry.experiments import _training as tr
 
 KEYS = (
     "clips", "step", "loss", "grad_norm", "grad_norm_clipped", "diverged_step",

@@ -47,9 +47,8 @@ from __future__ import annotations
 
 import numpy as np
 
-import experiments
-from experiments._common import results_dir
-from isometry import plotting, sweep
+from isometry import experiments, plotting, sweep
+from isometry.experiments._common import results_dir
 
 KEYS = (
     "activations",

@@ -37,9 +37,8 @@ from __future__ import annotations
 
 import numpy as np
 
-import experiments
-from experiments._common import results_dir
-from isometry import freeprob, plotting, sweep
+from isometry import experiments, freeprob, plotting, sweep
+from isometry.experiments._common import results_dir
 
 KEYS = (
     "inits",

@@ -9,8 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import experiments
-from isometry import cli, sweep
+from isometry import cli, experiments, sweep
 
 TINY = {
     "spectra": ["activations=tanh", "q_stars=0.25", "depths=1,3", "width=16", "seeds=2"],

@@ -11,9 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import experiments
-from experiments import cnn_trainability as ct
-from isometry import sweep
+from isometry import experiments, sweep
+from isometry.experiments import cnn_trainability as ct
 
 TINY = [
     "depths=1,2",

@@ -6,10 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-import experiments
-from experiments import _training as tr
-from experiments import clipping, learning_speed, trainability
-from isometry import meanfield, sweep
+from isometry import experiments, meanfield, sweep
+from isometry.experiments import _training as tr
+from isometry.experiments import clipping, learning_speed, trainability
 
 RUN_COLUMNS = {
     "steps_done", "diverged", "diverged_step", "loss", "train_loss", "train_accuracy",

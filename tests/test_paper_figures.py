@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from isometry import cli
-from paper_figures import FIGURES, core
+from isometry.paper_figures import FIGURES, core
 
 END_TO_END = ("phase_diagram", "depth_scales")
 

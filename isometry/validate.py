@@ -1,13 +1,18 @@
-"""Argument validation shared by the public functions (one concern: clear errors).
+"""Argument validation at the public boundary (one concern: clear errors).
 
-Checks run only on concrete values; under ``jit`` tracing they are skipped, so
-validated functions stay jittable.
+Every public function of the library, the experiments and the command checks
+its arguments with these helpers, so a bad value gets a ``ValueError`` or
+``TypeError`` naming the parameter and what is allowed, never a traceback from
+inside jax. Checks run only on concrete values; under ``jit`` tracing they are
+skipped, so validated functions stay jittable.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from jax import core
+
+__all__ = ["choice", "is_concrete", "names", "positive_int", "positive_ints", "real_array"]
 
 
 def is_concrete(x) -> bool:
@@ -46,6 +51,24 @@ def choice(name: str, x, allowed) -> str:
     if x not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {x!r}")
     return x
+
+
+def names(field: str, values, allowed) -> tuple:
+    """``values`` is a non-empty tuple of entries of ``allowed`` (config fields of names)."""
+    if not isinstance(values, tuple) or not values:
+        raise ValueError(f"{field} must be a non-empty tuple, got {values!r}")
+    for v in values:
+        choice(field, v, allowed)
+    return values
+
+
+def positive_ints(field: str, values, minimum: int = 1) -> tuple:
+    """``values`` is a non-empty tuple of integers ``>= minimum``."""
+    if not isinstance(values, tuple) or not values:
+        raise ValueError(f"{field} must be a non-empty tuple, got {values!r}")
+    for v in values:
+        positive_int(field, v, minimum)
+    return values
 
 
 def _show(a) -> str:
