@@ -144,12 +144,18 @@ class Stack:
         params: the stacked layer parameters, every leaf with leading axis ``L``.
         input_map: ``u -> x^0`` (closes over its own parameters).
         output_map: ``x^L -> y``.
+        weights: the keys of ``params`` that hold the layers' weight
+            matrices (``W^l``, convolution kernels), e.g. ``("kernel",)``;
+            ``()`` (the default) means every leaf of ``params`` counts as
+            weights. Per-layer weight-gradient norms
+            (:func:`isometry.signal.measure`) sum over these.
     """
 
     step: Callable[[Any, Array, Array | None], tuple[Array, dict]]
     params: Any
     input_map: Callable[[Array], Array] = _identity
     output_map: Callable[[Array], Array] = _identity
+    weights: tuple[str, ...] = ()
 
     @classmethod
     def from_layer(
@@ -175,6 +181,17 @@ class Stack:
         if not leaves:
             raise ValueError("Stack.params has no array leaves, so no depth")
         return int(jnp.shape(leaves[0])[0])
+
+    def weight_params(self, params=None):
+        """The weight part of ``params`` (default: the stack's): the leaves named in
+        :attr:`weights`, or all of ``params`` when none are declared."""
+        params = self.params if params is None else params
+        if not self.weights:
+            return params
+        missing = [k for k in self.weights if k not in params]
+        if missing:
+            raise ValueError(f"Stack.weights names {missing}, not among the params {list(params)}")
+        return {k: params[k] for k in self.weights}
 
     def layer(self, params_l, x: Array) -> Array:
         """One hidden layer ``x^{l-1} -> x^l`` (pure; scan it over ``params``)."""
@@ -529,6 +546,7 @@ class MLP(nnx.Module):
             self.stacked_params(),
             _identity if embed is None else functools.partial(_matmul, embed),
             _identity if readout is None else functools.partial(_affine, *readout),
+            weights=("kernel",),
         )
 
     def __call__(self, u: Array) -> Array:
@@ -746,6 +764,7 @@ class ConvNet(nnx.Module):
             self.stacked_params(),
             _identity if embed is None else functools.partial(_conv_in, cfg.padding, embed),
             functools.partial(_pool_head, cfg, readout) if cfg.pool else _identity,
+            weights=("kernel",),
         )
 
     def __call__(self, u: Array) -> Array:

@@ -27,7 +27,7 @@ whose output gradient does not depend on the forward pass):
 
     grad_preact_sq^l = ||dLoss/dh^l||_F^2      (zero probes added to h^l)
     grad_state_sq^l  = ||dLoss/dx^l||_F^2
-    grad_weight_sq^l = ||dLoss/dW^l||_F^2      (the ``"kernel"`` leaf; all leaves if none)
+    grad_weight_sq^l = ||dLoss/dW^l||_F^2      (the leaves named in ``Stack.weights``)
 
 Theory (:func:`theory`, :func:`model_theory`), mean field for plain and
 residual networks without normalization (Poole et al. 2016; Schoenholz et al.
@@ -256,9 +256,7 @@ def measure(
         s.params, probe_h, probe_x, x0
     )
     g_params, g_h, g_x, g_x0 = grads
-    weights = (
-        g_params["kernel"] if isinstance(g_params, dict) and "kernel" in g_params else g_params
-    )
+    weights = s.weight_params(g_params)
     bwd = Backward(
         grad_preact_sq=_per_layer_sq(g_h),
         grad_state_sq=_per_layer_sq(g_x),

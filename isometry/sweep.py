@@ -286,41 +286,61 @@ def _type_name(tp) -> str:
 def parse_overrides(
     config_type: type, items: Sequence[str], *, name: str | None = None
 ) -> dict[str, Any]:
-    """``["depth=8", "activations=tanh,relu"]`` -> typed values for the config's fields.
+    """``["depth=8", "activations=tanh,relu", "train.steps=300"]`` -> typed values by field.
 
     Types come from the dataclass annotations: ``int``, ``float``, ``bool``
     (true/false/yes/no/1/0), ``str``, ``tuple[T, ...]`` (comma-separated),
-    ``T | None`` (``none``). Raises ``ValueError`` for a malformed item or an
-    unknown field (naming the close matches), ``TypeError`` for a value of the
-    wrong type.
+    ``T | None`` (``none``). A dotted key ``outer.inner`` sets field ``inner``
+    of the nested dataclass field ``outer`` (e.g. an experiment's
+    ``train: TrainConfig``); its values come back as ``{"outer": {"inner": v}}``.
+    Raises ``ValueError`` for a malformed item or an unknown field (naming the
+    close matches), ``TypeError`` for a value of the wrong type.
     """
     if not (isinstance(config_type, type) and dataclasses.is_dataclass(config_type)):
         raise TypeError(f"config_type must be a dataclass type, got {config_type!r}")
-    hints = typing.get_type_hints(config_type)
-    fields = [f.name for f in dataclasses.fields(config_type) if f.init]
     out: dict[str, Any] = {}
     for item in items:
         if not isinstance(item, str) or "=" not in item:
             raise ValueError(f"expected key=value, got {item!r}")
         key, text = item.split("=", 1)
-        key = key.strip().replace("-", "_")
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=3)
-            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-            raise ValueError(
-                f"unknown parameter {key!r} for {name or config_type.__name__}{hint} "
-                f"(parameters: {', '.join(fields)})"
-            )
-        out[key] = _parse_value(key, text, hints[key])
+        path = [k.strip().replace("-", "_") for k in key.split(".")]
+        target, tp = out, config_type
+        for depth, k in enumerate(path):
+            hints, fields = _fields(tp)
+            if k not in fields:
+                close = difflib.get_close_matches(k, fields, n=3)
+                hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+                where = ".".join(path[:depth]) or name or config_type.__name__
+                raise ValueError(
+                    f"unknown parameter {k!r} for {where}{hint} (parameters: {', '.join(fields)})"
+                )
+            if depth == len(path) - 1:
+                target[k] = _parse_value(".".join(path), text, hints[k])
+            elif dataclasses.is_dataclass(hints[k]):
+                target, tp = target.setdefault(k, {}), hints[k]
+            else:
+                raise ValueError(f"{'.'.join(path[: depth + 1])} has no fields (got {key!r})")
     return out
+
+
+def _fields(tp: type) -> tuple[dict[str, Any], list[str]]:
+    return typing.get_type_hints(tp), [f.name for f in dataclasses.fields(tp) if f.init]
+
+
+def _replace(config, values: Mapping[str, Any]):
+    nested = {
+        k: _replace(getattr(config, k), v) if isinstance(v, dict) else v for k, v in values.items()
+    }
+    return dataclasses.replace(config, **nested)
 
 
 def apply_overrides(config, items: Sequence[str], *, name: str | None = None):
     """A copy of the frozen ``config`` with ``key=value`` items applied (:func:`parse_overrides`).
 
-    The config's own validation (``__post_init__``) runs on the result.
+    Dotted keys reach into nested config dataclasses. The configs' own
+    validation (``__post_init__``) runs on the result.
     """
-    return dataclasses.replace(config, **parse_overrides(type(config), items, name=name))
+    return _replace(config, parse_overrides(type(config), items, name=name))
 
 
 # --------------------------------------------------------------------------- #

@@ -317,3 +317,26 @@ def test_four_devices_same_results(distributed_runs, store):
 def test_two_processes_same_results(distributed_runs, store):
     one = (distributed_runs / "one" / store / "results.csv").read_text()
     assert (distributed_runs / "two" / store / "results.csv").read_text() == one
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inner:
+    steps: int = 10
+    learning_rate: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outer:
+    depth: int = 2
+    train: _Inner = _Inner()
+
+
+def test_dotted_overrides_reach_nested_configs():
+    cfg = sweep.apply_overrides(_Outer(), ["depth=3", "train.steps=7", "train.learning_rate=0.5"])
+    assert cfg == _Outer(3, _Inner(7, 0.5))
+    with pytest.raises(ValueError, match=r"unknown parameter 'stps' for train; did you mean"):
+        sweep.apply_overrides(_Outer(), ["train.stps=1"])
+    with pytest.raises(ValueError, match="depth has no fields"):
+        sweep.apply_overrides(_Outer(), ["depth.x=1"])
+    with pytest.raises(TypeError, match="train.steps: expected an integer"):
+        sweep.apply_overrides(_Outer(), ["train.steps=a"])
