@@ -10,14 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from isometry import activations
+from isometry import activations, sweep
 
 __all__ = ["results_dir", "seed_key", "spectrum_rows", "sphere_input"]
 
 
 def seed_key(seed, index):
-    """The key of grid point ``index`` under base ``seed``: ``fold_in(key(seed), index)``."""
-    return jax.random.fold_in(jax.random.key(seed), index)
+    """Deprecated alias of :func:`isometry.sweep.point_key`."""
+    return sweep.point_key(seed, index)
 
 
 def sphere_input(key, shape, q_star):

@@ -107,6 +107,7 @@ __all__ = [
     "map_sharded",
     "parse_overrides",
     "point_id",
+    "point_key",
     "product",
     "run_partitioned",
     "run_vectorized",
@@ -205,6 +206,19 @@ def _canonical(obj) -> str:
 def point_id(point: Mapping[str, Any]) -> str:
     """A stable 16-hex-digit name of a point (hash of its canonical JSON)."""
     return hashlib.sha256(_canonical(dict(point)).encode()).hexdigest()[:16]
+
+
+def point_key(seed: int, index):
+    """The PRNG key of grid point ``index`` under base ``seed``: ``fold_in(key(seed), index)``.
+
+    The one key convention of the experiments: a point's randomness depends
+    only on the base seed and its index in the grid (not on which device or
+    host runs it); split it for the roles inside the point (weights, inputs,
+    loss projection). ``index`` may be traced (``vmap`` over points).
+    """
+    import jax
+
+    return jax.random.fold_in(jax.random.key(seed), index)
 
 
 def config_dict(config) -> dict[str, Any]:

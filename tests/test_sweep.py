@@ -338,5 +338,5 @@ def test_dotted_overrides_reach_nested_configs():
         sweep.apply_overrides(_Outer(), ["train.stps=1"])
     with pytest.raises(ValueError, match="depth has no fields"):
         sweep.apply_overrides(_Outer(), ["depth.x=1"])
-    with pytest.raises(TypeError, match="train.steps: expected an integer"):
+    with pytest.raises(TypeError, match=r"train\.steps: expected an integer"):
         sweep.apply_overrides(_Outer(), ["train.steps=a"])
