@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["write_bytes", "write_json", "write_npz", "write_text"]
+__all__ = ["jsonable", "write_bytes", "write_json", "write_npz", "write_text"]
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -38,13 +38,18 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_bytes(path, text.encode())
 
 
-def _jsonable(x):
+def jsonable(x):
+    """``x`` as JSON-able values: dicts (keys as text), lists, numbers, text.
+
+    Tuples and arrays become lists (numpy scalars Python numbers); non-finite
+    floats become ``"inf"``/``"-inf"``/``None`` (JSON has no infinities or NaN).
+    """
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if hasattr(x, "tolist"):
-        return _jsonable(np.asarray(x).tolist())
+        return jsonable(np.asarray(x).tolist())
     if isinstance(x, float) and not np.isfinite(x):
         return None if np.isnan(x) else ("inf" if x > 0 else "-inf")
     return x
@@ -52,7 +57,7 @@ def _jsonable(x):
 
 def write_json(path: str | os.PathLike, obj) -> Path:
     """JSON with arrays as lists and non-finite floats as ``"inf"``/``"-inf"``/``null``."""
-    return write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+    return write_text(path, json.dumps(jsonable(obj), indent=2, sort_keys=True) + "\n")
 
 
 def write_npz(path: str | os.PathLike, **arrays) -> Path:
