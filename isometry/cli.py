@@ -651,6 +651,8 @@ def _add_figures(sub):
     p.add_argument("--out", type=Path, default=Path("paper_figures/out"))
     p.add_argument("--results", type=Path, default=Path("results/figures"))
     p.add_argument("--recompute", action="store_true", help="ignore cached results")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no stage and point reports on stderr")  # fmt: skip
     p.add_argument("--list", action="store_true", help="list the figures and their captions")
     p.set_defaults(run=_run_figures)
 
@@ -658,19 +660,22 @@ def _add_figures(sub):
 def _run_figures(args) -> int:
     from isometry.paper_figures import FIGURES, core
 
-    names = args.names or list(FIGURES)
     if args.list:
         for n in FIGURES:
             print(f"{n}: {core.caption(n)}")
         return 0
+    names = args.names or list(FIGURES)
     for n in names:
         core.load_module(n)  # unknown names fail before any work starts
     t0 = time.perf_counter()
     for i, n in enumerate(names, 1):
-        print(f"[figures {i}/{len(names)}] {n} ({args.tier}) ...", flush=True)
-        r = core.make(n, args.tier, args.out, args.results, recompute=args.recompute)
+        tag = f"[figures {i}/{len(names)}]"
+        print(f"{tag} {n} ({args.tier}) ...", flush=True)
+        r = core.make(n, args.tier, args.out, args.results, recompute=args.recompute,
+                      progress=not args.no_progress)  # fmt: skip
         for p in r["paths"]:
-            print(f"[figures {i}/{len(names)}] wrote {p} ({r['seconds']:.1f} s)", flush=True)
+            print(f"{tag} wrote {p}", flush=True)
+        print(f"{tag} {n} done in {r['seconds']:.1f} s", flush=True)
     print(f"[figures] {len(names)} figure(s) in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -715,18 +720,20 @@ def _run_run(args) -> int:
         return 0
     if not args.experiment:
         raise ValueError("name an experiment (isometry run --list shows them)")
-    cfg = experiments.config(args.experiment, args.preset, args.overrides)
+    experiments.config(args.experiment, args.preset, args.overrides)  # bad --set fails first
     pi, pc = sweep.initialize(args.coordinator, args.num_processes, args.process_id)
     out = args.out or Path("results") / args.experiment / args.preset
     opts = {"per_device": args.per_device, "progress": not args.no_progress}
     if args.optimize is not None:
         opts["optimize"] = args.optimize
+    if pi == 0 and not args.no_progress:
+        print(f"[run] {args.experiment} ({args.preset}, {pc} process(es)) into {out}",
+              file=sys.stderr, flush=True)  # fmt: skip
     t0 = time.perf_counter()
     path = experiments.run(args.experiment, args.preset, args.overrides, out, **opts)
     if pi == 0:
         print(f"[run] {args.experiment} ({args.preset}, {pc} process(es)): "
               f"{time.perf_counter() - t0:.1f} s; wrote {path}")  # fmt: skip
-    del cfg
     return 0
 
 

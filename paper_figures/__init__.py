@@ -10,7 +10,10 @@ Every figure module ``paper_figures/figNN_<name>.py`` defines
 and its docstring's first line is the caption: what the figure shows and which paper it
 reproduces. Modules are discovered (ordered by ``NN``), so a new figure is one new module.
 ``isometry figures [NAMES...] --tier quick|full`` and ``python -m isometry.paper_figures``
-regenerate them (see :func:`paper_figures.core.make`).
+regenerate them (see :func:`isometry.paper_figures.core.make`).
+
+A ``compute`` that runs experiments passes ``progress=core.progress_enabled()`` to
+``experiments.run`` (or ``stored_run``), so ``isometry figures`` shows their points.
 """
 
 import pkgutil
@@ -20,6 +23,7 @@ _PATTERN = re.compile(r"fig(\d\d)_(\w+)$")
 
 
 def _discover() -> dict[str, str]:
+    """``{name: module path}`` of the ``figNN_<name>`` modules here, ordered by ``NN``."""
     found = []
     for m in pkgutil.iter_modules(__path__):
         match = _PATTERN.match(m.name)

@@ -1,10 +1,21 @@
-"""Run figure scripts: cached results per (figure, tier), figures as PNG and PDF."""
+"""Run figure scripts: cached results per (figure, tier), figures as PNG and PDF.
+
+:func:`make` computes a figure's data (or reads its cache), plots it and
+writes ``<out>/<name>.png`` and ``.pdf``. With ``progress=True`` it reports
+each stage (cache read, compute, plot) on stderr, and the figure's
+experiments report their points: a figure module reads
+:func:`progress_enabled` inside ``compute`` and passes it on, e.g.
+``experiments.run(name, preset, overrides, out=out, progress=core.progress_enabled())``
+or ``stored_run(name, preset, overrides, store, progress=core.progress_enabled())``.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import importlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -13,23 +24,52 @@ import numpy as np
 from isometry import atomic, plotting
 from isometry.paper_figures import FIGURES
 
-__all__ = ["caption", "load_module", "make"]
+__all__ = ["TIER_NAMES", "caption", "load_module", "make", "progress_enabled"]
 
 TIER_NAMES = ("tiny", "quick", "full")
 
+_PROGRESS = contextvars.ContextVar("isometry_figure_progress", default=False)
+
+
+def progress_enabled() -> bool:
+    """Whether the figure being made reports progress (``make(..., progress=True)``).
+
+    ``False`` outside :func:`make`. Figure modules pass it to the experiments
+    their ``compute`` runs (``progress=core.progress_enabled()``), so a long
+    figure shows its points done / total on stderr.
+    """
+    return _PROGRESS.get()
+
 
 def load_module(name: str):
+    """The figure module ``name`` (``ValueError`` naming the known figures otherwise)."""
     if name not in FIGURES:
         raise ValueError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}")
     return importlib.import_module(FIGURES[name])
 
 
 def caption(name: str) -> str:
+    """The caption of figure ``name``: its module docstring's first line."""
     return (load_module(name).__doc__ or "").strip().splitlines()[0]
 
 
 def _fingerprint(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cached(cache: Path, fp: str) -> dict | None:
+    """The arrays cached in ``cache`` if they were made with fingerprint ``fp``, else ``None``."""
+    if not cache.exists():
+        return None
+    with np.load(cache, allow_pickle=False) as z:
+        if str(z["_fingerprint"]) != fp:
+            return None
+        return {k: z[k] for k in z.files if not k.startswith("_")}
+
+
+def _stage(name: str, text: str) -> None:
+    if progress_enabled():
+        print(f"[{name}] {text}", file=sys.stderr, flush=True)
 
 
 def make(
@@ -38,12 +78,16 @@ def make(
     out: str | Path = "paper_figures/out",
     results: str | Path = "results/figures",
     recompute: bool = False,
+    *,
+    progress: bool = False,
 ) -> dict:
     """Compute (or load cached) results for figure ``name`` at ``tier``; write PNG and PDF.
 
     Results are cached in ``results/<name>_<tier>.npz`` together with the
     parameters that produced them; a cache made with other parameters is
-    recomputed, never mixed. Returns ``{"data": ..., "paths": [...], "seconds": ...}``.
+    recomputed, never mixed. ``progress=True`` reports the stages on stderr
+    and sets :func:`progress_enabled` for the figure's ``compute``.
+    Returns ``{"data": ..., "paths": [...], "seconds": ...}``.
     """
     if tier not in TIER_NAMES:
         raise ValueError(f"tier must be one of {', '.join(TIER_NAMES)}; got {tier!r}")
@@ -52,14 +96,18 @@ def make(
     fp = _fingerprint(params)
     cache = Path(results) / f"{name}_{tier}.npz"
     t0 = time.perf_counter()
-    data = None
-    if cache.exists() and not recompute:
-        with np.load(cache, allow_pickle=False) as z:
-            if str(z["_fingerprint"]) == fp:
-                data = {k: z[k] for k in z.files if not k.startswith("_")}
-    if data is None:
-        data = {k: np.asarray(v) for k, v in module.compute(**params).items()}
-        atomic.write_npz(cache, _fingerprint=np.asarray(fp), **data)
-    fig = module.plot(data, params)
-    paths = plotting.save(fig, Path(out) / name)
+    token = _PROGRESS.set(bool(progress))
+    try:
+        data = None if recompute else _cached(cache, fp)
+        if data is None:
+            _stage(name, f"computing ({tier}) ...")
+            data = {k: np.asarray(v) for k, v in module.compute(**params).items()}
+            atomic.write_npz(cache, _fingerprint=np.asarray(fp), **data)
+            _stage(name, f"computed in {time.perf_counter() - t0:.1f} s; cached in {cache}")
+        else:
+            _stage(name, f"cached results from {cache}")
+        fig = module.plot(data, params)
+        paths = plotting.save(fig, Path(out) / name)
+    finally:
+        _PROGRESS.reset(token)
     return {"data": data, "paths": paths, "seconds": time.perf_counter() - t0}

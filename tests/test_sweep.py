@@ -91,7 +91,7 @@ def test_overrides_bad_input(item, err, match):
 # ----------------------------------------------------------------------------- store
 
 
-def _square_sweep(store, calls, **kw):
+def _square_sweep(store, calls, progress=False, **kw):
     def fn(static):
         def g(x):
             calls.append(1)  # counts traces, i.e. compiled chunks
@@ -101,7 +101,7 @@ def _square_sweep(store, calls, **kw):
 
     grid = sweep.product(c=[0.0, 10.0]) * sweep.product(x=[1.0, 2.0, 3.0])
     return sweep.run_vectorized(
-        store, grid, fn, lambda p, o: {"y": float(o["y"])}, static=("c",), progress=False, **kw
+        store, grid, fn, lambda p, o: {"y": float(o["y"])}, static=("c",), progress=progress, **kw
     )
 
 
@@ -166,6 +166,26 @@ def test_progress_line():
     assert "[demo] 7/10 points (70%)" in buf.getvalue() and "ETA" in buf.getvalue()
     pr.update(5)
     assert buf.getvalue().rstrip().endswith("ETA 0 s")
+    pr.note("stage two")
+    assert buf.getvalue().rstrip().endswith("[demo] stage two")
+
+
+def test_progress_rate_limited():
+    buf = io.StringIO()
+    pr = sweep.Progress(1000, label="demo", stream=buf, min_interval_s=60.0)
+    for _ in range(999):
+        pr.update()
+    assert buf.getvalue().count("\n") == 1  # the start line; the next comes in a minute
+    pr.update()
+    assert buf.getvalue().count("\n") == 2 and "1000/1000" in buf.getvalue()
+
+
+def test_vectorized_sweep_reports_groups_and_points_on_stderr(tmp_path, capsys):
+    _square_sweep(sweep.Store(tmp_path / "s", "square", Cfg()), [], progress=True)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "[square] 0/6 points" in err and "[square] 6/6 points (100%)" in err
+    assert "[square] group 1/2 {'c': 0.0}: 3 points" in err and "group 2/2" in err
 
 
 def test_map_sharded_matches_vmap():

@@ -1,4 +1,10 @@
-"""Progress of long work: one line ``[label] done/total points (pct)  elapsed  ETA`` to stderr."""
+"""Progress of long work: lines ``[label] done/total points (pct)  elapsed  ETA`` on stderr.
+
+A line is written when the work starts, at most every ``min_interval_s``
+seconds while points finish (2 s by default: a log of a long sweep stays
+readable), and when the last point finishes; :meth:`Progress.note` writes a
+stage line (``[label] compiling ...``) at once.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ class Progress:
     """
 
     def __init__(self, total: int, done: int = 0, label: str = "sweep", *, stream=None,
-                 enabled: bool = True, min_interval_s: float = 0.5):  # fmt: skip
+                 enabled: bool = True, min_interval_s: float = 2.0):  # fmt: skip
         self.total, self.done, self.label = int(total), int(done), label
         self.start_done = self.done
         self.stream = sys.stderr if stream is None else stream
@@ -46,6 +52,11 @@ class Progress:
     def update(self, n: int = 1) -> None:
         self.done = min(self.total, self.done + n)
         self.report(force=self.done >= self.total)
+
+    def note(self, text: str) -> None:
+        """Write ``[label] text`` now (a stage of the work: a group started, a file written)."""
+        if self.enabled:
+            print(f"[{self.label}] {text}", file=self.stream, flush=True)
 
     def report(self, force: bool = False) -> None:
         now = time.perf_counter()

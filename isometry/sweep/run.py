@@ -192,16 +192,11 @@ def run_vectorized(
     prog = Progress(len(points), len(points) - len(pending), label or store.study,
                     enabled=progress and writer)  # fmt: skip
     todo = [points[i] for i in pending]
-    for key, members in _group(todo, static).items():
-        del key
-        first = todo[members[0]]
-        static_vals = {s: first[s] for s in static}
-        if inputs is None:
-            nums = [{k: v for k, v in todo[i].items() if k not in static} for i in members]
-        else:
-            nums = [dict(inputs(todo[i])) for i in members]
-        names = list(nums[0])
-        cols = {k: np.asarray([q[k] for q in nums]) for k in names}
+    groups = _group(todo, static)
+    for n_group, members in enumerate(groups.values(), 1):
+        static_vals, cols = _group_inputs([todo[i] for i in members], static, inputs)
+        if static and len(groups) > 1:
+            prog.note(f"group {n_group}/{len(groups)} {static_vals}: {len(members)} points")
         g = fn(static_vals)
         t0 = time.perf_counter()
         for idx, out in map_sharded(g, cols, per_device=per_device, optimize=optimize):
@@ -214,9 +209,36 @@ def run_vectorized(
                                 elapsed_s=dt)  # fmt: skip
             prog.update(idx.size)
             t0 = time.perf_counter()
-    _barrier(f"isometry-sweep-{store.fingerprint}-vectorized")
+    return _finish(store, points, "vectorized")
+
+
+def _group_inputs(members: Sequence[dict], static: Sequence[str], inputs) -> tuple[dict, dict]:
+    """The static values shared by ``members`` and their numbers as columns ``{name: (k, ...)}``."""
+    static_vals = {s: members[0][s] for s in static}
+    if inputs is None:
+        nums = [{k: v for k, v in p.items() if k not in static} for p in members]
+    else:
+        nums = [dict(inputs(p)) for p in members]
+    return static_vals, {k: np.asarray([q[k] for q in nums]) for k in nums[0]}
+
+
+def _finish(store: Store, points: Sequence[Mapping], kind: str) -> Path:
+    """Wait for every process, then process 0 writes the aggregate csv; returns its path.
+
+    Before writing, every point must be finished: a point missing after all
+    processes returned means the store is not shared by all hosts.
+    """
+    import jax
+
+    _barrier(f"isometry-sweep-{store.fingerprint}-{kind}")
     path = store.root / "results.csv"
-    if writer:
+    if jax.process_index() == 0:
+        missing = [p for p in points if not store.done(p)]
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} points are missing from {store.root} after all processes "
+                "finished: is the store on a filesystem shared by all hosts?"
+            )
         store.write_csv(points)
     _barrier(f"isometry-sweep-{store.fingerprint}-csv")
     return path
@@ -257,15 +279,4 @@ def run_partitioned(
         else:
             store.write(p, res, elapsed_s=time.perf_counter() - t0)
         prog.update(pc if pi == 0 else 1)
-    _barrier(f"isometry-sweep-{store.fingerprint}-partitioned")
-    path = store.root / "results.csv"
-    if pi == 0:
-        missing = [p for p in points if not store.done(p)]
-        if missing:
-            raise RuntimeError(
-                f"{len(missing)} points are missing from {store.root} after all processes "
-                "finished: is the store on a filesystem shared by all hosts?"
-            )
-        store.write_csv(points)
-    _barrier(f"isometry-sweep-{store.fingerprint}-csv")
-    return path
+    return _finish(store, points, "partitioned")
