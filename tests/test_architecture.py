@@ -1,0 +1,271 @@
+"""The source tree's structure, read with ``ast`` (nothing is imported or run).
+
+* No module uses another module's private name: ``from m import _x``,
+  ``import m._x`` or ``m._x`` on an imported module ``m`` (dunder names are
+  public). A package's private submodules and names are open to the modules
+  inside that package (``experiments/clipping.py`` may use
+  ``isometry.experiments._training``); nothing outside it may use them.
+* No import cycle among the modules of ``isometry/``, ``experiments/`` and
+  ``paper_figures/``: imports at the top and inside functions both count; a
+  package ``__init__`` importing its own submodules (to re-export them) is no
+  cycle with them.
+* No function (or method) in ``isometry/`` is longer than 80 lines.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Source folders and the package each is installed as (see pyproject.toml).
+PACKAGES = {
+    "isometry": "isometry",
+    "experiments": "isometry.experiments",
+    "paper_figures": "isometry.paper_figures",
+}
+MAX_FUNCTION_LINES = 80
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT)
+    parts = [PACKAGES[rel.parts[0]], *rel.parts[1:]]
+    parts[-1] = parts[-1].removesuffix(".py")
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _sources() -> dict[str, tuple[Path, ast.Module]]:
+    """``{module name: (path, syntax tree)}`` of every module of the three folders."""
+    out = {}
+    for folder in PACKAGES:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            out[_module_name(path)] = (path, ast.parse(path.read_text(), str(path)))
+    return out
+
+
+SOURCES = _sources()
+IS_PACKAGE = {name for name, (path, _) in SOURCES.items() if path.name == "__init__.py"}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _absolute(module: str, node: ast.ImportFrom) -> str:
+    """The absolute module name of ``from <node.module> import ...`` inside ``module``."""
+    if not node.level:
+        return node.module or ""
+    package = module if module in IS_PACKAGE else module.rpartition(".")[0]
+    for _ in range(node.level - 1):
+        package = package.rpartition(".")[0]
+    return f"{package}.{node.module}" if node.module else package
+
+
+def _may_use(importer: str, owner: str) -> bool:
+    """Whether ``importer`` may use a private name of ``owner``: it is ``owner`` or inside it."""
+    return importer == owner or importer.startswith(f"{owner}.")
+
+
+def _first_private(dotted: str) -> tuple[str, str] | None:
+    """``(owner, name)`` of the first private component of a dotted name, if any."""
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if _private(part) and i > 0:
+            return ".".join(parts[:i]), part
+    return None
+
+
+def _module_aliases(tree: ast.Module, module: str) -> dict[str, str]:
+    """Local names bound to modules by imports anywhere in ``tree``: ``{alias: module}``."""
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                aliases[a.asname or a.name.partition(".")[0]] = (
+                    a.name if a.asname else a.name.partition(".")[0]
+                )
+        elif isinstance(node, ast.ImportFrom):
+            base = _absolute(module, node)
+            for a in node.names:
+                full = f"{base}.{a.name}"
+                if full in SOURCES or not base.startswith("isometry"):
+                    aliases[a.asname or a.name] = full
+    return aliases
+
+
+def _dotted(node: ast.AST) -> str | None:
+    """``a.b.c`` of an attribute chain on a plain name, else ``None``."""
+    names = []
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    return ".".join([node.id, *reversed(names)])
+
+
+def _private_uses(module: str, tree: ast.Module) -> list[str]:
+    """Uses of other modules' private names in ``module``, as readable strings."""
+    found = []
+
+    def check(dotted: str, line: int) -> None:
+        hit = _first_private(dotted)
+        if hit and not _may_use(module, hit[0]):
+            found.append(f"{module}:{line} uses {hit[0]}.{hit[1]}")
+
+    aliases = _module_aliases(tree, module)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                check(a.name, node.lineno)
+        elif isinstance(node, ast.ImportFrom):
+            base = _absolute(module, node)
+            check(base, node.lineno)
+            for a in node.names:
+                check(f"{base}.{a.name}", node.lineno)
+        elif isinstance(node, ast.Attribute) and not isinstance(node.value, ast.Attribute):
+            dotted = _dotted(node)
+            head, _, rest = (dotted or "").partition(".")
+            if head in aliases and rest:
+                check(f"{aliases[head]}.{rest}", node.lineno)
+    return sorted(set(found), key=lambda f: int(f.split(":")[1].split()[0]))
+
+
+def _imports(module: str, tree: ast.Module) -> set[str]:
+    """The project modules ``module`` imports (anywhere in it), most specific name first."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = _absolute(module, node)
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in SOURCES else base
+                       for a in node.names]  # fmt: skip
+        else:
+            continue
+        out.update(t for t in targets if t in SOURCES and t != module)
+    if module in IS_PACKAGE:  # re-exporting its own submodules is no cycle
+        out = {t for t in out if not t.startswith(f"{module}.")}
+    return out
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _long_functions(prefix: str = "isometry.") -> list[str]:
+    """Functions over the line limit in the ``isometry`` library modules named ``prefix...``."""
+    found = []
+    for module, (_, tree) in SOURCES.items():
+        if not module.startswith(prefix) or module.startswith(
+            ("isometry.experiments", "isometry.paper_figures")
+        ):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    found.append(f"{module}.{node.name} ({n} lines)")
+    return found
+
+
+def _all_private_uses(prefixes: tuple[str, ...] = ("isometry",)) -> list[str]:
+    return [
+        f for m, (_, t) in SOURCES.items() if m.startswith(prefixes) for f in _private_uses(m, t)
+    ]
+
+
+def _all_cycles() -> list[list[str]]:
+    return _cycles({m: _imports(m, tree) for m, (_, tree) in SOURCES.items()})
+
+
+def test_sources_found():
+    assert {"isometry", "isometry.sweep", "isometry.experiments", "isometry.paper_figures"} <= set(
+        SOURCES
+    )
+    assert "isometry.paper_figures.core" in SOURCES
+
+
+def test_checks_catch_what_they_should():
+    tree = ast.parse("from isometry import atomic\nimport jax._src.x\natomic._jsonable(1)\n")
+    found = _private_uses("isometry.sweep.grid", tree)
+    assert found == [
+        "isometry.sweep.grid:2 uses jax._src",
+        "isometry.sweep.grid:3 uses isometry.atomic._jsonable",
+    ]
+    assert not _private_uses("isometry.experiments.clipping", ast.parse(
+        "from isometry.experiments import _training\nfrom . import _training as tr\n"
+    ))  # fmt: skip
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# The modules of the sweep package, atomic writes and the figures runner follow the rules
+# now; the whole tree follows them once every part of the refactoring is in.
+CLEAN = ("isometry.sweep", "isometry.atomic", "isometry.paper_figures.core", "isometry.validate")
+
+
+def test_clean_modules_follow_the_rules():
+    assert not _all_private_uses(CLEAN)
+    assert not [c for c in _all_cycles() if any(m.startswith(CLEAN) for m in c)]
+    assert not _long_functions("isometry.sweep")
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="private names still used across modules: gaussian._nodes (freeprob), "
+    "jacobian._plan/_scan_emit (spectra), experiments._training/_common (figures 3, 6-10)",
+)
+def test_no_private_names_across_modules():
+    found = _all_private_uses()
+    assert not found, "private names used across modules:\n" + "\n".join(found)
+
+
+@pytest.mark.xfail(strict=False, reason="isometry.jacobian and isometry.spectra import each other")
+def test_no_import_cycles():
+    cycles = _all_cycles()
+    assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="over 80 lines: cli._run_signal, cli._run_spectrum, plotting.phase_diagram_figure, "
+    "plotting.spectrum_figure, signal.theory",
+)
+def test_no_long_functions():
+    found = _long_functions()
+    assert not found, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(found)
