@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from isometry import validate
+from isometry import depthscan, validate
 
 __all__ = [
     "SLQResult",
@@ -592,9 +592,7 @@ def log_singular_values(layer, params, x, depths=None, *, tangents=None, unroll:
         to working precision relative to ``s_max`` for singular values above
         ``eps * s_max``, and in the graded regime below it.
     """
-    from isometry import jacobian as _jac
-
-    plan = _jac._plan(layer, params, x, depths, tangents)
+    plan = depthscan.plan(layer, params, x, depths, tangents)
 
     def init(h, T):
         k = T.shape[0]
@@ -610,7 +608,7 @@ def log_singular_values(layer, params, x, depths=None, *, tangents=None, unroll:
         order = jnp.argsort(-g)
         Q, g, T = Q[:, order], g[order], T[order]
         rows = jnp.swapaxes(Q, 0, 1).reshape((Q.shape[1], *plan.shape))
-        h, M = _jac.push_tangents(layer, p, h, rows)
+        h, M = depthscan.push_tangents(layer, p, h, rows)
         Q, R = jnp.linalg.qr(M.reshape(M.shape[0], -1).T)
         dg = jnp.log(jnp.abs(jnp.diagonal(R)))
         G = _unit(R, g)
@@ -620,7 +618,7 @@ def log_singular_values(layer, params, x, depths=None, *, tangents=None, unroll:
         _, _, g, T = carry
         return _graded_log_sv(g, T)
 
-    return _jac._scan_emit(plan, init, step, emit, unroll=unroll)
+    return depthscan.scan_emit(plan, init, step, emit, unroll=unroll)
 
 
 def _unit(R, g):
