@@ -370,6 +370,9 @@ def resolve(
 ) -> Variances:
     """The variances of a layer from one of two descriptions.
 
+    ``activation`` (a name or :class:`~isometry.activations.Activation`) is
+    needed for ``q_star`` and ``fixed_point`` only; ``None`` otherwise.
+
     * ``q_star``: the critical point of ``q*`` (:func:`critical_variances`);
       needs an ``init`` that takes ``sigma_w2`` (``gaussian``, ``orthogonal``,
       ``delta_orthogonal``).
@@ -383,7 +386,9 @@ def resolve(
             ``sigma_w2`` with a fan-based ``init``; no critical point; bad
             values; no finite ``q*`` when ``fixed_point``.
     """
-    act = activations.get(activation)
+    act = None if activation is None else activations.get(activation)
+    if act is None and (q_star is not None or fixed_point):
+        raise ValueError("resolve: q_star and fixed_point need the activation (got None)")
     base = get(init)
     if q_star is not None:
         if sigma_w2 is not None or sigma_b2 is not None:

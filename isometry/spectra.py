@@ -60,6 +60,7 @@ __all__ = [
     "slq_density",
     "squared_singular_values",
     "summary",
+    "summary_rows",
     "trace_moments",
     "wasserstein1",
     "wasserstein1_cdf",
@@ -212,6 +213,25 @@ def summary(sq_singular_values, *, zero_tol: float = 1e-3) -> dict[str, Array]:
         "condition_number": cond,
         "frac_near_zero": (lam < zero_tol * m1[..., None]).mean(-1),
     }
+
+
+def summary_rows(depths, sq_singular_values) -> list[dict]:
+    """One row per depth of bulk statistics of squared singular values ``lambda (K, n)``.
+
+    Rows ``{"depth", "mean", "var", "max", "min"}`` (Python numbers) for the
+    ``K`` depths, computed in float64 NumPy (``var`` two-pass, ``mean((lambda -
+    mean)^2)``), the per-depth form of :func:`summary` for result tables.
+    """
+    lam = np.asarray(sq_singular_values, dtype=np.float64)
+    if lam.ndim != 2 or lam.shape[0] != len(depths):
+        raise ValueError(
+            f"sq_singular_values must have shape (len(depths)={len(depths)}, n), got {lam.shape}"
+        )
+    return [
+        {"depth": int(d), "mean": float(v.mean()), "var": float(v.var()),
+         "max": float(v.max()), "min": float(v.min())}
+        for d, v in zip(depths, lam, strict=True)
+    ]  # fmt: skip
 
 
 def histogram_density(values, *, bins: int | np.ndarray = 60, range=None, weights=None, log=False):
