@@ -9,6 +9,7 @@ at the critical point of ``q*`` (``sigma_w2 = fan_in Var(K)``):
     delta-orthogonal:  K^l[centre] = sqrt(sigma_w2) Q^l (Haar orthogonal C x C), 0 elsewhere
     Gaussian:          K^l ~ N(0, sigma_w2 / (C k^d))
 
+(centre ``(k - 1) // 2`` along each axis, :func:`isometry.initializers.sample_delta_orthogonal`).
 The input (``spatial^d x C``) lies on the sphere of mean square ``q*``. The
 squared singular values of the input-output Jacobian ``J_d`` (a
 ``n x n`` matrix, ``n = C size^d``) are summarized per depth: the

@@ -26,6 +26,17 @@ with ``fan_in = in * prod(spatial)``.
 ("ensemble" is the random-matrix class free probability uses: uniform
 entries behave like Gaussian ones at large width.)
 
+Sampling: :func:`sample` (any scheme), :func:`sample_gaussian`,
+:func:`sample_orthogonal`, :func:`sample_delta_orthogonal` and
+:func:`sample_bias` take the variance as an argument that may be a traced
+array, so a sweep can ``vmap`` over ``sigma_w2`` inside one compiled function;
+for concrete values the samples equal ``jax.nn.initializers``' to the bit.
+
+Variances: :func:`resolve` turns (activation, scheme, ``q*`` or
+``sigma_w2``/``sigma_b2``) into :class:`Variances` ``(sigma_w2, sigma_b2,
+q_star)``: the critical point of ``q*`` (:func:`critical_variances`), the
+given values, or the scheme's own.
+
 References: Glorot & Bengio 2010; He et al. 2015; Saxe et al. 2014;
 Xiao et al. 2018 (delta-orthogonal).
 """

@@ -17,7 +17,13 @@
   ``fold_in(key, l)``, so memory does not grow with depth; vectorized over
   seeds and inputs, inputs scaled so every pre-activation ``h^l``, the first
   included, has variance ``q*`` (see :func:`sample_inputs`; Pennington,
-  Schoenholz & Ganguli 2017, 2018).
+  Schoenholz & Ganguli 2017, 2018). The building blocks are public:
+  :func:`dense_layer` (the layer step ``phi(x W + b)`` with ``W, b`` drawn
+  from the layer's key, variances possibly traced) and :func:`sphere_inputs`
+  (inputs whose first pre-activation has variance ``q*``).
+
+The scan over depth itself lives in :mod:`isometry.depthscan`, shared with
+:func:`isometry.spectra.log_singular_values`.
 
 Example:
     >>> import jax
