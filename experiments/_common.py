@@ -1,4 +1,10 @@
-"""Helpers shared by the experiment modules (not an experiment: the name starts with ``_``)."""
+"""Helpers shared by the experiment modules (not an experiment: the name starts with ``_``).
+
+Only :func:`results_dir` lives here (it moves to the experiment harness).
+``ACTIVATIONS`` and ``seed_key`` are thin re-exports kept for the experiment
+modules that still import them; new code uses ``tuple(activations.names())``
+and :func:`isometry.sweep.point_key`.
+"""
 
 from __future__ import annotations
 
@@ -6,44 +12,12 @@ import contextlib
 import tempfile
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 from isometry import activations, sweep
 
-__all__ = ["results_dir", "seed_key", "spectrum_rows", "sphere_input"]
-
-
-def seed_key(seed, index):
-    """Deprecated alias of :func:`isometry.sweep.point_key`."""
-    return sweep.point_key(seed, index)
-
-
-def sphere_input(key, shape, q_star):
-    """An input of ``shape`` on the sphere ``||x||^2 = x.size * q*`` (mean square ``q*``)."""
-    x = jax.random.normal(key, shape)
-    return x * jnp.sqrt(x.size * q_star) / jnp.linalg.norm(x)
-
-
-def spectrum_rows(depths, lam) -> list[dict]:
-    """One row per depth of bulk statistics of squared singular values ``lam (K, n)``."""
-    lam = np.asarray(lam, dtype=np.float64)
-    rows = []
-    for d, v in zip(depths, lam, strict=True):
-        rows.append(
-            {
-                "depth": int(d),
-                "mean": float(v.mean()),
-                "var": float(v.var()),
-                "max": float(v.max()),
-                "min": float(v.min()),
-            }
-        )
-    return rows
-
+__all__ = ["results_dir"]
 
 ACTIVATIONS = tuple(activations.names())
+seed_key = sweep.point_key
 
 
 @contextlib.contextmanager

@@ -33,7 +33,6 @@ import numpy as np
 
 from isometry import sweep, validate
 from isometry.experiments import Experiment, gradients
-from isometry.experiments._common import ACTIVATIONS
 
 __all__ = ["EXPERIMENT", "PRESETS", "Config", "growth_rate", "run"]
 
@@ -59,7 +58,7 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
-        validate.names("activations", self.activations, ACTIVATIONS)
+        validate.names("activations", self.activations, gradients.ACTIVATIONS)
         validate.positive_ints("batch_sizes", self.batch_sizes)
         for b in self.batch_sizes:
             validate.positive_int("batch_sizes", b, 2)
@@ -94,6 +93,8 @@ def run(
     store = sweep.Store(out, "batchnorm", cfg)
     index = {sweep.point_id(p): i for i, p in enumerate(g.points())}
     gcfg = gradients.Config(depth=cfg.depth, width=cfg.width, seed=cfg.seed)
+    # Gaussian weights, sigma_w2 = 1 (batch normalization makes the scale irrelevant).
+    weights = gradients.init_numbers(gcfg, "gaussian")
 
     def rows(p, o):
         r = gradients.layer_rows(o)
@@ -110,11 +111,7 @@ def run(
         ),
         rows,
         static=("activation", "batch"),
-        inputs=lambda p: {
-            "sigma_w2": 1.0,
-            "orthogonal": 0.0,
-            "index": index[sweep.point_id(p)],
-        },
+        inputs=lambda p: {**weights, "index": index[sweep.point_id(p)]},
         per_device=per_device,
         optimize=optimize,
         progress=progress,

@@ -9,6 +9,7 @@ at the critical point of ``q*`` (``sigma_w2 = fan_in Var(K)``):
     delta-orthogonal:  K^l[centre] = sqrt(sigma_w2) Q^l (Haar orthogonal C x C), 0 elsewhere
     Gaussian:          K^l ~ N(0, sigma_w2 / (C k^d))
 
+(centre ``(k - 1) // 2`` along each axis, :func:`isometry.initializers.sample_delta_orthogonal`).
 The input (``spatial^d x C``) lies on the sphere of mean square ``q*``. The
 squared singular values of the input-output Jacobian ``J_d`` (a
 ``n x n`` matrix, ``n = C size^d``) are summarized per depth: the
@@ -36,18 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from isometry import jacobian, meanfield, networks, sweep, validate
+from isometry import activations, initializers, jacobian, networks, spectra, sweep, validate
 from isometry.experiments import Experiment
-from isometry.experiments._common import (
-    ACTIVATIONS,
-    seed_key,
-    spectrum_rows,
-    sphere_input,
-)
 
 __all__ = ["EXPERIMENT", "INITS", "PRESETS", "Config", "run"]
 
 INITS = ("delta_orthogonal", "gaussian")
+ACTIVATIONS = tuple(activations.names())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,33 +100,36 @@ def grid(cfg: Config) -> sweep.Grid:
 
 def point_function(cfg: Config):
     """``f(orthogonal, index) -> (K, n)`` squared singular values of ``J_d`` at each depth."""
-    sw, sb = (float(v) for v in meanfield.critical_point(cfg.activation, cfg.q_star))
+    v = initializers.resolve(cfg.activation, "delta_orthogonal", q_star=cfg.q_star)
+    sw, sb = v.sigma_w2, v.sigma_b2
     net = networks.ConvConfig(
         depth=max(cfg.depths), channels=cfg.channels, kernel_size=cfg.kernel_size,
         spatial_dims=cfg.spatial_dims, activation=cfg.activation, init="gaussian",
         sigma_w2=sw, sigma_b2=sb,
     )  # fmt: skip
     layer = networks.ConvNet(net, rngs=nnx.Rngs(0)).stack().layer
-    C, k, d = cfg.channels, cfg.kernel_size, cfg.spatial_dims
-    shape = (cfg.size,) * d + (C,)
+    kshape = net.kernel_shape
+    C = cfg.channels
+    shape = (cfg.size,) * cfg.spatial_dims + (C,)
     n = int(np.prod(shape))
     depths = sorted(set(cfg.depths))
+    dtype = jnp.result_type(float)
 
     def kernel(key, orthogonal):
         kg, ko, kb = jax.random.split(key, 3)
-        g = jax.random.normal(kg, (k,) * d + (C, C)) * jnp.sqrt(sw / (C * k**d))
-        centre = (k // 2,) * d
-        delta = (
-            jnp.zeros((k,) * d + (C, C)).at[centre].set(jnp.sqrt(sw) * jax.random.orthogonal(ko, C))
-        )
-        b = jnp.sqrt(sb) * jax.random.normal(kb, (C,))
+        g = initializers.sample_gaussian(kg, kshape, sw, dtype)
+        delta = initializers.sample_delta_orthogonal(ko, kshape, sw, dtype)
+        b = initializers.sample_bias(kb, (C,), sb, dtype)
         return {"kernel": jnp.where(orthogonal > 0.5, delta, g), "bias": b}
 
     def f(orthogonal, index):
-        k_w, k_x = jax.random.split(seed_key(cfg.seed, index))
-        keys = jax.vmap(lambda l: jax.random.fold_in(k_w, l))(jnp.arange(max(depths)))
+        k_w, k_x = jax.random.split(sweep.point_key(cfg.seed, index))
+        keys = jacobian.random_params(k_w, max(depths))
         params = jax.vmap(lambda kl: kernel(kl, orthogonal))(keys)
-        x0 = sphere_input(k_x, shape, cfg.q_star)
+        # Known defect, kept here so the numbers do not change: the input has mean
+        # square q* (sigma_w2 = 1, sigma_b2 = 0 in the sphere), so h^1 has variance
+        # sigma_w2 q* + sigma_b2, not q*.
+        x0 = jacobian.sphere_inputs(k_x, shape, cfg.q_star, 1.0, 0.0)
         return jacobian.stack_jacobians(
             layer, params, x0, depths,
             reduce=lambda J: jnp.linalg.svd(J.reshape(n, n), compute_uv=False) ** 2,
@@ -151,7 +150,7 @@ def run(
         store,
         g,
         lambda s: point_function(cfg),
-        lambda p, lam: spectrum_rows(depths, lam),
+        lambda p, lam: spectra.summary_rows(depths, lam),
         inputs=lambda p: {
             "orthogonal": float(p["init"] == "delta_orthogonal"),
             "index": index[sweep.point_id(p)],

@@ -35,9 +35,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from isometry import initializers, networks, signal, sweep, validate
+from isometry import activations, initializers, networks, signal, sweep, validate
 from isometry.experiments import Experiment
-from isometry.experiments._common import ACTIVATIONS, seed_key
 
 __all__ = ["EXPERIMENT", "PRESETS", "TECHNIQUES", "Config", "run"]
 
@@ -46,6 +45,7 @@ INITS = (
     "he", "he_normal", "kaiming", "kaiming_normal", "lecun", "lecun_normal",
 )  # fmt: skip
 TECHNIQUES = ("plain", "batch_norm", "layer_norm", "residual")
+ACTIVATIONS = tuple(activations.names())
 _NETWORK = {
     "plain": {},
     "batch_norm": {"norm": "batch"},
@@ -124,20 +124,15 @@ def network_config(cfg: Config, activation: str, technique: str) -> networks.MLP
 
 
 def init_numbers(cfg: Config, init: str) -> dict[str, float]:
-    """``{"sigma_w2", "orthogonal"}`` of an initializer for square ``N x N`` layers."""
-    ini = initializers.get(init, **_init_params(cfg, init))
-    return {
-        "sigma_w2": float(ini.sigma_w2(cfg.width, cfg.width)),
-        "orthogonal": float(ini.ensemble == "orthogonal"),
-    }
+    """``{"sigma_w2", "orthogonal"}`` of an initializer for square ``N x N`` layers.
 
-
-def _init_params(cfg: Config, init: str) -> dict:
-    return (
-        {}
-        if initializers.get(init).sigma_w2_param is None
-        else {"sigma_w2": cfg.orthogonal_sigma_w2}
-    )
+    ``sigma_w2`` from :func:`isometry.initializers.resolve`: ``orthogonal_sigma_w2``
+    for ``gaussian``/``orthogonal``, the fans' for the fan-based schemes.
+    """
+    ini = initializers.get(init)
+    sw = None if ini.sigma_w2_param is None else cfg.orthogonal_sigma_w2
+    v = initializers.resolve(None, ini, sigma_w2=sw, fan_in=cfg.width, fan_out=cfg.width)
+    return {"sigma_w2": v.sigma_w2, "orthogonal": float(ini.ensemble == "orthogonal")}
 
 
 def measure_function(net: networks.MLPConfig, batch: int, seed: int):
@@ -152,16 +147,17 @@ def measure_function(net: networks.MLPConfig, batch: int, seed: int):
     # Built once: apart from the kernels its parameters (zero biases, unit
     # norm gains) do not depend on the seed.
     base = networks.MLP(net, rngs=nnx.Rngs(params=seed)).stack()
+    dtype = jnp.result_type(float)
 
     def f(sigma_w2, orthogonal, index):
-        k_w, k_in, k_loss = jax.random.split(seed_key(seed, index), 3)
+        k_w, k_in, k_loss = jax.random.split(sweep.point_key(seed, index), 3)
         stack = base
 
         def kernel(l):
             kg, ko = jax.random.split(jax.random.fold_in(k_w, l))
-            g = jax.random.normal(kg, (N, N)) / jnp.sqrt(N)
-            q = jax.random.orthogonal(ko, N)
-            return jnp.sqrt(sigma_w2) * jnp.where(orthogonal > 0.5, q, g)
+            g = initializers.sample_gaussian(kg, (N, N), sigma_w2, dtype)
+            q = initializers.sample_orthogonal(ko, (N, N), sigma_w2, dtype)
+            return jnp.where(orthogonal > 0.5, q, g)
 
         params = dict(stack.params)
         params["kernel"] = jax.vmap(kernel)(jnp.arange(L)).astype(params["kernel"].dtype)

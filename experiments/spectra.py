@@ -38,18 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from isometry import activations, freeprob, jacobian, meanfield, sweep, validate
+from isometry import activations, freeprob, initializers, jacobian, spectra, sweep, validate
 from isometry.experiments import Experiment
-from isometry.experiments._common import (
-    ACTIVATIONS,
-    seed_key,
-    spectrum_rows,
-    sphere_input,
-)
 
 __all__ = ["EXPERIMENT", "PRESETS", "Config", "run", "run_cases"]
 
 WEIGHTS = ("gaussian", "orthogonal")
+ACTIVATIONS = tuple(activations.names())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +107,8 @@ def grid(cfg: Config) -> sweep.Grid:
 @functools.cache
 def critical(activation: str, q_star: float) -> tuple[float, float]:
     """``(sigma_w2, sigma_b2)`` of the critical point with fixed point ``q*`` (floats)."""
-    sw, sb = meanfield.critical_point(activation, q_star)
-    return float(sw), float(sb)
+    v = initializers.resolve(activation, "gaussian", q_star=q_star)
+    return v.sigma_w2, v.sigma_b2
 
 
 @functools.cache
@@ -129,30 +124,22 @@ def theory(activation: str, q_star: float, depth: int, weights: str) -> dict[str
 
 
 def point_function(cfg: Config, activation: str, weights: str):
-    """``f(q_star, sigma_w2, sigma_b2, index) -> (K, N)`` squared singular values, decreasing."""
-    act = activations.get(activation)
-    params = dict(act.params)
+    """``f(q_star, sigma_w2, sigma_b2, index) -> (K, N)`` squared singular values, decreasing.
+
+    The layers are :func:`isometry.jacobian.dense_layer` with the traced
+    variances, the input on the ``q*`` sphere (:func:`isometry.jacobian.sphere_inputs`).
+    """
     N, depths = cfg.width, sorted(set(cfg.depths))
 
     def f(q_star, sigma_w2, sigma_b2, index):
-        k_w, k_x = jax.random.split(seed_key(cfg.seed, index))
-
-        def layer(k_l, x):
-            kw, kb = jax.random.split(k_l)
-            if weights == "orthogonal":
-                W = jnp.sqrt(sigma_w2) * jax.random.orthogonal(kw, N, dtype=x.dtype)
-            else:
-                W = jnp.sqrt(sigma_w2 / N) * jax.random.normal(kw, (N, N), x.dtype)
-            b = jnp.sqrt(sigma_b2) * jax.random.normal(kb, (N,), x.dtype)
-            return act.fn(x @ W + b, **params)
-
-        keys = jax.vmap(lambda l: jax.random.fold_in(k_w, l))(jnp.arange(max(depths)))
+        k_w, k_x = jax.random.split(sweep.point_key(cfg.seed, index))
+        layer = jacobian.dense_layer(activation, weights, sigma_w2, sigma_b2)
+        keys = jacobian.random_params(k_w, max(depths))
         # ||x0||^2 = N (q* - sigma_b2) / sigma_w2: Var h^1 = sigma_w2 ||x0||^2 / N + sigma_b2 = q*.
-        x0 = sphere_input(k_x, (N,), (q_star - sigma_b2) / sigma_w2)
-        sv = jacobian.stack_jacobians(
+        x0 = jacobian.sphere_inputs(k_x, (N,), q_star, sigma_w2, sigma_b2)
+        return jacobian.stack_jacobians(
             layer, keys, x0, depths, reduce=lambda J: jnp.linalg.svd(J, compute_uv=False) ** 2
         )
-        return sv
 
     return f
 
@@ -177,7 +164,7 @@ def run(
 
     def rows(p, lam):
         sw, sb = critical(p["activation"], p["q_star"])
-        out = spectrum_rows(depths, lam)
+        out = spectra.summary_rows(depths, lam)
         for r in out:
             r.update(sigma_w2=sw, sigma_b2=sb)
             r.update(theory(p["activation"], p["q_star"], r["depth"], p["weights"]))

@@ -26,6 +26,17 @@ with ``fan_in = in * prod(spatial)``.
 ("ensemble" is the random-matrix class free probability uses: uniform
 entries behave like Gaussian ones at large width.)
 
+Sampling: :func:`sample` (any scheme), :func:`sample_gaussian`,
+:func:`sample_orthogonal`, :func:`sample_delta_orthogonal` and
+:func:`sample_bias` take the variance as an argument that may be a traced
+array, so a sweep can ``vmap`` over ``sigma_w2`` inside one compiled function;
+for concrete values the samples equal ``jax.nn.initializers``' to the bit.
+
+Variances: :func:`resolve` turns (activation, scheme, ``q*`` or
+``sigma_w2``/``sigma_b2``) into :class:`Variances` ``(sigma_w2, sigma_b2,
+q_star)``: the critical point of ``q*`` (:func:`critical_variances`), the
+given values, or the scheme's own.
+
 References: Glorot & Bengio 2010; He et al. 2015; Saxe et al. 2014;
 Xiao et al. 2018 (delta-orthogonal).
 """
@@ -39,7 +50,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Initializer", "fans", "get", "names"]
+from isometry import activations, meanfield, validate
+
+__all__ = [
+    "Initializer",
+    "Variances",
+    "critical_variances",
+    "fans",
+    "get",
+    "names",
+    "resolve",
+    "sample",
+    "sample_bias",
+    "sample_delta_orthogonal",
+    "sample_gaussian",
+    "sample_orthogonal",
+]
 
 
 def fans(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -82,10 +108,12 @@ class Initializer:
 
     def __call__(self, key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
         """Sample a kernel of ``shape``; ``jax.nn.initializers`` signature."""
-        shape = tuple(int(s) for s in shape)
-        if any(s <= 0 for s in shape):
-            raise ValueError(f"shape must have positive dimensions, got {shape}")
-        return _sampler(self)(key, shape, dtype)
+        return sample(self, key, shape, dtype=dtype)
+
+    def at(self, sigma_w2: float) -> Initializer:
+        """This scheme at ``sigma_w2`` (``gaussian``/``orthogonal``/``delta_orthogonal``);
+        a fan-based scheme fixes its own and is returned as it is."""
+        return self if self.sigma_w2_param is None else get(self.name, sigma_w2=sigma_w2)
 
     def __repr__(self) -> str:
         extra = "" if self.sigma_w2_param is None else f", sigma_w2={self.sigma_w2_param}"
@@ -117,39 +145,136 @@ _ALIASES = {
 }
 
 
-def _sampler(init: Initializer):
-    ji = jax.nn.initializers
-    s2 = init.sigma_w2_param
-    return {
-        "gaussian": lambda: ji.variance_scaling(s2, "fan_in", "normal"),
-        "orthogonal": lambda: ji.orthogonal(scale=math.sqrt(s2)),
-        "delta_orthogonal": lambda: _delta_orthogonal(s2),
-        # Untruncated normals, so Var(W_ij) is exactly the tabulated value.
-        "xavier_normal": lambda: ji.variance_scaling(1.0, "fan_avg", "normal"),
-        "xavier_uniform": lambda: ji.glorot_uniform(),
-        "he_normal": lambda: ji.variance_scaling(2.0, "fan_in", "normal"),
-        "he_uniform": lambda: ji.he_uniform(),
-        "lecun_normal": lambda: ji.variance_scaling(1.0, "fan_in", "normal"),
-        "lecun_uniform": lambda: ji.lecun_uniform(),
-    }[init.name]()
+_JNN = jax.nn.initializers
+# Fan-based schemes sample as jax.nn.initializers does; untruncated normals, so
+# Var(W_ij) is exactly the tabulated value.
+_FAN_SAMPLERS = {
+    "xavier_normal": _JNN.variance_scaling(1.0, "fan_avg", "normal"),
+    "xavier_uniform": _JNN.glorot_uniform(),
+    "he_normal": _JNN.variance_scaling(2.0, "fan_in", "normal"),
+    "he_uniform": _JNN.he_uniform(),
+    "lecun_normal": _JNN.variance_scaling(1.0, "fan_in", "normal"),
+    "lecun_uniform": _JNN.lecun_uniform(),
+}
 
 
-def _delta_orthogonal(sigma_w2: float):
-    base = jax.nn.initializers.delta_orthogonal(scale=math.sqrt(sigma_w2))
+def _variance(name: str, value):
+    """A concrete scalar as a Python float (the arithmetic of ``jax.nn.initializers``:
+    scales in float64, then cast); a traced or array value as it is."""
+    validate.real_array(name, value, minimum=0.0)
+    if validate.is_concrete(value) and np.ndim(value) == 0:
+        return float(value)
+    return value
 
-    def init(key, shape, dtype=jnp.float32):
-        if len(shape) not in (3, 4, 5):
+
+def _shape(shape) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in shape)
+    if any(s <= 0 for s in shape):
+        raise ValueError(f"shape must have positive dimensions, got {shape}")
+    return shape
+
+
+def sample_gaussian(key: jax.Array, shape, sigma_w2, dtype=jnp.float32) -> jax.Array:
+    """``W = sqrt(sigma_w2 / fan_in) * N(0, 1)`` of ``shape`` (``fan_in`` as :func:`fans`).
+
+    ``sigma_w2`` may be a traced scalar (``vmap``/``jit`` over it). For a
+    concrete value the samples equal ``jax.nn.initializers.variance_scaling(
+    sigma_w2, "fan_in", "normal")`` to the bit.
+    """
+    shape = _shape(shape)
+    fan_in, _ = fans(shape)
+    s = _variance("sigma_w2", sigma_w2)
+    var = s / fan_in if isinstance(s, float) else jnp.asarray(s, dtype) / fan_in
+    return jax.random.normal(key, shape, dtype) * jnp.sqrt(jnp.asarray(var, dtype))
+
+
+def _sqrt(value, dtype):
+    """``sqrt(value)``: float64 for a Python float (``scale=math.sqrt(s)``), else in ``dtype``."""
+    return math.sqrt(value) if isinstance(value, float) else jnp.sqrt(jnp.asarray(value, dtype))
+
+
+def sample_orthogonal(key: jax.Array, shape, sigma_w2, dtype=jnp.float32) -> jax.Array:
+    """``W = sqrt(sigma_w2) * Q``, ``Q`` Haar orthogonal (orthonormal rows or columns).
+
+    ``Q`` is drawn as ``jax.nn.initializers.orthogonal`` draws it (QR of a
+    normal matrix, signs fixed by ``diag R``; for a square matrix the same as
+    ``jax.random.orthogonal``), so for a concrete ``sigma_w2`` the samples equal
+    ``jax.nn.initializers.orthogonal(math.sqrt(sigma_w2))`` to the bit.
+    ``sigma_w2`` may be traced. Saxe, McClelland & Ganguli 2014.
+    """
+    shape = _shape(shape)
+    q = _JNN.orthogonal(1.0)(key, shape, dtype)
+    return _sqrt(_variance("sigma_w2", sigma_w2), dtype) * q
+
+
+def sample_delta_orthogonal(key: jax.Array, shape, sigma_w2, dtype=jnp.float32) -> jax.Array:
+    """Delta-orthogonal kernel ``(*spatial, in, out)``: centre ``sqrt(sigma_w2) Q``, 0 elsewhere.
+
+    ``Q (in, out)`` from :func:`sample_orthogonal`; the centre tap is
+    ``(k - 1) // 2`` along each spatial axis, as
+    ``jax.nn.initializers.delta_orthogonal`` (equal to it to the bit for a
+    concrete ``sigma_w2``). ``sigma_w2`` may be traced. Xiao et al. 2018.
+
+    Raises:
+        ValueError: a kernel that is not 3-, 4- or 5-D, or ``in > out``.
+    """
+    shape = _shape(shape)
+    if len(shape) not in (3, 4, 5):
+        raise ValueError(
+            f"delta_orthogonal: kernel must be 3-, 4- or 5-D (*spatial, in, out), got {shape}"
+        )
+    if shape[-2] > shape[-1]:
+        raise ValueError(
+            "delta_orthogonal: needs in_channels <= out_channels "
+            f"(an orthogonal centre tap), got in={shape[-2]}, out={shape[-1]}"
+        )
+    centre = tuple((k - 1) // 2 for k in shape[:-2])
+    tap = sample_orthogonal(key, shape[-2:], sigma_w2, dtype)
+    return jnp.zeros(shape, dtype).at[centre].set(tap)
+
+
+def sample_bias(key: jax.Array, shape, sigma_b2, dtype=jnp.float32) -> jax.Array:
+    """``b = sqrt(sigma_b2) * N(0, 1)`` of ``shape``; zeros for a concrete ``sigma_b2 = 0``.
+
+    ``sigma_b2`` may be traced.
+    """
+    shape = tuple(int(s) for s in shape)
+    s = _variance("sigma_b2", sigma_b2)
+    if isinstance(s, float) and s == 0.0:
+        return jnp.zeros(shape, dtype)
+    return _sqrt(s, dtype) * jax.random.normal(key, shape, dtype)
+
+
+_ENSEMBLE_SAMPLERS = {
+    "gaussian": sample_gaussian,
+    "orthogonal": sample_orthogonal,
+    "delta_orthogonal": sample_delta_orthogonal,
+}
+
+
+def sample(init, key: jax.Array, shape, sigma_w2=None, dtype=jnp.float32) -> jax.Array:
+    """A kernel of ``shape`` from the scheme ``init`` (a name or :class:`Initializer`).
+
+    ``gaussian``, ``orthogonal`` and ``delta_orthogonal`` use ``sigma_w2``
+    (default: the initializer's own), which may be a traced array, so a sweep
+    can ``vmap`` over it; fan-based schemes (xavier, he, lecun) fix it and
+    take ``sigma_w2=None``. For concrete values the samples equal
+    ``jax.nn.initializers``' to the bit.
+
+    Raises:
+        ValueError: ``sigma_w2`` given to a fan-based scheme; a bad shape.
+    """
+    init = get(init)
+    shape = _shape(shape)
+    if init.sigma_w2_param is None:
+        if sigma_w2 is not None:
             raise ValueError(
-                f"delta_orthogonal: kernel must be 3-, 4- or 5-D (*spatial, in, out), got {shape}"
+                f"initializer {init.name!r} fixes sigma_w2 from the fans; use 'gaussian' or "
+                "'orthogonal' to choose sigma_w2"
             )
-        if shape[-2] > shape[-1]:
-            raise ValueError(
-                "delta_orthogonal: needs in_channels <= out_channels "
-                f"(an orthogonal centre tap), got in={shape[-2]}, out={shape[-1]}"
-            )
-        return base(key, shape, dtype)
-
-    return init
+        return _FAN_SAMPLERS[init.name](key, shape, dtype)
+    s2 = init.sigma_w2_param if sigma_w2 is None else sigma_w2
+    return _ENSEMBLE_SAMPLERS[init.name](key, shape, s2, dtype)
 
 
 def names() -> tuple[str, ...]:
@@ -188,3 +313,113 @@ def get(name: str | Initializer, sigma_w2: float | None = None) -> Initializer:
             f"'orthogonal' to choose sigma_w2={sigma_w2}"
         )
     return Initializer(key)
+
+
+# --------------------------------------------------------------------------- #
+# Variances: (activation, init, q* or sigma_w2/sigma_b2) -> (sigma_w2, sigma_b2).
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class Variances:
+    """The mean-field variances of a layer (Poole et al. 2016).
+
+    Attributes:
+        sigma_w2: ``fan_in * Var(W_ij)``.
+        sigma_b2: ``Var(b_i)``.
+        q_star: the pre-activation length fixed point ``q*`` of
+            ``q = sigma_w2 E[phi(sqrt(q) z)^2] + sigma_b2``; ``None`` when not
+            asked for (see :func:`resolve`).
+    """
+
+    sigma_w2: float
+    sigma_b2: float
+    q_star: float | None = None
+
+
+def critical_variances(activation, q_star) -> Variances:
+    """The critical point of ``q*``: ``chi_1 = sigma_w2 E[phi'(sqrt(q*) z)^2] = 1`` and
+    ``q*`` the length fixed point (:func:`isometry.meanfield.critical_point`;
+    Pennington, Schoenholz & Ganguli 2017).
+
+    Raises:
+        ValueError: ``q_star`` not positive, or no critical point at this ``q*``
+            (non-finite, or ``sigma_b2 < 0``).
+    """
+    validate.real_array("q_star", q_star, minimum=0.0, strict=True)
+    act = activations.get(activation)
+    q = float(q_star)
+    sw, sb = (float(v) for v in meanfield.critical_point(act, q))
+    if not (math.isfinite(sw) and math.isfinite(sb) and sb >= 0):
+        raise ValueError(
+            f"q_star={q}: no critical point for {act.name} at this q* "
+            f"(it would need sigma_w2={sw:.6g}, sigma_b2={sb:.6g})"
+        )
+    return Variances(sw, sb, q)
+
+
+def _fixed_point(act, sw: float, sb: float) -> float:
+    q = float(meanfield.q_star(act, sw, sb))
+    if not math.isfinite(q) or q <= 0:
+        raise ValueError(
+            f"no finite fixed point q* for {act.name} at sigma_w2={sw}, sigma_b2={sb}; "
+            "pass q_star explicitly"
+        )
+    return q
+
+
+def resolve(
+    activation,
+    init,
+    *,
+    q_star=None,
+    sigma_w2=None,
+    sigma_b2=None,
+    fan_in: int | None = None,
+    fan_out: int | None = None,
+    fixed_point: bool = False,
+) -> Variances:
+    """The variances of a layer from one of two descriptions.
+
+    ``activation`` (a name or :class:`~isometry.activations.Activation`) is
+    needed for ``q_star`` and ``fixed_point`` only; ``None`` otherwise.
+
+    * ``q_star``: the critical point of ``q*`` (:func:`critical_variances`);
+      needs an ``init`` that takes ``sigma_w2`` (``gaussian``, ``orthogonal``,
+      ``delta_orthogonal``).
+    * otherwise ``sigma_w2`` (for those schemes; default the initializer's,
+      1) or the fans' (fan-based schemes: ``sigma_w2(fan_in, fan_out)``), and
+      ``sigma_b2`` (default 0). ``fixed_point=True`` also solves ``q*``
+      (:func:`isometry.meanfield.q_star`).
+
+    Raises:
+        ValueError: ``q_star`` with ``sigma_w2`` or ``sigma_b2``; ``q_star`` or
+            ``sigma_w2`` with a fan-based ``init``; no critical point; bad
+            values; no finite ``q*`` when ``fixed_point``.
+    """
+    act = None if activation is None else activations.get(activation)
+    if act is None and (q_star is not None or fixed_point):
+        raise ValueError("resolve: q_star and fixed_point need the activation (got None)")
+    base = get(init)
+    if q_star is not None:
+        if sigma_w2 is not None or sigma_b2 is not None:
+            raise ValueError(
+                "give either q_star (critical initialization) or sigma_w2/sigma_b2, not both"
+            )
+        if base.sigma_w2_param is None:
+            raise ValueError(
+                "q_star (critical initialization) needs init 'gaussian', 'orthogonal' or "
+                f"'delta_orthogonal', got {base.name!r} (which fixes sigma_w2 from the fans)"
+            )
+        return critical_variances(act, q_star)
+    if base.sigma_w2_param is None:
+        get(base.name, sigma_w2=sigma_w2)  # a fan-based scheme: sigma_w2 must be None
+        if fan_in is None:
+            raise ValueError(f"initializer {base.name!r} needs fan_in (and fan_out) for sigma_w2")
+        sw = base.sigma_w2(fan_in, fan_out)
+    else:
+        sw = base.sigma_w2_param if sigma_w2 is None else get(base.name, sigma_w2).sigma_w2_param
+    sb = 0.0 if sigma_b2 is None else sigma_b2
+    validate.real_array("sigma_b2", sb, minimum=0.0)
+    sw, sb = float(sw), float(sb)
+    return Variances(sw, sb, _fixed_point(act, sw, sb) if fixed_point else None)

@@ -17,7 +17,13 @@
   ``fold_in(key, l)``, so memory does not grow with depth; vectorized over
   seeds and inputs, inputs scaled so every pre-activation ``h^l``, the first
   included, has variance ``q*`` (see :func:`sample_inputs`; Pennington,
-  Schoenholz & Ganguli 2017, 2018).
+  Schoenholz & Ganguli 2017, 2018). The building blocks are public:
+  :func:`dense_layer` (the layer step ``phi(x W + b)`` with ``W, b`` drawn
+  from the layer's key, variances possibly traced) and :func:`sphere_inputs`
+  (inputs whose first pre-activation has variance ``q*``).
+
+The scan over depth itself lives in :mod:`isometry.depthscan`, shared with
+:func:`isometry.spectra.log_singular_values`.
 
 Example:
     >>> import jax
@@ -39,12 +45,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from isometry import activations, initializers, spectra, validate
+from isometry import activations, depthscan, initializers, spectra, validate
+from isometry.depthscan import push_tangents
 
 __all__ = [
     "NonFiniteJacobianError",
     "RandomNetwork",
     "batch_jacobian",
+    "dense_layer",
     "jacobian",
     "push_tangents",
     "random_layer",
@@ -52,6 +60,7 @@ __all__ = [
     "random_network_spectra",
     "random_params",
     "sample_inputs",
+    "sphere_inputs",
     "stack_forward",
     "stack_jacobians",
     "stack_singular_values",
@@ -83,15 +92,6 @@ def _as_function(f):
     return f
 
 
-def _float_input(name, x):
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.result_type(float))
-    if x.ndim == 0 or x.size == 0:
-        raise ValueError(f"{name} must be a non-empty array with at least one axis, got {x.shape}")
-    return x
-
-
 def jacobian(f, x, *, mode: str = "auto") -> Array:
     """Jacobian ``J = df/dx`` of a per-example function at one input.
 
@@ -108,7 +108,7 @@ def jacobian(f, x, *, mode: str = "auto") -> Array:
     """
     validate.choice("mode", mode, ("auto", "fwd", "rev"))
     f = _as_function(f)
-    x = _float_input("x", x)
+    x = depthscan.as_float_input("x", x)
     if mode == "auto":
         out = jax.eval_shape(f, x)
         mode = "fwd" if x.size <= math.prod(out.shape) else "rev"
@@ -119,7 +119,7 @@ def batch_jacobian(f, xs, *, mode: str = "auto") -> Array:
     """Per-example Jacobians over the leading axis: ``xs (B, *in) -> (B, *out, *in)`` (``vmap``)."""
     validate.choice("mode", mode, ("auto", "fwd", "rev"))
     f = _as_function(f)
-    xs = _float_input("xs", xs)
+    xs = depthscan.as_float_input("xs", xs)
     if xs.ndim < 2:
         raise ValueError(f"xs must have shape (batch, *input_shape), got {xs.shape}")
     return jax.vmap(lambda x: jacobian(f, x, mode=mode))(xs)
@@ -128,125 +128,6 @@ def batch_jacobian(f, xs, *, mode: str = "auto") -> Array:
 # --------------------------------------------------------------------------- #
 # Scanned stacks.
 # --------------------------------------------------------------------------- #
-
-
-def push_tangents(layer, params_l, h, T) -> tuple[Array, Array]:
-    """One layer forward on ``h`` and on the tangent rows ``T (k, *h.shape)``.
-
-    ``h' = layer(params_l, h)``, ``T'_j = A T_j`` with ``A = d layer / d h``
-    (``jax.jvp`` vmapped over rows; the primal is computed once, and for a
-    dense layer the rows become one ``(k, n) @ (n, n)`` matmul).
-    """
-
-    def one(t):
-        return jax.jvp(lambda z: layer(params_l, z), (h,), (t,))
-
-    return jax.vmap(one, out_axes=(None, 0))(T)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    params: object
-    x: Array
-    rows: Array
-    shape: tuple[int, ...]
-    depths: np.ndarray
-    L: int
-
-
-def _depth_list(depths, L: int) -> np.ndarray:
-    if depths is None:
-        return np.array([L])
-    if isinstance(depths, int | np.integer):
-        depths = [depths]
-    try:
-        d = np.asarray(list(depths))
-    except TypeError as err:
-        raise ValueError(f"depths must be a list of integers in 1..{L}, got {depths!r}") from err
-    if d.size == 0:
-        raise ValueError("depths must not be empty")
-    if d.dtype.kind not in "iu" or d.ndim != 1:
-        if d.dtype.kind == "f" and np.all(d == np.round(d)):
-            d = d.astype(int)
-        else:
-            raise ValueError(f"depths must be integers in 1..{L}, got {depths!r}")
-    bad = (d < 1) | (d > L)
-    if np.any(bad):
-        raise ValueError(f"depths must lie in 1..{L} (the stack's depth L), got {d[bad].tolist()}")
-    return np.unique(d)
-
-
-def _plan(layer, params, x, depths, tangents) -> _Plan:
-    if not callable(layer):
-        raise TypeError(f"layer must be callable layer(params_l, h) -> h, got {type(layer)}")
-    leaves = jax.tree_util.tree_leaves(params)
-    if not leaves:
-        raise ValueError("params must be a pytree with at least one array leaf (leading axis L)")
-    lengths = {np.shape(a)[0] if np.ndim(a) else None for a in leaves}
-    if None in lengths or len(lengths) != 1:
-        shapes = [np.shape(a) for a in leaves]
-        raise ValueError(
-            f"params leaves must share a leading depth axis L, got leaf shapes {shapes[:6]}"
-        )
-    (L,) = lengths
-    if L < 1:
-        raise ValueError("params has depth L = 0; need at least one layer")
-    x = _float_input("x", x)
-    p0 = jax.tree_util.tree_map(lambda a: a[0], params)
-    out = jax.eval_shape(layer, p0, x)
-    if not hasattr(out, "shape") or tuple(out.shape) != x.shape:
-        got = getattr(out, "shape", type(out).__name__)
-        raise ValueError(
-            f"layer must map h to the same shape (a stack of identical-shaped layers): "
-            f"input {x.shape} -> output {got}"
-        )
-    if out.dtype != x.dtype:
-        x = x.astype(out.dtype)
-    d = _depth_list(depths, L)
-    if tangents is None:
-        rows = jnp.eye(x.size, dtype=x.dtype).reshape((x.size, *x.shape))
-    else:
-        rows = jnp.asarray(tangents, dtype=x.dtype)
-        if rows.ndim != x.ndim + 1 or rows.shape[1:] != x.shape or rows.shape[0] < 1:
-            raise ValueError(
-                f"tangents must have shape (k, *x.shape) = (k, {', '.join(map(str, x.shape))}), "
-                f"got {rows.shape}"
-            )
-    dmax = int(d[-1])
-    params = jax.tree_util.tree_map(lambda a: a[:dmax], params)
-    return _Plan(params=params, x=x, rows=rows, shape=x.shape, depths=d, L=L)
-
-
-def _scan_emit(plan: _Plan, init, step, emit, *, unroll=1):
-    """Scan ``step`` over depth from ``init(x, rows)``; stack ``emit(carry)`` at ``plan.depths``.
-
-    Emission happens inside the scan (under ``lax.cond``, so only at the
-    requested depths) into a preallocated ``(K + 1, ...)`` buffer; non-emitting
-    layers write the spare slot ``K``. Memory: the carry plus K outputs.
-    """
-    K = len(plan.depths)
-    dmax = int(plan.depths[-1])
-    slots = np.full(dmax, K, dtype=np.int32)
-    slots[plan.depths - 1] = np.arange(K, dtype=np.int32)
-    carry0 = init(plan.x, plan.rows)
-    out_shape = jax.eval_shape(emit, carry0)
-    buf0 = jax.tree_util.tree_map(lambda s: jnp.zeros((K + 1, *s.shape), s.dtype), out_shape)
-
-    def zeros(_):
-        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
-
-    def body(state, inp):
-        carry, buf = state
-        p, slot = inp
-        carry = step(carry, p)
-        val = lax.cond(slot < K, emit, zeros, carry)
-        buf = jax.tree_util.tree_map(
-            lambda b, v: lax.dynamic_update_index_in_dim(b, v, slot, 0), buf, val
-        )
-        return (carry, buf), None
-
-    (_, buf), _ = lax.scan(body, (carry0, buf0), (plan.params, jnp.asarray(slots)), unroll=unroll)
-    return jax.tree_util.tree_map(lambda b: b[:K], buf)
 
 
 def stack_forward(layer, params, x, *, unroll: int = 1) -> Array:
@@ -296,7 +177,7 @@ def stack_jacobians(
         depths (``(K, *x.shape, k)`` with tangents), or the stacked pytree of
         ``reduce`` outputs. Same layout as ``jax.jacfwd``.
     """
-    plan = _plan(layer, params, x, depths, tangents)
+    plan = depthscan.plan(layer, params, x, depths, tangents)
     n = plan.x.size
     k = plan.rows.shape[0]
 
@@ -311,10 +192,10 @@ def stack_jacobians(
         return carry[1].reshape(k, n).T
 
     if reduce is None:
-        out = _scan_emit(plan, init, step, matrix, unroll=unroll)
+        out = depthscan.scan_emit(plan, init, step, matrix, unroll=unroll)
         in_shape = plan.shape if tangents is None else (k,)
         return out.reshape((len(plan.depths), *plan.shape, *in_shape))
-    return _scan_emit(plan, init, step, lambda c: reduce(matrix(c)), unroll=unroll)
+    return depthscan.scan_emit(plan, init, step, lambda c: reduce(matrix(c)), unroll=unroll)
 
 
 def _check_finite(values, what: str) -> None:
@@ -418,63 +299,53 @@ class RandomNetwork:
     def resolved(
         self,
     ) -> tuple[activations.Activation, initializers.Initializer, float, float, float]:
-        """``(activation, initializer, sigma_w2, sigma_b2, q_star)``, every default filled in."""
-        from isometry import meanfield
+        """``(activation, initializer, sigma_w2, sigma_b2, q_star)``, every default filled in.
 
+        The variances come from :func:`isometry.initializers.resolve`: the
+        critical point of ``q_star`` when the scheme takes ``sigma_w2`` and none
+        is given, else ``sigma_w2``/``sigma_b2`` (or the fans'), with ``q*``
+        solved unless ``q_star`` is given (then it is only the inputs' sphere).
+        """
         act = activations.get(self.activation)
         base = initializers.get(self.weights)
-        sw, sb, q = self.sigma_w2, self.sigma_b2, self.q_star
-        param_scheme = base.sigma_w2_param is not None
-        if not param_scheme and sw is not None:
-            raise ValueError(
-                f"weights={base.name!r} fixes sigma_w2; use 'gaussian' or 'orthogonal' "
-                f"to choose sigma_w2={sw}"
-            )
-        if param_scheme and sw is None and q is not None:
-            if sb is not None:
-                raise ValueError(
-                    "give sigma_w2 with sigma_b2, or q_star alone (the critical point); not "
-                    "sigma_b2 and q_star without sigma_w2"
-                )
-            sw_, sb_ = meanfield.critical_point(act, q)
-            sw, sb = float(sw_), float(sb_)
-            if not (math.isfinite(sw) and math.isfinite(sb) and sb >= 0):
-                raise ValueError(f"q_star={q}: no critical point for {act.name} at this q*")
-        if sw is None:
-            sw = 1.0 if param_scheme else base.sigma_w2(self.width, self.width)
-        sb = 0.0 if sb is None else float(sb)
-        init = initializers.get(base.name, sigma_w2=sw) if param_scheme else base
-        if q is None:
-            q = float(meanfield.q_star(act, sw, sb))
-            if not math.isfinite(q) or q <= 0:
-                raise ValueError(
-                    f"no finite fixed point q* for {act.name} at sigma_w2={sw}, sigma_b2={sb}; "
-                    "pass q_star explicitly"
-                )
-        return act, init, float(sw), sb, float(q)
+        fixed = self.sigma_w2 is not None or base.sigma_w2_param is None
+        v = initializers.resolve(
+            act, base, q_star=None if fixed else self.q_star, sigma_w2=self.sigma_w2,
+            sigma_b2=self.sigma_b2, fan_in=self.width, fan_out=self.width,
+            fixed_point=self.q_star is None,
+        )  # fmt: skip
+        q = v.q_star if self.q_star is None else float(self.q_star)
+        return act, base.at(v.sigma_w2), v.sigma_w2, v.sigma_b2, q
 
 
-def random_layer(net: RandomNetwork, dtype=None) -> Callable[[Array, Array], Array]:
-    """The layer step ``layer(key_l, x) -> phi(x W + b)`` with ``W, b`` drawn from ``key_l``.
+def dense_layer(activation, init, sigma_w2=None, sigma_b2=0.0, dtype=None):
+    """The random dense layer step ``layer(key_l, x) -> phi(x W + b)``, ``W, b`` from ``key_l``.
 
-    Weights are generated inside the step, so a scanned stack holds one
-    layer's weights at a time. ``W`` is ``(N, N)`` (fan_in, fan_out), used as
-    ``x @ W``; ``b ~ N(0, sigma_b2)``.
+    ``W (N, N)`` (fan_in, fan_out; ``N = x.shape[-1]``) from
+    :func:`isometry.initializers.sample` (``init`` a name or initializer, at
+    ``sigma_w2``, ``None`` for fan-based schemes), ``b ~ N(0, sigma_b2)``
+    (:func:`isometry.initializers.sample_bias`); ``sigma_w2`` and ``sigma_b2``
+    may be traced arrays (a sweep vmaps over them). ``key_l`` is split into
+    ``(k_W, k_b)``. Weights are generated inside the step, so a scanned stack
+    holds one layer's weights at a time. ``dtype`` defaults to ``x``'s.
     """
-    act, init, _, sb, _ = net.resolved()
-    N = net.width
-    dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
-    sqrt_sb = math.sqrt(sb)
+    act = activations.get(activation)
 
     def layer(key_l, x):
         kw, kb = jax.random.split(key_l)
-        W = init(kw, (N, N), dtype)
-        h = x @ W
-        if sb > 0:
-            h = h + sqrt_sb * jax.random.normal(kb, (N,), dtype)
-        return act.phi(h)
+        N = x.shape[-1]
+        dt = x.dtype if dtype is None else dtype
+        W = initializers.sample(init, kw, (N, N), sigma_w2, dt)
+        return act.phi(x @ W + initializers.sample_bias(kb, (N,), sigma_b2, dt))
 
     return layer
+
+
+def random_layer(net: RandomNetwork, dtype=None) -> Callable[[Array, Array], Array]:
+    """:func:`dense_layer` of the network ``net``: ``layer(key_l, x) -> phi(x W + b)``."""
+    act, init, _, sb, _ = net.resolved()
+    dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
+    return dense_layer(act, init, None, sb, dtype)
 
 
 def random_params(key: Array, depth: int) -> Array:
@@ -483,27 +354,47 @@ def random_params(key: Array, depth: int) -> Array:
     return jax.vmap(lambda l: jax.random.fold_in(key, l))(jnp.arange(depth))
 
 
+def sphere_inputs(
+    key: Array, shape, q_star, sigma_w2=1.0, sigma_b2=0.0, *, batch_ndim: int = 0, dtype=None
+) -> Array:
+    """Inputs on the sphere that gives the first pre-activation variance ``q*``: ``shape``.
+
+    For a layer ``h^1 = x^0 W + b`` with ``Var W_ij = sigma_w2 / n`` and
+    ``Var b_i = sigma_b2``, ``Var h^1_i = sigma_w2 ||x^0||^2 / n + sigma_b2``,
+    so each example (the axes after the first ``batch_ndim``; ``n`` entries)
+    is drawn uniform on
+
+        ||x^0||^2 = n (q* - sigma_b2) / sigma_w2  (= n E[phi(sqrt(q*) z)^2] at the fixed point)
+
+    and ``h^1``, like every later layer, sits at ``q*`` (Pennington,
+    Schoenholz & Ganguli 2017). ``sigma_w2 = 1, sigma_b2 = 0`` give mean
+    square ``q*``. Variances may be traced. Computed as ``x * sqrt(n m) /
+    ||x||`` with ``m = (q* - sigma_b2) / sigma_w2``, ``x ~ N(0, I)``.
+    """
+    shape = tuple(int(s) for s in shape)
+    if not 0 <= batch_ndim < len(shape):
+        raise ValueError(f"batch_ndim must be in 0..{len(shape) - 1} for shape {shape}")
+    dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
+    concrete = validate.is_concrete(q_star) and validate.is_concrete(sigma_b2)
+    if concrete and not np.all(np.asarray(q_star) > np.asarray(sigma_b2)):
+        raise ValueError(f"q_star ({q_star}) must exceed sigma_b2 ({sigma_b2}) for inputs at q*")
+    x = jax.random.normal(key, shape, dtype)
+    axes = tuple(range(batch_ndim, len(shape)))
+    n = math.prod(shape[batch_ndim:])
+    m = (q_star - sigma_b2) / sigma_w2
+    return x * jnp.sqrt(n * m) / jnp.sqrt(jnp.sum(x * x, axis=axes, keepdims=True))
+
+
 def sample_inputs(key: Array, net: RandomNetwork, n: int, dtype=None) -> Array:
-    """``n`` inputs uniform on a sphere that puts the network at its length fixed point: ``(n, N)``.
+    """``n`` inputs of ``net`` on its ``q*`` sphere (:func:`sphere_inputs`): ``(n, N)``.
 
-    The layer is ``x^l = phi(x^{l-1} W + b)``, so the first pre-activation
-    ``h^1 = x^0 W + b`` has variance ``sigma_w2 ||x^0||^2 / N + sigma_b2``.
-    Inputs on the sphere
-
-        ||x^0||^2 = N (q* - sigma_b2) / sigma_w2  (= N E[phi(sqrt(q*) z)^2])
-
-    give ``h^1`` variance ``q*``, like every later layer: the pre-activations
-    sit on the ``q*`` sphere from the first layer on, as the free-probability
-    theory assumes (Pennington, Schoenholz & Ganguli 2017).
+    The layer is ``x^l = phi(x^{l-1} W + b)``, so inputs on
+    ``||x^0||^2 = N (q* - sigma_b2) / sigma_w2`` give ``h^1`` variance ``q*``,
+    like every later layer, as the free-probability theory assumes.
     """
     n = validate.positive_int("n", n)
     _, _, sw, sb, q = net.resolved()
-    if not q > sb:
-        raise ValueError(f"q_star ({q}) must exceed sigma_b2 ({sb}) for inputs at the fixed point")
-    dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
-    z = jax.random.normal(key, (n, net.width), dtype)
-    radius = math.sqrt(net.width * (q - sb) / sw)
-    return z / jnp.linalg.norm(z, axis=1, keepdims=True) * jnp.asarray(radius, dtype)
+    return sphere_inputs(key, (n, net.width), q, sw, sb, batch_ndim=1, dtype=dtype)
 
 
 def _ensemble(key, net, n_seeds, n_inputs, inputs, dtype):
@@ -545,7 +436,7 @@ def random_network_jacobians(
     Validation of ``depths`` etc. as :func:`stack_jacobians`.
     """
     layer, keys, xs = _ensemble(key, net, n_seeds, n_inputs, inputs, dtype)
-    _depth_list(depths, net.depth)
+    depthscan.depth_list(depths, net.depth)
 
     @jax.jit
     def run(keys, xs):
@@ -604,7 +495,7 @@ def random_network_spectra(
         )  # fmt: skip
     if statistic == "log_singular_values":
         layer, keys, xs = _ensemble(key, net, n_seeds, n_inputs, inputs, dtype)
-        _depth_list(depths, net.depth)
+        depthscan.depth_list(depths, net.depth)
         fn = jax.jit(
             jax.vmap(
                 lambda k, x1: jax.vmap(lambda x: spectra.log_singular_values(layer, k, x, depths))(

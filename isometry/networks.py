@@ -74,7 +74,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -85,7 +84,7 @@ from jax import lax
 
 from isometry import activations as _activations
 from isometry import initializers as _initializers
-from isometry import meanfield, validate
+from isometry import validate
 
 __all__ = [
     "MLP",
@@ -231,34 +230,28 @@ def _activation_params(value) -> tuple[tuple[str, float], ...]:
         ) from err
 
 
-def _resolve_init(owner: str, cfg, *, conv: bool) -> tuple[_initializers.Initializer, float]:
-    """Check the initialization options; return ``(initializer, sigma_b2)``."""
+def _resolve_init(
+    owner: str, cfg, *, conv: bool
+) -> tuple[_initializers.Initializer, _initializers.Variances]:
+    """Check the initialization options; return ``(initializer, variances)``.
+
+    ``init="critical"`` is Gaussian (dense) or delta-orthogonal (convolution)
+    weights at the critical point of ``q_star``; the variances come from
+    :func:`isometry.initializers.resolve` (the fans of the hidden layer's kernel).
+    """
     name = cfg.init
     if isinstance(name, str) and name.strip().lower() == "critical":
         name = "delta_orthogonal" if conv else "gaussian"
-    if cfg.q_star is not None:
-        validate.real_array("q_star", cfg.q_star, minimum=0.0, strict=True)
-        if cfg.sigma_w2 is not None or cfg.sigma_b2 is not None:
-            raise ValueError(
-                f"{owner}: give either q_star (critical initialization) or sigma_w2/sigma_b2, "
-                "not both"
-            )
-        base = _initializers.get(name)
-        if base.sigma_w2_param is None:
-            raise ValueError(
-                f"{owner}: q_star (critical initialization) needs init 'gaussian', "
-                f"'orthogonal' or 'delta_orthogonal', got {cfg.init!r} "
-                "(which fixes sigma_w2 from the fans)"
-            )
-        sw, sb = meanfield.critical_point(cfg.act, float(cfg.q_star))
-        sw, sb = float(sw), float(sb)
-        return _initializers.get(name, sigma_w2=sw), sb
-    if cfg.sigma_w2 is not None:
-        validate.real_array("sigma_w2", cfg.sigma_w2, minimum=0.0, strict=True)
-    init = _initializers.get(name, sigma_w2=cfg.sigma_w2)
-    sb = 0.0 if cfg.sigma_b2 is None else cfg.sigma_b2
-    validate.real_array("sigma_b2", sb, minimum=0.0)
-    return init, float(sb)
+    shape = cfg.kernel_shape if conv else (cfg.width, cfg.width)
+    fan_in, fan_out = _initializers.fans(shape)
+    try:
+        v = _initializers.resolve(
+            cfg.act, name, q_star=cfg.q_star, sigma_w2=cfg.sigma_w2, sigma_b2=cfg.sigma_b2,
+            fan_in=fan_in, fan_out=fan_out,
+        )  # fmt: skip
+    except ValueError as err:
+        raise ValueError(f"{owner}: {err}") from None
+    return _initializers.get(name).at(v.sigma_w2), v
 
 
 def _check_common(owner: str, cfg) -> None:
@@ -269,7 +262,8 @@ def _check_common(owner: str, cfg) -> None:
     if not isinstance(cfg.bias, bool):
         raise TypeError(f"bias must be True or False, got {cfg.bias!r}")
     _activations.get(cfg.activation, **dict(cfg.activation_params))  # validates
-    _, sb = _resolve_init(owner, cfg, conv=isinstance(cfg, ConvConfig))
+    _, v = _resolve_init(owner, cfg, conv=isinstance(cfg, ConvConfig))
+    sb = v.sigma_b2
     if not cfg.bias and sb > 0:
         raise ValueError(
             f"{owner}: bias=False is incompatible with sigma_b2 = {sb:g} > 0 "
@@ -281,15 +275,22 @@ def _act_of(cfg) -> _activations.Activation:
     return _activations.get(cfg.activation, **dict(cfg.activation_params))
 
 
-def _bias_init(key, shape, sigma_b2, dtype):
-    if sigma_b2 == 0.0:
-        return jnp.zeros(shape, dtype)
-    return math.sqrt(sigma_b2) * jax.random.normal(key, shape, dtype)
-
-
 def _stacked(init, key, depth, shape, dtype):
+    """``depth`` kernels of ``shape`` from ``init``, keys ``split(key, depth)``: ``(L, *shape)``."""
     keys = jax.random.split(key, depth)
-    return jax.vmap(lambda k: init(k, shape, dtype))(keys)
+    return jax.vmap(lambda k: _initializers.sample(init, k, shape, dtype=dtype))(keys)
+
+
+def _lecun(key, shape, dtype) -> nnx.Param:
+    """An input map or readout: LeCun normal, ``Var = 1 / fan_in``."""
+    return nnx.Param(_initializers.sample("lecun_normal", key, shape, dtype=dtype))
+
+
+def _biases(cfg, rngs, shape, sigma_b2, dtype) -> StackedParam | None:
+    """The stack's biases ``b ~ N(0, sigma_b2)``; ``None`` (and no key drawn) without biases."""
+    if not cfg.bias:
+        return None
+    return StackedParam(_initializers.sample_bias(rngs.params(), shape, sigma_b2, dtype))
 
 
 def _dtype(dtype):
@@ -386,8 +387,8 @@ class MLPConfig:
 
     def variances(self) -> tuple[float, float]:
         """The effective ``(sigma_w2, sigma_b2)`` of the hidden layers (mean-field convention)."""
-        init, sb = _resolve_init("MLPConfig", self, conv=False)
-        return init.sigma_w2(self.width, self.width), (sb if self.bias else 0.0)
+        _, v = _resolve_init("MLPConfig", self, conv=False)
+        return v.sigma_w2, (v.sigma_b2 if self.bias else 0.0)
 
 
 def _normalize(kind, v, p, train, eps):
@@ -478,7 +479,7 @@ class MLP(nnx.Module):
         init = cfg.initializer()
         _, sb = cfg.variances()
         self.kernel = StackedParam(_stacked(init, rngs.params(), L, (N, N), dtype))
-        self.bias = StackedParam(_bias_init(rngs.params(), (L, N), sb, dtype)) if cfg.bias else None
+        self.bias = _biases(cfg, rngs, (L, N), sb, dtype)
         self.slope = (
             StackedParam(jnp.full((L, N), cfg.act.kwargs["negative_slope"], dtype))
             if cfg.learnable_slope
@@ -495,13 +496,11 @@ class MLP(nnx.Module):
         else:
             self.running_mean = self.running_var = None
         if cfg.in_dim is not None and cfg.in_dim != N:
-            lecun = _initializers.get("lecun_normal")
-            self.embed = nnx.Param(lecun(rngs.params(), (cfg.in_dim, N), dtype))
+            self.embed = _lecun(rngs.params(), (cfg.in_dim, N), dtype)
         else:
             self.embed = None
         if cfg.out_dim is not None:
-            lecun = _initializers.get("lecun_normal")
-            self.readout = nnx.Param(lecun(rngs.params(), (N, cfg.out_dim), dtype))
+            self.readout = _lecun(rngs.params(), (N, cfg.out_dim), dtype)
             self.readout_bias = nnx.Param(jnp.zeros((cfg.out_dim,), dtype))
         else:
             self.readout = self.readout_bias = None
@@ -654,9 +653,8 @@ class ConvConfig:
 
     def variances(self) -> tuple[float, float]:
         """Effective ``(sigma_w2, sigma_b2)``: ``sigma_w2 = fan_in Var(K)`` (Xiao et al. 2018)."""
-        init, sb = _resolve_init("ConvConfig", self, conv=True)
-        fi, fo = _initializers.fans(self.kernel_shape)
-        return init.sigma_w2(fi, fo), (sb if self.bias else 0.0)
+        _, v = _resolve_init("ConvConfig", self, conv=True)
+        return v.sigma_w2, (v.sigma_b2 if self.bias else 0.0)
 
 
 _SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
@@ -720,7 +718,7 @@ class ConvNet(nnx.Module):
         init = cfg.initializer()
         _, sb = cfg.variances()
         self.kernel = StackedParam(_stacked(init, rngs.params(), L, cfg.kernel_shape, dtype))
-        self.bias = StackedParam(_bias_init(rngs.params(), (L, C), sb, dtype)) if cfg.bias else None
+        self.bias = _biases(cfg, rngs, (L, C), sb, dtype)
         if cfg.in_channels is not None and cfg.in_channels != C:
             shape = (cfg.kernel_size,) * cfg.spatial_dims + (cfg.in_channels, C)
             first = (
@@ -728,12 +726,11 @@ class ConvNet(nnx.Module):
                 if init.name == "delta_orthogonal"
                 else _initializers.get("lecun_normal")
             )
-            self.embed = nnx.Param(first(rngs.params(), shape, dtype))
+            self.embed = nnx.Param(_initializers.sample(first, rngs.params(), shape, dtype=dtype))
         else:
             self.embed = None
         if cfg.out_dim is not None:
-            lecun = _initializers.get("lecun_normal")
-            self.readout = nnx.Param(lecun(rngs.params(), (C, cfg.out_dim), dtype))
+            self.readout = _lecun(rngs.params(), (C, cfg.out_dim), dtype)
             self.readout_bias = nnx.Param(jnp.zeros((cfg.out_dim,), dtype))
         else:
             self.readout = self.readout_bias = None

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from isometry import validate
+from isometry import depthscan, validate
 
 __all__ = [
     "SLQResult",
@@ -60,6 +60,7 @@ __all__ = [
     "slq_density",
     "squared_singular_values",
     "summary",
+    "summary_rows",
     "trace_moments",
     "wasserstein1",
     "wasserstein1_cdf",
@@ -212,6 +213,25 @@ def summary(sq_singular_values, *, zero_tol: float = 1e-3) -> dict[str, Array]:
         "condition_number": cond,
         "frac_near_zero": (lam < zero_tol * m1[..., None]).mean(-1),
     }
+
+
+def summary_rows(depths, sq_singular_values) -> list[dict]:
+    """One row per depth of bulk statistics of squared singular values ``lambda (K, n)``.
+
+    Rows ``{"depth", "mean", "var", "max", "min"}`` (Python numbers) for the
+    ``K`` depths, computed in float64 NumPy (``var`` two-pass, ``mean((lambda -
+    mean)^2)``), the per-depth form of :func:`summary` for result tables.
+    """
+    lam = np.asarray(sq_singular_values, dtype=np.float64)
+    if lam.ndim != 2 or lam.shape[0] != len(depths):
+        raise ValueError(
+            f"sq_singular_values must have shape (len(depths)={len(depths)}, n), got {lam.shape}"
+        )
+    return [
+        {"depth": int(d), "mean": float(v.mean()), "var": float(v.var()),
+         "max": float(v.max()), "min": float(v.min())}
+        for d, v in zip(depths, lam, strict=True)
+    ]  # fmt: skip
 
 
 def histogram_density(values, *, bins: int | np.ndarray = 60, range=None, weights=None, log=False):
@@ -592,9 +612,7 @@ def log_singular_values(layer, params, x, depths=None, *, tangents=None, unroll:
         to working precision relative to ``s_max`` for singular values above
         ``eps * s_max``, and in the graded regime below it.
     """
-    from isometry import jacobian as _jac
-
-    plan = _jac._plan(layer, params, x, depths, tangents)
+    plan = depthscan.plan(layer, params, x, depths, tangents)
 
     def init(h, T):
         k = T.shape[0]
@@ -610,7 +628,7 @@ def log_singular_values(layer, params, x, depths=None, *, tangents=None, unroll:
         order = jnp.argsort(-g)
         Q, g, T = Q[:, order], g[order], T[order]
         rows = jnp.swapaxes(Q, 0, 1).reshape((Q.shape[1], *plan.shape))
-        h, M = _jac.push_tangents(layer, p, h, rows)
+        h, M = depthscan.push_tangents(layer, p, h, rows)
         Q, R = jnp.linalg.qr(M.reshape(M.shape[0], -1).T)
         dg = jnp.log(jnp.abs(jnp.diagonal(R)))
         G = _unit(R, g)
@@ -620,7 +638,7 @@ def log_singular_values(layer, params, x, depths=None, *, tangents=None, unroll:
         _, _, g, T = carry
         return _graded_log_sv(g, T)
 
-    return _jac._scan_emit(plan, init, step, emit, unroll=unroll)
+    return depthscan.scan_emit(plan, init, step, emit, unroll=unroll)
 
 
 def _unit(R, g):

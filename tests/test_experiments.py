@@ -105,3 +105,12 @@ def test_cli_run(tmp_path, capsys):
 def test_quick_presets(name, tmp_path):
     t = sweep.load_table(experiments.run(name, "quick", out=tmp_path, progress=False))
     assert len(next(iter(t.values()))) > 0
+
+
+def test_gradients_init_numbers():
+    from isometry.experiments import gradients
+
+    cfg = gradients.Config(width=8, orthogonal_sigma_w2=1.5)
+    assert gradients.init_numbers(cfg, "he") == {"sigma_w2": 2.0, "orthogonal": 0.0}
+    assert gradients.init_numbers(cfg, "xavier") == {"sigma_w2": 1.0, "orthogonal": 0.0}
+    assert gradients.init_numbers(cfg, "orthogonal") == {"sigma_w2": 1.5, "orthogonal": 1.0}

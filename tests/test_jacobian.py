@@ -233,6 +233,56 @@ def test_random_network_sampler(x64):
     np.testing.assert_allclose(lam0[0, 0, 0], spectra.squared_singular_values(J[0]), rtol=1e-10)
 
 
+def test_sphere_inputs_put_the_first_preactivation_at_q_star():
+    q, sw, sb = 0.7, 1.8, 0.2
+    # every example lies on ||x||^2 = n (q* - sigma_b2) / sigma_w2, for any example shape
+    x = jac.sphere_inputs(jax.random.key(0), (6, 3, 5), q, sw, sb, batch_ndim=1)
+    np.testing.assert_allclose(sw * jnp.sum(x**2, (1, 2)) / 15 + sb, q, rtol=1e-12)
+    # so h^1 = x W + b has variance q* (Monte Carlo over 4000 Gaussian layers)
+    N, S = 32, 4000
+    x0 = jac.sphere_inputs(jax.random.key(1), (N,), q, sw, sb)
+    layer = jac.dense_layer("linear", "gaussian", sw, sb)
+    h = jax.vmap(lambda k: layer(k, x0))(jax.random.split(jax.random.key(2), S))
+    # Var of the mean of S*N squares (h_i Gaussian given x0): 2 q^2 / (S N); 5 standard errors
+    assert float(jnp.mean(h**2)) == pytest.approx(q, rel=5 * math.sqrt(2 / (S * N)))
+    # traced variances: vmap over q* equals per-value calls
+    qs = jnp.asarray([0.3, 0.7, 1.1])
+    many = jax.vmap(lambda qq: jac.sphere_inputs(jax.random.key(3), (N,), qq, sw, sb))(qs)
+    for i, qq in enumerate(np.asarray(qs)):
+        one = jac.sphere_inputs(jax.random.key(3), (N,), qq, sw, sb)
+        np.testing.assert_allclose(many[i], one, rtol=1e-15)
+    with pytest.raises(ValueError, match="must exceed sigma_b2"):
+        jac.sphere_inputs(jax.random.key(0), (N,), 0.1, sw, 0.2)
+    with pytest.raises(ValueError, match="batch_ndim"):
+        jac.sphere_inputs(jax.random.key(0), (N,), q, batch_ndim=1)
+
+
+@pytest.mark.parametrize("weights", ["gaussian", "orthogonal"])
+def test_dense_layer_traced_variances_and_random_layer(weights):
+    N = 16
+    x = jax.random.normal(jax.random.key(0), (N,))
+    k = jax.random.key(1)
+    sws = jnp.asarray([0.5, 1.5, 2.0])
+    many = jax.vmap(lambda s: jac.dense_layer("tanh", weights, s, 0.1 * s)(k, x))(sws)
+    for i, s in enumerate(np.asarray(sws)):
+        one = jac.dense_layer("tanh", weights, float(s), 0.1 * float(s))(k, x)
+        np.testing.assert_array_equal(many[i], one)
+    net = jac.RandomNetwork("tanh", "gaussian", sigma_w2=1.5, sigma_b2=0.1, width=N, depth=2)
+    np.testing.assert_array_equal(
+        jac.random_layer(net)(k, x), jac.dense_layer("tanh", "gaussian", 1.5, 0.1)(k, x)
+    )
+
+
+def test_random_network_q_star_with_fixed_variances():
+    """q_star with sigma_w2 (or a fan-based scheme) only sets the inputs' sphere."""
+    net = jac.RandomNetwork("tanh", "gaussian", sigma_w2=1.5, q_star=0.3, width=8, depth=2)
+    assert net.resolved()[2:] == (1.5, 0.0, 0.3)
+    he = jac.RandomNetwork("relu", "he_normal", q_star=0.5, width=8, depth=2)
+    assert he.resolved()[2:] == (2.0, 0.0, 0.5)
+    with pytest.raises(ValueError, match="not both"):
+        jac.RandomNetwork("tanh", "gaussian", sigma_b2=0.1, q_star=0.3).resolved()
+
+
 # ------------------------------------------------------------------ bad input
 
 

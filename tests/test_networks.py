@@ -332,3 +332,25 @@ def test_bad_model_inputs():
     cnn = nw.ConvNet(nw.ConvConfig(depth=1, channels=2), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="spatial"):
         cnn(jnp.ones((2,)))
+
+
+def test_kernels_and_biases_come_from_the_library_sampler():
+    """MLP/ConvNet draw kernel l from split(key, L)[l] with initializers.sample."""
+    cfg = nw.MLPConfig(depth=3, width=6, init="orthogonal", sigma_w2=1.7, sigma_b2=0.2)
+    model = nw.MLP(cfg, rngs=nnx.Rngs(3))
+    rngs = nnx.Rngs(3)
+    keys = jax.random.split(rngs.params(), 3)
+    for l in range(3):
+        want = initializers.sample("orthogonal", keys[l], (6, 6), 1.7, model.kernel[...].dtype)
+        np.testing.assert_array_equal(model.kernel[...][l], want)
+    bias = initializers.sample_bias(rngs.params(), (3, 6), 0.2, model.bias[...].dtype)
+    np.testing.assert_array_equal(model.bias[...], bias)
+    assert cfg.variances() == (1.7, 0.2)
+    conv = nw.ConvConfig(depth=2, channels=4, init="critical", q_star=0.25)
+    sw, sb = (float(v) for v in meanfield.critical_point("tanh", 0.25))
+    assert conv.variances() == (sw, sb) and conv.initializer().name == "delta_orthogonal"
+
+
+def test_no_critical_point_is_an_error():
+    with pytest.raises(ValueError, match=r"MLPConfig: .*no critical point"):
+        nw.MLPConfig(depth=2, width=4, activation="sigmoid", q_star=0.25)

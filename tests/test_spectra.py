@@ -268,3 +268,17 @@ def test_slq_width_16384_convolutional():
     assert res.n == 16384
     assert np.all(np.isfinite(res.nodes))
     assert 0 < float(res.moment(1)) < 2
+
+
+def test_summary_rows_per_depth():
+    lam = np.abs(np.random.default_rng(0).normal(size=(3, 50))).astype(np.float32)
+    rows = spectra.summary_rows([2, 8, 32], lam)
+    assert [r["depth"] for r in rows] == [2, 8, 32]
+    s = spectra.summary(lam.astype(np.float64))
+    for i, r in enumerate(rows):
+        lam64 = lam[i].astype(np.float64)
+        assert r["mean"] == lam64.mean() and r["var"] == lam64.var()
+        assert (r["max"], r["min"]) == (float(s["max"][i]), float(s["min"][i]))
+        assert r["var"] == pytest.approx(float(s["var"][i]), rel=1e-10)
+    with pytest.raises(ValueError, match="len\\(depths\\)=2"):
+        spectra.summary_rows([1, 2], lam)
