@@ -173,12 +173,13 @@ def test_jacobian_probe_matches_dense_jacobian():
 
 def test_agc_is_per_layer_and_unitwise():
     depth, n = 3, 4
-    params = {"kernel": jnp.ones((depth, n, n)) * jnp.arange(1, depth + 1)[:, None, None]}
-    grads = {"kernel": jnp.ones((depth, n, n)) * 10.0}
-    tx = training.adaptive_grad_clip(0.1, 1e-3, training._stacked_predicate(depth))
+    w = jnp.ones((depth, n, n)) * jnp.arange(1, depth + 1)[:, None, None]
+    params = nnx.State({"kernel": networks.StackedParam(w)})
+    grads = nnx.State({"kernel": networks.StackedParam(jnp.ones((depth, n, n)) * 10.0)})
+    tx = training.adaptive_grad_clip(0.1, 1e-3)
     out, _ = tx.update(grads, tx.init(params), params)
     # per (layer l, unit i): ||W|| = 2 l, ||G|| = 20, so G scaled to 0.1 * 2 l
-    col = np.linalg.norm(np.asarray(out["kernel"]), axis=1)
+    col = np.linalg.norm(np.asarray(out["kernel"][...]), axis=1)
     np.testing.assert_allclose(
         col, 0.2 * np.arange(1, depth + 1)[:, None] * np.ones((1, n)), rtol=1e-6
     )
