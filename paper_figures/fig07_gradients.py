@@ -36,9 +36,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from isometry import experiments, plotting, signal, sweep
-from isometry.experiments import gradients
-from isometry.experiments._common import results_dir
+from isometry import plotting, signal
+from isometry.experiments import gradients, harness
 
 KEYS = ("layer", "activations", "inits", "techniques", "grad_preact_sq", "relative", "theory")
 
@@ -89,10 +88,8 @@ def theory_curves(cfg, activation: str, technique: str) -> np.ndarray:
 
 
 def compute(preset, overrides, store) -> dict:
-    cfg = experiments.config("gradients", preset, overrides)
-    with results_dir(store) as out:
-        path = experiments.run("gradients", preset, overrides, out=out, progress=False)
-        t = sweep.load_table(path)
+    run = harness.stored_run("gradients", preset, overrides, store)
+    cfg, t = run.config, run.table
     acts, inits, techs = cfg.activations, cfg.inits, cfg.techniques
     L, S = cfg.depth, cfg.seeds
     g = np.full((len(acts), len(inits), len(techs), S, L), np.nan)
