@@ -61,6 +61,7 @@ __all__ = [
     "check_train",
     "compile_cache",
     "curves",
+    "figure_tiers",
     "input_scale",
     "load_data",
     "results_dir",
@@ -358,6 +359,20 @@ def results_dir(path: str | Path | None = None) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="isometry-") as tmp:
         yield Path(tmp)
+
+
+def figure_tiers(name: str, tiny_overrides: Sequence[str]) -> dict[str, dict]:
+    """The tiers of a figure that shows experiment ``name`` (its ``TIERS``).
+
+    ``tiny``: the quick preset with ``tiny_overrides`` in a temporary store;
+    ``quick`` and ``full``: the presets as they are, stored in
+    ``RESULTS/<name>/<tier>``. Each tier is the keyword arguments
+    ``preset, overrides, store`` of the figure's ``compute`` (:func:`stored_run`).
+    """
+    tiers = {"tiny": {"preset": "quick", "overrides": tuple(tiny_overrides), "store": None}}
+    for tier in ("quick", "full"):
+        tiers[tier] = {"preset": tier, "overrides": (), "store": str(RESULTS / name / tier)}
+    return tiers
 
 
 @dataclasses.dataclass(frozen=True)

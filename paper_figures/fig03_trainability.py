@@ -23,29 +23,16 @@ KEYS = (
     "sigma_w2_theory", "six_xi_c", "critical_sigma_w2", "sigma_b2", "steps", "width",
 )  # fmt: skip
 
-TIERS = {
-    "tiny": {
-        "preset": "quick",
-        "overrides": (
-            "sigma_w2=1.0,1.75,4.0",
-            "depths=4",
-            "width=16",
-            "train.steps=20",
-            "train.log_every=10",
-        ),
-        "store": None,
-    },
-    "quick": {
-        "preset": "quick",
-        "overrides": (),
-        "store": str(harness.RESULTS / "trainability" / "quick"),
-    },
-    "full": {
-        "preset": "full",
-        "overrides": (),
-        "store": str(harness.RESULTS / "trainability" / "full"),
-    },
-}
+TIERS = harness.figure_tiers(
+    "trainability",
+    (
+        "sigma_w2=1.0,1.75,4.0",
+        "depths=4",
+        "width=16",
+        "train.steps=20",
+        "train.log_every=10",
+    ),
+)
 
 
 def _grid_mean(table, key, rows, cols, row_key, col_key) -> np.ndarray:

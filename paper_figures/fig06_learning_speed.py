@@ -30,30 +30,17 @@ KEYS = (
     "q_star", "sigma_w2",
 )  # fmt: skip
 
-TIERS = {
-    "tiny": {
-        "preset": "quick",
-        "overrides": (
-            "settings=tanh:1/64",
-            "depths=3",
-            "width=16",
-            "train.steps=20",
-            "train.log_every=5",
-            "train.eval_every=5",
-        ),
-        "store": None,
-    },
-    "quick": {
-        "preset": "quick",
-        "overrides": (),
-        "store": str(harness.RESULTS / "learning_speed" / "quick"),
-    },
-    "full": {
-        "preset": "full",
-        "overrides": (),
-        "store": str(harness.RESULTS / "learning_speed" / "full"),
-    },
-}
+TIERS = harness.figure_tiers(
+    "learning_speed",
+    (
+        "settings=tanh:1/64",
+        "depths=3",
+        "width=16",
+        "train.steps=20",
+        "train.log_every=5",
+        "train.eval_every=5",
+    ),
+)
 
 
 def _padded(arrays: list[np.ndarray], length: int) -> np.ndarray:

@@ -41,23 +41,10 @@ from isometry.experiments import gradients, harness
 
 KEYS = ("layer", "activations", "inits", "techniques", "grad_preact_sq", "relative", "theory")
 
-_STORE = "results/experiments/gradients/{}"
-TIERS = {
-    "tiny": {
-        "preset": "quick",
-        "overrides": (
-            "activations=relu",
-            "inits=xavier,he",
-            "depth=6",
-            "width=16",
-            "batch=4",
-            "seeds=1",
-        ),
-        "store": None,
-    },
-    "quick": {"preset": "quick", "overrides": (), "store": _STORE.format("quick")},
-    "full": {"preset": "full", "overrides": (), "store": _STORE.format("full")},
-}
+TIERS = harness.figure_tiers(
+    "gradients",
+    ("activations=relu", "inits=xavier,he", "depth=6", "width=16", "batch=4", "seeds=1"),
+)
 
 TECHNIQUE_TITLES = {
     "plain": "plain",

@@ -31,29 +31,16 @@ KEYS = (
     "chi1", "depth", "sigma_w2", "width", "learning_rate", "activation",
 )  # fmt: skip
 
-TIERS = {
-    "tiny": {
-        "preset": "quick",
-        "overrides": (
-            "clips=none,global_norm:1",
-            "depth=6",
-            "width=16",
-            "train.steps=6",
-            "train.eval_every=3",
-        ),
-        "store": None,
-    },
-    "quick": {
-        "preset": "quick",
-        "overrides": (),
-        "store": str(harness.RESULTS / "clipping" / "quick"),
-    },
-    "full": {
-        "preset": "full",
-        "overrides": (),
-        "store": str(harness.RESULTS / "clipping" / "full"),
-    },
-}
+TIERS = harness.figure_tiers(
+    "clipping",
+    (
+        "clips=none,global_norm:1",
+        "depth=6",
+        "width=16",
+        "train.steps=6",
+        "train.eval_every=3",
+    ),
+)
 
 
 def layer_profile(activation, sigma_w2, sigma_b2, q1, depth) -> np.ndarray:

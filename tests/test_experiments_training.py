@@ -247,3 +247,21 @@ def test_quick_clipping_every_rule_trains_where_plain_sgd_diverges(tmp_path):
     assert div.pop("none")
     assert not any(div.values())
     assert all(acc[c] > 0.25 for c in div)
+
+
+def test_harness_is_a_support_module_not_an_experiment():
+    names = experiments.names()
+    assert "harness" not in names and "harness" in experiments.SUPPORT
+    assert {"trainability", "learning_speed", "clipping", "cnn_trainability"} <= set(names)
+    with pytest.raises(ValueError, match="unknown experiment"):
+        experiments.get("harness")
+
+
+def test_train_config_is_nested_and_set_by_dotted_keys():
+    cfg = experiments.config("trainability", "quick", ["train.steps=30", "train.log_every=10"])
+    assert (cfg.train.steps, cfg.train.log_every) == (30, 10)
+    assert trainability.train_config(cfg, 2).seed == cfg.train.seed + 2
+    ls = experiments.config("learning_speed", "quick", ["train.learning_rate=0.02"])
+    assert learning_speed.train_config(ls, 128, 0).learning_rate == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="eval_every"):
+        experiments.config("learning_speed", "quick", ["train.eval_every=0"])
