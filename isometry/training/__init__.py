@@ -25,7 +25,8 @@ completed updates):
   (after / before), ``grad_norm_input``, ``grad_norm_output`` and
   ``grad_norm_layers`` (the ``L`` per-layer gradient norms of the stack);
 * every ``eval_every`` steps (and at step 0): ``eval_loss``, ``eval_accuracy``
-  on the whole held-out split;
+  on the whole held-out split (:func:`evaluate_state`, the evaluator every
+  experiment uses; a non-finite per-example loss counts as ``inf``);
 * every ``probe_every`` steps (and at step 0): the Jacobian probe
   ``jac_sv2_mean``, ``jac_sv2_var``, ``jac_sv2_max``: mean, variance and
   maximum of the squared singular values ``lambda_i`` of the stack's

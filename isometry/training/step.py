@@ -78,7 +78,7 @@ def layer_grad_norms(grads) -> dict[str, jax.Array]:
     return {"input": jnp.sqrt(sq_in), "layers": jnp.sqrt(sq_layers), "output": jnp.sqrt(sq_out)}
 
 
-def graphdefs(model: nnx.Module):
+def _graphdefs(model: nnx.Module):
     """``(train graphdef, eval graphdef, state dict)``; the model is left in training mode."""
     model.eval()
     g_eval = nnx.split(model, nnx.Param, nnx.BatchStat, ...)[0]
@@ -93,7 +93,7 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation):
     ``state = {"params", "batch_stats", "rest", "opt_state", "bad_step"}``;
     ``bad_step`` is ``-1``, or the 0-based index of the first non-finite step.
     """
-    g_train, g_eval, s = graphdefs(model)
+    g_train, g_eval, s = _graphdefs(model)
     s["opt_state"] = tx.init(s["params"])
     s["bad_step"] = jnp.asarray(-1, jnp.int32)
     return g_train, g_eval, s
