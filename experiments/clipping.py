@@ -22,7 +22,7 @@ to the gradient ``g`` before the SGD update:
 
 A non-finite loss or gradient stops a run (:class:`isometry.training.NonFiniteError`);
 the step is recorded as ``diverged_step`` with the metrics logged before it.
-Logged every ``log_every`` steps: the batch loss, the global gradient norm
+Logged every ``train.log_every`` steps: the batch loss, the global gradient norm
 before and after clipping and the per-layer gradient norms.
 
 References: Pascanu, Mikolov & Bengio 2013, "On the difficulty of training

@@ -43,7 +43,7 @@ Table columns: ``init, depth, seed, train_loss, train_accuracy, eval_loss,
 eval_accuracy, status, steps_done`` (``status`` is ``completed`` or
 ``non_finite``: the run stopped at a NaN/Inf and the metrics are those of its
 last finite parameters). Arrays per point: ``step, loss, accuracy``
-(training batches, every ``log_every`` steps) and ``eval_step, eval_loss,
+(training batches, every ``train.log_every`` steps) and ``eval_step, eval_loss,
 eval_accuracy``.
 
 Quick sizes (``C = 8``, depths 4, 16, 64, 200 steps of 32 examples, one seed)

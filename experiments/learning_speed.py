@@ -30,13 +30,13 @@ the same ordering with each; without momentum or per-parameter
 rescaling the conditioning of ``J`` acts on the updates most directly). The
 learning rate is scaled with depth,
 
-    eta_L = learning_rate * (lr_reference_depth / L) ** lr_depth_exponent,
+    eta_L = train.learning_rate * (lr_reference_depth / L) ** lr_depth_exponent,
 
 because the gradient of an isometric network gets one O(1) contribution per
 layer, so its step in function space grows like ``L`` at a fixed rate; with
 ``eta ~ 1/L`` that step is the same at every depth (exponent 0 gives a
 constant rate). Each run records the training-batch loss every
-``log_every`` steps, the held-out loss and accuracy every ``eval_every``
+``train.log_every`` steps, the held-out loss and accuracy every ``train.eval_every``
 steps, the steps to reach ``accuracy_threshold`` held-out accuracy, and the
 Jacobian probe at initialization (:func:`isometry.training.jacobian_probe`)
 beside the free-probability variance above
