@@ -57,11 +57,10 @@ def bench_isometry_step(ds, steps: int) -> float:
     tc = training.TrainConfig(
         steps=steps, batch_size=BATCH, learning_rate=LR, clip=f"global_norm:{CLIP}"
     )
-    depth_pred = training._stacked_predicate(DEPTH)
-    tx = training.optimizer(tc, is_stacked=depth_pred)
+    tx = training.optimizer(tc)
     clip_tx = training.clipping(tc.clip)
     g_train, _, state = training.init_state(model, tx)
-    step = training.make_train_step(g_train, tx, clip_tx, training.schedule(tc), depth=DEPTH)
+    step = training.make_train_step(g_train, tx, clip_tx, training.schedule(tc))
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
     idx = [jnp.asarray(data.batch_indices(0, t, len(ds.x_train), BATCH)) for t in range(steps)]
     for t in range(3):  # compile + warm-up

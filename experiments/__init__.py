@@ -12,6 +12,10 @@ Every module ``experiments/<name>.py`` defines
 * ``EXPERIMENT = Experiment(name, Config, PRESETS, run, summary)``.
 
 Modules are discovered, so a new study is one new module: no list to edit.
+Modules whose name starts with ``_`` and the support modules in
+:data:`SUPPORT` (``harness``: data, training runs, sweeps of runs, results
+stores and :func:`~isometry.experiments.harness.stored_run`, shared by the
+studies and the figures) are not experiments.
 Use :func:`names`, :func:`get`, :func:`config` and :func:`run`; the
 ``isometry run NAME --preset quick --set key=value`` command wraps them.
 """
@@ -27,9 +31,12 @@ from typing import Any
 
 from isometry import sweep
 
-__all__ = ["PRESET_NAMES", "Experiment", "config", "get", "names", "run"]
+__all__ = ["PRESET_NAMES", "SUPPORT", "Experiment", "config", "get", "names", "run"]
 
 PRESET_NAMES = ("quick", "full")
+
+SUPPORT = frozenset({"harness"})
+"""Public modules of this package that are not experiments."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +57,11 @@ class Experiment:
 
 def names() -> list[str]:
     """Names of the experiment modules in this package (sorted)."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    return sorted(
+        m.name
+        for m in pkgutil.iter_modules(__path__)
+        if not m.name.startswith("_") and m.name not in SUPPORT
+    )
 
 
 def get(name: str) -> Experiment:

@@ -1,7 +1,7 @@
 """Gradient clipping in an exploding-gradient regime: none vs global-norm, value and adaptive.
 
 Sweep: clipping rule x seed, each point one training run
-(:mod:`experiments._training`) of the same deep network, initialization and
+(:mod:`isometry.experiments.harness`) of the same deep network, initialization and
 data order. The default network is a deep ReLU MLP with ``sigma_w2 = 2.5``,
 above He's critical ``2``: in mean field every layer multiplies the forward
 length and the backward gradient by
@@ -22,7 +22,7 @@ to the gradient ``g`` before the SGD update:
 
 A non-finite loss or gradient stops a run (:class:`isometry.training.NonFiniteError`);
 the step is recorded as ``diverged_step`` with the metrics logged before it.
-Logged every ``log_every`` steps: the batch loss, the global gradient norm
+Logged every ``train.log_every`` steps: the batch loss, the global gradient norm
 before and after clipping and the per-layer gradient norms.
 
 References: Pascanu, Mikolov & Bengio 2013, "On the difficulty of training
@@ -47,12 +47,17 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from isometry import gaussian, meanfield, networks, sweep, training, validate
-from isometry.experiments import Experiment
-from isometry.experiments import _training as tr
-from isometry.experiments._common import ACTIVATIONS
+from isometry import activations, gaussian, meanfield, networks, sweep, training, validate
+from isometry.experiments import Experiment, harness
 
 __all__ = ["EXPERIMENT", "PRESETS", "Config", "gradient_growth", "grid", "run"]
+
+
+TRAIN = training.TrainConfig(
+    steps=200, batch_size=64, optimizer="sgd", learning_rate=0.05, log_every=1, eval_every=25,
+    probe_every=0, checkpoint_every=1000,
+)  # fmt: skip
+"""The quick preset's training: plain SGD, every step logged (its ``clip`` is each point's rule)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,16 +72,11 @@ class Config:
         sigma_b2: bias variance.
         depth: hidden layers ``L``.
         width: ``N``.
-        steps: training updates per run.
-        batch_size: examples per update.
-        optimizer: ``sgd``, ``momentum``, ``rmsprop`` or ``adam``.
-        learning_rate: constant learning rate.
-        log_every: logging interval of losses and gradient norms.
-        eval_every: held-out evaluation interval.
         seeds: independent runs per rule.
         dataset: ``digits`` (embedded) or a local-file dataset.
-        checkpoint_every: checkpoint interval of a run (resume granularity).
-        seed: base seed; run ``s`` uses ``seed + s`` for initialization and data order.
+        train: every run's :class:`~isometry.training.TrainConfig`, with ``clip``
+            replaced by the point's rule; run ``s`` uses ``train.seed + s`` for
+            initialization and data order.
     """
 
     clips: tuple[str, ...] = ("none", "global_norm:1", "value:0.01", "agc:0.01")
@@ -86,16 +86,9 @@ class Config:
     sigma_b2: float = 0.0
     depth: int = 30
     width: int = 64
-    steps: int = 200
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    learning_rate: float = 0.05
-    log_every: int = 1
-    eval_every: int = 25
     seeds: int = 1
     dataset: str = "digits"
-    checkpoint_every: int = 1000
-    seed: int = 0
+    train: training.TrainConfig = TRAIN
 
     def __post_init__(self):
         if not isinstance(self.clips, tuple) or not self.clips:
@@ -104,18 +97,25 @@ class Config:
             training.parse_clip(c)
         if len(set(self.clips)) != len(self.clips):
             raise ValueError(f"clips must not repeat, got {self.clips!r}")
-        validate.choice("activation", self.activation, ACTIVATIONS)
+        validate.choice("activation", self.activation, tuple(activations.names()))
         validate.choice("init", self.init, ("gaussian", "orthogonal"))
         validate.real_array("sigma_w2", self.sigma_w2, minimum=0.0, strict=True)
         validate.real_array("sigma_b2", self.sigma_b2, minimum=0.0)
         validate.positive_int("depth", self.depth)
-        validate.positive_int("eval_every", self.eval_every, 0)
-        tr.check_train_options(self)
+        validate.positive_int("width", self.width)
+        validate.positive_int("seeds", self.seeds)
+        validate.choice("dataset", self.dataset, harness.DATASETS)
+        harness.check_train(self.train)
 
 
 PRESETS = {
     "quick": Config(),
-    "full": Config(depth=50, width=256, steps=2000, batch_size=128, eval_every=100, seeds=3),
+    "full": Config(
+        depth=50,
+        width=256,
+        seeds=3,
+        train=dataclasses.replace(TRAIN, steps=2000, batch_size=128, eval_every=100),
+    ),
 }
 
 
@@ -125,13 +125,9 @@ def grid(cfg: Config) -> sweep.Grid:
 
 
 def train_config(cfg: Config, clip: str, seed: int) -> training.TrainConfig:
-    """The :class:`~isometry.training.TrainConfig` of one run."""
-    return training.TrainConfig(
-        steps=cfg.steps, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
-        learning_rate=cfg.learning_rate, clip=clip, log_every=cfg.log_every,
-        eval_every=cfg.eval_every, probe_every=0, checkpoint_every=cfg.checkpoint_every,
-        seed=seed,
-    )  # fmt: skip
+    """The :class:`~isometry.training.TrainConfig` of one run: ``cfg.train`` with the
+    rule ``clip`` and seed ``train.seed + seed``."""
+    return dataclasses.replace(cfg.train, clip=clip, seed=cfg.train.seed + seed)
 
 
 def gradient_summary(curves: dict[str, np.ndarray]) -> dict[str, float]:
@@ -175,7 +171,7 @@ def run(
     """
     del per_device, optimize
     store = sweep.Store(out, "clipping", cfg)
-    ds = tr.load_data(cfg.dataset)
+    ds = harness.load_data(cfg.dataset)
     chi1 = gradient_growth(cfg.activation, cfg.sigma_w2, cfg.sigma_b2, ds)
     net = networks.MLPConfig(
         depth=cfg.depth, width=cfg.width, in_dim=ds.in_dim, out_dim=ds.out_dim,
@@ -183,8 +179,8 @@ def run(
     )  # fmt: skip
 
     def point(p, run_dir):
-        seed = cfg.seed + p["seed"]
-        res = tr.train_mlp(net, ds, train_config(cfg, p["clip"], seed), run_dir, seed=seed)
+        tc = train_config(cfg, p["clip"], p["seed"])
+        res = harness.train_mlp(net, ds, tc, run_dir, seed=tc.seed)
         row = {"chi1": chi1, **res.row, **gradient_summary(res.curves)}
         keep = (
             "step", "loss", "grad_norm", "grad_norm_clipped", "clip_ratio", "grad_norm_layers",
@@ -192,7 +188,7 @@ def run(
         )  # fmt: skip
         return {"rows": row, "arrays": {k: res.curves[k] for k in keep}}
 
-    return tr.run_points(store, grid(cfg), point, progress=progress, label="clipping")
+    return harness.run_points(store, grid(cfg), point, progress=progress, label="clipping")
 
 
 EXPERIMENT = Experiment(

@@ -17,10 +17,11 @@ squared singular value of the input-output Jacobian is 1 for both; the
 Gaussian one's spectrum spreads with depth (variance growing like ``L``),
 the delta-orthogonal one's much less (experiment ``deep_cnn``). This
 experiment measures what that does to training: SGD with momentum
-(:func:`isometry.training.train`, learning rate ``eta / L`` with a cosine
-decay) on the embedded handwritten digits as ``8 x 8 x 1`` images
-(:func:`isometry.data.load_digits`), then the loss and accuracy on the whole
-training split and on the held-out split.
+(:func:`isometry.training.train` through :mod:`isometry.experiments.harness`,
+learning rate ``eta / L`` with a cosine decay) on the embedded handwritten
+digits as ``8 x 8 x 1`` images (:func:`isometry.data.load_digits`), then the
+loss and accuracy on the whole training split and on the held-out split
+(:func:`isometry.training.evaluate`).
 
 The rate ``eta / L``: each of the ``L`` layers of a near-isometric network
 moves the output by ``O(eta)`` per step, so a rate fixed across depths
@@ -42,7 +43,7 @@ Table columns: ``init, depth, seed, train_loss, train_accuracy, eval_loss,
 eval_accuracy, status, steps_done`` (``status`` is ``completed`` or
 ``non_finite``: the run stopped at a NaN/Inf and the metrics are those of its
 last finite parameters). Arrays per point: ``step, loss, accuracy``
-(training batches, every ``log_every`` steps) and ``eval_step, eval_loss,
+(training batches, every ``train.log_every`` steps) and ``eval_step, eval_loss,
 eval_accuracy``.
 
 Quick sizes (``C = 8``, depths 4, 16, 64, 200 steps of 32 examples, one seed)
@@ -64,21 +65,26 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from isometry import data, initializers, networks, sweep, training, validate
-from isometry.experiments import Experiment
-from isometry.experiments._common import ACTIVATIONS, seed_key
+from isometry import activations, data, initializers, networks, sweep, training, validate
+from isometry.experiments import Experiment, harness
 
 __all__ = ["EXPERIMENT", "INITS", "PRESETS", "Config", "TrainabilityCNN", "run", "train_point"]
 
 INITS = ("delta_orthogonal", "gaussian")
-OPTIMIZERS = training.OPTIMIZERS
 LR_SCALINGS = ("inverse_depth", "constant")
 HEADS = ("flatten", "pool")
 IMAGE_SHAPE = (8, 8, 1)
 NUM_CLASSES = 10
+CURVES = ("step", "loss", "accuracy", "eval_step", "eval_loss", "eval_accuracy")
+"""The :func:`isometry.experiments.harness.curves` kept per point."""
+
+TRAIN = training.TrainConfig(
+    steps=200, batch_size=32, optimizer="momentum", learning_rate=0.1, schedule="cosine",
+    momentum=0.9, log_every=10, eval_every=50, probe_every=0, checkpoint_every=200,
+)  # fmt: skip
+"""The quick preset's training: SGD with momentum, cosine decay, a checkpoint at the end."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,26 +100,19 @@ class Config:
         kernel_size: ``k``.
         head: ``"flatten"`` (a dense readout of all of ``x^L``) or ``"pool"``
             (global average pooling first, as Xiao et al. 2018).
-        steps: SGD updates per run.
-        batch_size: training examples per update.
-        optimizer: ``sgd``, ``momentum``, ``rmsprop`` or ``adam``.
-        learning_rate: the (constant) learning rate; with ``lr_scaling =
-            "inverse_depth"`` the rate of a depth-1 network, divided by ``L``.
-        schedule: learning-rate schedule (:func:`isometry.training.schedule`),
-            e.g. ``"cosine"`` decay to 1% or ``"constant"``.
-        lr_scaling: ``"inverse_depth"`` (``eta = learning_rate / L``: each of
+        lr_scaling: ``"inverse_depth"`` (``eta = train.learning_rate / L``: each of
             the ``L`` layers of a near-isometric network moves the output by
             ``O(eta)``, so a fixed rate diverges with depth) or ``"constant"``.
-        momentum: heavy-ball momentum of ``momentum``.
-        log_every: training-batch metrics every this many steps.
-        eval_every: held-out evaluation every this many steps (and at the end).
         n_train: training examples used (0: all 1,438).
         seeds: independent networks (and data orders) per (init, depth).
         unroll: unroll the depth loop of the forward pass (see the module docstring).
-        checkpoint_every: 0 trains in memory; otherwise each run keeps its
-            directory ``runs/<point id>/`` in the store with a checkpoint
-            every this many steps, and an interrupted run resumes from it.
-        seed: base seed.
+        train: every run's :class:`~isometry.training.TrainConfig`
+            (``train.learning_rate`` is the rate of a depth-1 network under
+            ``inverse_depth``; ``train.seed`` the base seed of the data orders and,
+            through :func:`isometry.sweep.point_key`, of the parameters). Each run
+            keeps its directory ``runs/<point id>/`` in the store until it is
+            recorded, with a checkpoint every ``train.checkpoint_every`` steps,
+            and an interrupted run resumes from it.
     """
 
     inits: tuple[str, ...] = INITS
@@ -123,48 +122,31 @@ class Config:
     channels: int = 8
     kernel_size: int = 3
     head: str = "flatten"
-    steps: int = 200
-    batch_size: int = 32
-    optimizer: str = "momentum"
-    learning_rate: float = 0.1
-    schedule: str = "cosine"
     lr_scaling: str = "inverse_depth"
-    momentum: float = 0.9
-    log_every: int = 10
-    eval_every: int = 50
     n_train: int = 0
     seeds: int = 1
     unroll: bool = True
-    checkpoint_every: int = 0
-    seed: int = 0
+    train: training.TrainConfig = TRAIN
 
     def __post_init__(self):
         validate.names("inits", self.inits, INITS)
         validate.positive_ints("depths", self.depths)
-        validate.choice("activation", self.activation, ACTIVATIONS)
+        validate.choice("activation", self.activation, tuple(activations.names()))
         validate.real_array("q_star", self.q_star, minimum=0.0, strict=True)
         validate.positive_int("channels", self.channels)
         validate.positive_int("kernel_size", self.kernel_size)
         validate.choice("head", self.head, HEADS)
-        validate.positive_int("steps", self.steps)
-        validate.positive_int("batch_size", self.batch_size)
-        validate.choice("optimizer", self.optimizer, OPTIMIZERS)
-        validate.real_array("learning_rate", self.learning_rate, minimum=0.0, strict=True)
-        validate.choice("schedule", self.schedule, training.SCHEDULES)
         validate.choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
-        validate.real_array("momentum", self.momentum, minimum=0.0, maximum=1.0)
-        validate.positive_int("log_every", self.log_every)
-        validate.positive_int("eval_every", self.eval_every, 0)
         validate.positive_int("n_train", self.n_train, 0)
-        if 0 < self.n_train < self.batch_size:
+        harness.check_train(self.train)
+        if 0 < self.n_train < self.train.batch_size:
             raise ValueError(
-                f"n_train must be 0 (all) or >= batch_size = {self.batch_size}, got {self.n_train}"
+                f"n_train must be 0 (all) or >= train.batch_size = {self.train.batch_size}, "
+                f"got {self.n_train}"
             )
         validate.positive_int("seeds", self.seeds)
         if not isinstance(self.unroll, bool):
             raise TypeError(f"unroll must be True or False, got {self.unroll!r}")
-        validate.positive_int("checkpoint_every", self.checkpoint_every, 0)
-        validate.positive_int("seed", self.seed, 0)
         # The critical point must exist for q_star (e.g. tanh at large q* needs sigma_b2 < 0).
         self.network_config("gaussian", min(self.depths))
 
@@ -188,13 +170,11 @@ PRESETS = {
     "full": Config(
         depths=(16, 64, 256, 1024),
         channels=32,
-        batch_size=64,
-        steps=3000,
         seeds=4,
         unroll=False,
-        checkpoint_every=1000,
-        eval_every=250,
-        log_every=50,
+        train=dataclasses.replace(
+            TRAIN, batch_size=64, steps=3000, checkpoint_every=1000, eval_every=250, log_every=50
+        ),
     ),
 }
 
@@ -267,12 +247,12 @@ class TrainabilityCNN(nnx.Module):
 
 def load_data(cfg: Config) -> data.Dataset:
     """The digits as ``(n, 8, 8, 1)`` images, standardized per pixel (first ``n_train``)."""
-    ds = data.load_digits(images=True)
+    ds = harness.load_data("digits", images=True)
     return ds.subset(n_train=cfg.n_train) if cfg.n_train else ds
 
 
 def build_model(cfg: Config, init: str, depth: int, seed: int) -> TrainabilityCNN:
-    """The network of one point; parameters from ``seed_key(cfg.seed, seed)``.
+    """The network of one point; parameters from ``point_key(cfg.train.seed, seed)``.
 
     Every (init, depth) of a seed draws from the same key (common random numbers).
     """
@@ -282,99 +262,34 @@ def build_model(cfg: Config, init: str, depth: int, seed: int) -> TrainabilityCN
         IMAGE_SHAPE[:2],
         NUM_CLASSES,
         unroll=cfg.unroll,
-        rngs=nnx.Rngs(params=seed_key(cfg.seed, seed)),
+        rngs=nnx.Rngs(params=sweep.point_key(cfg.train.seed, seed)),
     )
 
 
 def learning_rate(cfg: Config, depth: int) -> float:
-    """``learning_rate / depth`` (``inverse_depth``) or ``learning_rate`` (``constant``)."""
-    return cfg.learning_rate / depth if cfg.lr_scaling == "inverse_depth" else cfg.learning_rate
+    """``train.learning_rate / depth`` (``inverse_depth``) or ``train.learning_rate``."""
+    lr = cfg.train.learning_rate
+    return lr / depth if cfg.lr_scaling == "inverse_depth" else lr
 
 
 def train_config(cfg: Config, depth: int, seed: int) -> training.TrainConfig:
-    """The :class:`~isometry.training.TrainConfig` of a point (data order from ``seed``)."""
-    ckpt = cfg.checkpoint_every or cfg.steps
-    return training.TrainConfig(
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        optimizer=cfg.optimizer,
-        learning_rate=learning_rate(cfg, depth),
-        schedule=cfg.schedule,
-        momentum=cfg.momentum,
-        seed=cfg.seed + seed,
-        log_every=cfg.log_every,
-        eval_every=cfg.eval_every,
-        probe_every=0,
-        checkpoint_every=ckpt,
+    """The :class:`~isometry.training.TrainConfig` of a point: ``cfg.train`` at the depth's
+    learning rate, data order from ``train.seed + seed``."""
+    return dataclasses.replace(
+        cfg.train, learning_rate=learning_rate(cfg, depth), seed=cfg.train.seed + seed
     )
-
-
-def dataset_metrics(model: TrainabilityCNN, splits: dict, chunk: int = 512) -> dict[str, dict]:
-    """Mean softmax cross-entropy and accuracy of ``model`` on each split.
-
-    ``splits`` maps names to ``(x (n, 8, 8, 1), y (n,))``; returns
-    ``{name: {"loss", "accuracy"}}``. Evaluated with the scanned forward pass
-    in chunks of ``chunk`` examples (the last one padded and masked), so every
-    split uses one compiled function.
-    """
-    graphdef, state = nnx.split(model)
-    dtype = model.body.kernel[...].dtype
-
-    @jax.jit
-    def sums(state, xb, yb, mask):
-        logits = nnx.merge(graphdef, state).stack()(xb)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
-        return jnp.sum(loss * mask), jnp.sum((jnp.argmax(logits, -1) == yb) * mask)
-
-    out = {}
-    for name, (x, y) in splits.items():
-        n, tot_loss, tot_correct = len(x), 0.0, 0.0
-        for i in range(0, n, chunk):
-            xb, yb = np.asarray(x[i : i + chunk]), np.asarray(y[i : i + chunk])
-            m, pad = len(xb), chunk - len(xb)
-            xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
-            yb = np.concatenate([yb, np.zeros((pad,), yb.dtype)])
-            mask = (np.arange(chunk) < m).astype(dtype)
-            sl, sc = sums(state, jnp.asarray(xb, dtype), jnp.asarray(yb), jnp.asarray(mask))
-            tot_loss += float(sl)
-            tot_correct += float(sc)
-        out[name] = {"loss": tot_loss / n, "accuracy": tot_correct / n}
-    return out
-
-
-def _curves(records: list[dict]) -> dict[str, np.ndarray]:
-    train = [r for r in records if "loss" in r]
-    ev = [r for r in records if "eval_loss" in r]
-    return {
-        "step": np.asarray([r["step"] for r in train], np.int64),
-        "loss": np.asarray([r["loss"] for r in train], np.float64),
-        "accuracy": np.asarray([r["accuracy"] for r in train], np.float64),
-        "eval_step": np.asarray([r["step"] for r in ev], np.int64),
-        "eval_loss": np.asarray([r["eval_loss"] for r in ev], np.float64),
-        "eval_accuracy": np.asarray([r.get("eval_accuracy", np.nan) for r in ev], np.float64),
-    }
 
 
 def train_point(cfg: Config, point: dict, ds: data.Dataset, run_dir: Path | None = None) -> dict:
     """Train one ``{init, depth, seed}`` point; ``{"rows": [row], "arrays": curves}``."""
     model = build_model(cfg, point["init"], point["depth"], point["seed"])
-    status = "completed"
-    try:
-        res = training.train(model, ds, train_config(cfg, point["depth"], point["seed"]), run_dir)
-        records, steps_done = res.records, cfg.steps
-    except training.NonFiniteError as err:
-        status, steps_done = "non_finite", err.step - 1
-        records = training.MetricsLog(run_dir / "metrics.jsonl").read() if run_dir else []
-    m = dataset_metrics(model, {"train": (ds.x_train, ds.y_train), "eval": (ds.x_test, ds.y_test)})
-    row = {
-        "train_loss": m["train"]["loss"],
-        "train_accuracy": m["train"]["accuracy"],
-        "eval_loss": m["eval"]["loss"],
-        "eval_accuracy": m["eval"]["accuracy"],
-        "status": status,
-        "steps_done": steps_done,
-    }
-    return {"rows": [row], "arrays": _curves(records)}
+    tc = train_config(cfg, point["depth"], point["seed"])
+    res = harness.train_model(model, ds, tc, run_dir, depth=point["depth"])
+    keep = ("train_loss", "train_accuracy", "eval_loss", "eval_accuracy")
+    row = {k: res.row[k] for k in keep}
+    row["status"] = "non_finite" if res.row["diverged"] else "completed"
+    row["steps_done"] = res.row["steps_done"]
+    return {"rows": [row], "arrays": {k: res.curves[k] for k in CURVES}}
 
 
 def run(
@@ -383,17 +298,17 @@ def run(
     """Run the sweep into the store ``out``; returns the aggregate csv path.
 
     ``per_device`` and ``optimize`` are accepted for the common interface and
-    unused: each point is one training run on this process's devices.
+    unused: each point is one training run on this process's devices
+    (:func:`isometry.experiments.harness.run_points`).
     """
     del per_device, optimize
     store = sweep.Store(out, "cnn_trainability", cfg)
     ds = load_data(cfg)
 
-    def one(p):
-        run_dir = store.root / "runs" / sweep.point_id(p) if cfg.checkpoint_every else None
+    def one(p, run_dir):
         return train_point(cfg, p, ds, run_dir)
 
-    return sweep.run_partitioned(store, grid(cfg), one, progress=progress, label="cnn_trainability")
+    return harness.run_points(store, grid(cfg), one, progress=progress, label="cnn_trainability")
 
 
 EXPERIMENT = Experiment(

@@ -2,7 +2,7 @@
 
 Sweep: setting (activation and fixed point ``q*``) x weights (orthogonal /
 Gaussian) x depth x seed, each point one training run
-(:mod:`experiments._training`). Every network sits at the critical point of
+(:mod:`isometry.experiments.harness`). Every network sits at the critical point of
 its ``q*`` (:func:`isometry.meanfield.critical_point`),
 
     sigma_w2 = 1 / E[phi'(sqrt(q*) z)^2],   sigma_b2 = q* - sigma_w2 E[phi(sqrt(q*) z)^2],
@@ -10,7 +10,7 @@ its ``q*`` (:func:`isometry.meanfield.critical_point`),
 so ``chi1 = 1`` and the mean squared singular value of the input-output
 Jacobian ``J`` is 1 at any depth; ReLU's critical point is ``(2, 0)`` (He)
 for every ``q*``. The inputs are scaled so that the first pre-activations
-start at ``q*`` (:func:`experiments._training.input_scale`). What differs is
+start at ``q*`` (:func:`isometry.experiments.harness.input_scale`). What differs is
 the *spread* of the spectrum of ``J J^T`` (free probability, Pennington,
 Schoenholz & Ganguli 2017, 2018):
 
@@ -30,13 +30,13 @@ the same ordering with each; without momentum or per-parameter
 rescaling the conditioning of ``J`` acts on the updates most directly). The
 learning rate is scaled with depth,
 
-    eta_L = learning_rate * (lr_reference_depth / L) ** lr_depth_exponent,
+    eta_L = train.learning_rate * (lr_reference_depth / L) ** lr_depth_exponent,
 
 because the gradient of an isometric network gets one O(1) contribution per
 layer, so its step in function space grows like ``L`` at a fixed rate; with
 ``eta ~ 1/L`` that step is the same at every depth (exponent 0 gives a
 constant rate). Each run records the training-batch loss every
-``log_every`` steps, the held-out loss and accuracy every ``eval_every``
+``train.log_every`` steps, the held-out loss and accuracy every ``train.eval_every``
 steps, the steps to reach ``accuracy_threshold`` held-out accuracy, and the
 Jacobian probe at initialization (:func:`isometry.training.jacobian_probe`)
 beside the free-probability variance above
@@ -64,10 +64,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from isometry import freeprob, meanfield, networks, sweep, training, validate
-from isometry.experiments import Experiment
-from isometry.experiments import _training as tr
-from isometry.experiments._common import ACTIVATIONS
+from isometry import activations, freeprob, meanfield, networks, sweep, training, validate
+from isometry.experiments import Experiment, harness
 
 __all__ = [
     "EXPERIMENT",
@@ -93,7 +91,7 @@ def parse_setting(text: str) -> tuple[str, float]:
     if not isinstance(text, str) or text.count(":") != 1:
         raise ValueError(f"a setting must be 'activation:q_star' (e.g. 'tanh:1/64'), got {text!r}")
     act, q = (t.strip() for t in text.split(":"))
-    validate.choice("setting activation", act, ACTIVATIONS)
+    validate.choice("setting activation", act, tuple(activations.names()))
     try:
         q_star = float(Fraction(q))
     except (ValueError, ZeroDivisionError):
@@ -116,6 +114,14 @@ def critical_setting(text: str) -> dict[str, float | str]:
     return {"activation": act, "q_star": q, "sigma_w2": sw, "sigma_b2": max(sb, 0.0)}
 
 
+TRAIN = training.TrainConfig(
+    steps=400, batch_size=64, optimizer="sgd", learning_rate=0.01, log_every=10, eval_every=10,
+    probe_every=400, probe_inputs=4, checkpoint_every=1000,
+)  # fmt: skip
+"""The quick preset's training: plain SGD, held-out evaluation every 10 steps, the Jacobian
+probe at the start and the end (``probe_every = steps``)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Learning-speed sweep.
@@ -125,38 +131,27 @@ class Config:
         inits: subset of ``orthogonal``, ``gaussian``.
         depths: hidden-layer counts ``L``; loss curves are kept at every depth.
         width: ``N``.
-        steps: training updates per run.
-        batch_size: examples per update.
-        optimizer: ``sgd``, ``momentum``, ``rmsprop`` or ``adam``.
-        learning_rate: the rate at depth ``lr_reference_depth``.
-        lr_reference_depth: depth at which the rate is ``learning_rate``.
-        lr_depth_exponent: ``eta_L = learning_rate (L_ref / L)^exponent`` (0: constant).
+        lr_reference_depth: depth at which the rate is ``train.learning_rate``.
+        lr_depth_exponent: ``eta_L = train.learning_rate (L_ref / L)^exponent`` (0: constant).
         accuracy_threshold: held-out accuracy defining the learning time.
-        log_every: training-loss logging interval.
-        eval_every: held-out evaluation interval (resolution of the learning time).
         seeds: independent runs per (setting, init, depth).
         dataset: ``digits`` (embedded) or a local-file dataset.
-        checkpoint_every: checkpoint interval of a run (resume granularity).
-        seed: base seed; run ``s`` uses ``seed + s`` for initialization and data order.
+        train: every run's :class:`~isometry.training.TrainConfig`, its learning
+            rate scaled with depth (:func:`learning_rate`); ``train.eval_every``
+            (>= 1) is the resolution of the learning time; run ``s`` uses
+            ``train.seed + s`` for initialization and data order.
     """
 
     settings: tuple[str, ...] = ("tanh:1/64", "tanh:1/4", "tanh:1", "relu:1")
     inits: tuple[str, ...] = INITS
     depths: tuple[int, ...] = (16, 48, 128)
     width: int = 64
-    steps: int = 400
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    learning_rate: float = 0.01
     lr_reference_depth: int = 64
     lr_depth_exponent: float = 1.0
     accuracy_threshold: float = 0.9
-    log_every: int = 10
-    eval_every: int = 10
     seeds: int = 1
     dataset: str = "digits"
-    checkpoint_every: int = 1000
-    seed: int = 0
+    train: training.TrainConfig = TRAIN
 
     def __post_init__(self):
         if not isinstance(self.settings, tuple) or not self.settings:
@@ -165,11 +160,14 @@ class Config:
             critical_setting(s)
         validate.names("inits", self.inits, INITS)
         validate.positive_ints("depths", self.depths)
+        validate.positive_int("width", self.width)
         validate.positive_int("lr_reference_depth", self.lr_reference_depth)
         validate.real_array("lr_depth_exponent", self.lr_depth_exponent)
         validate.real_array("accuracy_threshold", self.accuracy_threshold, minimum=0.0, maximum=1.0)
-        validate.positive_int("eval_every", self.eval_every)
-        tr.check_train_options(self)
+        validate.positive_int("seeds", self.seeds)
+        validate.choice("dataset", self.dataset, harness.DATASETS)
+        harness.check_train(self.train)
+        validate.positive_int("train.eval_every", self.train.eval_every)
 
 
 PRESETS = {
@@ -177,11 +175,10 @@ PRESETS = {
     "full": Config(
         depths=(8, 16, 32, 64, 128, 256),
         width=400,
-        steps=3000,
-        batch_size=128,
-        log_every=20,
-        eval_every=20,
         seeds=3,
+        train=dataclasses.replace(
+            TRAIN, steps=3000, batch_size=128, log_every=20, eval_every=20, probe_every=3000
+        ),
     ),
 }
 
@@ -194,8 +191,8 @@ def grid(cfg: Config) -> sweep.Grid:
 
 
 def learning_rate(cfg: Config, depth: int) -> float:
-    """``eta_L = learning_rate (lr_reference_depth / L) ** lr_depth_exponent``."""
-    return cfg.learning_rate * (cfg.lr_reference_depth / depth) ** cfg.lr_depth_exponent
+    """``eta_L = train.learning_rate (lr_reference_depth / L) ** lr_depth_exponent``."""
+    return cfg.train.learning_rate * (cfg.lr_reference_depth / depth) ** cfg.lr_depth_exponent
 
 
 def steps_to_threshold(steps, values, threshold: float) -> float:
@@ -206,13 +203,11 @@ def steps_to_threshold(steps, values, threshold: float) -> float:
 
 
 def train_config(cfg: Config, depth: int, seed: int) -> training.TrainConfig:
-    """The :class:`~isometry.training.TrainConfig` of one run (Jacobian probe at start and end)."""
-    return training.TrainConfig(
-        steps=cfg.steps, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
-        learning_rate=learning_rate(cfg, depth), log_every=cfg.log_every,
-        eval_every=cfg.eval_every, probe_every=cfg.steps, probe_inputs=4,
-        checkpoint_every=cfg.checkpoint_every, seed=seed,
-    )  # fmt: skip
+    """The :class:`~isometry.training.TrainConfig` of one run: ``cfg.train`` at the depth's
+    learning rate and seed ``train.seed + seed``."""
+    return dataclasses.replace(
+        cfg.train, learning_rate=learning_rate(cfg, depth), seed=cfg.train.seed + seed
+    )
 
 
 def run(
@@ -226,19 +221,19 @@ def run(
     """
     del per_device, optimize
     store = sweep.Store(out, "learning_speed", cfg)
-    ds = tr.load_data(cfg.dataset)
+    ds = harness.load_data(cfg.dataset)
     crit = {s: critical_setting(s) for s in cfg.settings}
 
     def point(p, run_dir):
-        c, depth, seed = crit[p["setting"]], p["depth"], cfg.seed + p["seed"]
-        scale = tr.input_scale(ds, c["sigma_w2"], c["sigma_b2"], c["q_star"])
+        c, depth = crit[p["setting"]], p["depth"]
+        tc = train_config(cfg, depth, p["seed"])
+        scale = harness.input_scale(ds, c["sigma_w2"], c["sigma_b2"], c["q_star"])
         net = networks.MLPConfig(
             depth=depth, width=cfg.width, in_dim=ds.in_dim, out_dim=ds.out_dim,
             activation=c["activation"], init=p["init"], sigma_w2=c["sigma_w2"],
             sigma_b2=c["sigma_b2"],
         )  # fmt: skip
-        tc = train_config(cfg, depth, seed)
-        res = tr.train_mlp(net, tr.scaled(ds, scale), tc, run_dir, seed=seed)
+        res = harness.train_mlp(net, harness.scaled(ds, scale), tc, run_dir, seed=tc.seed)
         cv = res.curves
         with jax.enable_x64(True):
             var = freeprob.jacobian_moments(
@@ -252,13 +247,13 @@ def run(
                 cv["eval_step"], cv["eval_accuracy"], cfg.accuracy_threshold
             ),
             **res.row,
-            **{k: float(cv[k][0]) if cv[k].size else float("nan") for k in tr.PROBE_KEYS},
+            **{k: float(cv[k][0]) if cv[k].size else float("nan") for k in harness.PROBE_KEYS},
             "jac_var_theory": float(var),
         }
         keep = ("step", "loss", "eval_step", "eval_loss", "eval_accuracy")
         return {"rows": row, "arrays": {k: cv[k] for k in keep}}
 
-    return tr.run_points(store, grid(cfg), point, progress=progress, label="learning_speed")
+    return harness.run_points(store, grid(cfg), point, progress=progress, label="learning_speed")
 
 
 EXPERIMENT = Experiment(

@@ -1,14 +1,15 @@
 """Trainability of deep tanh networks over (sigma_w2, depth): the 6 xi_c bound.
 
 Sweep: ``sigma_w2`` x ``depth`` x seed, each point one training run
-(:mod:`experiments._training`). The network is an
+(:mod:`isometry.experiments.harness`). The network is an
 :class:`isometry.networks.MLP` of ``depth`` hidden layers of width ``N``,
 Gaussian weights and biases in the mean-field convention,
 
     h^l = W^l x^{l-1} + b^l,   x^l = phi(h^l),   W_ij ~ N(0, sigma_w2 / N),   b_i ~ N(0, sigma_b2),
 
-trained on the embedded digits (:func:`isometry.data.load_digits`) with
-``optimizer`` at a fixed learning rate for ``steps`` updates. Mean-field
+trained on the embedded digits (:func:`isometry.data.load_digits`) as the
+``train`` config says (:class:`isometry.training.TrainConfig`: ``train.optimizer``
+at a fixed ``train.learning_rate`` for ``train.steps`` updates). Mean-field
 theory says a random network carries the correlation of two inputs over
 about ``xi_c`` layers,
 
@@ -50,12 +51,17 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from isometry import meanfield, networks, sweep, training, validate
-from isometry.experiments import Experiment
-from isometry.experiments import _training as tr
-from isometry.experiments._common import ACTIVATIONS
+from isometry import activations, meanfield, networks, sweep, training, validate
+from isometry.experiments import Experiment, harness
 
 __all__ = ["EXPERIMENT", "PRESETS", "Config", "grid", "run", "theory"]
+
+
+TRAIN = training.TrainConfig(
+    steps=600, batch_size=64, optimizer="rmsprop", learning_rate=1e-4, log_every=50,
+    eval_every=0, probe_every=0, checkpoint_every=1000,
+)  # fmt: skip
+"""The quick preset's training: RMSProp at one rate for every depth, no evaluation or probe."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,15 +74,11 @@ class Config:
         sigma_b2: bias variance.
         depths: hidden-layer counts ``L`` (the y axis).
         width: ``N``.
-        steps: training updates per run.
-        batch_size: examples per update.
-        optimizer: ``sgd``, ``momentum``, ``rmsprop`` or ``adam``.
-        learning_rate: constant learning rate.
-        log_every: training-loss logging interval.
         seeds: independent runs per ``(sigma_w2, depth)``.
         dataset: ``digits`` (embedded) or a local-file dataset.
-        checkpoint_every: checkpoint interval of a run (resume granularity).
-        seed: base seed; run ``s`` uses ``seed + s`` for initialization and data order.
+        train: every run's :class:`~isometry.training.TrainConfig`; run ``s``
+            uses ``train.seed + s`` for initialization and data order
+            (``--set train.steps=300``).
     """
 
     activation: str = "tanh"
@@ -84,24 +86,21 @@ class Config:
     sigma_b2: float = 0.05
     depths: tuple[int, ...] = (10, 25, 50, 75, 100)
     width: int = 64
-    steps: int = 600
-    batch_size: int = 64
-    optimizer: str = "rmsprop"
-    learning_rate: float = 1e-4
-    log_every: int = 50
     seeds: int = 1
     dataset: str = "digits"
-    checkpoint_every: int = 1000
-    seed: int = 0
+    train: training.TrainConfig = TRAIN
 
     def __post_init__(self):
-        validate.choice("activation", self.activation, ACTIVATIONS)
+        validate.choice("activation", self.activation, tuple(activations.names()))
         if not isinstance(self.sigma_w2, tuple) or not self.sigma_w2:
             raise ValueError(f"sigma_w2 must be a non-empty tuple, got {self.sigma_w2!r}")
         validate.real_array("sigma_w2", self.sigma_w2, minimum=0.0, strict=True)
         validate.real_array("sigma_b2", self.sigma_b2, minimum=0.0)
         validate.positive_ints("depths", self.depths)
-        tr.check_train_options(self)
+        validate.positive_int("width", self.width)
+        validate.positive_int("seeds", self.seeds)
+        validate.choice("dataset", self.dataset, harness.DATASETS)
+        harness.check_train(self.train)
 
 
 PRESETS = {
@@ -110,10 +109,8 @@ PRESETS = {
         sigma_w2=tuple(float(v) for v in np.round(np.linspace(1.0, 4.0, 31), 6)),
         depths=(10, 20, 40, 60, 80, 100, 130, 160, 200, 250, 300),
         width=784,
-        steps=3000,
-        batch_size=128,
-        log_every=100,
         seeds=2,
+        train=dataclasses.replace(TRAIN, steps=3000, batch_size=128, log_every=100),
     ),
 }
 
@@ -142,12 +139,9 @@ def theory(activation: str, sigma_w2, sigma_b2: float) -> dict[str, np.ndarray]:
 
 
 def train_config(cfg: Config, seed: int) -> training.TrainConfig:
-    """The :class:`~isometry.training.TrainConfig` of one run."""
-    return training.TrainConfig(
-        steps=cfg.steps, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
-        learning_rate=cfg.learning_rate, log_every=cfg.log_every, eval_every=0,
-        probe_every=0, checkpoint_every=cfg.checkpoint_every, seed=seed,
-    )  # fmt: skip
+    """The :class:`~isometry.training.TrainConfig` of run ``seed``: ``cfg.train`` at
+    ``train.seed + seed``."""
+    return dataclasses.replace(cfg.train, seed=cfg.train.seed + seed)
 
 
 def run(
@@ -161,20 +155,20 @@ def run(
     """
     del per_device, optimize
     store = sweep.Store(out, "trainability", cfg)
-    ds = tr.load_data(cfg.dataset)
+    ds = harness.load_data(cfg.dataset)
 
     def point(p, run_dir):
-        seed = cfg.seed + p["seed"]
+        tc = train_config(cfg, p["seed"])
         net = networks.MLPConfig(
             depth=p["depth"], width=cfg.width, in_dim=ds.in_dim, out_dim=ds.out_dim,
             activation=cfg.activation, init="gaussian", sigma_w2=p["sigma_w2"],
             sigma_b2=cfg.sigma_b2,
         )  # fmt: skip
-        res = tr.train_mlp(net, ds, train_config(cfg, seed), run_dir, seed=seed)
+        res = harness.train_mlp(net, ds, tc, run_dir, seed=tc.seed)
         arrays = {k: res.curves[k] for k in ("step", "loss")}
         return {"rows": res.row, "arrays": arrays}
 
-    return tr.run_points(store, grid(cfg), point, progress=progress, label="trainability")
+    return harness.run_points(store, grid(cfg), point, progress=progress, label="trainability")
 
 
 EXPERIMENT = Experiment(

@@ -540,9 +540,6 @@ def _theory_records(theory):
 
 _TRAIN_MODEL_FLAGS = ("depth", "width", "activation", "init", "q_star", "sigma_w2", "sigma_b2",
                       "norm", "norm_position", "residual", "residual_scale")  # fmt: skip
-_TRAIN_FLAGS = ("steps", "batch_size", "optimizer", "learning_rate", "schedule", "warmup_steps",
-                "momentum", "weight_decay", "clip", "seed", "log_every", "eval_every",
-                "probe_every", "probe_inputs", "checkpoint_every")  # fmt: skip
 
 
 def _add_train(sub):
@@ -589,10 +586,16 @@ def _add_train(sub):
 
 
 def _train_config(args):
-    """A RunConfig from ``--config`` (if any) with the given flags applied."""
+    """A RunConfig from ``--config`` (if any) with the given flags applied.
+
+    The training flags are the ones named like :class:`isometry.training.TrainConfig`
+    fields (:func:`isometry.training.config.field_values`); the TrainConfig is built
+    once from the base config's fields and those flags.
+    """
     import dataclasses
 
     from isometry import networks, training
+    from isometry.training.config import field_values
 
     base = training.RunConfig.from_json(args.config) if args.config else None
     model = dataclasses.asdict(base.model) if base else {"depth": 32, "width": 256}
@@ -601,9 +604,7 @@ def _train_config(args):
     for name in _TRAIN_MODEL_FLAGS:
         if getattr(args, name) is not None:
             model[name] = getattr(args, name)
-    for name in _TRAIN_FLAGS:
-        if getattr(args, name) is not None:
-            train[name] = getattr(args, name)
+    train.update(field_values(training.TrainConfig, vars(args)))
     if args.dataset is not None:
         run["dataset"] = args.dataset
         model["in_dim"] = model["out_dim"] = None  # refilled from the data

@@ -16,33 +16,23 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from isometry import plotting
-from isometry.experiments import _training as tr
-from isometry.experiments import trainability
+from isometry.experiments import harness, trainability
 
 KEYS = (
     "sigma_w2", "depth", "train_accuracy", "eval_accuracy", "diverged_fraction",
     "sigma_w2_theory", "six_xi_c", "critical_sigma_w2", "sigma_b2", "steps", "width",
 )  # fmt: skip
 
-TIERS = {
-    "tiny": {
-        "preset": "quick",
-        "overrides": (
-            "sigma_w2=1.0,1.75,4.0",
-            "depths=4",
-            "width=16",
-            "steps=20",
-            "log_every=10",
-        ),
-        "store": None,
-    },
-    "quick": {
-        "preset": "quick",
-        "overrides": (),
-        "store": str(tr.RESULTS / "trainability" / "quick"),
-    },
-    "full": {"preset": "full", "overrides": (), "store": str(tr.RESULTS / "trainability" / "full")},
-}
+TIERS = harness.figure_tiers(
+    "trainability",
+    (
+        "sigma_w2=1.0,1.75,4.0",
+        "depths=4",
+        "width=16",
+        "train.steps=20",
+        "train.log_every=10",
+    ),
+)
 
 
 def _grid_mean(table, key, rows, cols, row_key, col_key) -> np.ndarray:
@@ -62,7 +52,7 @@ def _flag(column) -> np.ndarray:
 
 
 def compute(preset, overrides, store) -> dict:
-    run = tr.stored_run("trainability", preset, overrides, store)
+    run = harness.stored_run("trainability", preset, overrides, store)
     cfg, t = run.config, dict(run.table)
     t["diverged"] = _flag(t["diverged"])
     sw = np.asarray(sorted(set(cfg.sigma_w2)), float)
@@ -81,7 +71,7 @@ def compute(preset, overrides, store) -> dict:
         "six_xi_c": 6.0 * th["xi_c"],
         "critical_sigma_w2": th["critical_sigma_w2"],
         "sigma_b2": np.asarray(cfg.sigma_b2),
-        "steps": np.asarray(cfg.steps),
+        "steps": np.asarray(cfg.train.steps),
         "width": np.asarray(cfg.width),
     }
 

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from isometry import plotting
-from isometry.experiments import _training as tr
+from isometry.experiments import harness
 from isometry.experiments import learning_speed as ls
 
 KEYS = (
@@ -30,30 +30,17 @@ KEYS = (
     "q_star", "sigma_w2",
 )  # fmt: skip
 
-TIERS = {
-    "tiny": {
-        "preset": "quick",
-        "overrides": (
-            "settings=tanh:1/64",
-            "depths=3",
-            "width=16",
-            "steps=20",
-            "log_every=5",
-            "eval_every=5",
-        ),
-        "store": None,
-    },
-    "quick": {
-        "preset": "quick",
-        "overrides": (),
-        "store": str(tr.RESULTS / "learning_speed" / "quick"),
-    },
-    "full": {
-        "preset": "full",
-        "overrides": (),
-        "store": str(tr.RESULTS / "learning_speed" / "full"),
-    },
-}
+TIERS = harness.figure_tiers(
+    "learning_speed",
+    (
+        "settings=tanh:1/64",
+        "depths=3",
+        "width=16",
+        "train.steps=20",
+        "train.log_every=5",
+        "train.eval_every=5",
+    ),
+)
 
 
 def _padded(arrays: list[np.ndarray], length: int) -> np.ndarray:
@@ -65,7 +52,7 @@ def _padded(arrays: list[np.ndarray], length: int) -> np.ndarray:
 
 
 def compute(preset, overrides, store) -> dict:
-    run = tr.stored_run("learning_speed", preset, overrides, store)
+    run = harness.stored_run("learning_speed", preset, overrides, store)
     cfg, t = run.config, run.table
     S, I, D, R = len(cfg.settings), len(cfg.inits), len(cfg.depths), cfg.seeds
     depths = np.asarray(cfg.depths, int)
@@ -83,12 +70,13 @@ def compute(preset, overrides, store) -> dict:
         jac_mean[s, i, d, r] = t["jac_sv2_mean"][k]
         jac_th[s, i, d] = t["jac_var_theory"][k]
     deepest = int(depths.max())
-    n_eval = cfg.steps // cfg.eval_every + 1 if cfg.eval_every else 2
-    n_log = cfg.steps // cfg.log_every
+    tc = cfg.train
+    n_eval = tc.steps // tc.eval_every + 1 if tc.eval_every else 2
+    n_log = tc.steps // tc.log_every
     eval_loss = np.full((S, I, R, n_eval), np.nan)
     loss = np.full((S, I, R, n_log), np.nan)
-    eval_step = np.arange(n_eval) * cfg.eval_every
-    step = (np.arange(n_log) + 1) * cfg.log_every
+    eval_step = np.arange(n_eval) * tc.eval_every
+    step = (np.arange(n_log) + 1) * tc.log_every
     for p in run.points:
         if p["depth"] != deepest:
             continue
@@ -111,7 +99,7 @@ def compute(preset, overrides, store) -> dict:
         "step": step,
         "loss": loss,
         "threshold": np.asarray(cfg.accuracy_threshold),
-        "steps": np.asarray(cfg.steps),
+        "steps": np.asarray(tc.steps),
         "q_star": np.asarray([c["q_star"] for c in crit]),
         "sigma_w2": np.asarray([c["sigma_w2"] for c in crit]),
     }

@@ -36,29 +36,15 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from isometry import experiments, plotting, signal, sweep
-from isometry.experiments import gradients
-from isometry.experiments._common import results_dir
+from isometry import plotting, signal
+from isometry.experiments import gradients, harness
 
 KEYS = ("layer", "activations", "inits", "techniques", "grad_preact_sq", "relative", "theory")
 
-_STORE = "results/experiments/gradients/{}"
-TIERS = {
-    "tiny": {
-        "preset": "quick",
-        "overrides": (
-            "activations=relu",
-            "inits=xavier,he",
-            "depth=6",
-            "width=16",
-            "batch=4",
-            "seeds=1",
-        ),
-        "store": None,
-    },
-    "quick": {"preset": "quick", "overrides": (), "store": _STORE.format("quick")},
-    "full": {"preset": "full", "overrides": (), "store": _STORE.format("full")},
-}
+TIERS = harness.figure_tiers(
+    "gradients",
+    ("activations=relu", "inits=xavier,he", "depth=6", "width=16", "batch=4", "seeds=1"),
+)
 
 TECHNIQUE_TITLES = {
     "plain": "plain",
@@ -89,10 +75,8 @@ def theory_curves(cfg, activation: str, technique: str) -> np.ndarray:
 
 
 def compute(preset, overrides, store) -> dict:
-    cfg = experiments.config("gradients", preset, overrides)
-    with results_dir(store) as out:
-        path = experiments.run("gradients", preset, overrides, out=out, progress=False)
-        t = sweep.load_table(path)
+    run = harness.stored_run("gradients", preset, overrides, store)
+    cfg, t = run.config, run.table
     acts, inits, techs = cfg.activations, cfg.inits, cfg.techniques
     L, S = cfg.depth, cfg.seeds
     g = np.full((len(acts), len(inits), len(techs), S, L), np.nan)

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from isometry import gaussian, meanfield, plotting
-from isometry.experiments import _training as tr
+from isometry.experiments import harness
 
 KEYS = (
     "clips", "step", "loss", "grad_norm", "grad_norm_clipped", "diverged_step",
@@ -31,15 +31,16 @@ KEYS = (
     "chi1", "depth", "sigma_w2", "width", "learning_rate", "activation",
 )  # fmt: skip
 
-TIERS = {
-    "tiny": {
-        "preset": "quick",
-        "overrides": ("clips=none,global_norm:1", "depth=6", "width=16", "steps=6", "eval_every=3"),
-        "store": None,
-    },
-    "quick": {"preset": "quick", "overrides": (), "store": str(tr.RESULTS / "clipping" / "quick")},
-    "full": {"preset": "full", "overrides": (), "store": str(tr.RESULTS / "clipping" / "full")},
-}
+TIERS = harness.figure_tiers(
+    "clipping",
+    (
+        "clips=none,global_norm:1",
+        "depth=6",
+        "width=16",
+        "train.steps=6",
+        "train.eval_every=3",
+    ),
+)
 
 
 def layer_profile(activation, sigma_w2, sigma_b2, q1, depth) -> np.ndarray:
@@ -61,9 +62,9 @@ def layer_profile(activation, sigma_w2, sigma_b2, q1, depth) -> np.ndarray:
 
 
 def compute(preset, overrides, store) -> dict:
-    run = tr.stored_run("clipping", preset, overrides, store)
+    run = harness.stored_run("clipping", preset, overrides, store)
     cfg, t = run.config, run.table
-    C, R, T = len(cfg.clips), cfg.seeds, cfg.steps // cfg.log_every
+    C, R, T = len(cfg.clips), cfg.seeds, cfg.train.steps // cfg.train.log_every
     out = {k: np.full((C, R, T), np.nan) for k in ("loss", "grad_norm", "grad_norm_clipped")}
     diverged = np.full((C, R), np.nan)
     train_acc, eval_acc = np.full((C, R), np.nan), np.full((C, R), np.nan)
@@ -79,11 +80,11 @@ def compute(preset, overrides, store) -> dict:
         c, r = cfg.clips.index(str(t["clip"][k])), int(t["seed"][k])
         diverged[c, r] = t["diverged_step"][k]
         train_acc[c, r], eval_acc[c, r] = t["train_accuracy"][k], t["eval_accuracy"][k]
-    ds = tr.load_data(cfg.dataset)
+    ds = harness.load_data(cfg.dataset)
     q1 = cfg.sigma_w2 * float(np.mean(np.square(ds.x_train, dtype=np.float64))) + cfg.sigma_b2
     return {
         "clips": np.asarray(cfg.clips),
-        "step": (np.arange(T) + 1) * cfg.log_every,
+        "step": (np.arange(T) + 1) * cfg.train.log_every,
         **out,
         "diverged_step": diverged,
         "layer": np.arange(1, cfg.depth + 1),
@@ -97,7 +98,7 @@ def compute(preset, overrides, store) -> dict:
         "depth": np.asarray(cfg.depth),
         "sigma_w2": np.asarray(cfg.sigma_w2),
         "width": np.asarray(cfg.width),
-        "learning_rate": np.asarray(cfg.learning_rate),
+        "learning_rate": np.asarray(cfg.train.learning_rate),
         "activation": np.asarray(cfg.activation),
     }
 

@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from isometry import experiments, plotting, sweep
-from isometry.experiments._common import results_dir
+from isometry import plotting
+from isometry.experiments import harness
 
 KEYS = (
     "activations",
@@ -102,13 +102,10 @@ def linear_rate(batch):
 
 
 def compute(preset, overrides, store, layer_batch) -> dict:
-    cfg = experiments.config("batchnorm", preset, overrides)
+    run = harness.stored_run("batchnorm", preset, overrides, store)
+    cfg, t = run.config, run.table
     if layer_batch not in cfg.batch_sizes:
         raise ValueError(f"layer_batch must be one of {cfg.batch_sizes}, got {layer_batch}")
-    with results_dir(store) as out:
-        t = sweep.load_table(
-            experiments.run("batchnorm", preset, overrides, out=out, progress=False)
-        )
     acts, bs, L, S = cfg.activations, cfg.batch_sizes, cfg.depth, cfg.seeds
     g = np.full((len(acts), len(bs), S, L), np.nan)
     rate = np.full((len(acts), len(bs), S), np.nan)

@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from isometry import experiments, freeprob, plotting, sweep
-from isometry.experiments._common import results_dir
+from isometry import freeprob, plotting
+from isometry.experiments import harness
 
 KEYS = (
     "inits",
@@ -64,11 +64,11 @@ TIERS = {
             (
                 "depths=2",
                 "channels=4",
-                "steps=10",
-                "batch_size=16",
+                "train.steps=10",
+                "train.batch_size=16",
                 "n_train=64",
                 "seeds=1",
-                "eval_every=5",
+                "train.eval_every=5",
                 _Q,
             ),
         ),
@@ -90,9 +90,11 @@ THEORY_WEIGHTS = {"delta_orthogonal": "orthogonal", "gaussian": "gaussian"}
 LABELS = {"delta_orthogonal": "delta-orthogonal", "gaussian": "Gaussian"}
 
 
-def _run(name: str, preset: str, overrides, store) -> dict:
-    with results_dir(None if store is None else store.format(name)) as out:
-        return sweep.load_table(experiments.run(name, preset, overrides, out=out, progress=False))
+def _run(name: str, preset: str, overrides, store) -> harness.StoredRun:
+    """Experiment ``name`` read back from its store (``store`` formatted with the name)."""
+    return harness.stored_run(
+        name, preset, overrides, None if store is None else store.format(name)
+    )
 
 
 def _per_seed(t, inits, depths, seeds, column) -> np.ndarray:
@@ -116,12 +118,13 @@ def theory(activation: str, q_star: float, inits, depths) -> dict[str, np.ndarra
 
 
 def compute(spectrum, training, store) -> dict:
-    spec_cfg = experiments.config("deep_cnn", *spectrum)
-    train_cfg = experiments.config("cnn_trainability", *training)
+    spec_run = _run("deep_cnn", *spectrum, store)
+    train_run = _run("cnn_trainability", *training, store)
+    spec_cfg, train_cfg = spec_run.config, train_run.config
     if spec_cfg.inits != train_cfg.inits:
         raise ValueError(f"spectrum and training inits differ: {spec_cfg.inits}, {train_cfg.inits}")
     inits = list(spec_cfg.inits)
-    spec = _run("deep_cnn", *spectrum, store)
+    spec, trained = spec_run.table, train_run.table
     sdepths = sorted(set(spec_cfg.depths))
     stats = {
         f"sv2_{c}": _per_seed(spec, inits, sdepths, spec_cfg.seeds, c)
@@ -129,7 +132,6 @@ def compute(spectrum, training, store) -> dict:
     }
     tdepth = np.unique(np.geomspace(1, max(sdepths), 20).round().astype(int))
     th = theory(spec_cfg.activation, spec_cfg.q_star, inits, tdepth)
-    tr = _run("cnn_trainability", *training, store)
     tdepths = list(train_cfg.depths)
     return {
         "inits": np.asarray(inits),
@@ -138,12 +140,12 @@ def compute(spectrum, training, store) -> dict:
         "theory_depth": tdepth,
         **th,
         "train_depth": np.asarray(tdepths),
-        "train_accuracy": _per_seed(tr, inits, tdepths, train_cfg.seeds, "train_accuracy"),
-        "eval_accuracy": _per_seed(tr, inits, tdepths, train_cfg.seeds, "eval_accuracy"),
+        "train_accuracy": _per_seed(trained, inits, tdepths, train_cfg.seeds, "train_accuracy"),
+        "eval_accuracy": _per_seed(trained, inits, tdepths, train_cfg.seeds, "eval_accuracy"),
         "q_star": np.asarray(spec_cfg.q_star),
         "channels": np.asarray([spec_cfg.channels, train_cfg.channels]),
         "spectrum_size": np.asarray(spec_cfg.size),
-        "train_steps": np.asarray(train_cfg.steps),
+        "train_steps": np.asarray(train_cfg.train.steps),
     }
 
 

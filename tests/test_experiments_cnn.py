@@ -17,12 +17,12 @@ from isometry.experiments import cnn_trainability as ct
 TINY = [
     "depths=1,2",
     "channels=4",
-    "steps=24",
-    "batch_size=16",
+    "train.steps=24",
+    "train.batch_size=16",
     "n_train=128",
     "seeds=1",
-    "eval_every=12",
-    "log_every=6",
+    "train.eval_every=12",
+    "train.log_every=6",
 ]
 COLUMNS = {
     "init",
@@ -58,7 +58,7 @@ def test_tiny_runs_writes_columns_and_resumes(tmp_path):
     again = experiments.run("cnn_trainability", "quick", TINY, out, progress=False)
     assert again.read_text() == path.read_text()
     with pytest.raises(sweep.ConfigMismatchError, match="refusing to mix"):
-        experiments.run("cnn_trainability", "quick", [*TINY, "seed=3"], out, progress=False)
+        experiments.run("cnn_trainability", "quick", [*TINY, "train.seed=3"], out, progress=False)
 
 
 def test_unrolled_forward_equals_scanned():
@@ -85,7 +85,7 @@ def test_config_validation():
     with pytest.raises(ValueError, match="lr_scaling must be one of"):
         experiments.config("cnn_trainability", "quick", ["lr_scaling=sqrt"])
     with pytest.raises(ValueError, match="n_train must be 0"):
-        experiments.config("cnn_trainability", "quick", ["n_train=8", "batch_size=16"])
+        experiments.config("cnn_trainability", "quick", ["n_train=8", "train.batch_size=16"])
     with pytest.raises(ValueError, match="depths must be an integer >= 1"):
         experiments.config("cnn_trainability", "quick", ["depths=0,4"])
     with pytest.raises(TypeError, match="unroll: expected true or false"):
@@ -93,10 +93,10 @@ def test_config_validation():
 
 
 def test_learning_rate_scaling():
-    cfg = experiments.config("cnn_trainability", "quick", ["learning_rate=0.4"])
+    cfg = experiments.config("cnn_trainability", "quick", ["train.learning_rate=0.4"])
     assert ct.learning_rate(cfg, 8) == pytest.approx(0.05)
     const = experiments.config("cnn_trainability", "quick", ["lr_scaling=constant"])
-    assert ct.learning_rate(const, 8) == const.learning_rate
+    assert ct.learning_rate(const, 8) == const.train.learning_rate
 
 
 @pytest.mark.slow

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from isometry import experiments, meanfield, sweep
-from isometry.experiments import _training as tr
-from isometry.experiments import clipping, learning_speed, trainability
+from isometry.experiments import clipping, harness, learning_speed, trainability
 
 RUN_COLUMNS = {
     "steps_done", "diverged", "diverged_step", "loss", "train_loss", "train_accuracy",
@@ -48,13 +47,13 @@ def _run_and_check_resume(name, overrides, out, monkeypatch) -> dict:
     rows, arrays = store.read(lost)["rows"], store.arrays(lost)
     store.path(lost).unlink()
     calls = []
-    real = tr.train_mlp
+    real = harness.train_mlp
 
     def counting(*args, **kwargs):
         calls.append(args[0].depth)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tr, "train_mlp", counting)
+    monkeypatch.setattr(harness, "train_mlp", counting)
     again = sweep.load_table(experiments.run(name, "quick", overrides, out=out, progress=False))
     assert len(calls) == 1
     assert store.read(lost)["rows"] == rows
@@ -70,8 +69,8 @@ def _run_and_check_resume(name, overrides, out, monkeypatch) -> dict:
     [
         ("trainability", "sigma_w2=", "sigma_w2"),
         ("trainability", "depths=0", "depths"),
-        ("trainability", "optimizer=lbfgs", "optimizer"),
-        ("trainability", "log_every=1000", "log_every"),
+        ("trainability", "train.optimizer=lbfgs", "optimizer"),
+        ("trainability", "train.log_every=1000", "log_every"),
         ("trainability", "dataset=imagenet", "dataset"),
         ("learning_speed", "settings=tanh", "activation:q_star"),
         ("learning_speed", "settings=relu:0", "q_star"),
@@ -92,7 +91,7 @@ def test_bad_config_is_a_clear_error(name, override, match):
 def test_presets_are_valid_and_full_is_larger():
     for mod in MODULES.values():
         quick, full = mod.PRESETS["quick"], mod.PRESETS["full"]
-        assert full.width > quick.width and full.steps > quick.steps
+        assert full.width > quick.width and full.train.steps > quick.train.steps
         assert len(mod.grid(full)) >= len(mod.grid(quick))
 
 
@@ -109,13 +108,13 @@ def test_steps_to_threshold():
 
 
 def test_input_scale_puts_first_preactivations_at_q_star():
-    ds = tr.load_data("digits")
+    ds = harness.load_data("digits")
     sw, sb, q = 1.2, 0.1, 0.3
-    s = tr.input_scale(ds, sw, sb, q)
-    m_u = np.mean(np.square(tr.scaled(ds, s).x_train, dtype=np.float64))
+    s = harness.input_scale(ds, sw, sb, q)
+    m_u = np.mean(np.square(harness.scaled(ds, s).x_train, dtype=np.float64))
     assert sw * m_u + sb == pytest.approx(q, rel=1e-5)
     with pytest.raises(ValueError, match="q_star"):
-        tr.input_scale(ds, sw, sb, 0.05)
+        harness.input_scale(ds, sw, sb, 0.05)
 
 
 def test_curves_read_non_finite_log_values():
@@ -125,8 +124,8 @@ def test_curves_read_non_finite_log_values():
         {"step": 1, "loss": "inf", "accuracy": 0.1, "grad_norm": None, "grad_norm_clipped": 1.0,
          "clip_ratio": 0.5, "grad_norm_layers": [1.0, 2.0]},
     ]  # fmt: skip
-    c = tr.curves(records, depth=2)
-    assert set(tr.CURVE_KEYS) <= set(c)
+    c = harness.curves(records, depth=2)
+    assert set(harness.CURVE_KEYS) <= set(c)
     assert c["loss"][0] == np.inf and np.isnan(c["grad_norm"][0])
     assert c["grad_norm_layers"].shape == (1, 2)
     assert c["eval_step"].tolist() == [0] and c["jac_sv2_var"].tolist() == [0.1]
@@ -137,7 +136,7 @@ def test_compile_cache_restores_the_process_settings():
         jax.config.jax_compilation_cache_dir,
         jax.config.jax_persistent_cache_min_compile_time_secs,
     )
-    with tr.compile_cache() as d:
+    with harness.compile_cache() as d:
         assert d is None or jax.config.jax_compilation_cache_dir == str(d)
         jax.jit(lambda x: x + 1)(np.float32(1.0))
     after = (
@@ -155,7 +154,7 @@ def test_compile_cache_restores_the_process_settings():
 def test_clipping_unclipped_diverges_global_norm_stays_finite(tmp_path, monkeypatch):
     """Deep ReLU at sigma_w2 = 2.5 (chi1 = 1.25 per layer, depth 30): plain SGD blows up within
     a few steps; the same run with global-norm clipping keeps a finite, falling loss."""
-    over = ["clips=global_norm:1,none", "steps=6", "eval_every=0"]
+    over = ["clips=global_norm:1,none", "train.steps=6", "train.eval_every=0"]
     cfg = experiments.config("clipping", "quick", over)
     assert (cfg.activation, cfg.sigma_w2, cfg.depth, cfg.width) == ("relu", 2.5, 30, 64)
     t = _run_and_check_resume("clipping", over, tmp_path, monkeypatch)
@@ -171,7 +170,7 @@ def test_clipping_unclipped_diverges_global_norm_stays_finite(tmp_path, monkeypa
 def test_learning_speed_orthogonal_beats_gaussian_at_small_q_star(tmp_path, monkeypatch):
     """tanh at q* = 1/64, depth 32: orthogonal weights (isometric Jacobian) reach 50% held-out
     accuracy no later than Gaussian ones and end at a lower training loss."""
-    over = ["settings=tanh:1/64", "depths=32", "width=32", "steps=150",
+    over = ["settings=tanh:1/64", "depths=32", "width=32", "train.steps=150",
             "accuracy_threshold=0.5"]  # fmt: skip
     t = _run_and_check_resume("learning_speed", over, tmp_path, monkeypatch)
     by = {init: i for i, init in enumerate(t["init"])}
@@ -186,8 +185,8 @@ def test_learning_speed_orthogonal_beats_gaussian_at_small_q_star(tmp_path, monk
 def test_trainability_shallow_critical_trains_deep_ordered_does_not(tmp_path, monkeypatch):
     """Near-critical tanh at depth 3 trains; at sigma_w2 = 1 (ordered, 6 xi_c = 22 layers)
     depth 48 stays at chance."""
-    over = ["sigma_w2=1.0,1.76", "depths=3,48", "width=16", "steps=80",
-            "learning_rate=0.001", "log_every=40"]  # fmt: skip
+    over = ["sigma_w2=1.0,1.76", "depths=3,48", "width=16", "train.steps=80",
+            "train.learning_rate=0.001", "train.log_every=40"]  # fmt: skip
     t = _run_and_check_resume("trainability", over, tmp_path, monkeypatch)
     with jax.enable_x64(True):  # ordered phase: xi_c = -1 / log chi1
         six_xi_c = -6 / np.log(float(meanfield.chi1("tanh", 1.0, 0.05)))
@@ -207,7 +206,7 @@ def test_trainability_shallow_critical_trains_deep_ordered_does_not(tmp_path, mo
 
 @pytest.mark.slow
 def test_quick_trainability_band_is_bounded_by_six_xi_c(tmp_path):
-    run = tr.stored_run("trainability", "quick", store=tmp_path)
+    run = harness.stored_run("trainability", "quick", store=tmp_path)
     cfg, t = run.config, run.table
     th = trainability.theory(cfg.activation, t["sigma_w2"], cfg.sigma_b2)
     bound, acc = 6 * th["xi_c"], t["train_accuracy"]
@@ -223,7 +222,7 @@ def test_quick_trainability_band_is_bounded_by_six_xi_c(tmp_path):
 
 @pytest.mark.slow
 def test_quick_learning_speed_isometric_network_is_fast_at_every_depth(tmp_path):
-    run = tr.stored_run("learning_speed", "quick", store=tmp_path)
+    run = harness.stored_run("learning_speed", "quick", store=tmp_path)
     t = run.table
     steps = {}
     for s, i, d, v in zip(t["setting"], t["init"], t["depth"], t["steps_to_accuracy"],
@@ -241,10 +240,28 @@ def test_quick_learning_speed_isometric_network_is_fast_at_every_depth(tmp_path)
 
 @pytest.mark.slow
 def test_quick_clipping_every_rule_trains_where_plain_sgd_diverges(tmp_path):
-    run = tr.stored_run("clipping", "quick", store=tmp_path)
+    run = harness.stored_run("clipping", "quick", store=tmp_path)
     t = run.table
     div = dict(zip(t["clip"], _flags(t["diverged"]), strict=True))
     acc = dict(zip(t["clip"], t["eval_accuracy"], strict=True))
     assert div.pop("none")
     assert not any(div.values())
     assert all(acc[c] > 0.25 for c in div)
+
+
+def test_harness_is_a_support_module_not_an_experiment():
+    names = experiments.names()
+    assert "harness" not in names and "harness" in experiments.SUPPORT
+    assert {"trainability", "learning_speed", "clipping", "cnn_trainability"} <= set(names)
+    with pytest.raises(ValueError, match="unknown experiment"):
+        experiments.get("harness")
+
+
+def test_train_config_is_nested_and_set_by_dotted_keys():
+    cfg = experiments.config("trainability", "quick", ["train.steps=30", "train.log_every=10"])
+    assert (cfg.train.steps, cfg.train.log_every) == (30, 10)
+    assert trainability.train_config(cfg, 2).seed == cfg.train.seed + 2
+    ls = experiments.config("learning_speed", "quick", ["train.learning_rate=0.02"])
+    assert learning_speed.train_config(ls, 128, 0).learning_rate == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="eval_every"):
+        experiments.config("learning_speed", "quick", ["train.eval_every=0"])

@@ -173,12 +173,13 @@ def test_jacobian_probe_matches_dense_jacobian():
 
 def test_agc_is_per_layer_and_unitwise():
     depth, n = 3, 4
-    params = {"kernel": jnp.ones((depth, n, n)) * jnp.arange(1, depth + 1)[:, None, None]}
-    grads = {"kernel": jnp.ones((depth, n, n)) * 10.0}
-    tx = training.adaptive_grad_clip(0.1, 1e-3, training._stacked_predicate(depth))
+    w = jnp.ones((depth, n, n)) * jnp.arange(1, depth + 1)[:, None, None]
+    params = nnx.State({"kernel": networks.StackedParam(w)})
+    grads = nnx.State({"kernel": networks.StackedParam(jnp.ones((depth, n, n)) * 10.0)})
+    tx = training.adaptive_grad_clip(0.1, 1e-3)
     out, _ = tx.update(grads, tx.init(params), params)
     # per (layer l, unit i): ||W|| = 2 l, ||G|| = 20, so G scaled to 0.1 * 2 l
-    col = np.linalg.norm(np.asarray(out["kernel"]), axis=1)
+    col = np.linalg.norm(np.asarray(out["kernel"][...]), axis=1)
     np.testing.assert_allclose(
         col, 0.2 * np.arange(1, depth + 1)[:, None] * np.ones((1, n)), rtol=1e-6
     )
@@ -287,3 +288,40 @@ def test_cli_train_and_config_file(tmp_path, capsys):
     assert cfg2["train"]["steps"] == 10 and cfg2["model"]["depth"] == 2
     bad = ["train", "--depth", "2", "--width", "8", "--clip", "bogus:1"]
     assert cli.main([*bad, "--out", str(tmp_path / "x")]) == 2
+
+
+def test_layer_grad_norms_select_stacked_params_by_type():
+    """Only StackedParam variables are layers, whatever their names or the other leaves'
+    shapes (here an input kernel whose leading axis also equals the depth)."""
+    depth = 3
+    g = jax.random.normal(jax.random.key(0), (depth, 4, 4))
+    grads = nnx.State(
+        {
+            "body": {"embed": nnx.Param(jnp.ones((depth, 5))), "kernel": networks.StackedParam(g)},
+            "readout": nnx.Param(2 * jnp.ones((4, 2))),
+        }
+    )
+    norms = training.layer_grad_norms(grads)
+    np.testing.assert_allclose(
+        norms["layers"], np.linalg.norm(np.asarray(g).reshape(depth, -1), axis=1), rtol=1e-6
+    )
+    np.testing.assert_allclose(norms["input"], np.sqrt(15.0), rtol=1e-6)
+    np.testing.assert_allclose(norms["output"], np.sqrt(32.0), rtol=1e-6)
+    assert training.layer_grad_norms({"w": jnp.ones((2, 2))})["layers"].shape == (0,)
+
+
+def test_evaluate_pads_and_masks_the_last_chunk(digits):
+    """The chunked evaluator equals one full-batch softmax cross-entropy and accuracy."""
+    model = _mlp()
+    x, y = digits.x_test, digits.y_test
+    logits = np.asarray(model(jnp.asarray(x)), np.float64)
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True))
+        - logits.max(1, keepdims=True)
+    )
+    ev = training.evaluate(model, x, y, batch_size=100)  # 359 rows: the last chunk padded
+    assert ev["loss"] == pytest.approx(-logp[np.arange(len(y)), y].mean(), rel=1e-5)
+    assert ev["accuracy"] == pytest.approx(np.mean(logits.argmax(1) == y))
+    with pytest.raises(ValueError, match="loss"):
+        training.evaluate(model, x, y, loss="hinge")

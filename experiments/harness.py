@@ -1,21 +1,25 @@
-"""Training runs shared by the training experiments (not an experiment: the name starts with ``_``).
+"""The experiment harness: data, one training run reduced to a table row and curves, sweeps of
+runs, results stores, and reading an experiment back for a figure.
 
-``trainability``, ``learning_speed`` and ``clipping`` each train many
-independent MLPs, one per grid point, with :func:`isometry.training.train`.
-One run here is
+A support module of :mod:`isometry.experiments`, not an experiment
+(:func:`isometry.experiments.names` skips it). The training experiments
+(``trainability``, ``learning_speed``, ``clipping``, ``cnn_trainability``)
+each train many independent networks, one per grid point, with
+:func:`isometry.training.train`. One run here is
 
-1. data: a classification dataset of :mod:`isometry.data` (the embedded
-   digits by default), inputs flattened and, optionally, scaled by ``s`` so
-   that the first pre-activations start at a chosen ``q*``
-   (:func:`input_scale`);
-2. model: :class:`isometry.networks.MLP` in float32 from ``nnx.Rngs(seed)``;
-3. training: :func:`isometry.training.train` into a scratch directory of the
-   results store (its checkpoints let an interrupted run resume; the
-   directory is removed once the point is recorded). A
-   :class:`~isometry.training.NonFiniteError` is caught and recorded as a
-   divergence at its step, with the metrics logged before it;
-4. reduction (:func:`train_mlp`): one table row of final numbers and curves
-   over the logged steps.
+1. data (:func:`load_data`): a classification dataset of :mod:`isometry.data`
+   (the embedded digits by default), inputs flattened for an MLP or kept as
+   images for a CNN and, optionally, scaled by ``s`` so that the first
+   pre-activations start at a chosen ``q*`` (:func:`input_scale`, :func:`scaled`);
+2. training (:func:`train_model`, :func:`train_mlp`): :func:`isometry.training.train`
+   into a scratch directory of the results store (its checkpoints let an
+   interrupted run resume; the directory is removed once the point is
+   recorded). A :class:`~isometry.training.NonFiniteError` is caught and
+   recorded as a divergence at its step, with the metrics logged before it;
+3. reduction: one table row of final numbers (the whole training and
+   held-out splits evaluated by :func:`isometry.training.evaluate`) and
+   curves over the logged steps (:func:`curves`, one set of columns for
+   every experiment and figure).
 
 Compilation dominates small trainings, and every run compiles its own train
 step. :func:`run_points` runs a sweep's points inside :func:`compile_cache`,
@@ -24,7 +28,8 @@ so runs whose train steps have the same shapes and code (any ``sigma_w2``,
 seed or learning rate at one depth) load the compiled step instead of
 compiling it again.
 
-Figures read experiments back with :func:`stored_run`.
+Figures run and read every experiment the same way, with :func:`stored_run`
+(into a lasting store, or a temporary one from :func:`results_dir`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import functools
 import math
 import shutil
 import tempfile
@@ -42,12 +46,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from isometry import data as _data
 from isometry import networks, sweep, training, validate
-from isometry.experiments._common import results_dir
 
 __all__ = [
     "CURVE_KEYS",
@@ -56,16 +58,19 @@ __all__ = [
     "RESULTS",
     "RunResult",
     "StoredRun",
-    "check_train_options",
+    "check_train",
     "compile_cache",
     "curves",
-    "evaluate",
+    "figure_tiers",
     "input_scale",
     "load_data",
+    "results_dir",
+    "run_dir",
     "run_points",
     "scaled",
     "stored_run",
     "train_mlp",
+    "train_model",
 ]
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
@@ -82,23 +87,32 @@ CURVE_KEYS = (
 PROBE_KEYS = ("jac_sv2_mean", "jac_sv2_var", "jac_sv2_max")
 """The Jacobian probe's numbers (:func:`isometry.training.jacobian_probe`)."""
 
+_TRAIN_KEYS = ("loss", "accuracy", "grad_norm", "grad_norm_clipped", "clip_ratio")
+
 RESULTS = Path("results") / "experiments"
 """Root of the stores that figures run experiments into (``RESULTS/<name>/<tier>``)."""
 
+EVAL_BATCH = 512
+"""Rows per chunk when a run's final model is evaluated on the whole splits."""
+
 
 # --------------------------------------------------------------------------- #
-# Data.
+# Data and configuration.
 # --------------------------------------------------------------------------- #
 
 
-def load_data(name: str = "digits", seed: int = 0) -> _data.Dataset:
-    """The classification dataset ``name`` with inputs flattened to ``(n, in_dim)``.
+def load_data(name: str = "digits", seed: int = 0, *, images: bool = False) -> _data.Dataset:
+    """The classification dataset ``name``: inputs flattened to ``(n, in_dim)``, or images.
 
     ``digits``: the embedded 8x8 digits (1,438 training, 359 held-out
-    examples, 64 standardized features, 10 classes), split by ``seed``.
+    examples, 64 standardized features, 10 classes), split by ``seed``;
+    with ``images`` as ``(n, 8, 8, 1)``.
     """
     validate.choice("dataset", name, DATASETS)
-    return _data.load(name, seed=seed).flatten()
+    if not images:
+        return _data.load(name, seed=seed).flatten()
+    shape = {"images": True} if name == "digits" else {"flat": False}
+    return _data.load(name, seed=seed, **shape)
 
 
 def input_scale(ds: _data.Dataset, sigma_w2: float, sigma_b2: float, q_star: float) -> float:
@@ -131,16 +145,19 @@ def scaled(ds: _data.Dataset, s: float) -> _data.Dataset:
     )
 
 
-def check_train_options(cfg) -> None:
-    """Validate the training fields the three experiments share (clear ``ValueError``s)."""
-    validate.choice("dataset", cfg.dataset, DATASETS)
-    for name in ("width", "steps", "batch_size", "log_every", "seeds", "checkpoint_every"):
-        validate.positive_int(name, getattr(cfg, name))
-    validate.positive_int("seed", cfg.seed, 0)
-    validate.choice("optimizer", cfg.optimizer, training.OPTIMIZERS)
-    validate.real_array("learning_rate", cfg.learning_rate, minimum=0.0, strict=True)
-    if cfg.log_every > cfg.steps:
-        raise ValueError(f"log_every must be <= steps ({cfg.steps}), got {cfg.log_every}")
+def check_train(train: training.TrainConfig) -> None:
+    """Checks of an experiment's :class:`~isometry.training.TrainConfig` beyond its own.
+
+    Raises ``TypeError`` unless ``train`` is a ``TrainConfig``, and
+    ``ValueError`` when ``train.log_every > train.steps`` (no loss would be logged
+    before the end).
+    """
+    if not isinstance(train, training.TrainConfig):
+        raise TypeError(f"train must be a training.TrainConfig, got {type(train).__name__}")
+    if train.log_every > train.steps:
+        raise ValueError(
+            f"train.log_every must be <= train.steps ({train.steps}), got {train.log_every}"
+        )
 
 
 # --------------------------------------------------------------------------- #
@@ -165,21 +182,20 @@ class RunResult:
     curves: dict[str, np.ndarray]
 
 
-def train_mlp(
-    net: networks.MLPConfig,
+def train_model(
+    model: nnx.Module,
     ds: _data.Dataset,
     config: training.TrainConfig,
     run_dir: str | Path | None,
     *,
-    seed: int,
+    depth: int,
 ) -> RunResult:
-    """Train ``MLP(net)`` (float32, initialized from ``nnx.Rngs(seed)``) on ``ds``.
+    """Train ``model`` (``depth`` stacked layers) on ``ds`` and reduce the run.
 
     ``run_dir``: the training directory (resumes a run left there; removed
     when done), or ``None`` to keep everything in memory (a divergence then
     loses the records before it). Same arguments, same result.
     """
-    model = networks.MLP(net, rngs=nnx.Rngs(seed), dtype=jnp.float32)
     diverged_step = None
     try:
         records = training.train(model, ds, config, run_dir).records
@@ -188,22 +204,35 @@ def train_mlp(
         records = (
             [] if run_dir is None else training.MetricsLog(Path(run_dir) / "metrics.jsonl").read()
         )
-    train_loss, train_acc = evaluate(model, ds.x_train, ds.y_train)
-    eval_loss, eval_acc = evaluate(model, ds.x_test, ds.y_test)
-    c = curves(records, net.depth)
+    tr = training.evaluate(model, ds.x_train, ds.y_train, batch_size=EVAL_BATCH)
+    ev = training.evaluate(model, ds.x_test, ds.y_test, batch_size=EVAL_BATCH)
+    c = curves(records, depth)
     row = {
         "steps_done": config.steps if diverged_step is None else diverged_step - 1,
         "diverged": diverged_step is not None,
         "diverged_step": diverged_step,
         "loss": float(c["loss"][-1]) if c["loss"].size else math.nan,
-        "train_loss": train_loss,
-        "train_accuracy": train_acc,
-        "eval_loss": eval_loss,
-        "eval_accuracy": eval_acc,
+        "train_loss": tr["loss"],
+        "train_accuracy": tr["accuracy"],
+        "eval_loss": ev["loss"],
+        "eval_accuracy": ev["accuracy"],
     }
     if run_dir is not None:
         shutil.rmtree(run_dir, ignore_errors=True)
     return RunResult(row, c)
+
+
+def train_mlp(
+    net: networks.MLPConfig,
+    ds: _data.Dataset,
+    config: training.TrainConfig,
+    run_dir: str | Path | None,
+    *,
+    seed: int,
+) -> RunResult:
+    """:func:`train_model` of ``MLP(net)`` (float32, initialized from ``nnx.Rngs(seed)``)."""
+    model = networks.MLP(net, rngs=nnx.Rngs(seed), dtype=jnp.float32)
+    return train_model(model, ds, config, run_dir, depth=net.depth)
 
 
 def _num(v) -> float:
@@ -214,12 +243,14 @@ def _num(v) -> float:
 def curves(records: Sequence[dict], depth: int) -> dict[str, np.ndarray]:
     """Arrays over the logged steps of :func:`isometry.training.train` records.
 
-    Returns (``T`` training log steps, ``E`` evaluation steps, ``L = depth``)
-    ``step (T,)`` int, ``loss``, ``accuracy``, ``grad_norm`` (before
-    clipping), ``grad_norm_clipped``, ``clip_ratio`` ``(T,)``,
-    ``grad_norm_layers (T, L)``, ``eval_step (E,)`` int, ``eval_loss``,
-    ``eval_accuracy`` ``(E,)``, and for the Jacobian probe ``probe_step (P,)``
-    int, ``jac_sv2_mean``, ``jac_sv2_var``, ``jac_sv2_max`` ``(P,)``.
+    Returns (``T`` training log steps, ``E`` evaluation steps, ``P`` probe
+    steps, ``L = depth``) ``step (T,)`` int, ``loss``, ``accuracy``,
+    ``grad_norm`` (before clipping), ``grad_norm_clipped``, ``clip_ratio``
+    ``(T,)``, ``grad_norm_layers (T, L)``, ``eval_step (E,)`` int,
+    ``eval_loss``, ``eval_accuracy`` ``(E,)``, and for the Jacobian probe
+    ``probe_step (P,)`` int, ``jac_sv2_mean``, ``jac_sv2_var``,
+    ``jac_sv2_max`` ``(P,)``. Non-finite values logged as ``None``/``"inf"``
+    become NaN/inf.
     """
     train = [r for r in records if "loss" in r]
     ev = [r for r in records if "eval_loss" in r]
@@ -230,7 +261,7 @@ def curves(records: Sequence[dict], depth: int) -> dict[str, np.ndarray]:
         "eval_loss": np.asarray([_num(r["eval_loss"]) for r in ev]),
         "eval_accuracy": np.asarray([_num(r.get("eval_accuracy")) for r in ev]),
     }
-    for k in ("loss", "accuracy", "grad_norm", "grad_norm_clipped", "clip_ratio"):
+    for k in _TRAIN_KEYS:
         out[k] = np.asarray([_num(r.get(k)) for r in train])
     out["probe_step"] = np.asarray([r["step"] for r in probe], np.int64)
     for k in PROBE_KEYS:
@@ -238,41 +269,6 @@ def curves(records: Sequence[dict], depth: int) -> dict[str, np.ndarray]:
     layers = [[_num(v) for v in r.get("grad_norm_layers", [])] for r in train]
     out["grad_norm_layers"] = np.asarray(layers).reshape(len(train), depth)
     return out
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _eval_chunk(graphdef, state, xb, yb, mask):
-    """Summed softmax cross-entropy and number correct over the masked rows of one chunk."""
-    out = nnx.merge(graphdef, state)(xb).astype(jnp.float32)
-    per = optax.softmax_cross_entropy_with_integer_labels(out, yb)
-    per = jnp.where(jnp.isfinite(per), per, jnp.inf)
-    return jnp.sum(jnp.where(mask, per, 0.0)), jnp.sum(mask * (jnp.argmax(out, -1) == yb))
-
-
-def evaluate(model: nnx.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 512):
-    """``(mean softmax cross-entropy, accuracy)`` of ``model`` (evaluation mode) on ``x, y``.
-
-    Evaluated in chunks of ``batch_size`` rows, the last one padded and
-    masked, so every split of a dataset shares one compiled function.
-    """
-    model.eval()
-    graphdef, state = nnx.split(model)
-    model.train()
-    n = x.shape[0]
-    dtype = jax.tree.leaves(state)[0].dtype
-    loss = correct = 0.0
-    for i in range(0, n, batch_size):
-        xb, yb = np.asarray(x[i : i + batch_size]), np.asarray(y[i : i + batch_size])
-        m = xb.shape[0]
-        mask = np.arange(batch_size) < m
-        if m < batch_size:
-            xb = np.concatenate([xb, np.zeros((batch_size - m, *xb.shape[1:]), xb.dtype)])
-            yb = np.concatenate([yb, np.zeros((batch_size - m,), yb.dtype)])
-        sl, sc = _eval_chunk(graphdef, state, jnp.asarray(xb, dtype), jnp.asarray(yb),
-                             jnp.asarray(mask))  # fmt: skip
-        loss += float(sl)
-        correct += float(sc)
-    return loss / n, correct / n
 
 
 # --------------------------------------------------------------------------- #
@@ -355,6 +351,30 @@ def run_points(
 # --------------------------------------------------------------------------- #
 
 
+@contextlib.contextmanager
+def results_dir(path: str | Path | None = None) -> Iterator[Path]:
+    """``path`` as a :class:`~pathlib.Path`; for ``None`` a temporary directory removed on exit."""
+    if path is not None:
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="isometry-") as tmp:
+        yield Path(tmp)
+
+
+def figure_tiers(name: str, tiny_overrides: Sequence[str]) -> dict[str, dict]:
+    """The tiers of a figure that shows experiment ``name`` (its ``TIERS``).
+
+    ``tiny``: the quick preset with ``tiny_overrides`` in a temporary store;
+    ``quick`` and ``full``: the presets as they are, stored in
+    ``RESULTS/<name>/<tier>``. Each tier is the keyword arguments
+    ``preset, overrides, store`` of the figure's ``compute`` (:func:`stored_run`).
+    """
+    tiers = {"tiny": {"preset": "quick", "overrides": tuple(tiny_overrides), "store": None}}
+    for tier in ("quick", "full"):
+        tiers[tier] = {"preset": tier, "overrides": (), "store": str(RESULTS / name / tier)}
+    return tiers
+
+
 @dataclasses.dataclass(frozen=True)
 class StoredRun:
     """A finished experiment read back: config, grid points, aggregate table, point arrays."""
@@ -379,10 +399,12 @@ def stored_run(
 ) -> StoredRun:
     """Run experiment ``name`` at ``preset`` with ``overrides`` into ``store``; read it back.
 
-    ``store``: the results directory (a finished store is read, an
-    interrupted one resumed; one holding another configuration is refused,
+    The one way figures fetch an experiment's results. ``store``: the results
+    directory (a finished store is read, an interrupted one resumed; one
+    holding another configuration is refused,
     :class:`isometry.sweep.ConfigMismatchError`), or ``None`` for a temporary
-    directory removed after reading (:func:`experiments._common.results_dir`).
+    directory removed after reading (:func:`results_dir`). Runs as
+    :func:`isometry.experiments.run` does (``optimize`` only for ``full``).
     """
     import importlib
 
@@ -391,7 +413,7 @@ def stored_run(
     cfg = experiments.config(name, preset, overrides)
     grid = importlib.import_module(f"isometry.experiments.{name}").grid
     with results_dir(store) as out:
-        csv = experiments.get(name).run(cfg, out, progress=progress)
+        csv = experiments.run(name, preset, overrides, out, progress=progress)
         st = sweep.Store(out, name, cfg)
         points = grid(cfg).points()
         arrays = {sweep.point_id(p): st.arrays(p) for p in points}

@@ -1,0 +1,119 @@
+"""Training linked to isometry: Flax NNX models, optax optimizers, gradient clipping.
+
+A run trains any model of :mod:`isometry.networks` (anything ``nnx.Module``
+whose call maps a batch of inputs to logits or outputs) with
+
+    updates = opt( clip( grad L(theta) ) )       (optax.chain(clip, opt))
+    theta  <- theta + updates
+
+* optimizers ``sgd``, ``momentum``, ``rmsprop``, ``adam`` (:func:`optimizer`);
+  learning-rate schedules ``constant``, ``cosine``, ``linear``,
+  ``exponential`` with linear warm-up (:func:`schedule`);
+* clipping (:func:`clipping`): ``none``; ``global_norm:c`` (``g <- g *
+  min(1, c / ||g||)``, Pascanu, Mikolov & Bengio 2013); ``value:c``
+  (``g_i <- clamp(g_i, -c, c)``); ``agc:c`` (adaptive, unit-wise,
+  ``G_i <- G_i * min(1, c max(||W_i||, eps) / ||G_i||)``, Brock, De, Smith
+  & Simonyan 2021; :func:`adaptive_grad_clip`, computed per layer of the
+  scanned stack: the parameters of type :class:`isometry.networks.StackedParam`).
+
+Logged (``metrics.jsonl``, one JSON record per logged step; ``step`` counts
+completed updates):
+
+* every ``log_every`` steps: ``loss``, ``accuracy`` (of the batch, before the
+  update), ``lr``, ``grad_norm`` (global norm before clipping),
+  ``grad_norm_clipped`` (after), ``clipped`` (bool), ``clip_ratio``
+  (after / before), ``grad_norm_input``, ``grad_norm_output`` and
+  ``grad_norm_layers`` (the ``L`` per-layer gradient norms of the stack);
+* every ``eval_every`` steps (and at step 0): ``eval_loss``, ``eval_accuracy``
+  on the whole held-out split (:func:`evaluate_state`, the evaluator every
+  experiment uses; a non-finite per-example loss counts as ``inf``);
+* every ``probe_every`` steps (and at step 0): the Jacobian probe
+  ``jac_sv2_mean``, ``jac_sv2_var``, ``jac_sv2_max``: mean, variance and
+  maximum of the squared singular values ``lambda_i`` of the stack's
+  input-output Jacobian ``J = dx^L/dx^0`` (Pennington, Schoenholz & Ganguli
+  2017), computed in one pass over depth (:func:`isometry.jacobian.stack_jacobians`)
+  at ``probe_inputs`` held-out inputs, in evaluation mode; mean and variance
+  are averaged over the inputs, the maximum is over all of them.
+
+Output directory: ``config.json``, ``metrics.jsonl`` (records appended and
+fsynced; a resumed run first truncates records past its checkpoint, so its
+metrics equal an uninterrupted run's), ``summary.json`` (atomic), and orbax
+checkpoints in ``checkpoints/`` every ``checkpoint_every`` steps and at the
+end. Calling :func:`train` again on the same directory resumes from the last
+checkpoint; the data order is a function of ``(seed, step)``
+(:func:`isometry.data.batch_indices`), so the final parameters are bitwise
+those of an uninterrupted run.
+
+A non-finite loss, gradient or update leaves the parameters at their last
+finite values (the step is a no-op from then on) and the run stops at the
+next check (every log or checkpoint step) with :class:`NonFiniteError`
+naming the step; the metrics and the last good checkpoint are kept.
+
+Modules: :mod:`~isometry.training.config` (TrainConfig, RunConfig, parse_clip),
+:mod:`~isometry.training.optim` (schedule, clipping, optimizer),
+:mod:`~isometry.training.step` (state, jitted step, per-layer gradient norms,
+non-finite guard), :mod:`~isometry.training.evaluation` (the one padded, masked,
+chunked evaluator), :mod:`~isometry.training.probe` (Jacobian probe),
+:mod:`~isometry.training.rundir` (metrics log, checkpoints, config check) and
+:mod:`~isometry.training.loop` (train, run).
+
+The train step is one jitted function of ``(graphdef, params, batch_stats,
+optimizer state)`` (``nnx.split``), with the state donated; it runs on CPU and
+GPU unchanged.
+
+Example:
+    >>> from flax import nnx
+    >>> from isometry import data, networks, training
+    >>> ds = data.load_digits()
+    >>> model = networks.MLP(networks.MLPConfig(depth=4, width=64, in_dim=64, out_dim=10),
+    ...                      rngs=nnx.Rngs(0))
+    >>> cfg = training.TrainConfig(steps=100, learning_rate=0.05, clip="global_norm:1.0")
+    >>> result = training.train(model, ds, cfg)          # doctest: +SKIP
+    >>> result.summary["eval_accuracy"]                  # doctest: +SKIP
+
+References:
+    Pascanu, Mikolov & Bengio 2013, "On the difficulty of training recurrent
+    neural networks" (clipping by norm). Brock, De, Smith & Simonyan 2021,
+    "High-performance large-scale image recognition without normalization"
+    (adaptive gradient clipping). Pennington, Schoenholz & Ganguli 2017,
+    "Resurrecting the sigmoid in deep learning through dynamical isometry".
+"""
+
+from isometry.training.config import (
+    CLIPS,
+    OPTIMIZERS,
+    SCHEDULES,
+    RunConfig,
+    TrainConfig,
+    parse_clip,
+)
+from isometry.training.evaluation import evaluate, evaluate_state
+from isometry.training.loop import TrainResult, run, train
+from isometry.training.optim import adaptive_grad_clip, clipping, optimizer, schedule
+from isometry.training.probe import jacobian_probe
+from isometry.training.rundir import MetricsLog
+from isometry.training.step import NonFiniteError, init_state, layer_grad_norms, make_train_step
+
+__all__ = [
+    "CLIPS",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "MetricsLog",
+    "NonFiniteError",
+    "RunConfig",
+    "TrainConfig",
+    "TrainResult",
+    "adaptive_grad_clip",
+    "clipping",
+    "evaluate",
+    "evaluate_state",
+    "init_state",
+    "jacobian_probe",
+    "layer_grad_norms",
+    "make_train_step",
+    "optimizer",
+    "parse_clip",
+    "run",
+    "schedule",
+    "train",
+]

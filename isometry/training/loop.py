@@ -1,0 +1,318 @@
+"""The training loop: :func:`train` (any NNX model) and :func:`run` (a whole :class:`RunConfig`).
+
+Logged (``metrics.jsonl``, one JSON record per logged step; ``step`` counts
+completed updates): every ``log_every`` steps the train step's metrics
+(:mod:`isometry.training.step`); every ``eval_every`` steps (and at step 0
+and the end) ``eval_loss``, ``eval_accuracy`` on the whole held-out split
+(:func:`isometry.training.evaluate_state`); every ``probe_every`` steps (and
+at step 0 and the end) the Jacobian probe ``jac_sv2_mean``, ``jac_sv2_var``,
+``jac_sv2_max`` at ``probe_inputs`` held-out inputs
+(:func:`isometry.training.jacobian_probe`).
+
+Calling :func:`train` again on the same directory resumes from the last
+checkpoint; the data order is a function of ``(seed, step)``
+(:func:`isometry.data.batch_indices`), so the final parameters are bitwise
+those of an uninterrupted run. A non-finite loss, gradient or update stops
+the run at the next check (every log or checkpoint step) with
+:class:`NonFiniteError` naming the step; the metrics and the last good
+checkpoint are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from isometry import atomic
+from isometry import data as _data
+from isometry.training import rundir
+from isometry.training.config import RunConfig, TrainConfig, model_config_dict
+from isometry.training.evaluation import evaluate_state, on_device
+from isometry.training.optim import clipping, optimizer, schedule
+from isometry.training.probe import jacobian_probe
+from isometry.training.step import NonFiniteError, init_state, make_train_step
+
+__all__ = ["TrainResult", "run", "train"]
+
+_SUMMARY_KEYS = ("eval_loss", "eval_accuracy", "loss", "accuracy", "step",
+                 "jac_sv2_mean", "jac_sv2_var", "jac_sv2_max")  # fmt: skip
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        model: the trained model (an ``nnx.Module`` at the final parameters).
+        state: the final state pytree (see :func:`isometry.training.init_state`).
+        records: the metric records of the whole run (as in ``metrics.jsonl``).
+        summary: final evaluation, probe, status and timing.
+    """
+
+    model: nnx.Module
+    state: dict
+    records: list[dict]
+    summary: dict
+
+
+class _Batches:
+    """Training batch indices by step, caching the current epoch's permutation."""
+
+    def __init__(self, seed: int, n: int, batch_size: int):
+        if batch_size > n:
+            raise ValueError(f"batch_size must be <= the {n} training examples, got {batch_size}")
+        self.seed, self.n, self.b = seed, n, batch_size
+        self.per_epoch = n // batch_size
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, step: int) -> np.ndarray:
+        epoch, pos = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, _data.epoch_permutation(self.seed, epoch, self.n)
+        return self._perm[pos * self.b : (pos + 1) * self.b]
+
+
+def _param_dtype(params):
+    for leaf in jax.tree.leaves(params):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            return leaf.dtype
+    return jnp.result_type(float)
+
+
+class _Run:
+    """One training run's machinery (jitted functions, data on device, output files)."""
+
+    def __init__(self, model, data: _data.Dataset, config: TrainConfig, out_dir, extra_config):
+        self.cfg, self.data = config, data
+        self.loss = "cross_entropy" if data.num_classes is not None else "mse"
+        self.tx = optimizer(config)
+        clip_tx = clipping(config.clip, agc_eps=config.agc_eps)
+        self.g_train, self.g_eval, self.state = init_state(model, self.tx)
+        self.step_fn = make_train_step(self.g_train, self.tx, clip_tx, schedule(config),
+                                       loss=self.loss)  # fmt: skip
+        self.probe = jacobian_probe(self.g_eval) if hasattr(model, "stack") else None
+        # inputs (and regression targets) in the parameters' float dtype
+        dt = _param_dtype(self.state["params"])
+        self.x, self.y = on_device(data.x_train, dt), on_device(data.y_train, dt)
+        self.x_test, self.y_test = on_device(data.x_test, dt), on_device(data.y_test, dt)
+        self.u_probe = self.x_test[: config.probe_inputs]
+        self.batches = _Batches(config.seed, data.x_train.shape[0], config.batch_size)
+        self.out = None if out_dir is None else Path(out_dir)
+        self.log = self.mngr = None
+        self.records: list[dict] = []
+        if self.out is not None:
+            self._open(model, extra_config)
+
+    def _open(self, model, extra_config) -> None:
+        config_dict = {"train": self.cfg.to_dict(), "dataset": self.data.name}
+        model_cfg = model_config_dict(getattr(model, "config", None))
+        if model_cfg is not None:
+            config_dict["model"] = model_cfg
+        config_dict.update(extra_config or {})
+        self.out.mkdir(parents=True, exist_ok=True)
+        rundir.prepare_dir(self.out, config_dict)
+        self.log = rundir.MetricsLog(self.out / "metrics.jsonl")
+        self.mngr = rundir.checkpoint_manager(self.out, self.cfg.keep_checkpoints)
+
+    def resume(self) -> int:
+        step, self.state = rundir.restore_checkpoint(self.mngr, self.state)
+        if self.log is not None:
+            self.records = self.log.truncate(step if step > 0 else -1)
+        return step
+
+    def measure(self, step: int, record: dict) -> dict:
+        """Add evaluation and Jacobian-probe results due at ``step`` to ``record``."""
+        cfg, s = self.cfg, self.state
+        final = step == cfg.steps
+        if step == 0 or final or (cfg.eval_every and step % cfg.eval_every == 0):
+            states = (s["params"], s["batch_stats"], s["rest"])
+            b = min(cfg.eval_batch_size, self.x_test.shape[0])
+            ev = evaluate_state(self.g_eval, states, self.x_test, self.y_test,
+                                loss=self.loss, batch_size=b)  # fmt: skip
+            record["eval_loss"] = ev["loss"]
+            if self.loss == "cross_entropy":
+                record["eval_accuracy"] = ev["accuracy"]
+        probe_due = cfg.probe_every and (step % cfg.probe_every == 0 or final)
+        if self.probe is not None and probe_due:
+            pr = jax.device_get(self.probe(s["params"], s["batch_stats"], s["rest"], self.u_probe))
+            record.update({f"jac_sv2_{k}": float(v) for k, v in pr.items()})
+        return record
+
+    def write(self, records: list[dict]) -> None:
+        records = [rundir.plain(r) for r in records]
+        self.records.extend(records)
+        if self.log is not None:
+            self.log.append(records)
+
+    def check_finite(self, last_good: int) -> None:
+        bad = int(self.state["bad_step"])
+        if bad < 0:
+            return
+        where = ""
+        if self.out is not None:
+            ckpt = self.mngr.latest_step()
+            where = (
+                f"; last good checkpoint: step {ckpt}" if ckpt is not None else "; no checkpoint"
+            ) + f"; metrics kept in {self.log.path}"
+            self.summary("non_finite", failed_step=bad + 1, last_logged_step=last_good)
+        raise NonFiniteError(
+            f"training stopped: non-finite loss or gradient at step {bad + 1} "
+            f"(the parameters are kept at their values before that step){where}",
+            bad + 1,
+        )
+
+    def summary(self, status: str, **extra) -> dict:
+        last = {}
+        for r in self.records:
+            last.update(r)
+        summ = {"status": status, "steps": self.cfg.steps, **extra}
+        for k in _SUMMARY_KEYS:
+            if k in last:
+                summ[k if k != "step" else "last_step"] = last[k]
+        if self.out is not None:
+            atomic.write_json(self.out / "summary.json", rundir.plain(summ))
+        return summ
+
+
+def _train_record(step: int, metrics) -> dict:
+    m = jax.device_get(metrics)
+    rec = {"step": step}
+    for k, v in m.items():
+        rec[k] = np.asarray(v).tolist()
+    return rec
+
+
+def train(
+    model: nnx.Module,
+    data: _data.Dataset,
+    config: TrainConfig,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    progress: bool = False,
+    extra_config: dict | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``data`` (see the module docstring); resume if ``out_dir`` has a run.
+
+    Args:
+        model: an ``nnx.Module`` mapping ``(B, *in)`` to logits ``(B, classes)``
+            (or outputs for a regression dataset); trained in place.
+        data: a :class:`isometry.data.Dataset`.
+        config: a :class:`TrainConfig`.
+        out_dir: output directory (config, metrics, summary, checkpoints);
+            ``None`` keeps everything in memory.
+        progress: show a progress bar (tqdm) with the running loss.
+        extra_config: more entries for ``config.json`` (e.g. dataset options).
+        stop_after: for tests: return right after this many steps without a
+            final checkpoint or summary, like a killed run.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        NonFiniteError: the loss or a gradient became NaN/Inf (names the step).
+        ValueError: ``out_dir`` holds a run with a different configuration.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    r = _Run(model, data, config, out_dir, extra_config)
+    try:
+        return _loop(r, model, config, progress, stop_after)
+    finally:  # the model holds the last (good) state, also after an error
+        final = nnx.merge(r.g_train, r.state["params"], r.state["batch_stats"], r.state["rest"])
+        nnx.update(model, nnx.state(final))
+
+
+def _steps(r: _Run, config: TrainConfig, start: int, end: int, bar) -> int:
+    """Run steps ``start + 1 .. end`` (log, check, checkpoint); the last step done."""
+    step, last_logged = start, start
+    try:
+        for step in range(start + 1, end + 1):
+            idx = r.batches(step - 1)
+            r.state, metrics = r.step_fn(r.state, r.x, r.y, idx, jnp.int32(step - 1))
+            logging = step % config.log_every == 0 or step == config.steps
+            if logging or step % config.checkpoint_every == 0:
+                r.check_finite(last_logged)
+            if logging:
+                rec = r.measure(step, _train_record(step, metrics))
+                r.write([rec])
+                last_logged = step
+                bar.set_postfix(loss=f"{rec['loss']:.4g}", refresh=False)
+            if r.mngr is not None and (step % config.checkpoint_every == 0 or step == config.steps):
+                rundir.save_checkpoint(r.mngr, step, r.state)
+            bar.update(1)
+    except KeyboardInterrupt:
+        if r.mngr is not None and int(r.state["bad_step"]) < 0:
+            rundir.save_checkpoint(r.mngr, step, r.state)
+            r.log.truncate(step)
+        raise
+    finally:
+        bar.close()
+    return last_logged
+
+
+def _loop(r: _Run, model, config: TrainConfig, progress: bool, stop_after) -> TrainResult:
+    start = r.resume()
+    t0 = time.perf_counter()
+    if start == 0:
+        r.write([r.measure(0, {"step": 0})])
+    end = config.steps if stop_after is None else min(config.steps, stop_after)
+    last_logged = _steps(r, config, start, end, _progress(progress, config.steps, start))
+    r.check_finite(last_logged)
+    elapsed = time.perf_counter() - t0
+    status = "completed" if end == config.steps else "stopped"
+    summ = (
+        r.summary(status, wall_time_s=elapsed, steps_per_second=(end - start) / max(elapsed, 1e-9))
+        if status == "completed"
+        else {"status": status, "step": end}
+    )
+    if r.mngr is not None:
+        r.mngr.close()
+    return TrainResult(model, r.state, r.records, summ)
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, initial=initial, desc="train", mininterval=1.0)
+        except ImportError:  # pragma: no cover
+            pass
+    return _NoBar()
+
+
+class _NoBar:
+    def set_postfix(self, *a, **k):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def run(
+    config: RunConfig,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    progress: bool = False,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Load the data, build the MLP (seeded by ``config.train.seed``) and :func:`train` it."""
+    ds = config.load_data()
+    model = config.build_model(ds)
+    d = config.to_dict()
+    extra = {"dataset": d["dataset"], "data_dir": d["data_dir"], "data_options": d["data_options"]}
+    return train(
+        model, ds, config.train, out_dir, progress=progress, extra_config=extra,
+        stop_after=stop_after,
+    )  # fmt: skip
