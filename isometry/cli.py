@@ -148,84 +148,79 @@ def _add_signal(sub):
 def _run_signal(args) -> int:
     _x64(args)
     import jax
-    import jax.numpy as jnp
+
+    from isometry import signal
+
+    k_in, k_loss = jax.random.split(jax.random.key(args.seed))
+    u = signal.pair_inputs(k_in, args.batch, args.width)
+    runs = [_signal_run(args, a, i, u, k_loss) for a in args.activation for i in args.init]
+    for p in _write_signal(args, runs):
+        print(f"[signal] wrote {p}")
+    return 0
+
+
+def _signal_config(args, act, init):
+    from isometry import initializers, networks
+
+    fixed = initializers.get(init).sigma_w2_param is None
+    return networks.MLPConfig(
+        depth=args.depth, width=args.width, activation=act, init=init,
+        sigma_w2=None if fixed else args.sigma_w2, sigma_b2=args.sigma_b2, norm=args.norm,
+        norm_position=args.norm_position, residual=args.residual,
+        residual_scale=args.residual_scale,
+    )  # fmt: skip
+
+
+def _signal_run(args, act, init, u, key) -> dict:
+    """One (activation, init): measured statistics and theory as NumPy arrays, printed."""
     import numpy as np
     from flax import nnx
 
-    from isometry import atomic, initializers, networks, plotting, signal
+    from isometry import networks, signal
 
-    if args.batch < 2 or args.batch % 2:
-        raise ValueError(f"--batch must be an even integer >= 2, got {args.batch}")
-    key = jax.random.key(args.seed)
-    k_in, k_loss = jax.random.split(key)
-    z = jax.random.normal(k_in, (args.batch // 2, 2, args.width))
-    u = jnp.stack([z[:, 0], 0.5 * z[:, 0] + np.sqrt(0.75) * z[:, 1]], 1)
-    u = u.reshape(args.batch, args.width)
-    runs, arrays = [], {}
-    for act in args.activation:
-        for init in args.init:
-            fixed = initializers.get(init).sigma_w2_param is None
-            cfg = networks.MLPConfig(
-                depth=args.depth,
-                width=args.width,
-                activation=act,
-                init=init,
-                sigma_w2=None if fixed else args.sigma_w2,
-                sigma_b2=args.sigma_b2,
-                norm=args.norm,
-                norm_position=args.norm_position,
-                residual=args.residual,
-                residual_scale=args.residual_scale,
-            )
-            model = networks.MLP(cfg, rngs=nnx.Rngs(args.seed))
-            stack = model.stack()
-            t0 = time.perf_counter()
-            fwd, bwd = jax.jit(lambda u, s=stack: signal.measure(s, u, key=k_loss))(u)
-            run = {"activation": act, "label": init, "sigma_w2": cfg.variances()[0]}
-            run.update({k: np.asarray(v) for k, v in vars(fwd).items()})
-            run.update({k: np.asarray(v) for k, v in vars(bwd).items()})
-            try:
-                th = signal.model_theory(model, u)
-                run.update({f"theory_{k}": np.asarray(v) for k, v in vars(th).items()})
-            except ValueError:
-                pass  # no mean-field theory for this normalization
-            ratio = float(run["grad_preact_sq"][0] / run["grad_preact_sq"][-1])
-            print(
-                f"[signal] {act:>8s} {init:>12s} sigma_w2={run['sigma_w2']:.3g}: "
-                f"|g_1|^2/|g_L|^2 = {ratio:.3g}  ({time.perf_counter() - t0:.1f} s)",
-                flush=True,
-            )
-            runs.append(run)
-            for k, v in run.items():
-                if isinstance(v, np.ndarray):
-                    arrays[f"{act}/{init}/{k}"] = v
+    cfg = _signal_config(args, act, init)
+    model = networks.MLP(cfg, rngs=nnx.Rngs(args.seed))
+    t0 = time.perf_counter()
+    run = {"activation": act, "label": init, "sigma_w2": cfg.variances()[0]}
+    run.update({k: np.asarray(v) for k, v in signal.measure_with_theory(model, u, key=key).items()})
+    ratio = float(run["grad_preact_sq"][0] / run["grad_preact_sq"][-1])
+    print(
+        f"[signal] {act:>8s} {init:>12s} sigma_w2={run['sigma_w2']:.3g}: "
+        f"|g_1|^2/|g_L|^2 = {ratio:.3g}  ({time.perf_counter() - t0:.1f} s)",
+        flush=True,
+    )
+    return run
+
+
+def _write_signal(args, runs) -> list:
+    """The npz, json and figures of ``isometry signal``; returns the paths."""
+    import numpy as np
+
+    from isometry import atomic, plotting
+
+    arrays = {
+        f"{r['activation']}/{r['label']}/{k}": v
+        for r in runs
+        for k, v in r.items()
+        if isinstance(v, np.ndarray)
+    }
     tag = f"signal_d{args.depth}_{args.norm}" + ("_residual" if args.residual else "")
     what = f"depth {args.depth}, width {args.width}, batch {args.batch}, norm {args.norm}"
     what += ", residual" if args.residual else ""
     out = args.out
     atomic.write_npz(out / f"{tag}.npz", **arrays)
-    atomic.write_json(
-        out / f"{tag}.json",
-        {
-            "args": {k: str(v) for k, v in vars(args).items() if k != "run"},
-            "runs": [
-                {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()}
-                for r in runs
-            ],
-        },
-    )
+    listed = [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()}
+              for r in runs]  # fmt: skip
+    args_record = {k: str(v) for k, v in vars(args).items() if k != "run"}
+    atomic.write_json(out / f"{tag}.json", {"args": args_record, "runs": listed})
     paths = [out / f"{tag}.npz", out / f"{tag}.json"]
-    paths += plotting.save(
-        plotting.signal_gradients_figure(runs, f"Gradient norms per layer ({what})"),
-        out / f"{tag}_gradients",
+    figures = (
+        ("gradients", plotting.signal_gradients_figure, "Gradient norms per layer"),
+        ("forward", plotting.signal_forward_figure, "Forward signal per layer"),
     )
-    paths += plotting.save(
-        plotting.signal_forward_figure(runs, f"Forward signal per layer ({what})"),
-        out / f"{tag}_forward",
-    )
-    for p in paths:
-        print(f"[signal] wrote {p}")
-    return 0
+    for name, figure, title in figures:
+        paths += plotting.save(figure(runs, f"{title} ({what})"), out / f"{tag}_{name}")
+    return paths
 
 
 # ----------------------------------------------------------------------------- spectrum
