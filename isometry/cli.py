@@ -265,7 +265,7 @@ def _check_spectrum_args(args) -> None:
 
 
 def _measure_spectra(args, net, depths):
-    """Squared singular values ``(seeds, inputs, K, N)`` and the resolution floor."""
+    """Squared singular values ``(seeds, inputs, K, N)`` and the machine epsilon of their dtype."""
     import jax
     import numpy as np
 

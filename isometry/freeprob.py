@@ -921,10 +921,11 @@ class SpectralLaw:
         return 1.0 - self.continuous_mass - float(np.sum(self.atom_masses))
 
     def _above_at(self, x):
+        """The continuous mass above ``x``, linear in ``s = sqrt(lambda)`` between grid points."""
         keep = self.grid >= self.floor
         if keep.sum() < 2:
             return np.full(np.shape(x), np.nan)
-        return np.interp(x, self.grid[keep], self.above[keep])
+        return np.interp(np.sqrt(np.maximum(x, 0.0)), np.sqrt(self.grid[keep]), self.above[keep])
 
     def in_singular_values(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(s (G,), p(s) (G,), atom locations (k,))`` in the singular values ``s = sqrt(lambda)``
@@ -933,8 +934,11 @@ class SpectralLaw:
         return s, 2.0 * s * self.density, np.sqrt(self.atom_locations)
 
     def cdf(self, x) -> np.ndarray:
-        """``F(x)``, atoms included (right-continuous), linear between grid points;
-        NaN below the floor."""
+        """``F(x)``, atoms included (right-continuous); NaN below the floor.
+
+        Between grid points the continuous part is linear in the singular value
+        ``s = sqrt(lambda)`` (the variable of the measured histograms).
+        """
         x = np.asarray(x, dtype=float)
         atoms = np.sum(self.atom_masses * (self.atom_locations > x[..., None]), axis=-1)
         return np.where(x >= self.floor, 1.0 - self._above_at(x) - atoms, np.nan)
@@ -1033,6 +1037,8 @@ def sample_spectral_law(
     """
     points = validate.positive_int("points", points, minimum=8)
     lam = np.sort(np.ravel(np.asarray(sample, dtype=float)))
+    if not lam.size:
+        raise ValueError("sample must not be empty")
     with jax.enable_x64(True):
         edge = float(max_eigenvalue(act, q_star, depth, weights, sigma_w2))
     _, locs, _ = spectral_atoms(act, q_star, depth, weights, sigma_w2)

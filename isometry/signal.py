@@ -426,6 +426,7 @@ def gradient_profile(chi: Array, gain: Array, p_prev: Array) -> tuple[Array, Arr
         ``(grad_state_sq, grad_preact_sq, grad_weight_sq)``, ``(L,)`` each,
         relative to the last layer (1 there).
     """
+    chi, gain, p_prev = (jnp.asarray(v) for v in (chi, gain, p_prev))
     tail = jnp.concatenate([chi[1:], jnp.ones((1,), chi.dtype)])
     g_state = jnp.cumprod(tail[::-1])[::-1]
     g_pre = gain * g_state

@@ -652,9 +652,9 @@ def resolution_floor(eps: float, method: str, lam_max: float) -> float:
     down to about ``c eps lambda_max`` with the Gram matrix; ``eps`` is the
     machine epsilon of the sample's dtype.
     """
-    validate_method = ("svd", "eigh")
-    if method not in validate_method:
-        raise ValueError(f"method must be one of {validate_method}, got {method!r}")
+    methods = ("svd", "eigh")
+    if method not in methods:
+        raise ValueError(f"method must be one of {methods}, got {method!r}")
     return (_FLOOR_EPS * eps if method == "eigh" else (_FLOOR_EPS * eps) ** 2) * lam_max
 
 

@@ -4,8 +4,9 @@ Networks come from the library sampler (:class:`isometry.jacobian.RandomNetwork`
 :func:`isometry.jacobian.random_network_spectra`): width ``N``, critical point of
 ``q*``, inputs on the sphere that gives every pre-activation variance ``q*``,
 one pass to the deepest depth, float64 plain Jacobian products, squared
-singular values by SVD. The prediction is :func:`isometry.freeprob.spectral_density`
-with its atoms.
+singular values by SVD. The prediction is :func:`isometry.freeprob.spectral_law`
+(the density of :func:`isometry.freeprob.spectral_density` with its atoms, as a CDF),
+the statistic :func:`isometry.spectra.distance_to_law`.
 
 **The statistic.** The Kolmogorov-Smirnov distance ``D = sup |F_meas - F|``
 between the empirical law of the eigenvalues of ``J J^T`` pooled over seeds
