@@ -47,7 +47,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from isometry import activations, gaussian, meanfield, networks, sweep, training, validate
+from isometry import activations, meanfield, networks, signal, sweep, training, validate
 from isometry.experiments import Experiment, harness
 
 __all__ = ["EXPERIMENT", "PRESETS", "Config", "gradient_growth", "grid", "run"]
@@ -154,9 +154,9 @@ def gradient_growth(activation: str, sigma_w2: float, sigma_b2: float, ds) -> fl
     """
     with jax.enable_x64(True):
         chi = float(meanfield.chi1(activation, sigma_w2, sigma_b2))
-        if not np.isfinite(chi):
-            q1 = sigma_w2 * float(np.mean(np.square(ds.x_train, dtype=np.float64))) + sigma_b2
-            chi = sigma_w2 * float(gaussian.dphi_moment(activation, q1))
+        if not np.isfinite(chi):  # chi^1 of the per-layer recursion from the data
+            p0 = float(np.mean(np.square(ds.x_train, dtype=np.float64)))
+            chi = float(signal.theory(activation, sigma_w2, sigma_b2, 1, p0).chi[0])
     return chi
 
 

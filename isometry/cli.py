@@ -148,84 +148,79 @@ def _add_signal(sub):
 def _run_signal(args) -> int:
     _x64(args)
     import jax
-    import jax.numpy as jnp
+
+    from isometry import signal
+
+    k_in, k_loss = jax.random.split(jax.random.key(args.seed))
+    u = signal.pair_inputs(k_in, args.batch, args.width)
+    runs = [_signal_run(args, a, i, u, k_loss) for a in args.activation for i in args.init]
+    for p in _write_signal(args, runs):
+        print(f"[signal] wrote {p}")
+    return 0
+
+
+def _signal_config(args, act, init):
+    from isometry import initializers, networks
+
+    fixed = initializers.get(init).sigma_w2_param is None
+    return networks.MLPConfig(
+        depth=args.depth, width=args.width, activation=act, init=init,
+        sigma_w2=None if fixed else args.sigma_w2, sigma_b2=args.sigma_b2, norm=args.norm,
+        norm_position=args.norm_position, residual=args.residual,
+        residual_scale=args.residual_scale,
+    )  # fmt: skip
+
+
+def _signal_run(args, act, init, u, key) -> dict:
+    """One (activation, init): measured statistics and theory as NumPy arrays, printed."""
     import numpy as np
     from flax import nnx
 
-    from isometry import atomic, initializers, networks, plotting, signal
+    from isometry import networks, signal
 
-    if args.batch < 2 or args.batch % 2:
-        raise ValueError(f"--batch must be an even integer >= 2, got {args.batch}")
-    key = jax.random.key(args.seed)
-    k_in, k_loss = jax.random.split(key)
-    z = jax.random.normal(k_in, (args.batch // 2, 2, args.width))
-    u = jnp.stack([z[:, 0], 0.5 * z[:, 0] + np.sqrt(0.75) * z[:, 1]], 1)
-    u = u.reshape(args.batch, args.width)
-    runs, arrays = [], {}
-    for act in args.activation:
-        for init in args.init:
-            fixed = initializers.get(init).sigma_w2_param is None
-            cfg = networks.MLPConfig(
-                depth=args.depth,
-                width=args.width,
-                activation=act,
-                init=init,
-                sigma_w2=None if fixed else args.sigma_w2,
-                sigma_b2=args.sigma_b2,
-                norm=args.norm,
-                norm_position=args.norm_position,
-                residual=args.residual,
-                residual_scale=args.residual_scale,
-            )
-            model = networks.MLP(cfg, rngs=nnx.Rngs(args.seed))
-            stack = model.stack()
-            t0 = time.perf_counter()
-            fwd, bwd = jax.jit(lambda u, s=stack: signal.measure(s, u, key=k_loss))(u)
-            run = {"activation": act, "label": init, "sigma_w2": cfg.variances()[0]}
-            run.update({k: np.asarray(v) for k, v in vars(fwd).items()})
-            run.update({k: np.asarray(v) for k, v in vars(bwd).items()})
-            try:
-                th = signal.model_theory(model, u)
-                run.update({f"theory_{k}": np.asarray(v) for k, v in vars(th).items()})
-            except ValueError:
-                pass  # no mean-field theory for this normalization
-            ratio = float(run["grad_preact_sq"][0] / run["grad_preact_sq"][-1])
-            print(
-                f"[signal] {act:>8s} {init:>12s} sigma_w2={run['sigma_w2']:.3g}: "
-                f"|g_1|^2/|g_L|^2 = {ratio:.3g}  ({time.perf_counter() - t0:.1f} s)",
-                flush=True,
-            )
-            runs.append(run)
-            for k, v in run.items():
-                if isinstance(v, np.ndarray):
-                    arrays[f"{act}/{init}/{k}"] = v
+    cfg = _signal_config(args, act, init)
+    model = networks.MLP(cfg, rngs=nnx.Rngs(args.seed))
+    t0 = time.perf_counter()
+    run = {"activation": act, "label": init, "sigma_w2": cfg.variances()[0]}
+    run.update({k: np.asarray(v) for k, v in signal.measure_with_theory(model, u, key=key).items()})
+    ratio = float(run["grad_preact_sq"][0] / run["grad_preact_sq"][-1])
+    print(
+        f"[signal] {act:>8s} {init:>12s} sigma_w2={run['sigma_w2']:.3g}: "
+        f"|g_1|^2/|g_L|^2 = {ratio:.3g}  ({time.perf_counter() - t0:.1f} s)",
+        flush=True,
+    )
+    return run
+
+
+def _write_signal(args, runs) -> list:
+    """The npz, json and figures of ``isometry signal``; returns the paths."""
+    import numpy as np
+
+    from isometry import atomic, plotting
+
+    arrays = {
+        f"{r['activation']}/{r['label']}/{k}": v
+        for r in runs
+        for k, v in r.items()
+        if isinstance(v, np.ndarray)
+    }
     tag = f"signal_d{args.depth}_{args.norm}" + ("_residual" if args.residual else "")
     what = f"depth {args.depth}, width {args.width}, batch {args.batch}, norm {args.norm}"
     what += ", residual" if args.residual else ""
     out = args.out
     atomic.write_npz(out / f"{tag}.npz", **arrays)
-    atomic.write_json(
-        out / f"{tag}.json",
-        {
-            "args": {k: str(v) for k, v in vars(args).items() if k != "run"},
-            "runs": [
-                {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()}
-                for r in runs
-            ],
-        },
-    )
+    listed = [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()}
+              for r in runs]  # fmt: skip
+    args_record = {k: str(v) for k, v in vars(args).items() if k != "run"}
+    atomic.write_json(out / f"{tag}.json", {"args": args_record, "runs": listed})
     paths = [out / f"{tag}.npz", out / f"{tag}.json"]
-    paths += plotting.save(
-        plotting.signal_gradients_figure(runs, f"Gradient norms per layer ({what})"),
-        out / f"{tag}_gradients",
+    figures = (
+        ("gradients", plotting.signal_gradients_figure, "Gradient norms per layer"),
+        ("forward", plotting.signal_forward_figure, "Forward signal per layer"),
     )
-    paths += plotting.save(
-        plotting.signal_forward_figure(runs, f"Forward signal per layer ({what})"),
-        out / f"{tag}_forward",
-    )
-    for p in paths:
-        print(f"[signal] wrote {p}")
-    return 0
+    for name, figure, title in figures:
+        paths += plotting.save(figure(runs, f"{title} ({what})"), out / f"{tag}_{name}")
+    return paths
 
 
 # ----------------------------------------------------------------------------- spectrum
@@ -260,218 +255,138 @@ def _add_spectrum(sub):
     p.set_defaults(run=_run_spectrum)
 
 
-# Plain float products resolve squared singular values down to about (c eps)^2 lambda_max
-# with the SVD (c ~ 1e2 at width 1,000 and depth 128, checked against the QR route), and
-# down to about c eps lambda_max with the Gram matrix (method "eigh"); the comparison with
-# theory runs above the floor (1e3 eps)^2 or 1e3 eps times lambda_max, and the mass below
-# is compared as one number.
-_FLOOR_EPS = 1e3
-
-
-def _spectrum_floor(eps: float, method: str, lam_max: float) -> float:
-    """The smallest squared singular value the sampler resolves (see above)."""
-    return (_FLOOR_EPS * eps if method == "eigh" else (_FLOOR_EPS * eps) ** 2) * lam_max
-
-
-def _spectrum_theory(act, weights, q, sw, depth, lam, floor, points):
-    """The free-probability law of the singular values ``s`` of ``J`` beside measured ``lam (M,)``.
-
-    The density of ``s`` (continuous part: :func:`isometry.freeprob.singular_value_density`)
-    on a grid covering the measured values and the support (linear in ``s``, geometric in
-    ``s^2`` down to ``floor``, the measured quantiles), the atoms, the CDF above the floor
-    and the Kolmogorov-Smirnov distance to the measurement (:func:`_ks_to_theory`).
-    """
-    import numpy as np
-
-    from isometry import freeprob
-
-    lam = np.sort(np.asarray(lam, dtype=float))
-    edge = freeprob.max_eigenvalue(act, q, depth, weights, sw)
-    s_edge = np.sqrt(edge)
-    s_meas = np.sqrt(lam[lam > floor])
-    probe = freeprob.singular_value_density(act, q, depth, weights, [s_edge], sw)
-    atoms = np.asarray(probe.atom_locations, dtype=float)
-    hi = max(1.02 * s_edge, 1.05 * float(np.sqrt(lam[-1])))
-    inside = s_meas[s_meas < s_edge]
-    parts = [
-        np.linspace(0.0, hi, points + 1)[1:],
-        np.sqrt(np.geomspace(floor, edge, points)),
-        np.quantile(inside, np.linspace(0, 1, points // 2)) if inside.size else [],
-        s_edge * (1 - np.geomspace(1e-8, 0.1, 16)),
-    ]
-    for a in atoms:
-        parts += [a * (1 - np.geomspace(1e-6, 0.1, 12)), a * (1 + np.geomspace(1e-6, 0.1, 12))]
-    s = np.unique(np.concatenate([np.ravel(x) for x in parts]))
-    s = s[(s > 0) & np.isfinite(s)]
-    for a in atoms:  # within 1e-6 of an atom the density is round-off of its subtracted pole
-        s = s[np.abs(s - a) >= 0.999e-6 * a]
-    r = freeprob.singular_value_density(act, q, depth, weights, s, sw, on_failure="nan")
-    dens = np.asarray(r.density, dtype=float)
-    ok = np.asarray(r.converged)
-    if not ok.all():  # integrate from the edge down to the highest unresolved point only
-        floor = max(floor, float(s[~ok].max()) ** 2 * 1.0001)
-    law = {
-        "s": s,
-        "density": dens,
-        "atom_at_zero": float(r.atom_at_zero),
-        "atom_locations": atoms,
-        "atom_masses": np.asarray(r.atom_masses, dtype=float),
-        "edge": edge,
-        "floor": floor,
-    }
-    law.update(_ks_to_theory(lam, law))
-    m = freeprob.jacobian_moments(act, q, depth, weights, sw)
-    law["mean"], law["var"] = float(m.mean), float(m.variance)
-    return law
-
-
-def _ks_to_theory(lam, law) -> dict:
-    """The CDF on the grid and ``sup_{s^2 >= floor} |F_meas - F|`` (bounded above).
-
-    ``F(s) = 1 - int_s^inf p - (atoms above s)``, the integral by the trapezoid rule in
-    ``log s`` from the right edge down (no mass below the floor is needed); NaN below
-    the floor. The law splits into the mass below the floor (the atom at 0 with the
-    continuous part there), the other atoms, and the continuous part above the floor;
-    measured values within ``1e-6`` (relative) of an atom count as the atom. With ``w``
-    the weights of the pieces, ``D <= sum |w_meas - w_theory| + w_cont KS(continuous
-    parts)``, the last by :func:`isometry.spectra.ks_distance_cdf`. KS is the same in
-    ``s`` and ``s^2``. Returns ``cdf``, ``ks``, ``below_floor`` (theory) and
-    ``measured_below_floor``.
-    """
-    import numpy as np
-
-    from isometry import spectra
-
-    grid, floor = law["s"], law["floor"]
-    keep = grid * grid >= floor
-    s, f = grid[keep], (grid * np.nan_to_num(law["density"]))[keep]
-    locs, masses = law["atom_locations"], law["atom_masses"]
-    below_meas = float(np.mean(lam <= floor))
-    nan = {"cdf": np.full(grid.shape, np.nan), "ks": float("nan"), "below_floor": float("nan")}
-    if s.size < 2:
-        return {**nan, "measured_below_floor": below_meas}
-    seg = 0.5 * (f[1:] + f[:-1]) * np.diff(np.log(s))
-    above = np.concatenate([np.cumsum(seg[::-1])[::-1], [0.0]])  # int_s^inf of the continuous part
-    cont = float(above[0])
-    cdf = np.full(grid.shape, np.nan)
-    cdf[keep] = 1.0 - above - np.sum(masses[None, :] * (locs[None, :] > s[:, None]), axis=1)
-    below_theory = max(0.0, 1.0 - cont - float(np.sum(masses)))  # >= 0 up to quadrature error
-    n = lam.size
-    root = np.sqrt(np.clip(lam, 0, None))
-    d = abs(below_meas - below_theory)
-    at_atom = np.zeros(n, bool)
-    for a, m in zip(locs, masses, strict=True):
-        hit = np.abs(root - a) <= 1e-6 * a
-        d += abs(float(np.mean(hit)) - float(m))
-        at_atom |= hit
-    rest = root[(lam > floor) & ~at_atom]
-    if rest.size and cont > 0:
-        d += (rest.size / n) * float(
-            spectra.ks_distance_cdf(rest, lambda x: 1.0 - np.interp(x, s, above) / cont)
-        )
-    return {
-        "cdf": cdf,
-        "ks": min(d, 1.0),
-        "below_floor": below_theory,
-        "measured_below_floor": below_meas,
-    }
-
-
-def _run_spectrum(args) -> int:
-    _x64(args)
-    import jax
-    import numpy as np
-
-    from isometry import atomic, jacobian, plotting, spectra
-
+def _check_spectrum_args(args) -> None:
     if not args.depths:
         raise ValueError("depths must list at least one depth")
     if min(args.depths) < 1:
         raise ValueError(f"depths must be >= 1, got {args.depths}")
     if args.theory_points < 8:
         raise ValueError(f"theory-points must be >= 8, got {args.theory_points}")
-    net = jacobian.RandomNetwork(
-        activation=args.activation,
-        weights=args.init,
-        sigma_w2=args.sigma_w2,
-        sigma_b2=args.sigma_b2,
-        q_star=args.q_star,
-        width=args.width,
-        depth=max(args.depths),
-    )
-    act, init, sw, sb, q = net.resolved()
-    depths = sorted(set(args.depths))
-    tag = f"spectrum_{act.name}_{init.name}_N{args.width}"
-    print(
-        f"[spectrum] {act.name}, {init.name} weights, sigma_w2={sw:.6g}, sigma_b2={sb:.6g}, "
-        f"q*={q:.6g}, width {args.width}, depths {depths}, {args.seeds} seeds ...",
-        flush=True,
-    )
+
+
+def _measure_spectra(args, net, depths):
+    """Squared singular values ``(seeds, inputs, K, N)`` and the machine epsilon of their dtype."""
+    import jax
+    import numpy as np
+
+    from isometry import jacobian
+
     t0 = time.perf_counter()
     lam = jacobian.random_network_spectra(
         jax.random.key(args.seed), net, depths, n_seeds=args.seeds, n_inputs=args.inputs,
         method=args.method,
     )  # fmt: skip
     eps = float(np.finfo(lam.dtype).eps)
-    lam = np.asarray(lam)  # (seeds, inputs, K, N)
-    floor = _spectrum_floor(eps, args.method, float(lam.max()))
+    lam = np.asarray(lam)
     print(f"[spectrum] computed in {time.perf_counter() - t0:.2f} s", flush=True)
+    return lam, eps
+
+
+def _spectrum_theory(act, weights, q, sw, sb, depths, pooled, eps, method, points):
+    """The free-probability law per depth beside the pooled measurement ``(K, M)``.
+
+    Returns the per-depth records (:func:`_theory_entry`) and the floor they share.
+    """
+    from isometry import freeprob, meanfield, spectra
+
+    q_next = float(meanfield.q_map(act, q, sw, sb))
+    if abs(q_next - q) > 1e-4 * q:  # float32 q-map: ~1e-6
+        print(
+            f"[spectrum] warning: q*={q:.6g} is not the length fixed point of "
+            f"(sigma_w2, sigma_b2) (the q-map gives {q_next:.6g}); the theory assumes "
+            "q^l = q* at every layer",
+            flush=True,
+        )
+    t1 = time.perf_counter()
+    edge = max(float(freeprob.max_eigenvalue(act, q, d, weights, sw)) for d in depths)
+    floor = spectra.resolution_floor(eps, method, max(float(pooled.max()), edge))
+    theory = []
+    for d, lam in zip(depths, pooled, strict=True):
+        law = freeprob.sample_spectral_law(act, q, d, weights, lam, floor, sw, points=points)
+        # Measured values within 1e-6 (relative, in s) of an atom count as it.
+        dist = spectra.distance_to_law(lam, law, atom_window=2e-6)
+        theory.append(_theory_entry(law, dist, freeprob.jacobian_moments(act, q, d, weights, sw)))
+    print(f"[spectrum] theory in {time.perf_counter() - t1:.2f} s", flush=True)
+    return theory, floor
+
+
+def _theory_entry(law, dist, moments) -> dict:
+    """One depth's record: the law in the singular values ``s``, its distance to the sample."""
+    s, density, atoms = law.in_singular_values()
+    return {
+        "s": s,
+        "density": density,
+        "atom_at_zero": law.atom_at_zero,
+        "atom_locations": atoms,
+        "atom_masses": law.atom_masses,
+        "edge": law.edge,
+        "floor": law.floor,
+        "cdf": law.cdf(law.grid),
+        "ks": dist.ks,
+        "below_floor": dist.below_floor,
+        "measured_below_floor": dist.measured_below_floor,
+        "mean": float(moments.mean),
+        "var": float(moments.variance),
+    }
+
+
+def _run_spectrum(args) -> int:
+    _x64(args)
+    import numpy as np
+
+    from isometry import jacobian, spectra
+
+    _check_spectrum_args(args)
+    depths = sorted(set(args.depths))
+    net = jacobian.RandomNetwork(
+        activation=args.activation, weights=args.init, sigma_w2=args.sigma_w2,
+        sigma_b2=args.sigma_b2, q_star=args.q_star, width=args.width, depth=max(args.depths),
+    )  # fmt: skip
+    act, init, sw, sb, q = net.resolved()
+    print(
+        f"[spectrum] {act.name}, {init.name} weights, sigma_w2={sw:.6g}, sigma_b2={sb:.6g}, "
+        f"q*={q:.6g}, width {args.width}, depths {depths}, {args.seeds} seeds ...",
+        flush=True,
+    )
+    lam, eps = _measure_spectra(args, net, depths)  # (seeds, inputs, K, N)
+    floor = spectra.resolution_floor(eps, args.method, float(lam.max()))
     pooled = np.moveaxis(lam, 2, 0).reshape(len(depths), -1)
+    theory, arrays, record = None, {}, {}
+    if args.theory:
+        theory, floor = _spectrum_theory(
+            act, init.ensemble, q, sw, sb, depths, pooled, eps, args.method, args.theory_points
+        )
+        arrays, record = _theory_records(theory)
     stats = {k: np.asarray(v).tolist() for k, v in spectra.summary(pooled).items()}
     hists = [spectra.histogram_density(np.sqrt(p), bins=80) for p in pooled]
-    theory = None
-    arrays, record = {}, {}
-    if args.theory:
-        from isometry import freeprob, meanfield
+    meta = {"activation": act.name, "init": init.name, "sigma_w2": sw, "sigma_b2": sb,
+            "q_star": q, "width": args.width, "depths": depths, "seeds": args.seeds,
+            "inputs": args.inputs, "summary_of_squared_singular_values": stats}  # fmt: skip
+    tag = f"spectrum_{act.name}_{init.name}_N{args.width}"
+    data = {"depths": np.asarray(depths), "sq_singular_values": lam,
+            "hist_edges": np.stack([h[0] for h in hists]),
+            "hist_density": np.stack([h[1] for h in hists]), **arrays}  # fmt: skip
+    paths = _write_spectrum(args.out, tag, data, {**meta, **record}, pooled, theory, floor)
+    _print_spectrum(depths, stats, theory, paths)
+    return 0
 
-        q_next = float(meanfield.q_map(act, q, sw, sb))
-        if abs(q_next - q) > 1e-4 * q:  # float32 q-map: ~1e-6
-            print(
-                f"[spectrum] warning: q*={q:.6g} is not the length fixed point of "
-                f"(sigma_w2, sigma_b2) (the q-map gives {q_next:.6g}); the theory assumes "
-                "q^l = q* at every layer",
-                flush=True,
-            )
-        t1 = time.perf_counter()
-        edge = max(freeprob.max_eigenvalue(act, q, d, init.ensemble, sw) for d in depths)
-        floor = _spectrum_floor(eps, args.method, max(float(lam.max()), edge))
-        theory = [
-            _spectrum_theory(act, init.ensemble, q, sw, d, p, floor, args.theory_points)
-            for d, p in zip(depths, pooled, strict=True)
-        ]
-        print(f"[spectrum] theory in {time.perf_counter() - t1:.2f} s", flush=True)
-        arrays, record = _theory_records(theory)
-    out = args.out
-    atomic.write_npz(
-        out / f"{tag}.npz",
-        depths=np.asarray(depths),
-        sq_singular_values=lam,
-        hist_edges=np.stack([h[0] for h in hists]),
-        hist_density=np.stack([h[1] for h in hists]),
-        **arrays,
-    )
-    atomic.write_json(
-        out / f"{tag}.json",
-        {
-            "activation": act.name,
-            "init": init.name,
-            "sigma_w2": sw,
-            "sigma_b2": sb,
-            "q_star": q,
-            "width": args.width,
-            "depths": depths,
-            "seeds": args.seeds,
-            "inputs": args.inputs,
-            "summary_of_squared_singular_values": stats,
-            **record,
-        },
-    )
+
+def _write_spectrum(out, tag, arrays, record, pooled, theory, floor):
+    """The npz, json and figure of ``isometry spectrum``; returns the paths."""
+    from isometry import atomic, plotting
+
+    atomic.write_npz(out / f"{tag}.npz", **arrays)
+    atomic.write_json(out / f"{tag}.json", record)
     title = (
-        f"{act.name}, {init.name} weights, $q^*$={q:.3g}, "
-        f"$\\sigma_w^2$={sw:.3g}, $\\sigma_b^2$={sb:.3g}, N={args.width}, {args.seeds} seeds"
+        f"{record['activation']}, {record['init']} weights, $q^*$={record['q_star']:.3g}, "
+        f"$\\sigma_w^2$={record['sigma_w2']:.3g}, $\\sigma_b^2$={record['sigma_b2']:.3g}, "
+        f"N={record['width']}, {record['seeds']} seeds"
     )
-    fig = plotting.spectrum_figure(depths, pooled, title, theory=theory, floor=floor)
-    paths = plotting.save(fig, out / tag)
+    fig = plotting.spectrum_figure(record["depths"], pooled, title, theory=theory, floor=floor)
+    return [out / f"{tag}.npz", out / f"{tag}.json", *plotting.save(fig, out / tag)]
+
+
+def _print_spectrum(depths, stats, theory, paths) -> None:
     for d, m, v, mx in zip(depths, stats["mean"], stats["var"], stats["max"], strict=True):
         print(f"[spectrum] L={d:5d}  mean s^2={m:.4f}  var s^2={v:.4f}  max s^2={mx:.4f}")
     for d, th in zip(depths, theory or [], strict=False):
@@ -485,9 +400,8 @@ def _run_spectrum(args) -> int:
             f"mass below s^2={th['floor']:.2g}: {th['below_floor']:.3f} (measured "
             f"{th['measured_below_floor']:.3f}); KS distance {th['ks']:.4f}"
         )
-    for p in [out / f"{tag}.npz", out / f"{tag}.json", *paths]:
+    for p in paths:
         print(f"[spectrum] wrote {p}")
-    return 0
 
 
 def _theory_records(theory):

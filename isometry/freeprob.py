@@ -49,6 +49,16 @@ weights, where ``J J^T = sigma_w2 D^2``, is the typical case), is reported:
 functions raise :class:`SolverError` naming the points unless
 ``on_failure="nan"``.
 
+Precision and return types. Every computation here runs in float64 (the
+Newton solver, the edge search and the moment series need it; they enable
+float64 locally with ``jax.enable_x64``), and every public result is a JAX
+array of dtype float64 made under that local switch, whatever the global
+``jax_enable_x64`` says: :func:`max_eigenvalue` returns a 0-d array, like the
+fields of :class:`JacobianMoments` and :class:`SpectralDensity`; use
+``float(...)`` or ``.astype`` to convert. The one exception is
+:class:`SpectralLaw`, a tabulated law built on the host for comparison with
+measured spectra, which holds NumPy float64 arrays and Python floats.
+
 References:
     Pennington, Schoenholz & Ganguli 2017, "Resurrecting the sigmoid in deep
     learning through dynamical isometry: theory and practice" (NeurIPS).
@@ -78,12 +88,16 @@ __all__ = [
     "JacobianMoments",
     "SolverError",
     "SpectralDensity",
+    "SpectralLaw",
     "d2_law",
     "jacobian_moments",
     "max_eigenvalue",
     "s_transform",
+    "sample_spectral_law",
     "singular_value_density",
+    "spectral_atoms",
     "spectral_density",
+    "spectral_law",
 ]
 
 Array = jax.Array
@@ -179,7 +193,7 @@ def _d2_law(act, q, quad, order):
             np.array([1.0, a2]), np.array([0.5, 0.5]), 0.0, ((1.0, 0.5), (a2, 0.5)), True, mu
         )
     with jax.enable_x64(True):
-        z, w = gs._nodes([(0.0, jnp.sqrt(jnp.float64(q)), quad.features(act.kinks))], quad)
+        z, w = gs.nodes([(0.0, jnp.sqrt(jnp.float64(q)), quad.features(act.kinks))], quad)
         d = np.asarray(act.dphi(jnp.sqrt(jnp.float64(q)) * z), dtype=np.float64) ** 2
     w = np.asarray(w, dtype=np.float64)
     w = w / w.sum()
@@ -386,12 +400,13 @@ def jacobian_moments(
     m1 = (sw * mu[0]) ** depth
     m2 = m1**2 * (1.0 + depth * (mu[1] / mu[0] ** 2 - 1.0 - s1))
     ms = _moment_series(mu, depth, _S[weights], sw, order)
-    return JacobianMoments(
-        mean=jnp.asarray(m1),
-        second_moment=jnp.asarray(m2),
-        variance=jnp.asarray(m2 - m1**2),
-        moments=jnp.asarray(ms),
-    )
+    with jax.enable_x64(True):
+        return JacobianMoments(
+            mean=jnp.asarray(m1),
+            second_moment=jnp.asarray(m2),
+            variance=jnp.asarray(m2 - m1**2),
+            moments=jnp.asarray(ms),
+        )
 
 
 # --------------------------------------------------------------------------- #
@@ -622,7 +637,7 @@ def _edge_of(law, depth, weights, sw):
     return edge
 
 
-def max_eigenvalue(act: Activation | str, q_star, depth: int, weights: str, sigma_w2=None) -> float:
+def max_eigenvalue(act: Activation | str, q_star, depth: int, weights: str, sigma_w2=None) -> Array:
     """The right edge of the support of the eigenvalue law of ``J J^T``.
 
     The edge is where the real function ``lambda(m) = (1 + m) / (m S_J(m))``,
@@ -630,12 +645,11 @@ def max_eigenvalue(act: Activation | str, q_star, depth: int, weights: str, sigm
     the real subordination point ``u = z_D > max d`` (or its limit at
     ``u -> max d``, an atom, for orthogonal weights with an atom of ``d`` at
     its top). Linear Gaussian: ``(L + 1)^(L + 1) / L^L``.
-    (Pennington, Schoenholz & Ganguli 2018, sec. 3.)
+    (Pennington, Schoenholz & Ganguli 2018, sec. 3.) Returns a 0-d float64 array.
     """
     act, q, depth, weights, sw = _setup(act, q_star, depth, weights, sigma_w2)
-    law = d2_law(act, q)
     with jax.enable_x64(True):
-        return _edge_of(law, depth, weights, sw)
+        return jnp.asarray(_edge_of(d2_law(act, q), depth, weights, sw))
 
 
 def _solve_law(lam, law, zero, cells, sw, depth, s, mu, edge, levels):
@@ -784,24 +798,9 @@ def spectral_density(
     Returns:
         :class:`SpectralDensity` with ``density`` of ``grid``'s shape.
     """
-    with jax.ensure_compile_time_eval():
-        act, q, depth, weights, sw = _setup(act, q_star, depth, weights, sigma_w2)
-    validate.choice("on_failure", on_failure, ("raise", "nan"))
-    _check_grid(grid)
-    with jax.enable_x64(True):
-        g = jnp.asarray(grid, jnp.float64)
-        dens, zero, locs, masses, ok, r = _density_core(act, q, depth, weights, sw, g.ravel())
-        out = SpectralDensity(
-            grid=g,
-            density=dens.reshape(g.shape),
-            atom_at_zero=jnp.asarray(zero),
-            atom_locations=jnp.asarray(locs),
-            atom_masses=jnp.asarray(masses),
-            converged=ok.reshape(g.shape),
-            residual=r.reshape(g.shape),
-        )
-    _report("spectral_density", grid, out.converged, on_failure)
-    return out
+    return _density_on_grid(
+        "spectral_density", act, q_star, depth, weights, grid, sigma_w2, on_failure, singular=False
+    )
 
 
 def singular_value_density(
@@ -819,23 +818,242 @@ def singular_value_density(
     Atoms move to ``sqrt`` of their eigenvalue locations. Arguments as in
     :func:`spectral_density` (``grid`` holds singular values).
     """
+    return _density_on_grid(
+        "singular_value_density", act, q_star, depth, weights, grid, sigma_w2, on_failure,
+        singular=True,
+    )  # fmt: skip
+
+
+def _density_on_grid(name, act, q_star, depth, weights, grid, sigma_w2, on_failure, singular):
+    """The checks and the solve shared by :func:`spectral_density` and
+    :func:`singular_value_density` (``singular``: ``grid`` holds ``s``, solved at ``s^2``)."""
     with jax.ensure_compile_time_eval():
         act, q, depth, weights, sw = _setup(act, q_star, depth, weights, sigma_w2)
     validate.choice("on_failure", on_failure, ("raise", "nan"))
     _check_grid(grid)
     with jax.enable_x64(True):
-        s = jnp.asarray(grid, jnp.float64)
-        lam = jnp.where(s >= 0, s * s, -1.0).ravel()
+        x = jnp.asarray(grid, jnp.float64)
+        lam = jnp.where(x >= 0, x * x, -1.0).ravel() if singular else x.ravel()
         dens, zero, locs, masses, ok, r = _density_core(act, q, depth, weights, sw, lam)
-        dens = 2.0 * jnp.abs(s.ravel()) * dens
+        locs = jnp.asarray(locs)
+        if singular:  # p(s) = 2 s rho(s^2); atoms at sqrt of their eigenvalues
+            dens = jnp.where(x.ravel() < 0, 0.0, 2.0 * jnp.abs(x.ravel()) * dens)
+            locs = jnp.sqrt(locs)
         out = SpectralDensity(
-            grid=s,
-            density=jnp.where(s.ravel() < 0, 0.0, dens).reshape(s.shape),
+            grid=x,
+            density=dens.reshape(x.shape),
             atom_at_zero=jnp.asarray(zero),
-            atom_locations=jnp.sqrt(jnp.asarray(locs)),
+            atom_locations=locs,
             atom_masses=jnp.asarray(masses),
-            converged=ok.reshape(s.shape),
-            residual=r.reshape(s.shape),
+            converged=ok.reshape(x.shape),
+            residual=r.reshape(x.shape),
         )
-    _report("singular_value_density", grid, out.converged, on_failure)
+    _report(name, grid, out.converged, on_failure)
     return out
+
+
+# --------------------------------------------------------------------------- #
+# The law as a CDF: for comparison with measured spectra.
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectralLaw:
+    """The law of the eigenvalues ``lambda`` of ``J J^T``, tabulated on a grid.
+
+    The law is the atom at 0, the other atoms, and a continuous part with
+    density ``rho`` (:func:`spectral_density`). Its CDF is
+
+        F(lambda) = 1 - int_lambda^edge rho - sum_{a_k > lambda} m_k,
+
+    the integral by the trapezoid rule in ``log lambda`` (of ``lambda rho``)
+    from the right edge down, so it needs no mass below ``floor``: there the
+    atom at 0 and the continuous part are one number, :attr:`below`. Built by
+    :func:`spectral_law`; NumPy float64 arrays (a host-side table).
+
+    Attributes:
+        grid: ``(G,)`` increasing positive eigenvalues.
+        density: ``(G,)`` ``rho`` of the continuous part (NaN where unresolved).
+        converged: ``(G,)`` the solver converged and resolved the law of ``d`` there.
+        atom_at_zero: the mass at 0.
+        atom_locations: ``(k,)`` the other atoms' locations.
+        atom_masses: ``(k,)`` their masses.
+        edge: the right edge of the support (:func:`max_eigenvalue`).
+        floor: the CDF is tabulated at grid points ``>= floor`` (raised above
+            the highest unresolved grid point).
+    """
+
+    grid: np.ndarray
+    density: np.ndarray
+    converged: np.ndarray
+    atom_at_zero: float
+    atom_locations: np.ndarray
+    atom_masses: np.ndarray
+    edge: float
+    floor: float
+
+    def __hash__(self):
+        return id(self)
+
+    @functools.cached_property
+    def above(self) -> np.ndarray:
+        """``(G,)`` the continuous mass above each grid point; NaN below the floor."""
+        keep = self.grid >= self.floor
+        x = self.grid[keep]
+        out = np.full(self.grid.shape, np.nan)
+        if x.size < 2:
+            return out
+        f = x * np.nan_to_num(self.density[keep])
+        seg = 0.5 * (f[1:] + f[:-1]) * np.diff(np.log(x))
+        out[keep] = np.concatenate([np.cumsum(seg[::-1])[::-1], [0.0]])
+        return out
+
+    @property
+    def continuous_mass(self) -> float:
+        """The continuous part's mass above the floor (NaN with fewer than 2 grid points there)."""
+        above = self.above[self.grid >= self.floor]
+        return float(above[0]) if above.size >= 2 else float("nan")
+
+    @property
+    def below(self) -> float:
+        """The mass at or below the floor: ``1 - continuous mass - atoms`` (the atom at 0
+        and the continuous part there; may be slightly negative by quadrature error)."""
+        return 1.0 - self.continuous_mass - float(np.sum(self.atom_masses))
+
+    def _above_at(self, x):
+        """The continuous mass above ``x``, linear in ``s = sqrt(lambda)`` between grid points."""
+        keep = self.grid >= self.floor
+        if keep.sum() < 2:
+            return np.full(np.shape(x), np.nan)
+        return np.interp(np.sqrt(np.maximum(x, 0.0)), np.sqrt(self.grid[keep]), self.above[keep])
+
+    def in_singular_values(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(s (G,), p(s) (G,), atom locations (k,))`` in the singular values ``s = sqrt(lambda)``
+        of ``J``: ``p(s) = 2 s rho(s^2)``."""
+        s = np.sqrt(self.grid)
+        return s, 2.0 * s * self.density, np.sqrt(self.atom_locations)
+
+    def cdf(self, x) -> np.ndarray:
+        """``F(x)``, atoms included (right-continuous); NaN below the floor.
+
+        Between grid points the continuous part is linear in the singular value
+        ``s = sqrt(lambda)`` (the variable of the measured histograms).
+        """
+        x = np.asarray(x, dtype=float)
+        atoms = np.sum(self.atom_masses * (self.atom_locations > x[..., None]), axis=-1)
+        return np.where(x >= self.floor, 1.0 - self._above_at(x) - atoms, np.nan)
+
+    def continuous_cdf(self, x) -> np.ndarray:
+        """The CDF of the continuous part above the floor, normalized to 1."""
+        return 1.0 - self._above_at(x) / self.continuous_mass
+
+
+def spectral_atoms(act: Activation | str, q_star, depth: int, weights: str, sigma_w2=None):
+    """``(atom_at_zero, locations (k,), masses (k,))`` of the eigenvalue law of ``J J^T``.
+
+    The atom at 0 has mass ``P(d = 0)`` (``1 - p`` for ReLU-like laws); for
+    orthogonal weights an atom ``a`` of ``d`` of mass ``p_a`` puts
+    ``max(0, 1 - L (1 - p_a))`` at ``sigma_w2^L a^L`` (see :func:`spectral_density`).
+    No solve: floats and NumPy float64 arrays.
+    """
+    act, q, depth, weights, sw = _setup(act, q_star, depth, weights, sigma_w2)
+    law = d2_law(act, q)
+    locs, masses = _atoms(law, depth, weights, sw)
+    return float(law.zero_mass), locs, masses
+
+
+def spectral_law(
+    act: Activation | str,
+    q_star,
+    depth: int,
+    weights: str,
+    grid,
+    sigma_w2=None,
+    *,
+    floor: float = 0.0,
+    atom_window: float = 1e-6,
+    pad_to: int | None = None,
+) -> SpectralLaw:
+    """The law of the eigenvalues of ``J J^T`` with its CDF on ``grid`` (:class:`SpectralLaw`).
+
+    Args:
+        act, q_star, depth, weights, sigma_w2: as in :func:`spectral_density`.
+        grid: eigenvalues (any shape); sorted, and non-positive points dropped.
+        floor: the smallest eigenvalue at which the CDF is tabulated (>= 0).
+        atom_window: grid points within ``atom_window * a`` of an atom ``a``
+            are dropped: there the solver's density is round-off of the atom's
+            subtracted pole.
+        pad_to: pad the solver's grid to this length (repeating its last
+            point), so calls with grids of different lengths compile once.
+
+    Grid points where the solver fails raise the floor above the highest of
+    them (by a factor ``1 + 1e-4``).
+    """
+    act, q, depth, weights, sw = _setup(act, q_star, depth, weights, sigma_w2)
+    _check_grid(grid)
+    validate.real_array("floor", floor, minimum=0.0)
+    validate.real_array("atom_window", atom_window, minimum=0.0)
+    zero, locs, masses = spectral_atoms(act, q, depth, weights, sw)
+    x = np.unique(np.asarray(grid, dtype=float))
+    x = x[(x > 0) & np.isfinite(x)]
+    for a in locs:
+        x = x[np.abs(x - a) >= 0.999 * atom_window * a]
+    if not x.size:
+        raise ValueError("grid must hold positive eigenvalues away from the atoms")
+    size = x.size if pad_to is None else max(x.size, validate.positive_int("pad_to", pad_to))
+    with jax.enable_x64(True):
+        lam = jnp.asarray(np.pad(x, (0, size - x.size), mode="edge"))
+        dens, _, _, _, ok, _ = _density_core(act, q, depth, weights, sw, lam)
+        edge = _edge_of(d2_law(act, q), depth, weights, sw)
+    dens, ok = np.asarray(dens)[: x.size], np.asarray(ok)[: x.size]
+    if not ok.all():
+        floor = max(float(floor), float(x[~ok].max()) * 1.0001)
+    return SpectralLaw(x, dens, ok, zero, locs, masses, edge, float(floor))
+
+
+def sample_spectral_law(
+    act: Activation | str,
+    q_star,
+    depth: int,
+    weights: str,
+    sample,
+    floor: float,
+    sigma_w2=None,
+    *,
+    points: int = 120,
+) -> SpectralLaw:
+    """:func:`spectral_law` on a grid that resolves a measured sample of eigenvalues.
+
+    The grid, in the singular values ``s = sqrt(lambda)``: ``points`` linear
+    from 0 to past the edge and the sample's maximum, ``points`` geometric in
+    ``s^2`` from ``floor`` to the edge, ``points // 2`` sample quantiles
+    inside the support, 16 points clustered at the edge and 12 on either side
+    of each atom (from ``1e-6`` relative; the atom window is ``1e-6`` in ``s``).
+
+    Args:
+        sample: measured eigenvalues of ``J J^T`` (any shape, pooled).
+        floor: the smallest eigenvalue the measurement resolves.
+        points: grid size per part (>= 8).
+    """
+    points = validate.positive_int("points", points, minimum=8)
+    lam = np.sort(np.ravel(np.asarray(sample, dtype=float)))
+    if not lam.size:
+        raise ValueError("sample must not be empty")
+    with jax.enable_x64(True):
+        edge = float(max_eigenvalue(act, q_star, depth, weights, sigma_w2))
+    _, locs, _ = spectral_atoms(act, q_star, depth, weights, sigma_w2)
+    atoms, s_edge = np.sqrt(locs), np.sqrt(edge)
+    s_meas = np.sqrt(lam[lam > floor])
+    inside = s_meas[s_meas < s_edge]
+    hi = max(1.02 * s_edge, 1.05 * float(np.sqrt(lam[-1])))
+    parts = [
+        np.linspace(0.0, hi, points + 1)[1:],
+        np.sqrt(np.geomspace(floor, edge, points)),
+        np.quantile(inside, np.linspace(0, 1, points // 2)) if inside.size else [],
+        s_edge * (1 - np.geomspace(1e-8, 0.1, 16)),
+    ]
+    for a in atoms:
+        parts += [a * (1 - np.geomspace(1e-6, 0.1, 12)), a * (1 + np.geomspace(1e-6, 0.1, 12))]
+    s = np.unique(np.concatenate([np.ravel(x) for x in parts]))
+    s = s[(s > 0) & np.isfinite(s)]
+    return spectral_law(act, q_star, depth, weights, s * s, sigma_w2, floor=floor, atom_window=2e-6)

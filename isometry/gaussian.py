@@ -56,6 +56,7 @@ __all__ = [
     "expect",
     "expect2",
     "hermite_coefficients",
+    "nodes",
     "phi_kernel",
     "second_moment",
 ]
@@ -106,7 +107,7 @@ def _legendre(points: int) -> tuple[np.ndarray, np.ndarray]:
     return np.polynomial.legendre.leggauss(points)
 
 
-def _nodes(groups, quad: Quadrature):
+def nodes(groups, quad: Quadrature) -> tuple[Array, Array]:
     """Nodes and weights in ``z`` for the normal measure, panels split at features.
 
     ``groups`` is a sequence of ``(x0, a, features)``: a function of
@@ -174,7 +175,7 @@ def expect(
     features = quad.features(tuple(kinks))
 
     def one(qi):
-        z, w = _nodes([(0.0, jnp.sqrt(qi), features)], quad)
+        z, w = nodes([(0.0, jnp.sqrt(qi), features)], quad)
         return jnp.sum(w * f(jnp.sqrt(qi) * z))
 
     return jnp.vectorize(one)(q)
@@ -215,11 +216,11 @@ def expect2(
         smooth = [(0.0, s2 * ci, fg)]
         for k in kinks_g:
             smooth.append((-k / jnp.maximum(s2 * sc, tiny), ci / jnp.maximum(sc, tiny), sym))
-        z1, w1 = _nodes([(0.0, s1, ff), *smooth], quad)
+        z1, w1 = nodes([(0.0, s1, ff), *smooth], quad)
 
         def inner(z):
             x0 = s2 * ci * z
-            z2, w2 = _nodes([(x0, s2 * sc, fg)], quad)
+            z2, w2 = nodes([(x0, s2 * sc, fg)], quad)
             return jnp.sum(w2 * g(x0 + s2 * sc * z2))
 
         return jnp.sum(w1 * f(s1 * z1) * jax.vmap(inner)(z1))

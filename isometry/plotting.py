@@ -72,79 +72,13 @@ def phase_diagram_figure(diagram: dict, activation: str, panels=("chi1", "q_star
     quantities ``(W, B)`` (any of ``chi1, q_star, c_star, xi_q, xi_c``) and
     ``critical_sigma_w2 (B,)``, as from :func:`isometry.meanfield.phase_diagram`.
     """
-    from matplotlib.colors import LogNorm, TwoSlopeNorm
-
     style()
-    sw = np.asarray(diagram["sigma_w2"])
-    sb = np.asarray(diagram["sigma_b2"])
-    crit = np.asarray(diagram["critical_sigma_w2"])
     fig, axes = plt.subplots(
         1, len(panels), figsize=(4.5 * len(panels), 3.9), constrained_layout=True
     )
     axes = np.atleast_1d(axes)
-    extent = (sw[0], sw[-1], sb[0], sb[-1])
-
-    def finite(v, fill=np.nan):
-        v = np.asarray(v, float)
-        return np.where(np.isfinite(v), v, fill)
-
-    specs = {
-        "chi1": lambda v: (
-            np.clip(finite(v, 1e3), 1e-3, 1e3),
-            rf"$\chi_1$ ({activation}): ordered < 1 < chaotic",
-            "RdBu_r",
-            r"$\chi_1$",
-            TwoSlopeNorm(
-                vcenter=1.0,
-                vmin=min(np.nanmin(finite(v)), 0.99),
-                vmax=max(np.nanmax(finite(v)), 1.01),
-            ),
-        ),
-        "q_star": lambda v: (finite(v), r"length fixed point $q^*$", "viridis", r"$q^*$", None),
-        "c_star": lambda v: (
-            finite(v),
-            r"correlation fixed point $c^*$",
-            "cividis",
-            r"$c^*$",
-            None,
-        ),
-        "xi_q": lambda v: (
-            np.clip(finite(v, 1e3), 0.1, 1e3),
-            r"length depth scale $\xi_q$",
-            "magma",
-            r"$\xi_q$ (layers)",
-            LogNorm(0.1, 1e3),
-        ),
-        "xi_c": lambda v: (
-            np.clip(finite(v, 1e3), 0.5, 1e3),
-            r"correlation depth scale $\xi_c$",
-            "magma",
-            r"$\xi_c$ (layers)",
-            LogNorm(0.5, 1e3),
-        ),
-    }
-    ok = np.isfinite(crit)
     for ax, key in zip(axes, panels, strict=True):
-        values, title, cmap, label, norm = specs[key](diagram[key])
-        im = ax.imshow(
-            values.T,
-            origin="lower",
-            extent=extent,
-            aspect="auto",
-            cmap=cmap,
-            norm=norm,
-            interpolation="nearest",
-        )
-        ax.plot(crit[ok], sb[ok], color="white", lw=2.4)
-        ax.plot(
-            crit[ok], sb[ok], color=THEORY_COLOR, lw=1.2, ls="--", label=r"edge of chaos $\chi_1=1$"
-        )
-        ax.set_xlim(sw[0], sw[-1])
-        ax.set_ylim(sb[0], sb[-1])
-        ax.set_xlabel(r"weight variance $\sigma_w^2$")
-        ax.set_ylabel(r"bias variance $\sigma_b^2$")
-        ax.set_title(title)
-        fig.colorbar(im, ax=ax, label=label)
+        _phase_panel(fig, ax, diagram, key, activation)
     axes[0].legend(loc="upper left", framealpha=0.9)
     if panels[0] == "chi1":
         axes[0].text(
@@ -152,6 +86,65 @@ def phase_diagram_figure(diagram: dict, activation: str, panels=("chi1", "q_star
         )
         axes[0].text(0.03, 0.05, "ordered", transform=axes[0].transAxes, ha="left", color="navy")
     return fig
+
+
+def _finite(v, fill=np.nan):
+    v = np.asarray(v, float)
+    return np.where(np.isfinite(v), v, fill)
+
+
+def _phase_spec(key: str, v, activation: str):
+    """``(values, title, cmap, colorbar label, norm)`` of one phase-diagram panel."""
+    from matplotlib.colors import LogNorm, TwoSlopeNorm
+
+    if key == "chi1":
+        lo, hi = min(np.nanmin(_finite(v)), 0.99), max(np.nanmax(_finite(v)), 1.01)
+        norm = TwoSlopeNorm(vcenter=1.0, vmin=lo, vmax=hi)
+        title = rf"$\chi_1$ ({activation}): ordered < 1 < chaotic"
+        return np.clip(_finite(v, 1e3), 1e-3, 1e3), title, "RdBu_r", r"$\chi_1$", norm
+    if key == "q_star":
+        return _finite(v), r"length fixed point $q^*$", "viridis", r"$q^*$", None
+    if key == "c_star":
+        return _finite(v), r"correlation fixed point $c^*$", "cividis", r"$c^*$", None
+    if key == "xi_q":
+        return (
+            np.clip(_finite(v, 1e3), 0.1, 1e3), r"length depth scale $\xi_q$", "magma",
+            r"$\xi_q$ (layers)", LogNorm(0.1, 1e3),
+        )  # fmt: skip
+    if key == "xi_c":
+        return (
+            np.clip(_finite(v, 1e3), 0.5, 1e3), r"correlation depth scale $\xi_c$", "magma",
+            r"$\xi_c$ (layers)", LogNorm(0.5, 1e3),
+        )  # fmt: skip
+    raise KeyError(key)
+
+
+def _phase_panel(fig, ax, diagram: dict, key: str, activation: str) -> None:
+    """One heat map of :func:`phase_diagram_figure` with the critical line."""
+    sw = np.asarray(diagram["sigma_w2"])
+    sb = np.asarray(diagram["sigma_b2"])
+    crit = np.asarray(diagram["critical_sigma_w2"])
+    values, title, cmap, label, norm = _phase_spec(key, diagram[key], activation)
+    im = ax.imshow(
+        values.T,
+        origin="lower",
+        extent=(sw[0], sw[-1], sb[0], sb[-1]),
+        aspect="auto",
+        cmap=cmap,
+        norm=norm,
+        interpolation="nearest",
+    )
+    ok = np.isfinite(crit)
+    ax.plot(crit[ok], sb[ok], color="white", lw=2.4)
+    ax.plot(
+        crit[ok], sb[ok], color=THEORY_COLOR, lw=1.2, ls="--", label=r"edge of chaos $\chi_1=1$"
+    )
+    ax.set_xlim(sw[0], sw[-1])
+    ax.set_ylim(sb[0], sb[-1])
+    ax.set_xlabel(r"weight variance $\sigma_w^2$")
+    ax.set_ylabel(r"bias variance $\sigma_b^2$")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=label)
 
 
 def depth_scales_figure(data: dict, activation: str, sigma_b2: float):
@@ -358,7 +351,19 @@ def spectrum_figure(
     if at_floor:  # the log axis starts at the resolution floor; the legend gives the mass below
         lo = float(np.log10(floor))
     hi2 = hi2 + 0.05 * (hi2 - lo)
+    _singular_value_panel(axes[0], depths, s, logl, colors, ths, bins, lo if at_floor else None)
+    _log_eigenvalue_panel(axes[1], logl, colors, ths, bins, (lo, hi2))
+    _spectrum_inset(axes[1], depths, lam, ths)
+    if title:
+        fig.suptitle(title)
+    return fig
 
+
+def _singular_value_panel(ax, depths, s, logl, colors, ths, bins, lo) -> None:
+    """Left panel of :func:`spectrum_figure`: densities of ``s``, theory over them.
+
+    ``lo``: the log10 floor where the log axis starts at it (the legend gives the mass below).
+    """
     hi = float(np.nanpercentile(s, 99.5)) * 1.05
     edges = np.linspace(0.0, hi, _bins(s, (0.0, hi), bins) + 1)
     heights = []
@@ -366,62 +371,67 @@ def spectrum_figure(
         h = _normalized_hist(sd, edges)
         heights.append(h)
         label = _theory_label(f"L = {d}", th)
-        if at_floor:
+        if lo is not None:
             label += f"; {np.mean(ld < lo):.1%} below $s^2$={10**lo:.1g}"
             below = _theory_cdf_at(th, 10 ** (lo / 2)) if th is not None else np.nan
             if np.isfinite(below):
                 label += f" (theory {below:.1%})"
-        axes[0].stairs(h, edges, color=c, lw=1.2, alpha=0.9 if th is None else 0.6, label=label)
+        ax.stairs(h, edges, color=c, lw=1.2, alpha=0.9 if th is None else 0.6, label=label)
         if th is not None:
             g, dens = np.asarray(th["s"], float), np.asarray(th["density"], float)
-            axes[0].plot(g, dens, color=c, lw=1.8)
+            ax.plot(g, dens, color=c, lw=1.8)
             for loc in th.get("atom_locations", ()):
-                axes[0].axvline(loc, color=c, lw=1.8, ls="--")
-    axes[0].axvline(1.0, color=THEORY_COLOR, ls=":", lw=1, label="isometry (s = 1)")
-    axes[0].set_xlim(0, hi)
-    axes[0].set_xlabel("singular value $s$ of $J$")
-    axes[0].set_ylabel("density of $s$")
-    if theory is not None:
+                ax.axvline(loc, color=c, lw=1.8, ls="--")
+    ax.axvline(1.0, color=THEORY_COLOR, ls=":", lw=1, label="isometry (s = 1)")
+    ax.set_xlim(0, hi)
+    ax.set_xlabel("singular value $s$ of $J$")
+    ax.set_ylabel("density of $s$")
+    if ths[0] is not None:
         curves = [(th["s"], th["density"]) for th in ths]
-        axes[0].set_ylim(0, _ylim(heights, (0, hi), curves))
-        axes[0].plot([], [], color="0.3", lw=1.8, label="lines: free probability")
-        axes[0].plot([], [], color="0.3", lw=1.2, alpha=0.6, label="steps: measured")
-    axes[0].legend(loc="upper right", fontsize=7 if at_floor else None)
+        ax.set_ylim(0, _ylim(heights, (0, hi), curves))
+        ax.plot([], [], color="0.3", lw=1.8, label="lines: free probability")
+        ax.plot([], [], color="0.3", lw=1.2, alpha=0.6, label="steps: measured")
+    ax.legend(loc="upper right", fontsize=7 if lo is not None else None)
 
+
+def _log_eigenvalue_panel(ax, logl, colors, ths, bins, rng) -> None:
+    """Right panel of :func:`spectrum_figure`: densities of ``log10 s^2`` on ``rng``."""
+    lo, hi2 = rng
     edges = np.linspace(lo, hi2, _bins(logl, (lo, hi2), bins) + 1)
     heights = []
     for ld, c, th in zip(logl, colors, ths, strict=True):
         h = _normalized_hist(ld, edges)
         heights.append(h)
-        axes[1].stairs(h, edges, color=c, lw=1.2, alpha=0.9 if th is None else 0.6)
+        ax.stairs(h, edges, color=c, lw=1.2, alpha=0.9 if th is None else 0.6)
         if th is not None:
             g, dens = np.asarray(th["s"], float), np.asarray(th["density"], float)
             pos = g > 0
             # density of log10 s^2 = 2 log10 s: s ln(10) p_s(s) / 2.
-            axes[1].plot(2 * np.log10(g[pos]), g[pos] * np.log(10) * dens[pos] / 2, color=c, lw=1.8)
-    axes[1].axvline(0.0, color=THEORY_COLOR, ls=":", lw=1)
-    axes[1].set_xlim(lo, hi2)
-    axes[1].set_xlabel(r"$\log_{10} s^2$ (eigenvalues of $J J^T$)")
-    axes[1].set_ylabel(r"density of $\log_{10} s^2$")
-    if theory is not None:
+            ax.plot(2 * np.log10(g[pos]), g[pos] * np.log(10) * dens[pos] / 2, color=c, lw=1.8)
+    ax.axvline(0.0, color=THEORY_COLOR, ls=":", lw=1)
+    ax.set_xlim(lo, hi2)
+    ax.set_xlabel(r"$\log_{10} s^2$ (eigenvalues of $J J^T$)")
+    ax.set_ylabel(r"density of $\log_{10} s^2$")
+    if ths[0] is not None:
         curves = [
             (2 * np.log10(th["s"]), np.asarray(th["s"]) * np.log(10) * th["density"] / 2)
             for th in ths
         ]
-        axes[1].set_ylim(0, _ylim(heights, (lo, hi2), curves))
-    inset = axes[1].inset_axes([0.1, 0.6, 0.28, 0.36])
+        ax.set_ylim(0, _ylim(heights, (lo, hi2), curves))
+
+
+def _spectrum_inset(ax, depths, lam, ths) -> None:
+    """The inset of :func:`spectrum_figure`: mean and max of ``s^2`` against depth."""
+    inset = ax.inset_axes([0.1, 0.6, 0.28, 0.36])
     inset.loglog(depths, lam.mean(1), "o", ms=3, color="C0", label=r"mean $s^2$")
     inset.loglog(depths, lam.max(1), "s", ms=3, color="C3", label=r"max $s^2$")
-    if theory is not None:
+    if ths[0] is not None:
         inset.loglog(depths, [th["edge"] for th in ths], "-", lw=1, color="C3")
         inset.loglog(depths, [th["mean"] for th in ths], "-", lw=1, color="C0")
     _depth_ticks(inset, depths)
     inset.set_xlabel("depth L", fontsize=7)
     inset.tick_params(labelsize=6)
     inset.legend(fontsize=6, loc="upper left", frameon=False)
-    if title:
-        fig.suptitle(title)
-    return fig
 
 
 def _bins(values, rng, bins: int) -> int:

@@ -69,6 +69,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
@@ -76,7 +77,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from isometry import gaussian as gs
-from isometry import validate
+from isometry import networks, validate
 from isometry.activations import Activation
 from isometry.activations import get as get_activation
 from isometry.networks import Stack
@@ -88,9 +89,12 @@ __all__ = [
     "as_stack",
     "backward",
     "forward",
+    "gradient_profile",
     "input_statistics",
     "measure",
+    "measure_with_theory",
     "model_theory",
+    "pair_inputs",
     "random_projection_loss",
     "theory",
 ]
@@ -336,6 +340,27 @@ def theory(
     Returns:
         a :class:`Theory` (see the module docstring for the recursions).
     """
+    _check_theory(depth, sigma_w2, sigma_b2, q0, c0, residual_scale, layer_norm, width)
+    c0 = 0.0 if c0 is None else c0
+    act = get_activation(act)
+    dtype = jnp.result_type(q0, c0, m0, sigma_w2, sigma_b2, float)
+    sw, sb, p0, c0, m0 = (jnp.asarray(v, dtype) for v in (sigma_w2, sigma_b2, q0, c0, m0))
+    a = None if residual_scale is None else jnp.asarray(residual_scale, dtype)
+    body = _theory_layer(act, sw, sb, a, width if layer_norm else None, dtype)
+    _, (q, c, chi, gh, p_prev) = lax.scan(body, (p0, c0 * p0, m0), None, length=depth)
+    g_state, g_pre, g_w = gradient_profile(chi, gh, p_prev)
+    return Theory(
+        q=q,
+        c=c,
+        chi=chi,
+        grad_preact_sq=g_pre,
+        grad_state_sq=g_state,
+        grad_weight_sq=g_w,
+        grad_input_sq=jnp.prod(chi),
+    )
+
+
+def _check_theory(depth, sigma_w2, sigma_b2, q0, c0, residual_scale, layer_norm, width):
     validate.positive_int("depth", depth)
     validate.real_array("sigma_w2", sigma_w2, minimum=0.0, strict=True)
     validate.real_array("sigma_b2", sigma_b2, minimum=0.0)
@@ -347,11 +372,15 @@ def theory(
     if layer_norm:
         if residual_scale is not None:
             raise ValueError("theory: layer_norm with a residual branch is not covered")
-        width = validate.positive_int("width", width, minimum=3)
-    act = get_activation(act)
-    dtype = jnp.result_type(q0, c0, m0, sigma_w2, sigma_b2, float)
-    sw, sb, p0, c0, m0 = (jnp.asarray(v, dtype) for v in (sigma_w2, sigma_b2, q0, c0, m0))
-    a = None if residual_scale is None else jnp.asarray(residual_scale, dtype)
+        validate.positive_int("width", width, minimum=3)
+
+
+def _theory_layer(act, sw, sb, alpha, ln_width, dtype):
+    """One layer of :func:`theory` for ``lax.scan``: ``(p, p12, m) -> next, (q, c, chi, gain, p)``.
+
+    ``alpha``: the residual scale (``None``: plain); ``ln_width``: the width
+    ``N`` with layer normalization before the activation (``None``: none).
+    """
 
     def body(carry, _):
         p, p12, m = carry
@@ -359,44 +388,50 @@ def theory(
         q12 = sw * p12 + sb
         safe = jnp.where(q > 0, q, 1.0)
         c = jnp.where(q > 0, jnp.clip(q12 / safe, -1.0, 1.0), 1.0)
+        if ln_width is not None:
+            one = jnp.ones((), dtype)
+            mu1 = gs.dphi_moment(act, one, 1)
+            gh = (1.0 - 2.0 / ln_width) * mu1 / safe
+            new = (gs.second_moment(act, one), gs.phi_kernel(act, one, one, c), m)
+            return new, (q, c, sw * gh, gh, p)
         e2 = gs.second_moment(act, safe) * (q > 0)
         k = gs.phi_kernel(act, safe, safe, c) * (q > 0)
         mu1 = gs.dphi_moment(act, safe, 1)
-        if layer_norm:
-            one = jnp.ones((), dtype)
-            proj = 1.0 - 2.0 / width
-            e2 = gs.second_moment(act, one)
-            k = gs.phi_kernel(act, one, one, c)
-            mu1 = gs.dphi_moment(act, one, 1)
-            gh = proj * mu1 / safe
-            new = (e2, k, m)
-            chi = sw * gh
-        elif a is None:
-            new = (e2, k, m)
-            chi = sw * mu1
-            gh = mu1
-        else:
-            e1 = gs.expect(act.phi, safe, kinks=act.kinks) * (q > 0)
-            new = (p + 2 * a * m * e1 + a * a * e2, p12 + 2 * a * m * e1 + a * a * k, m + a * e1)
-            chi = 1.0 + a * a * sw * mu1
-            gh = a * a * mu1
-        return new, (q, c, chi, gh, p)
+        if alpha is None:
+            return (e2, k, m), (q, c, sw * mu1, mu1, p)
+        a = alpha
+        e1 = gs.expect(act.phi, safe, kinks=act.kinks) * (q > 0)
+        new = (p + 2 * a * m * e1 + a * a * e2, p12 + 2 * a * m * e1 + a * a * k, m + a * e1)
+        return new, (q, c, 1.0 + a * a * sw * mu1, a * a * mu1, p)
 
-    _, (q, c, chi, gh, p_prev) = lax.scan(body, (p0, c0 * p0, m0), None, length=depth)
-    # ||g_x^l||^2 relative to ||g_x^L||^2: prod_{k=l+1}^{L} chi^k.
-    tail = jnp.concatenate([chi[1:], jnp.ones((1,), dtype)])
+    return body
+
+
+def gradient_profile(chi: Array, gain: Array, p_prev: Array) -> tuple[Array, Array, Array]:
+    """Mean-field squared gradient norms per layer from the per-layer factors (backward pass).
+
+        ||g_x^l||^2 / ||g_x^L||^2 = prod_{k=l+1}^{L} chi^k
+        ||g_h^l||^2  proportional to  gain^l ||g_x^l||^2
+        ||g_W^l||^2  proportional to  p^{l-1} ||g_h^l||^2
+
+    with ``chi^l`` the factor of ``||dLoss/dx||^2`` from ``x^l`` to ``x^{l-1}``
+    (plain: ``sigma_w2 mu1(q^l)``), ``gain^l`` that from ``x^l`` to ``h^l``
+    (plain: ``mu1(q^l)``) and ``p^{l-1}`` the mean square of the layer's
+    input (Schoenholz et al. 2017, gradient independence).
+
+    Args:
+        chi, gain, p_prev: ``(L,)`` each; entry ``l - 1`` belongs to layer ``l``.
+
+    Returns:
+        ``(grad_state_sq, grad_preact_sq, grad_weight_sq)``, ``(L,)`` each,
+        relative to the last layer (1 there).
+    """
+    chi, gain, p_prev = (jnp.asarray(v) for v in (chi, gain, p_prev))
+    tail = jnp.concatenate([chi[1:], jnp.ones((1,), chi.dtype)])
     g_state = jnp.cumprod(tail[::-1])[::-1]
-    g_pre = gh * g_state
+    g_pre = gain * g_state
     g_w = p_prev * g_pre
-    return Theory(
-        q=q,
-        c=c,
-        chi=chi,
-        grad_preact_sq=g_pre / g_pre[-1],
-        grad_state_sq=g_state,
-        grad_weight_sq=g_w / g_w[-1],
-        grad_input_sq=jnp.prod(chi),
-    )
+    return g_state, g_pre / g_pre[-1], g_w / g_w[-1]
 
 
 def input_statistics(model, u: Array) -> tuple[Array, Array, Array]:
@@ -408,40 +443,63 @@ def input_statistics(model, u: Array) -> tuple[Array, Array, Array]:
 
 
 def model_theory(model, u: Array) -> Theory:
-    """:func:`theory` for an :class:`~isometry.networks.MLP` or
-    :class:`~isometry.networks.ConvNet` without normalization, at the statistics
-    of its stack input for the batch ``u``.
+    """:func:`theory` for an :class:`~isometry.networks.MLP` (plain or residual, no
+    normalization or layer normalization before the activation) or a
+    :class:`~isometry.networks.ConvNet`, at the statistics of its stack input
+    for the batch ``u``.
 
     Raises:
-        ValueError: the model normalizes (no mean-field theory here; measure it).
-        TypeError: not a built-in model (call :func:`theory` directly).
+        ValueError: the MLP normalizes otherwise (no mean-field theory here; measure it).
+        TypeError: not an MLP or ConvNet (call :func:`theory` directly).
     """
-    cfg = getattr(model, "config", None)
-    if cfg is None or not hasattr(cfg, "variances"):
+    if not isinstance(model, (networks.MLP, networks.ConvNet)):
         raise TypeError(
-            f"model_theory needs an MLP or ConvNet, got {type(model).__name__}; "
+            f"model_theory needs a networks.MLP or networks.ConvNet, got {type(model).__name__}; "
             "call signal.theory with the layer's variances"
         )
-    norm = getattr(cfg, "norm", "none")
-    ln = norm == "layer" and cfg.norm_position == "pre" and not cfg.residual
-    if norm != "none" and not ln:
-        raise ValueError(
-            f"model_theory: no mean-field theory here for norm={norm!r} "
-            f"(position {getattr(cfg, 'norm_position', None)!r}, residual "
-            f"{getattr(cfg, 'residual', False)}); compare measured statistics instead"
-        )
+    cfg = model.config
+    alpha, ln = None, False
+    if isinstance(cfg, networks.MLPConfig):
+        ln = cfg.norm == "layer" and cfg.norm_position == "pre" and not cfg.residual
+        if cfg.norm != "none" and not ln:
+            raise ValueError(
+                f"model_theory: no mean-field theory here for norm={cfg.norm!r} "
+                f"(position {cfg.norm_position!r}, residual {cfg.residual}); "
+                "compare measured statistics instead"
+            )
+        alpha = cfg.residual_scale if cfg.residual else None
     sw, sb = cfg.variances()
     p0, c0, m0 = input_statistics(model, u)
-    alpha = cfg.residual_scale if getattr(cfg, "residual", False) else None
     return theory(
-        cfg.act,
-        sw,
-        sb,
-        cfg.depth,
-        p0,
-        c0,
-        m0=m0,
-        residual_scale=alpha,
-        layer_norm=ln,
-        width=getattr(cfg, "width", None) if ln else None,
-    )
+        cfg.act, sw, sb, cfg.depth, p0, c0, m0=m0, residual_scale=alpha, layer_norm=ln,
+        width=cfg.width if ln else None,
+    )  # fmt: skip
+
+
+def pair_inputs(key: Array, batch: int, width: int, correlation: float = 0.5) -> Array:
+    """``(batch, width)`` standard normal inputs in pairs ``(0, 1), (2, 3), ...`` of the
+    given correlation ``c``: ``u_b = c u_a + sqrt(1 - c^2) z`` (the pairs of :func:`forward`).
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 2 or batch % 2:
+        raise ValueError(f"batch must be an even integer >= 2, got {batch!r}")
+    width = validate.positive_int("width", width)
+    validate.real_array("correlation", correlation, minimum=-1.0, maximum=1.0)
+    z = jax.random.normal(key, (batch // 2, 2, width))
+    u = jnp.stack([z[:, 0], correlation * z[:, 0] + math.sqrt(1.0 - correlation**2) * z[:, 1]], 1)
+    return u.reshape(batch, width)
+
+
+def measure_with_theory(model, u: Array, *, key: Array) -> dict[str, Array]:
+    """:func:`measure` (jitted, random-projection loss with ``key``) and, where it exists,
+    :func:`model_theory`: the fields of :class:`Forward` and :class:`Backward` by
+    name, and the fields of :class:`Theory` as ``theory_<name>`` (absent for
+    models without a mean-field theory here, e.g. batch normalization).
+    """
+    s = as_stack(model)
+    fwd, bwd = jax.jit(lambda u: measure(s, u, key=key))(u)
+    out = {**vars(fwd), **vars(bwd)}
+    try:
+        th = model_theory(model, u)
+    except ValueError:
+        return out  # no mean-field theory for this normalization
+    return out | {f"theory_{k}": v for k, v in vars(th).items()}

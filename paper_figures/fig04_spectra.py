@@ -8,7 +8,7 @@ span decades and spectra concentrated at ``s = 1`` read alike; narrow ones get
 a zoomed inset.
 The measurement is the ``spectra`` experiment (inputs on the ``q*`` sphere,
 every depth in one pass), run into a results store; the prediction is
-:func:`isometry.freeprob.singular_value_density` with its atoms.
+:func:`isometry.freeprob.spectral_law` with its atoms.
 """
 
 from __future__ import annotations
@@ -107,11 +107,11 @@ def _measure(panels, depths, width, seeds, root: Path) -> np.ndarray:
 def _theory(act, weights, q, depth, log10_s, points):
     """The density of ``log10 s`` on a grid over the axis, denser over the measured bulk.
 
-    ``p(log10 s) = s ln(10) p_s(s)`` with ``p_s`` from
-    :func:`isometry.freeprob.singular_value_density`. Returns ``(x, density,
-    atom_at_zero, atom_location (log10 s, NaN if none), atom_mass)``.
+    ``p(log10 s) = s ln(10) p_s(s)`` with ``p_s`` from the law of
+    :func:`isometry.freeprob.spectral_law` in the singular values. Returns
+    ``(x, density, atom_at_zero, atom_location (log10 s, NaN if none), atom_mass)``.
     """
-    x_edge = 0.5 * np.log10(freeprob.max_eigenvalue(act, q, depth, weights))
+    x_edge = 0.5 * np.log10(float(freeprob.max_eigenvalue(act, q, depth, weights)))
     finite = log10_s[np.isfinite(log10_s)]
     lo = max(XLIM[0], float(np.quantile(finite, 0.005)) if finite.size else XLIM[0])
     x = np.concatenate(
@@ -123,14 +123,16 @@ def _theory(act, weights, q, depth, log10_s, points):
         ]
     )
     x = np.unique(x[(x >= XLIM[0]) & (x <= max(XLIM[1], x_edge))])
+    s = 10.0**x
     # One grid length for every call (padded with its last point): one compilation.
-    s = 10.0 ** np.pad(x, (0, 2 * points + 16 - x.size), mode="edge")
-    r = freeprob.singular_value_density(act, q, depth, weights, s, on_failure="nan")
-    dens = (s * np.log(10.0) * np.asarray(r.density))[: x.size]
-    locs, masses = np.asarray(r.atom_locations), np.asarray(r.atom_masses)
+    law = freeprob.spectral_law(
+        act, q, depth, weights, s * s, atom_window=0.0, pad_to=2 * points + 16
+    )
+    s, p_s, locs = law.in_singular_values()
+    dens = s * np.log(10.0) * p_s
     loc = float(np.log10(locs[0])) if locs.size else np.nan
-    mass = float(masses[0]) if masses.size else 0.0
-    return x, dens, float(r.atom_at_zero), loc, mass
+    mass = float(law.atom_masses[0]) if law.atom_masses.size else 0.0
+    return x, dens, law.atom_at_zero, loc, mass
 
 
 def compute(panels, depths, width, seeds, points, store) -> dict:

@@ -22,7 +22,7 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-from isometry import gaussian, meanfield, plotting
+from isometry import gaussian, meanfield, plotting, signal
 from isometry.experiments import harness
 
 KEYS = (
@@ -54,11 +54,10 @@ def layer_profile(activation, sigma_w2, sigma_b2, q1, depth) -> np.ndarray:
         if depth > 1:
             rest = meanfield.iterate_q_map(activation, q1, sigma_w2, sigma_b2, depth - 1)
             q = np.concatenate([q, np.asarray(rest, float)])
-        chi = sigma_w2 * np.asarray(gaussian.dphi_moment(activation, q), float)
-    # log prod_{k=l}^{L-1} chi^k for l = 1..L (the empty product at l = L).
-    tail = np.cumsum(np.log(chi[:-1])[::-1])[::-1]
-    g2 = np.exp(np.concatenate([tail, [0.0]])) * np.maximum(q - sigma_b2, 1e-300)
-    return g2 / g2[-1]
+        chi = sigma_w2 * gaussian.dphi_moment(activation, q)
+        # gain^l = chi^l (proportional to mu1(q^l)); p^{l-1} proportional to q^l - sigma_b2.
+        g2 = signal.gradient_profile(chi, chi, np.maximum(q - sigma_b2, 1e-300))[2]
+        return np.asarray(g2, float)
 
 
 def compute(preset, overrides, store) -> dict:

@@ -467,3 +467,49 @@ def test_failure_names_the_points(monkeypatch):
     r = freeprob.spectral_density("relu", 1.0, 2, "gaussian", grid, on_failure="nan")
     assert not np.any(np.asarray(r.converged))
     assert np.all(np.isnan(np.asarray(r.density)))
+
+
+# --------------------------------------------------------------------------- #
+# The tabulated law and its CDF.
+# --------------------------------------------------------------------------- #
+
+
+def test_max_eigenvalue_and_moments_are_float64_arrays():
+    edge = freeprob.max_eigenvalue("tanh", 0.25, 3, "gaussian")
+    m = freeprob.jacobian_moments("tanh", 0.25, 3, "gaussian")
+    assert isinstance(edge, jax.Array) and edge.shape == () and edge.dtype == np.float64
+    assert m.mean.dtype == np.float64
+
+
+def test_spectral_law_cdf_with_atoms():
+    """Hard-tanh, orthogonal: an atom at 0, an atom at sigma_w2^L and a continuous part."""
+    from isometry import spectra
+
+    args = ("hard_tanh", 0.25, 2, "orthogonal")
+    zero, locs, masses = freeprob.spectral_atoms(*args)
+    r = freeprob.spectral_density(*args, [1.0])
+    assert zero == pytest.approx(float(r.atom_at_zero))
+    np.testing.assert_allclose(locs, r.atom_locations, rtol=1e-14)
+    np.testing.assert_allclose(masses, r.atom_masses, rtol=1e-14)
+    edge = float(freeprob.max_eigenvalue(*args))
+    a = float(locs[0])
+    near = a * (1 + np.geomspace(1e-6, 0.1, 20) * [[-1], [1]])
+    grid = np.concatenate([np.geomspace(1e-12, edge, 400), near.ravel()])
+    law = freeprob.spectral_law(*args, grid, floor=1e-12)
+    assert law.edge == pytest.approx(edge)
+    # All mass accounted for: below the floor is the atom at 0 (and a sliver of the density).
+    assert law.below == pytest.approx(zero, abs=2e-3)
+    x = np.geomspace(1e-12, 1.1 * edge, 2000)
+    F = law.cdf(x)
+    assert np.all(np.diff(F) >= -1e-12) and F[-1] == pytest.approx(1.0)
+    jump = law.cdf(a * (1 + 1e-9)) - law.cdf(a * (1 - 1e-9))
+    assert jump == pytest.approx(float(masses[0]), rel=1e-3)
+    assert np.isnan(law.cdf(1e-13))
+    # A sample at the law's quantiles is close to it; the law of Gaussian weights is not.
+    u = (np.arange(4000) + 0.5) / 4000
+    sample = np.where(u < law.below, 0.0, np.interp(u, F, x))
+    sample[np.abs(u - law.cdf(a) + float(masses[0]) / 2) < float(masses[0]) / 2] = a
+    d = spectra.distance_to_law(sample, law)
+    assert d.ks < 0.01 and d.atom_mass_difference < 0.01 and d.wasserstein1 < 0.01
+    wrong = freeprob.spectral_law("hard_tanh", 0.25, 2, "gaussian", grid, floor=1e-12)
+    assert spectra.distance_to_law(sample, wrong).ks > 0.3

@@ -4,8 +4,9 @@ Networks come from the library sampler (:class:`isometry.jacobian.RandomNetwork`
 :func:`isometry.jacobian.random_network_spectra`): width ``N``, critical point of
 ``q*``, inputs on the sphere that gives every pre-activation variance ``q*``,
 one pass to the deepest depth, float64 plain Jacobian products, squared
-singular values by SVD. The prediction is :func:`isometry.freeprob.spectral_density`
-with its atoms.
+singular values by SVD. The prediction is :func:`isometry.freeprob.spectral_law`
+(the density of :func:`isometry.freeprob.spectral_density` with its atoms, as a CDF),
+the statistic :func:`isometry.spectra.distance_to_law`.
 
 **The statistic.** The Kolmogorov-Smirnov distance ``D = sup |F_meas - F|``
 between the empirical law of the eigenvalues of ``J J^T`` pooled over seeds
@@ -70,7 +71,6 @@ each (a different base seed per case).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import math
@@ -92,31 +92,6 @@ ATOM_WINDOW = 1e-6
 SEEDS = 6
 
 
-@dataclasses.dataclass(frozen=True)
-class Law:
-    """The predicted law of the eigenvalues of ``J J^T`` on ``[floor, edge]``.
-
-    ``grid (G,)`` increasing; ``above (G,)`` the continuous mass above each grid
-    point; ``atoms`` ``((location, mass), ...)``; ``zero`` the atom at 0.
-    """
-
-    grid: np.ndarray
-    above: np.ndarray
-    atoms: tuple[tuple[float, float], ...]
-    zero: float
-    floor: float
-    edge: float
-
-    @property
-    def below(self) -> float:
-        """The predicted mass below the floor (the atom at 0 with the continuous part there)."""
-        return 1.0 - float(self.above[0]) - sum(m for _, m in self.atoms)
-
-    def continuous_cdf(self, x):
-        """CDF of the continuous part above the floor, normalized to 1."""
-        return 1.0 - np.interp(x, self.grid, self.above) / self.above[0]
-
-
 def measure(name, weights, q_star, depths, width, seeds, seed=0) -> np.ndarray:
     """Squared singular values ``(seeds, K, N)`` of sampled networks (float64, SVD)."""
     net = jacobian.RandomNetwork(
@@ -132,76 +107,42 @@ GRID = 1200
 """Theory grids are padded to this length: one compilation of the solver per law."""
 
 
-def _density(name, q_star, depth, weights, x):
-    """``spectral_density`` on ``x`` (increasing, at most ``GRID`` points), padded to ``GRID``."""
-    r = freeprob.spectral_density(
-        name, q_star, depth, weights, np.pad(x, (0, GRID - x.size), mode="edge"), on_failure="nan"
-    )
-    return r, np.asarray(r.density)[: x.size], np.asarray(r.converged)[: x.size]
-
-
-def theory_law(name, q_star, depth, weights, floor, measured) -> Law:
+def theory_law(name, q_star, depth, weights, floor, measured) -> freeprob.SpectralLaw:
     """The predicted law above ``floor`` (see the module docstring); ``measured`` places nodes."""
-    edge = freeprob.max_eigenvalue(name, q_star, depth, weights)
+    edge = float(freeprob.max_eigenvalue(name, q_star, depth, weights))
+    _, atoms, _ = freeprob.spectral_atoms(name, q_star, depth, weights)
     inside = np.sort(measured[(measured > floor) & (measured < edge)])
-    base = [
+    parts = [
         np.geomspace(floor, edge, 300),
         np.linspace(0.0, edge, 301)[1:],
         inside[np.linspace(0, inside.size - 1, min(inside.size, 300)).astype(int)],
         edge * (1.0 - np.geomspace(1e-9, 0.1, 30)),
     ]
-    x = np.unique(np.concatenate(base))
-    r, dens, ok = _density(name, q_star, depth, weights, x)
-    atoms = tuple(
-        (float(a), float(m)) for a, m in zip(r.atom_locations, r.atom_masses, strict=True)
-    )
-    if atoms:  # cluster nodes at the atoms, and skip their window
-        parts = [x]
-        for a, _ in atoms:
-            parts += [a * (1.0 - np.geomspace(ATOM_WINDOW, 0.2, 30))]
-            parts += [a * (1.0 + np.geomspace(ATOM_WINDOW, 0.2, 30))]
-        x = np.unique(np.concatenate(parts))
-        x = x[(x >= floor) & (x <= edge)]
-        for a, _ in atoms:
-            x = x[np.abs(x - a) >= 0.999 * ATOM_WINDOW * a]
-        r, dens, ok = _density(name, q_star, depth, weights, x)
-    if not ok.all():
-        # Where the discretized law of d cannot resolve the spectrum (reported by the
-        # solver, deep in the lower tail), the comparison starts above.
-        floor = float(x[~ok].max()) * 1.01
-        keep = x >= floor
-        x, dens, ok = x[keep], dens[keep], ok[keep]
-        assert ok.all(), (name, weights, q_star, depth)
-    f = x * dens
-    seg = 0.5 * (f[1:] + f[:-1]) * np.diff(np.log(x))
-    above = np.concatenate([np.cumsum(seg[::-1])[::-1], [0.0]])
-    return Law(x, above, atoms, float(r.atom_at_zero), floor, edge)
+    for a in atoms:  # cluster nodes at the atoms (the law skips their window)
+        parts += [a * (1.0 - np.geomspace(ATOM_WINDOW, 0.2, 30))]
+        parts += [a * (1.0 + np.geomspace(ATOM_WINDOW, 0.2, 30))]
+    x = np.concatenate(parts)
+    # Where the discretized law of d cannot resolve the spectrum (reported by the
+    # solver, deep in the lower tail), the law's floor moves above.
+    return freeprob.spectral_law(
+        name, q_star, depth, weights, x[(x >= floor) & (x <= edge)], floor=floor,
+        atom_window=ATOM_WINDOW, pad_to=GRID,
+    )  # fmt: skip
 
 
-def distance(lam, law: Law) -> float:
+def distance(lam, law: freeprob.SpectralLaw) -> float:
     """``sup_{lambda >= floor} |F_meas - F|`` (bounded above as in the module docstring)."""
-    lam = np.ravel(lam)
-    n = lam.size
-    d = abs(float(np.mean(lam <= law.floor)) - law.below)
-    at_atom = np.zeros(n, bool)
-    for a, m in law.atoms:
-        hit = np.abs(lam - a) <= ATOM_WINDOW * a
-        d += abs(float(np.mean(hit)) - m)
-        at_atom |= hit
-    rest = lam[(lam > law.floor) & ~at_atom]
-    if rest.size and law.above[0] > 0:
-        d += rest.size / n * float(spectra.ks_distance_cdf(rest, law.continuous_cdf))
-    return min(d, 1.0)
+    return spectra.distance_to_law(lam, law, atom_window=ATOM_WINDOW).ks
 
 
-def fluctuation(lam, law: Law) -> float:
+def fluctuation(lam, law: freeprob.SpectralLaw) -> float:
     """``F``: the mean two-sample KS distance between seeds ``lam (S, N)``, over ``sqrt(2)``.
 
     Values below the floor are set to the floor, values at an atom to the atom (each
     compared as one mass, as in :func:`distance`).
     """
     x = np.maximum(lam, law.floor)
-    for a, _ in law.atoms:
+    for a in law.atom_locations:
         x = np.where(np.abs(x - a) <= ATOM_WINDOW * a, a, x)
     pairs = [float(spectra.ks_distance(a, b)) for a, b in itertools.combinations(x, 2)]
     return float(np.mean(pairs)) / math.sqrt(2.0)
@@ -242,7 +183,7 @@ def check(name, weights, q_star, depths, width=WIDTH, seeds=SEEDS, report=print)
         floor = FLOOR * float(sample.max())
         law = theory_law(name, q_star, depth, weights, floor, sample.ravel())
         # The continuous mass on the grid cannot exceed what the atoms leave.
-        assert law.below >= law.zero - 1e-3, (name, weights, q_star, depth, law.below)
+        assert law.below >= law.atom_at_zero - 1e-3, (name, weights, q_star, depth, law.below)
         rec = {
             "case": f"{name} {weights} q*={q_star:g} L={depth}",
             "D": distance(sample, law),

@@ -112,3 +112,11 @@ def test_bad_arguments():
         gaussian.expect(jnp.tanh, 1.0, quad="fine")
     with pytest.raises(ValueError, match="k must be a non-negative integer"):
         gaussian.dphi_moment("tanh", 1.0, k=-1)
+
+
+def test_nodes_integrate_the_normal_measure():
+    quad = gaussian.Quadrature(points=12, panels=24)
+    z, w = gaussian.nodes([(0.0, 1.0, (0.0,))], quad)
+    assert z.shape == w.shape
+    np.testing.assert_allclose(float(jnp.sum(w)), 1.0, atol=1e-6)
+    np.testing.assert_allclose(float(jnp.sum(w * z**2)), 1.0, atol=1e-5)

@@ -381,3 +381,42 @@ def test_plain_mlp_depth_50_several_seeds(act, sw, sb):
         np.testing.assert_array_less(
             np.abs(log_ratio(bwd.grad_preact_sq) - np.log(th.grad_preact_sq)), Z * sd_g + 1e-9
         )
+
+
+def test_gradient_profile_is_the_backward_pass_of_theory():
+    """Plain network: ||g_W^l||^2 = prod_{k=l}^{L-1} chi^k (q^l - sigma_b2), relative to layer L."""
+    sw, sb, L = 1.7, 0.1, 8
+    th = signal.theory("tanh", sw, sb, L, 0.4)
+    q, chi = np.asarray(th.q), np.asarray(th.chi)
+    tail = np.cumprod(np.concatenate([chi[:-1], [1.0]])[::-1])[::-1]
+    expected = tail * (q - sb) / (q[-1] - sb)
+    np.testing.assert_allclose(th.grad_weight_sq, expected, rtol=1e-5)
+    g_state, g_pre, g_w = signal.gradient_profile(th.chi, th.chi / sw, (q - sb) / sw)
+    np.testing.assert_allclose(g_state, th.grad_state_sq, rtol=1e-6)
+    np.testing.assert_allclose(g_pre, th.grad_preact_sq, rtol=1e-6)
+    np.testing.assert_allclose(g_w, th.grad_weight_sq, rtol=1e-5)
+
+
+def test_model_theory_needs_a_builtin_model():
+    with pytest.raises(TypeError, match="MLP or networks"):
+        signal.model_theory(object(), jnp.ones((2, 4)))
+
+
+def test_pair_inputs():
+    u = signal.pair_inputs(jax.random.key(0), 4000, 64, correlation=0.5)
+    assert u.shape == (4000, 64)
+    np.testing.assert_allclose(np.mean(np.asarray(u[0::2] * u[1::2])), 0.5, atol=0.01)
+    with pytest.raises(ValueError, match="batch"):
+        signal.pair_inputs(jax.random.key(0), 3, 8)
+
+
+def test_measure_with_theory_keys():
+    cfg = nw.MLPConfig(depth=3, width=8)
+    model = nw.MLP(cfg, rngs=nnx.Rngs(0))
+    u = signal.pair_inputs(jax.random.key(1), 4, 8)
+    out = signal.measure_with_theory(model, u, key=jax.random.key(2))
+    assert {"q", "grad_preact_sq", "theory_q", "theory_grad_weight_sq"} <= set(out)
+    bn = nw.MLP(nw.MLPConfig(depth=3, width=8, norm="batch"), rngs=nnx.Rngs(0))
+    assert not any(
+        k.startswith("theory_") for k in signal.measure_with_theory(bn, u, key=jax.random.key(2))
+    )
