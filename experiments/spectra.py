@@ -185,7 +185,9 @@ def run(
     )
 
 
-def run_cases(cases, depths, width: int, seeds: int, root, *, preset: str = "quick") -> dict:
+def run_cases(
+    cases, depths, width: int, seeds: int, root, *, preset: str = "quick", progress: bool = False
+) -> dict:
     """Run the sweep for ``cases`` ``(activation, weights, q*)``: one store per activation/weights.
 
     Each group's ``q*`` values share one sweep, in
@@ -213,7 +215,7 @@ def run_cases(cases, depths, width: int, seeds: int, root, *, preset: str = "qui
         cfg = experiments.config("spectra", preset, over)
         out = Path(root) / f"{act}_{w}_{sweep.fingerprint('spectra', cfg)[:10]}"
         with jax.enable_x64(False):
-            experiments.run("spectra", preset, over, out, progress=False)
+            experiments.run("spectra", preset, over, out, progress=progress)
         runs[(act, w)] = (cfg, out)
     return runs
 

@@ -78,7 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from isometry import gaussian as gs
-from isometry import meanfield, validate
+from isometry import initializers, validate
 from isometry.activations import Activation
 from isometry.activations import get as get_activation
 
@@ -250,10 +250,10 @@ def _check_depth(depth):
 
 
 def _sigma(act, q_star, sigma_w2):
+    """``sigma_w2`` as given, or that of the critical point of ``q*`` (the shared resolver)."""
     if sigma_w2 is None:
         with jax.enable_x64(True):
-            sw, _ = meanfield.critical_point(act, np.float64(q_star))
-        return float(sw)
+            return initializers.critical_variances(act, np.float64(q_star)).sigma_w2
     validate.real_array("sigma_w2", sigma_w2, minimum=0.0, strict=True)
     if np.ndim(sigma_w2) != 0:
         raise ValueError(f"sigma_w2 must be a scalar, got shape {np.shape(sigma_w2)}")

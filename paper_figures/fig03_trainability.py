@@ -17,6 +17,7 @@ import numpy as np
 
 from isometry import plotting
 from isometry.experiments import harness, trainability
+from isometry.paper_figures import core
 
 KEYS = (
     "sigma_w2", "depth", "train_accuracy", "eval_accuracy", "diverged_fraction",
@@ -52,7 +53,9 @@ def _flag(column) -> np.ndarray:
 
 
 def compute(preset, overrides, store) -> dict:
-    run = harness.stored_run("trainability", preset, overrides, store)
+    run = harness.stored_run(
+        "trainability", preset, overrides, store, progress=core.progress_enabled()
+    )
     cfg, t = run.config, dict(run.table)
     t["diverged"] = _flag(t["diverged"])
     sw = np.asarray(sorted(set(cfg.sigma_w2)), float)

@@ -20,6 +20,7 @@ import numpy as np
 
 from isometry import freeprob, plotting, sweep
 from isometry.experiments import spectra as spectra_experiment
+from isometry.paper_figures import core
 
 KEYS = (
     "depths",
@@ -93,7 +94,7 @@ def _measure(panels, depths, width, seeds, root: Path) -> np.ndarray:
     """
     found = {}
     for (act, w), (cfg, out) in spectra_experiment.run_cases(
-        panels, depths, width, seeds, root
+        panels, depths, width, seeds, root, progress=core.progress_enabled()
     ).items():
         store = sweep.Store(out, "spectra", cfg)
         for p in spectra_experiment.grid(cfg).points():

@@ -19,6 +19,7 @@ import numpy as np
 
 from isometry import freeprob, plotting, sweep
 from isometry.experiments import spectra as spectra_experiment
+from isometry.paper_figures import core
 
 KEYS = (
     "case_activation",
@@ -75,7 +76,9 @@ def _measure(cases, depths, width, seeds, root: Path) -> list[dict]:
     One sweep per (activation, weights) over its ``q*`` values, into
     ``root/<activation>_<weights>_<fingerprint>`` (float32).
     """
-    runs = spectra_experiment.run_cases(cases, depths, width, seeds, root)
+    runs = spectra_experiment.run_cases(
+        cases, depths, width, seeds, root, progress=core.progress_enabled()
+    )
     tables = {k: sweep.load_table(out / "results.csv") for k, (_, out) in runs.items()}
     found = []
     for act, w, q in cases:

@@ -23,6 +23,7 @@ import numpy as np
 from isometry import plotting
 from isometry.experiments import harness
 from isometry.experiments import learning_speed as ls
+from isometry.paper_figures import core
 
 KEYS = (
     "settings", "inits", "depth", "steps_to_accuracy", "jac_var", "jac_mean", "jac_var_theory",
@@ -52,7 +53,9 @@ def _padded(arrays: list[np.ndarray], length: int) -> np.ndarray:
 
 
 def compute(preset, overrides, store) -> dict:
-    run = harness.stored_run("learning_speed", preset, overrides, store)
+    run = harness.stored_run(
+        "learning_speed", preset, overrides, store, progress=core.progress_enabled()
+    )
     cfg, t = run.config, run.table
     S, I, D, R = len(cfg.settings), len(cfg.inits), len(cfg.depths), cfg.seeds
     depths = np.asarray(cfg.depths, int)

@@ -38,6 +38,7 @@ import numpy as np
 
 from isometry import plotting, signal
 from isometry.experiments import gradients, harness
+from isometry.paper_figures import core
 
 KEYS = ("layer", "activations", "inits", "techniques", "grad_preact_sq", "relative", "theory")
 
@@ -75,7 +76,9 @@ def theory_curves(cfg, activation: str, technique: str) -> np.ndarray:
 
 
 def compute(preset, overrides, store) -> dict:
-    run = harness.stored_run("gradients", preset, overrides, store)
+    run = harness.stored_run(
+        "gradients", preset, overrides, store, progress=core.progress_enabled()
+    )
     cfg, t = run.config, run.table
     acts, inits, techs = cfg.activations, cfg.inits, cfg.techniques
     L, S = cfg.depth, cfg.seeds

@@ -24,6 +24,7 @@ import numpy as np
 
 from isometry import gaussian, meanfield, plotting, signal
 from isometry.experiments import harness
+from isometry.paper_figures import core
 
 KEYS = (
     "clips", "step", "loss", "grad_norm", "grad_norm_clipped", "diverged_step",
@@ -61,7 +62,7 @@ def layer_profile(activation, sigma_w2, sigma_b2, q1, depth) -> np.ndarray:
 
 
 def compute(preset, overrides, store) -> dict:
-    run = harness.stored_run("clipping", preset, overrides, store)
+    run = harness.stored_run("clipping", preset, overrides, store, progress=core.progress_enabled())
     cfg, t = run.config, run.table
     C, R, T = len(cfg.clips), cfg.seeds, cfg.train.steps // cfg.train.log_every
     out = {k: np.full((C, R, T), np.nan) for k in ("loss", "grad_norm", "grad_norm_clipped")}

@@ -49,6 +49,7 @@ import numpy as np
 
 from isometry import plotting
 from isometry.experiments import harness
+from isometry.paper_figures import core
 
 KEYS = (
     "activations",
@@ -102,7 +103,9 @@ def linear_rate(batch):
 
 
 def compute(preset, overrides, store, layer_batch) -> dict:
-    run = harness.stored_run("batchnorm", preset, overrides, store)
+    run = harness.stored_run(
+        "batchnorm", preset, overrides, store, progress=core.progress_enabled()
+    )
     cfg, t = run.config, run.table
     if layer_batch not in cfg.batch_sizes:
         raise ValueError(f"layer_batch must be one of {cfg.batch_sizes}, got {layer_batch}")

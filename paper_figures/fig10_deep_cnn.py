@@ -39,6 +39,7 @@ import numpy as np
 
 from isometry import freeprob, plotting
 from isometry.experiments import harness
+from isometry.paper_figures import core
 
 KEYS = (
     "inits",
@@ -93,8 +94,9 @@ LABELS = {"delta_orthogonal": "delta-orthogonal", "gaussian": "Gaussian"}
 def _run(name: str, preset: str, overrides, store) -> harness.StoredRun:
     """Experiment ``name`` read back from its store (``store`` formatted with the name)."""
     return harness.stored_run(
-        name, preset, overrides, None if store is None else store.format(name)
-    )
+        name, preset, overrides, None if store is None else store.format(name),
+        progress=core.progress_enabled(),
+    )  # fmt: skip
 
 
 def _per_seed(t, inits, depths, seeds, column) -> np.ndarray:
