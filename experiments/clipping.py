@@ -102,10 +102,7 @@ class Config:
         validate.real_array("sigma_w2", self.sigma_w2, minimum=0.0, strict=True)
         validate.real_array("sigma_b2", self.sigma_b2, minimum=0.0)
         validate.positive_int("depth", self.depth)
-        validate.positive_int("width", self.width)
-        validate.positive_int("seeds", self.seeds)
-        validate.choice("dataset", self.dataset, harness.DATASETS)
-        harness.check_train(self.train)
+        harness.check_study(self)
 
 
 PRESETS = {
@@ -163,11 +160,9 @@ def gradient_growth(activation: str, sigma_w2: float, sigma_b2: float, ds) -> fl
 def run(
     cfg: Config, out, *, per_device: int = 4, optimize: bool = True, progress: bool = True
 ) -> Path:
-    """Run the sweep into the store ``out``; returns the aggregate csv path.
+    """Train the same exploding MLP once per (clip rule, seed) into ``out``; the csv path.
 
-    Each point is an independent training (``per_device`` and ``optimize``
-    do not apply; points are dealt to processes by
-    :func:`isometry.sweep.run_partitioned`).
+    ``per_device`` and ``optimize`` are unused (independent runs).
     """
     del per_device, optimize
     store = sweep.Store(out, "clipping", cfg)

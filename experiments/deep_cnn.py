@@ -79,11 +79,8 @@ class Config:
         validate.choice("activation", self.activation, ACTIVATIONS)
         validate.real_array("q_star", self.q_star, minimum=0.0, strict=True)
         validate.positive_ints("depths", self.depths)
-        validate.positive_int("channels", self.channels)
-        validate.positive_int("size", self.size)
+        validate.int_fields(self, "channels", "size", "kernel_size", "seeds")
         validate.choice("spatial_dims", self.spatial_dims, (1, 2))
-        validate.positive_int("kernel_size", self.kernel_size)
-        validate.positive_int("seeds", self.seeds)
         validate.positive_int("seed", self.seed, 0)
 
 

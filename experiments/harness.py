@@ -145,6 +145,14 @@ def scaled(ds: _data.Dataset, s: float) -> _data.Dataset:
     )
 
 
+def check_study(cfg) -> None:
+    """Checks of the fields every training study shares: ``width``, ``seeds`` (integers
+    >= 1), ``dataset`` (one of :data:`DATASETS`) and ``train`` (:func:`check_train`)."""
+    validate.int_fields(cfg, "width", "seeds")
+    validate.choice("dataset", cfg.dataset, DATASETS)
+    check_train(cfg.train)
+
+
 def check_train(train: training.TrainConfig) -> None:
     """Checks of an experiment's :class:`~isometry.training.TrainConfig` beyond its own.
 

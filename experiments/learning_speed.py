@@ -160,13 +160,10 @@ class Config:
             critical_setting(s)
         validate.names("inits", self.inits, INITS)
         validate.positive_ints("depths", self.depths)
-        validate.positive_int("width", self.width)
         validate.positive_int("lr_reference_depth", self.lr_reference_depth)
         validate.real_array("lr_depth_exponent", self.lr_depth_exponent)
         validate.real_array("accuracy_threshold", self.accuracy_threshold, minimum=0.0, maximum=1.0)
-        validate.positive_int("seeds", self.seeds)
-        validate.choice("dataset", self.dataset, harness.DATASETS)
-        harness.check_train(self.train)
+        harness.check_study(self)
         validate.positive_int("train.eval_every", self.train.eval_every)
 
 
@@ -213,11 +210,10 @@ def train_config(cfg: Config, depth: int, seed: int) -> training.TrainConfig:
 def run(
     cfg: Config, out, *, per_device: int = 4, optimize: bool = True, progress: bool = True
 ) -> Path:
-    """Run the sweep into the store ``out``; returns the aggregate csv path.
+    """Train one MLP per (setting, init, depth, seed) into the store ``out``; the csv path.
 
-    Each point is an independent training (``per_device`` and ``optimize``
-    do not apply; points are dealt to processes by
-    :func:`isometry.sweep.run_partitioned`).
+    Each run starts at its setting's critical point with inputs scaled to
+    ``q*``; ``per_device`` and ``optimize`` are unused (independent runs).
     """
     del per_device, optimize
     store = sweep.Store(out, "learning_speed", cfg)

@@ -72,10 +72,7 @@ class Config:
     def __post_init__(self):
         validate.names("activations", self.activations, ACTIVATIONS)
         validate.names("weights", self.weights, WEIGHTS)
-        if not isinstance(self.q_stars, tuple) or not self.q_stars:
-            raise ValueError(f"q_stars must be a non-empty tuple, got {self.q_stars!r}")
-        for q in self.q_stars:
-            validate.real_array("q_stars", q, minimum=0.0, strict=True)
+        validate.reals("q_stars", self.q_stars, minimum=0.0, strict=True)
         validate.positive_ints("depths", self.depths)
         validate.positive_int("width", self.width, 2)
         validate.positive_int("seeds", self.seeds)

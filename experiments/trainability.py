@@ -92,15 +92,10 @@ class Config:
 
     def __post_init__(self):
         validate.choice("activation", self.activation, tuple(activations.names()))
-        if not isinstance(self.sigma_w2, tuple) or not self.sigma_w2:
-            raise ValueError(f"sigma_w2 must be a non-empty tuple, got {self.sigma_w2!r}")
-        validate.real_array("sigma_w2", self.sigma_w2, minimum=0.0, strict=True)
+        validate.reals("sigma_w2", self.sigma_w2, minimum=0.0, strict=True)
         validate.real_array("sigma_b2", self.sigma_b2, minimum=0.0)
         validate.positive_ints("depths", self.depths)
-        validate.positive_int("width", self.width)
-        validate.positive_int("seeds", self.seeds)
-        validate.choice("dataset", self.dataset, harness.DATASETS)
-        harness.check_train(self.train)
+        harness.check_study(self)
 
 
 PRESETS = {
@@ -147,11 +142,10 @@ def train_config(cfg: Config, seed: int) -> training.TrainConfig:
 def run(
     cfg: Config, out, *, per_device: int = 4, optimize: bool = True, progress: bool = True
 ) -> Path:
-    """Run the sweep into the store ``out``; returns the aggregate csv path.
+    """Train one MLP per (depth, sigma_w2, seed) into the store ``out``; the csv path.
 
-    Each point is an independent training (``per_device`` and ``optimize``
-    do not apply; points are dealt to processes by
-    :func:`isometry.sweep.run_partitioned`).
+    Runs go through :func:`isometry.experiments.harness.run_points`
+    (``per_device`` and ``optimize`` are for vectorized sweeps and unused).
     """
     del per_device, optimize
     store = sweep.Store(out, "trainability", cfg)

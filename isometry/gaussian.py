@@ -319,11 +319,7 @@ def phi_kernel(
 ) -> Array:
     """``E[phi(u1) phi(u2)]`` at variances ``q1, q2`` and correlation ``c``."""
     act = _act(act)
-    dtype = jnp.result_type(q1, q2, c, float)
-    q1, q2, c = (jnp.asarray(v, dtype=dtype) for v in (q1, q2, c))
-    if act.kernel is not None:
-        return act.kernel(q1, q2, c * jnp.sqrt(q1 * q2), **act.kwargs)
-    return expect2(act.phi, act.phi, q1, q2, c, kinks_f=act.kinks, kinks_g=act.kinks, quad=quad)
+    return _kernel(act, act.kernel, act.phi, q1, q2, c, quad)
 
 
 def deriv_kernel(
@@ -331,8 +327,14 @@ def deriv_kernel(
 ) -> Array:
     """``E[phi'(u1) phi'(u2)]`` at variances ``q1, q2`` and correlation ``c``."""
     act = _act(act)
+    return _kernel(act, act.deriv_kernel, act.dphi, q1, q2, c, quad)
+
+
+def _kernel(act, closed_form, f, q1, q2, c, quad):
+    """``E[f(u1) f(u2)]``: the activation's closed form (of the covariance) if it has one,
+    else the 2-D quadrature."""
     dtype = jnp.result_type(q1, q2, c, float)
     q1, q2, c = (jnp.asarray(v, dtype=dtype) for v in (q1, q2, c))
-    if act.deriv_kernel is not None:
-        return act.deriv_kernel(q1, q2, c * jnp.sqrt(q1 * q2), **act.kwargs)
-    return expect2(act.dphi, act.dphi, q1, q2, c, kinks_f=act.kinks, kinks_g=act.kinks, quad=quad)
+    if closed_form is not None:
+        return closed_form(q1, q2, c * jnp.sqrt(q1 * q2), **act.kwargs)
+    return expect2(f, f, q1, q2, c, kinks_f=act.kinks, kinks_g=act.kinks, quad=quad)

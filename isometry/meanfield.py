@@ -372,10 +372,15 @@ def solve_c_star(
 
 
 def _correlation_point(act, sigma_w2, sigma_b2, exact, quad):
+    exact = _checked_exactness(sigma_w2, sigma_b2, exact)
+    return _correlation_point_jit(act, sigma_w2, sigma_b2, exact, quad)
+
+
+def _checked_exactness(sigma_w2, sigma_b2, exact) -> bool:
+    """Validate the variances; ``exact`` (the accurate c* route) defaults to float64 inputs."""
     _validate(sigma_w2, sigma_b2)
     dtype = _dtype(sigma_w2, sigma_b2)
-    exact = (jnp.dtype(dtype) == jnp.float64) if exact is None else bool(exact)
-    return _correlation_point_jit(act, sigma_w2, sigma_b2, exact, quad)
+    return (jnp.dtype(dtype) == jnp.float64) if exact is None else bool(exact)
 
 
 @functools.partial(jax.jit, static_argnames=("act", "exact", "quad"))
@@ -484,9 +489,7 @@ def depth_scales(act: Activation | str, sigma_w2, sigma_b2, *, quad=None) -> tup
 
 
 def _diagram_point(act, sigma_w2, sigma_b2, quad, exact=None):
-    _validate(sigma_w2, sigma_b2)
-    dtype = _dtype(sigma_w2, sigma_b2)
-    exact = (jnp.dtype(dtype) == jnp.float64) if exact is None else bool(exact)
+    exact = _checked_exactness(sigma_w2, sigma_b2, exact)
     return _diagram_point_jit(act, sigma_w2, sigma_b2, quad, exact)
 
 

@@ -12,7 +12,16 @@ from __future__ import annotations
 import numpy as np
 from jax import core
 
-__all__ = ["choice", "is_concrete", "names", "positive_int", "positive_ints", "real_array"]
+__all__ = [
+    "choice",
+    "int_fields",
+    "is_concrete",
+    "names",
+    "positive_int",
+    "positive_ints",
+    "real_array",
+    "reals",
+]
 
 
 def is_concrete(x) -> bool:
@@ -68,6 +77,20 @@ def positive_ints(field: str, values, minimum: int = 1) -> tuple:
         raise ValueError(f"{field} must be a non-empty tuple, got {values!r}")
     for v in values:
         positive_int(field, v, minimum)
+    return values
+
+
+def int_fields(config, *fields: str, minimum: int = 1) -> None:
+    """Each named field of ``config`` is an integer ``>= minimum`` (:func:`positive_int`)."""
+    for field in fields:
+        positive_int(field, getattr(config, field), minimum)
+
+
+def reals(field: str, values, *, minimum=None, strict=False) -> tuple:
+    """``values`` is a non-empty tuple of finite reals in range (:func:`real_array`)."""
+    if not isinstance(values, tuple) or not values:
+        raise ValueError(f"{field} must be a non-empty tuple, got {values!r}")
+    real_array(field, values, minimum=minimum, strict=strict)
     return values
 
 

@@ -13,12 +13,12 @@ every depth in one pass), run into a results store; the prediction is
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from isometry import freeprob, plotting, sweep
+from isometry.experiments import harness
 from isometry.experiments import spectra as spectra_experiment
 from isometry.paper_figures import core
 
@@ -139,11 +139,8 @@ def _theory(act, weights, q, depth, log10_s, points):
 def compute(panels, depths, width, seeds, points, store) -> dict:
     panels = [(str(a), str(w), float(q)) for a, w, q in panels]
     depths = tuple(int(d) for d in depths)
-    if store is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            lam = _measure(panels, depths, width, seeds, Path(tmp))
-    else:
-        lam = _measure(panels, depths, width, seeds, Path(store))
+    with harness.results_dir(store) as root:
+        lam = _measure(panels, depths, width, seeds, root)
     with np.errstate(divide="ignore"):
         log10_s = 0.5 * np.log10(np.clip(lam, 0.0, None))
     P, K = len(panels), len(depths)

@@ -12,12 +12,12 @@ width the deep points fall below the wide-network lines: the limit holds for
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from isometry import freeprob, plotting, sweep
+from isometry.experiments import harness
 from isometry.experiments import spectra as spectra_experiment
 from isometry.paper_figures import core
 
@@ -106,11 +106,8 @@ def _theory(act, weights, q, depths):
 def compute(cases, depths, width, seeds, store) -> dict:
     cases = [(str(a), str(w), float(q)) for a, w, q in cases]
     depths = tuple(int(d) for d in depths)
-    if store is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            measured = _measure(cases, depths, width, seeds, Path(tmp))
-    else:
-        measured = _measure(cases, depths, width, seeds, Path(store))
+    with harness.results_dir(store) as root:
+        measured = _measure(cases, depths, width, seeds, root)
     dt = np.unique(np.round(np.geomspace(1, max(depths), 24)).astype(int))
     theory = [_theory(a, w, q, dt) for a, w, q in cases]
     return {
