@@ -88,12 +88,14 @@ __all__ = [
     "Theory",
     "as_stack",
     "backward",
+    "channel_stats",
     "forward",
     "gradient_profile",
     "input_statistics",
     "measure",
     "measure_with_theory",
     "model_theory",
+    "pair_cosine",
     "pair_inputs",
     "random_projection_loss",
     "theory",
@@ -144,7 +146,7 @@ class Backward:
     loss: Array
 
 
-def _pair_cosine(h: Array) -> Array:
+def pair_cosine(h: Array) -> Array:
     """Mean cosine of pairs ``(0, 1), (2, 3), ...`` along axis 0 (NaN if fewer than 2)."""
     b = h.shape[0] - h.shape[0] % 2
     if h.ndim < 2 or b < 2:
@@ -155,7 +157,10 @@ def _pair_cosine(h: Array) -> Array:
     return jnp.mean(num / den)
 
 
-def _channel_stats(x: Array) -> tuple[Array, Array]:
+def channel_stats(x: Array) -> tuple[Array, Array]:
+    """``(chan_sq_mean, chan_var)`` of ``x`` (channels last): ``mean_ch (mean x)^2`` and
+    ``mean_ch var x``, the mean and variance over every axis but the last (Brock et al. 2021).
+    """
     axes = tuple(range(x.ndim - 1))
     return jnp.mean(jnp.mean(x, axis=axes) ** 2), jnp.mean(jnp.var(x, axis=axes))
 
@@ -163,17 +168,17 @@ def _channel_stats(x: Array) -> tuple[Array, Array]:
 def _layer_stats(x_new: Array, aux: dict) -> dict:
     h = aux.get("preact", x_new)
     post = aux.get("post", x_new)
-    sq_mean, var = _channel_stats(x_new)
+    sq_mean, var = channel_stats(x_new)
     branch = aux.get("branch")
     return {
         "q": jnp.mean(h**2),
-        "c": _pair_cosine(h),
+        "c": pair_cosine(h),
         "act_mean": jnp.mean(post),
         "act_var": jnp.var(post),
         "chan_sq_mean": sq_mean,
         "chan_var": var,
         "branch_var": (
-            jnp.full((), jnp.nan, x_new.dtype) if branch is None else _channel_stats(branch)[1]
+            jnp.full((), jnp.nan, x_new.dtype) if branch is None else channel_stats(branch)[1]
         ),
     }
 
@@ -438,7 +443,7 @@ def input_statistics(model, u: Array) -> tuple[Array, Array, Array]:
     """``(p^0, c^0, m^0)``: mean square, pair cosine and mean of the stack input ``x^0``."""
     s = as_stack(model)
     x0 = s.input_map(_check_batch(u))
-    c0 = _pair_cosine(x0)
+    c0 = pair_cosine(x0)
     return jnp.mean(x0**2), jnp.where(jnp.isnan(c0), 0.0, c0), jnp.mean(x0)
 
 

@@ -1,0 +1,933 @@
+"""Probe any Flax NNX model: per-block signal propagation, gradients and Jacobian spectra.
+
+The other measurement modules take a network as a scanned stack. This one
+takes the researcher's own ``flax.nnx`` model as written (a ResNet with batch
+norm, a pre-LN transformer, blocks of different widths) and measures it at
+*cut points*: module paths such as ``"layers.3"`` or ``"stages.1.blocks.0"``.
+
+* :func:`blocks` finds the cut points: the direct children of an
+  ``nnx.Sequential``, or the items of a list / ``nnx.List`` attribute named
+  ``blocks`` or ``layers`` (searched through nested modules and lists, in
+  definition order). Any list of module paths may be passed as ``at=``.
+* :func:`signal` (-> :class:`ProbeSignal`): per cut point the forward
+  statistics of the block's output ``y^l`` (batch first, channels last)
+
+      mean_sq^l      = mean (y^l)^2
+      chan_sq_mean^l = mean_ch (mean_{batch, positions} y^l)^2
+      chan_var^l     = mean_ch  var_{batch, positions} y^l
+      branch_var^l   = chan_var of ``block.branch(input)`` when the block has a
+                       ``branch`` method (residual blocks), else NaN
+      pair_cosine^l  = mean cosine of the example pairs (0, 1), (2, 3), ...
+      position_cosine^l = mean cosine between distinct positions (tokens,
+                       pixels) of one example, averaged over examples (NaN for
+                       ``(B, N)`` outputs); 1 is rank collapse
+
+  (the signal-propagation plots of Brock, De & Smith 2021, "Characterizing
+  signal propagation to close the performance gap in unnormalized ResNets",
+  with the definitions of :mod:`isometry.signal`), and for a scalar
+  ``loss(model(x))`` (default: the random projection of
+  :func:`isometry.signal.random_projection_loss`) the squared gradient norms
+
+      grad_out_sq^l    = ||dLoss/dy^l||_F^2          (zero probes added to y^l)
+      grad_param_sq^l  = ||dLoss/dtheta^l||_F^2     (every nnx.Param of the block)
+      grad_kernel_sq^l = the same over its parameters of rank >= 2 (kernels)
+
+  from one forward and one backward pass.
+* :func:`jacobian_spectra` (-> :class:`ProbeSpectra`): for one example ``x_i``
+  of the batch (the others held fixed, so batch norm in training mode is
+  included), the squared singular values of the cumulative Jacobian
+  ``d y^l_i / d x_i`` and of each block on its own, ``d y^l_i / d u^l_i`` at
+  its input ``u^l`` of the same forward pass; dense (``jax.jacfwd``, exact)
+  or matrix-free stochastic Lanczos quadrature (:func:`isometry.spectra.slq`).
+* :func:`theory`: the mean-field prediction (:func:`isometry.signal.theory`)
+  where it covers the model: a toolkit ``networks.MLP``/``ConvNet``, or cut
+  points that are square ``nnx.Linear`` layers of a plain dense network.
+* :func:`plot`: all of it per block in one figure (PNG + PDF).
+
+The model is never modified: every pass runs on a copy
+(``nnx.merge(..., copy=True)``), in training or evaluation mode as the user
+set it (batch norm in training mode normalizes with batch statistics; the
+copy's running statistics are discarded). Everything is jittable
+(``jax.jit(lambda x: probe.signal(model, x, key=key))``); the non-finite check
+runs when the values are concrete.
+
+Example:
+    >>> import jax
+    >>> from flax import nnx
+    >>> from isometry import probe
+    >>> model = nnx.Sequential(*[nnx.Linear(16, 16, rngs=nnx.Rngs(i)) for i in range(4)])
+    >>> x = jax.random.normal(jax.random.key(0), (8, 16))
+    >>> probe.blocks(model)
+    ['layers.0', 'layers.1', 'layers.2', 'layers.3']
+    >>> probe.signal(model, x, key=jax.random.key(1)).grad_out_sq.shape
+    (4,)
+    >>> probe.jacobian_spectra(model, x).cumulative[3].shape
+    (16,)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from isometry import jacobian as _jacobian
+from isometry import signal as _signal
+from isometry import spectra, validate
+
+__all__ = [
+    "ProbeSignal",
+    "ProbeSpectra",
+    "blocks",
+    "jacobian_spectra",
+    "plot",
+    "signal",
+    "slq_w1_bound",
+    "theory",
+]
+
+Array = jax.Array
+_LIST_NAMES = ("blocks", "layers")
+METHODS = ("auto", "dense", "slq")
+
+
+class ProbeError(ValueError):
+    """A model or input the probe cannot measure (the message says why and what to pass)."""
+
+
+# --------------------------------------------------------------------------- #
+# Cut points.
+# --------------------------------------------------------------------------- #
+
+
+def _is_list(obj) -> bool:
+    return isinstance(obj, (list, tuple, nnx.List))
+
+
+def _attrs(obj) -> list:
+    if _is_list(obj):
+        return [(str(i), v) for i, v in enumerate(obj)]
+    if not isinstance(obj, nnx.Module):
+        return []
+    return [(k, v) for k, v in vars(obj).items() if not k.startswith("_")]
+
+
+def _walk(obj, prefix: str = ""):
+    """``(path, module)`` of every nested module, depth first in definition order."""
+    for name, value in _attrs(obj):
+        path = f"{prefix}{name}"
+        if isinstance(value, nnx.Module) and not _is_list(value):
+            yield path, value
+        if isinstance(value, nnx.Module) or _is_list(value):
+            yield from _walk(value, path + ".")
+
+
+def _discover(obj, prefix: str) -> list[str]:
+    if isinstance(obj, nnx.Sequential):
+        return [f"{prefix}layers.{i}" for i in range(len(obj.layers))]
+    found = []
+    for name, value in _attrs(obj):
+        if _is_list(value) and name in _LIST_NAMES:
+            found += [f"{prefix}{name}.{i}" for i in range(len(value))]
+        elif _is_list(value) or isinstance(value, nnx.Module):
+            found += _discover(value, f"{prefix}{name}.")
+    return found
+
+
+def _available(model) -> str:
+    paths = [p for p, _ in _walk(model)]
+    return ", ".join(paths) if paths else "(none: the model has no submodules)"
+
+
+def blocks(model) -> list[str]:
+    """The cut points of ``model`` in forward order (module paths joined by ``"."``).
+
+    The direct children of an ``nnx.Sequential`` (``"layers.0"``, ...), else
+    the items of every list / ``nnx.List`` attribute named ``blocks`` or
+    ``layers``, found through nested modules and lists in definition order
+    (``"stages.0.blocks.0"``, ``"stages.0.blocks.1"``, ``"stages.1.blocks.0"``).
+
+    Raises:
+        ProbeError: nothing found; the message lists the module paths to pass as ``at=``.
+    """
+    _check_model(model)
+    found = _discover(model, "")
+    if not found:
+        raise ProbeError(
+            f"probe.blocks: cannot find the blocks of {type(model).__name__}: it is not an "
+            "nnx.Sequential and has no list or nnx.List attribute named 'blocks' or 'layers'; "
+            f"pass the cut points as at=[...], module paths among: {_available(model)}"
+        )
+    return found
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
+
+
+def _child(obj, part: str):
+    if _is_list(obj):
+        if not part.isdigit() or int(part) >= len(obj):
+            raise KeyError(part)
+        return obj[int(part)]
+    if part.startswith("_") or not isinstance(obj, nnx.Module) or not hasattr(obj, part):
+        raise KeyError(part)
+    return getattr(obj, part)
+
+
+def _lookup(model, path: str):
+    obj = model
+    for part in path.split("."):
+        obj = _child(obj, part)
+    return obj
+
+
+def _resolve_at(model, at) -> tuple[str, ...]:
+    _check_model(model)
+    if at is None:
+        return tuple(blocks(model))
+    paths = (at,) if isinstance(at, str) else tuple(at)
+    if not paths or not all(isinstance(p, str) for p in paths):
+        raise ProbeError(f"at must be a non-empty list of module paths (strings), got {at!r}")
+    if len(set(paths)) != len(paths):
+        raise ProbeError(f"at names a path twice: {list(paths)}")
+    for p in paths:
+        try:
+            target = _lookup(model, p)
+        except (KeyError, IndexError):
+            raise ProbeError(
+                f"at: {p!r} is not a module path of {type(model).__name__}; "
+                f"available: {_available(model)}"
+            ) from None
+        if not callable(target):
+            raise ProbeError(f"at: {p!r} is a {type(target).__name__}, not a callable block")
+    return paths
+
+
+# --------------------------------------------------------------------------- #
+# The instrumented forward pass.
+# --------------------------------------------------------------------------- #
+
+
+class _Tap(nnx.Module):
+    """Stands in for a block in the probe's copy of the model and reports to ``hook``."""
+
+    def __init__(self, inner, hook):
+        self.inner = inner
+        self.hook = hook
+
+    def __call__(self, x, *args, **kwargs):
+        return self.hook(self.inner, x, args, kwargs)
+
+
+@dataclasses.dataclass
+class _Record:
+    inputs: list
+    outputs: list
+    extras: list
+    branch: list
+
+
+def _hook(rec: _Record, i: int, path: str, deltas, want_branch: bool):
+    def hook(inner, x, args, kwargs):
+        if rec.outputs[i] is not None:
+            raise ProbeError(f"block {path!r} is called more than once in the forward pass")
+        y = inner(x, *args, **kwargs)
+        if not isinstance(y, jax.Array) or not isinstance(x, jax.Array):
+            raise ProbeError(f"block {path!r} must map an array to an array")
+        if want_branch and callable(getattr(inner, "branch", None)):
+            rec.branch[i] = jax.lax.stop_gradient(inner.branch(x, *args, **kwargs))
+        if deltas is not None:
+            y = y + deltas[i]
+        rec.inputs[i], rec.extras[i], rec.outputs[i] = x, (args, kwargs), y
+        return y
+
+    return hook
+
+
+def _install(m, path: str, tap) -> None:
+    parent_path, _, key = path.rpartition(".")
+    parent = _lookup(m, parent_path) if parent_path else m
+    if isinstance(parent, tuple):
+        raise ProbeError(f"cannot cut at {path!r}: its parent is a tuple; use a list or nnx.List")
+    if _is_list(parent):
+        parent[int(key)] = nnx.data(tap)
+    else:
+        setattr(parent, key, nnx.data(tap))
+
+
+def _tapped_call(graphdef, states, paths, x, deltas=None, want_branch=False):
+    """``(y, record)``: the model's output on ``x`` and every block's input/output."""
+    m = nnx.merge(graphdef, *states, copy=True)
+    K = len(paths)
+    rec = _Record([None] * K, [None] * K, [None] * K, [None] * K)
+    for i, path in enumerate(paths):
+        _install(m, path, _Tap(_lookup(m, path), _hook(rec, i, path, deltas, want_branch)))
+    y = m(x)
+    missing = [paths[i] for i in range(K) if rec.outputs[i] is None]
+    if missing:
+        raise ProbeError(f"the blocks {missing} are not called in the model's forward pass")
+    return y, rec
+
+
+def _expected_input(model) -> str:
+    for path, mod in _walk(model):
+        n = getattr(mod, "in_features", None)
+        if isinstance(n, int):
+            return f"; its first layer {path!r} ({type(mod).__name__}) takes inputs (B, ..., {n})"
+    return ""
+
+
+def _prepare(model, x, at):
+    """Validated ``(paths, x, graphdef, params, rest, shapes)``; shapes of ``(y, outputs)``."""
+    paths = _resolve_at(model, at)
+    x = jnp.asarray(x)
+    if x.ndim < 2 or x.shape[0] < 1:
+        raise ProbeError(f"x must be a batch (B, ...) with B >= 1, got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x must be a floating-point array, got {x.dtype}")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    try:
+        shapes = jax.eval_shape(
+            lambda p, r, x: _shapes(_tapped_call(graphdef, (p, r), paths, x)), params, rest, x
+        )
+    except ProbeError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ProbeError(
+            f"x of shape {x.shape} does not fit {type(model).__name__}{_expected_input(model)} "
+            f"({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from err
+    for p, s in zip(paths, shapes[1], strict=True):
+        if s.ndim < 1 or s.shape[0] != x.shape[0]:
+            raise ProbeError(f"block {p!r} output {s.shape} has no batch axis of size {x.shape[0]}")
+    return paths, x, graphdef, params, rest, shapes
+
+
+def _shapes(out):
+    y, rec = out
+    return y, tuple(rec.outputs)
+
+
+# --------------------------------------------------------------------------- #
+# Signal propagation and gradients.
+# --------------------------------------------------------------------------- #
+
+_FORWARD = ("mean_sq", "chan_sq_mean", "chan_var", "branch_var", "pair_cosine", "position_cosine")
+_BACKWARD = ("grad_out_sq", "grad_param_sq", "grad_kernel_sq")
+
+
+@partial(
+    jax.tree_util.register_dataclass,
+    data_fields=[*_FORWARD, *_BACKWARD, "grad_input_sq", "loss"],
+    meta_fields=["paths", "shapes"],
+)
+@dataclasses.dataclass(frozen=True)
+class ProbeSignal:
+    """Per-block statistics ``(K,)`` for the ``K`` cut points ``paths`` (module docstring).
+
+    ``shapes``: the blocks' output shapes ``(B, ...)``; ``grad_input_sq``:
+    ``||dLoss/dx||_F^2`` at the model input; ``loss``: its value.
+    """
+
+    mean_sq: Array
+    chan_sq_mean: Array
+    chan_var: Array
+    branch_var: Array
+    pair_cosine: Array
+    position_cosine: Array
+    grad_out_sq: Array
+    grad_param_sq: Array
+    grad_kernel_sq: Array
+    grad_input_sq: Array
+    loss: Array
+    paths: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    def rows(self) -> list[dict]:
+        """One dict of Python numbers per block (for tables and JSON)."""
+        fields = (*_FORWARD, *_BACKWARD)
+        return [
+            {"block": p, **{f: float(getattr(self, f)[i]) for f in fields}}
+            for i, p in enumerate(self.paths)
+        ]
+
+
+def position_cosine(y: Array) -> Array:
+    """Mean cosine between distinct positions of one example, averaged over examples.
+
+    ``y (B, *positions, C)``: the ``T = prod(positions)`` vectors of length ``C``
+    of each example; ``(sum_{s != t} cos(y_s, y_t)) / (T (T - 1))``. NaN when
+    there is no position axis or ``T < 2``. Values near 1: rank collapse of
+    the tokens (Dong, Cordonnier & Loukas 2021; Noci et al. 2022).
+    """
+    if y.ndim < 3 or math.prod(y.shape[1:-1]) < 2:
+        return jnp.full((), jnp.nan, y.dtype)
+    f = y.reshape(y.shape[0], -1, y.shape[-1])
+    u = f / jnp.linalg.norm(f, axis=-1, keepdims=True)
+    s = jnp.sum(jnp.sum(u, axis=1) ** 2, axis=-1)  # sum over s, t of cos, per example
+    T = f.shape[1]
+    return jnp.mean((s - T) / (T * (T - 1)))
+
+
+def _block_stats(y: Array, branch) -> dict:
+    sq_mean, var = _signal.channel_stats(y)
+    nan = jnp.full((), jnp.nan, y.dtype)
+    return {
+        "mean_sq": jnp.mean(y**2),
+        "chan_sq_mean": sq_mean,
+        "chan_var": var,
+        "branch_var": nan if branch is None else _signal.channel_stats(branch)[1],
+        "pair_cosine": _signal.pair_cosine(y),
+        "position_cosine": position_cosine(y),
+    }
+
+
+def _sub_state(state, path: str):
+    cur = state
+    for part in path.split("."):
+        key = int(part) if part.isdigit() else part
+        try:
+            cur = cur[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return cur
+
+
+def _param_sq(grads, path: str) -> tuple[Array, Array]:
+    leaves = jax.tree.leaves(_sub_state(grads, path)) if _sub_state(grads, path) else []
+    zero = jnp.zeros(())
+    total = sum((jnp.sum(g**2) for g in leaves), zero)
+    kernels = sum((jnp.sum(g**2) for g in leaves if g.ndim >= 2), zero)
+    return total, kernels
+
+
+def _loss_fn(loss, key, y_shape):
+    if loss is None:
+        if key is None:
+            raise ProbeError("probe.signal: pass loss, or key for the random-projection loss")
+        return _signal.random_projection_loss(key, y_shape.shape, y_shape.dtype)
+    if not callable(loss):
+        raise TypeError(f"loss must be callable, got {type(loss).__name__}")
+    return loss
+
+
+def signal(model, x, *, at=None, loss: Callable | None = None, key=None) -> ProbeSignal:
+    """Forward statistics and squared gradient norms per cut point (one forward/backward pass).
+
+    Args:
+        model: any ``flax.nnx.Module``, left unmodified.
+        x: a batch of model inputs ``(B, ...)`` (pairs ``(0, 1), (2, 3), ...``
+            for ``pair_cosine``).
+        at: cut points (module paths); default :func:`blocks`.
+        loss: ``loss(model(x)) -> scalar``; default the random projection
+            ``sum_a <v_a, y_a> / B`` with ``v ~ N(0, 1)`` drawn from ``key``.
+        key: PRNG key of the random projection.
+
+    Returns:
+        a :class:`ProbeSignal`.
+
+    Raises:
+        ProbeError: unknown path in ``at`` (lists the available ones), blocks
+            not discoverable, ``x`` not of the model's input shape, or a
+            non-finite statistic (names the first block where it appears).
+    """
+    paths, x, graphdef, params, rest, (y_shape, out_shapes) = _prepare(model, x, at)
+    loss_fn = _loss_fn(loss, key, y_shape)
+    deltas = [jnp.zeros(s.shape, s.dtype) for s in out_shapes]
+
+    def f(params, deltas, x):
+        y, rec = _tapped_call(graphdef, (params, rest), paths, x, deltas, want_branch=True)
+        return loss_fn(y), (rec.outputs, rec.branch)
+
+    grad = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)
+    (value, (outs, branch)), (g_params, g_out, g_x) = grad(params, deltas, x)
+    stats = [_block_stats(y, b) for y, b in zip(outs, branch, strict=True)]
+    p_sq = [_param_sq(g_params, p) for p in paths]
+    result = ProbeSignal(
+        **{k: jnp.stack([s[k] for s in stats]) for k in _FORWARD},
+        grad_out_sq=jnp.stack([jnp.sum(g**2) for g in g_out]),
+        grad_param_sq=jnp.stack([t for t, _ in p_sq]).astype(value.dtype),
+        grad_kernel_sq=jnp.stack([k for _, k in p_sq]).astype(value.dtype),
+        grad_input_sq=jnp.sum(g_x**2),
+        loss=value,
+        paths=paths,
+        shapes=tuple(tuple(y.shape) for y in outs),
+    )
+    _check_finite_signal(result, [b is not None for b in branch])
+    return result
+
+
+def _check_finite_signal(result: ProbeSignal, has_branch) -> None:
+    """Raise naming the first block (forward order; backward order for gradients) and statistic."""
+    if not validate.is_concrete(result.mean_sq):
+        return
+    optional = {"branch_var", "pair_cosine", "position_cosine"}
+    for i, path in enumerate(result.paths):
+        for name in _FORWARD:
+            v = getattr(result, name)[i]
+            skip = name in optional and (name != "branch_var" or not has_branch[i])
+            if not skip and not bool(jnp.isfinite(v)):
+                raise ProbeError(f"probe.signal: {name} is {float(v)} at block {path!r}")
+    for i in reversed(range(len(result.paths))):
+        for name in _BACKWARD:
+            v = getattr(result, name)[i]
+            if not bool(jnp.isfinite(v)):
+                raise ProbeError(
+                    f"probe.signal: {name} is {float(v)} at block {result.paths[i]!r} "
+                    "(the last such block: the backward pass runs from the output)"
+                )
+
+
+# --------------------------------------------------------------------------- #
+# Jacobian spectra.
+# --------------------------------------------------------------------------- #
+
+
+@partial(
+    jax.tree_util.register_dataclass,
+    data_fields=[
+        "cumulative", "local", "cumulative_weights", "local_weights",
+        "cumulative_summary", "local_summary", "cumulative_w1_bound", "local_w1_bound",
+    ],
+    meta_fields=["paths", "method", "index", "dims"],
+)  # fmt: skip
+@dataclasses.dataclass(frozen=True)
+class ProbeSpectra:
+    """Squared singular values of the cumulative and local Jacobians of one example.
+
+    For block ``l`` with output ``y^l`` (``m_l`` entries per example), input
+    ``u^l`` (``k_l``) and model input ``x`` (``n``): ``cumulative[l]`` is the
+    spectrum of ``d y^l_i / d x_i`` (``m_l x n``) and ``local[l]`` that of
+    ``d y^l_i / d u^l_i`` (``m_l x k_l``), both of ``min`` dimension.
+
+    ``method == "dense"``: ``cumulative[l]`` has shape ``(min(m_l, n),)``,
+    decreasing (exact SVD); the weights are ``None`` and the W1 bounds 0.
+    ``method == "slq"``: the arrays are the Ritz values ``(P, S)`` of the SLQ
+    measure of ``J^T J`` or ``J J^T`` (the smaller), with its quadrature
+    weights ``(P, S)`` (rows sum to 1) and :func:`slq_w1_bound`, the stated
+    Wasserstein-1 distance to the exact spectrum.
+
+    Summaries: dicts of ``(K,)`` arrays ``mean``, ``var``, ``max``, ``min`` of
+    ``s^2`` and ``log_spread``, the standard deviation of ``ln s^2`` over the
+    values above ``1e-12 max``. ``dims``: ``(m_l, n, k_l)`` per block.
+    """
+
+    cumulative: tuple
+    local: tuple
+    cumulative_weights: tuple | None
+    local_weights: tuple | None
+    cumulative_summary: dict
+    local_summary: dict
+    cumulative_w1_bound: Array
+    local_w1_bound: Array
+    paths: tuple[str, ...]
+    method: str
+    index: int
+    dims: tuple[tuple[int, int, int], ...]
+
+
+def _cumulative_fn(graphdef, states, paths, x, index):
+    def f(x0):
+        _, rec = _tapped_call(graphdef, states, paths, x.at[index].set(x0))
+        return tuple(o[index].reshape(-1) for o in rec.outputs)
+
+    return f
+
+
+def _local_fn(graphdef, states, path, u, extras, index):
+    args, kwargs = extras
+
+    def g(u0):
+        block = _lookup(nnx.merge(graphdef, *states, copy=True), path)
+        return block(u.at[index].set(u0), *args, **kwargs)[index].reshape(-1)
+
+    return g
+
+
+def _atom_summary(nodes: Array, weights: Array | None) -> dict:
+    """``mean, var, max, min, log_spread`` of a (weighted) sample of ``s^2``."""
+    v = nodes.ravel()
+    w = jnp.full(v.shape, 1.0 / v.size, v.dtype) if weights is None else weights.ravel()
+    w = w / jnp.sum(w)
+    out = spectra.summary(v)  # max and min; mean and var are weighted below
+    mean = jnp.sum(w * v)
+    keep = v > 1e-12 * jnp.max(v)
+    logv = jnp.log(jnp.where(keep, v, 1.0))
+    wk = jnp.where(keep, w, 0.0) / jnp.maximum(jnp.sum(jnp.where(keep, w, 0.0)), 1e-300)
+    lmean = jnp.sum(wk * logv)
+    return {
+        "mean": mean,
+        "var": jnp.sum(w * (v - mean) ** 2),
+        "max": out["max"],
+        "min": out["min"],
+        "log_spread": jnp.sqrt(jnp.sum(wk * (logv - lmean) ** 2)),
+    }
+
+
+def slq_w1_bound(result: spectra.SLQResult, dim: int) -> Array:
+    """The stated Wasserstein-1 error of an SLQ spectrum of ``dim`` eigenvalues.
+
+        W1 <= (theta_max - theta_min) (3 sqrt(2 / (dim P)) + [S < dim] / S)
+
+    for ``P`` Rademacher probes and ``S`` Lanczos steps (Ritz values
+    ``theta``): each probe's weights ``<v, u_i>^2`` have mean ``1/dim`` and
+    variance at most ``2/dim^2``, so the CDF error is about ``sqrt(2/(dim P))``
+    and three times that bounds it with high probability; ``S`` Gauss nodes add
+    at most ``range / S`` and nothing once ``S >= dim`` (Chen, Trogdon & Ubaru
+    2021, "Analysis of stochastic Lanczos quadrature for spectrum approximation").
+    """
+    P, S = result.nodes.shape
+    spread = jnp.max(result.nodes) - jnp.min(result.nodes)
+    lanczos = (1.0 / S) if S < dim else 0.0
+    return spread * (3.0 * math.sqrt(2.0 / (dim * P)) + lanczos)
+
+
+@partial(jax.jit, static_argnums=(0, 3, 4))
+def _gram_slq(f, x, key, n_probes, n_steps):
+    """SLQ of ``J J^T`` (``m < n``): ``u -> J (J^T u)`` by ``vjp`` then ``jvp``."""
+    y, f_vjp = jax.vjp(f, x)
+    _, f_jvp = jax.linearize(f, x)
+
+    def matvec(u):
+        (g,) = f_vjp(u.astype(y.dtype))
+        return f_jvp(g).astype(x.dtype)
+
+    r = spectra.slq(matvec, y.size, key, n_probes=n_probes, n_steps=n_steps, dtype=x.dtype)
+    return r.nodes, r.weights
+
+
+def _slq(f, x0, key, n_probes, n_steps):
+    """``(nodes, weights, w1_bound)`` of the SLQ measure of the smaller Gram operator."""
+    m, n = math.prod(jax.eval_shape(f, x0).shape), x0.size
+    if n <= m:
+        r = spectra.jacobian_slq(
+            f, x0, key, n_probes=n_probes, n_steps=min(n_steps, n), dtype=x0.dtype
+        )
+    else:
+        nodes, weights = _gram_slq(f, x0, key, n_probes, min(n_steps, m))
+        r = spectra.SLQResult(nodes=nodes, weights=weights, n=m)
+    return r.nodes, r.weights, slq_w1_bound(r, min(m, n))
+
+
+def _dense(Js) -> list[Array]:
+    return [spectra.squared_singular_values(J.reshape(J.shape[0], -1)) for J in Js]
+
+
+def _capture(graphdef, states, paths, x):
+    """Every block's ``(input, extra args)`` of one forward pass on ``x``."""
+    _, rec = _tapped_call(graphdef, states, paths, x)
+    return rec.inputs, rec.extras
+
+
+def _choose(method, dims, max_dense) -> str:
+    validate.choice("method", method, METHODS)
+    if method != "auto":
+        return method
+    largest = max(max(m * n, m * k) for m, n, k in dims)
+    return "dense" if largest <= max_dense else "slq"
+
+
+def jacobian_spectra(
+    model,
+    x,
+    *,
+    at=None,
+    method: str = "auto",
+    key=None,
+    index: int = 0,
+    n_probes: int = 16,
+    n_steps: int = 64,
+    max_dense: int = 2**22,
+) -> ProbeSpectra:
+    """Cumulative and local Jacobian spectra at every cut point, for example ``x[index]``.
+
+    Args:
+        model: any ``flax.nnx.Module``, left unmodified.
+        x: a batch ``(B, ...)``; the Jacobians are with respect to example
+            ``index``, the other examples held fixed (they matter only to batch
+            statistics).
+        at: cut points (module paths); default :func:`blocks`.
+        method: ``"dense"`` (``jax.jacfwd`` of the function up to every cut
+            point in one pass, local ones by :func:`isometry.jacobian.jacobian`,
+            then an SVD), ``"slq"`` (matrix-free, ``jvp``/``vjp`` only, memory of
+            a forward/backward pass; needs ``key``) or ``"auto"``: dense when
+            every Jacobian has at most ``max_dense`` entries.
+        key: PRNG key of the SLQ probes (block ``l`` uses ``fold_in(key, l)``,
+            its local Jacobian ``fold_in(key, K + l)``).
+        n_probes, n_steps: SLQ probes and Lanczos steps (capped at the dimension).
+
+    Returns:
+        a :class:`ProbeSpectra`.
+    """
+    paths, x, graphdef, params, rest, (_, out_shapes) = _prepare(model, x, at)
+    index = validate.positive_int("index", index, minimum=0)
+    if index >= x.shape[0]:
+        raise ProbeError(f"index must be < the batch size {x.shape[0]}, got {index}")
+    states = (params, rest)
+    inputs, extras = _capture(graphdef, states, paths, x)
+    n = math.prod(x.shape[1:])
+    dims = tuple(
+        (math.prod(s.shape[1:]), n, math.prod(u.shape[1:]))
+        for s, u in zip(out_shapes, inputs, strict=True)
+    )
+    method = _choose(method, dims, max_dense)
+    f = _cumulative_fn(graphdef, states, paths, x, index)
+    locals_ = [
+        _local_fn(graphdef, states, p, u, e, index)
+        for p, u, e in zip(paths, inputs, extras, strict=True)
+    ]
+    if method == "dense":
+        cum = _dense(jax.jacfwd(f)(x[index]))
+        loc = _dense(
+            [_jacobian.jacobian(g, u[index]) for g, u in zip(locals_, inputs, strict=True)]
+        )
+        cw = lw = None
+        cb = lb = jnp.zeros((len(paths),), x.dtype)
+    else:
+        (cum, cw, cb), (loc, lw, lb) = _slq_all(
+            f, locals_, x[index], inputs, index, key, n_probes, n_steps
+        )
+    result = ProbeSpectra(
+        cumulative=tuple(cum),
+        local=tuple(loc),
+        cumulative_weights=cw,
+        local_weights=lw,
+        cumulative_summary=_stack_summaries(cum, cw),
+        local_summary=_stack_summaries(loc, lw),
+        cumulative_w1_bound=cb,
+        local_w1_bound=lb,
+        paths=paths,
+        method=method,
+        index=index,
+        dims=dims,
+    )
+    _check_finite_spectra(result)
+    return result
+
+
+def _stack_summaries(values, weights) -> dict:
+    ws = [None] * len(values) if weights is None else weights
+    rows = [_atom_summary(v, w) for v, w in zip(values, ws, strict=True)]
+    return {k: jnp.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _check_finite_spectra(result: ProbeSpectra) -> None:
+    if not validate.is_concrete(result.cumulative_summary["mean"]):
+        return
+    for name in ("cumulative", "local"):
+        for path, v in zip(result.paths, getattr(result, name), strict=True):
+            if not bool(jnp.all(jnp.isfinite(v))):
+                raise ProbeError(
+                    f"jacobian_spectra: the {name} spectrum at block {path!r} is not finite"
+                )
+
+
+def _slq_all(f, locals_, x0, inputs, index, key, n_probes, n_steps):
+    """SLQ of every cumulative and local Jacobian: two ``(nodes, weights, bounds)``."""
+    if key is None:
+        raise ProbeError("jacobian_spectra: method='slq' needs key for its probes")
+    K = len(locals_)
+    n_probes = validate.positive_int("n_probes", n_probes)
+    n_steps = validate.positive_int("n_steps", n_steps)
+    cum = [
+        _slq(lambda x0, i=i: f(x0)[i], x0, jax.random.fold_in(key, i), n_probes, n_steps)
+        for i in range(K)
+    ]
+    loc = [
+        _slq(g, u[index], jax.random.fold_in(key, K + i), n_probes, n_steps)
+        for i, (g, u) in enumerate(zip(locals_, inputs, strict=True))
+    ]
+    return tuple(
+        (tuple(r[0] for r in rs), tuple(r[1] for r in rs), jnp.stack([r[2] for r in rs]))
+        for rs in (cum, loc)
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Theory and figure.
+# --------------------------------------------------------------------------- #
+
+
+def _dense_layer(block, residual: bool):
+    if isinstance(block, nnx.Linear) and not residual:
+        return block
+    found = [m for _, m in _walk(block) if isinstance(m, nnx.Linear)] if residual else []
+    return found[0] if len(found) == 1 else None
+
+
+def theory(model, x, *, activation, at=None, residual_scale: float | None = None) -> dict:
+    """Mean-field curves (:func:`isometry.signal.theory`) matched to :class:`ProbeSignal` fields.
+
+    Covered: cut points that are square ``nnx.Linear`` layers of a plain
+    dense network ``x^l = phi(W^l x^{l-1} + b^l)`` (the cut output is the
+    pre-activation ``h^l``), or, with ``residual_scale=alpha``, blocks
+    ``x^l = x^{l-1} + alpha phi(W^l x^{l-1} + b^l)`` holding one square
+    ``nnx.Linear`` each (the cut output is ``x^l``). ``sigma_w2 = N mean(W^2)``
+    and ``sigma_b2 = mean(b^2)`` are read off the layers, ``p^0, c^0, m^0`` off
+    the first block's input for the batch ``x``.
+
+    Returns:
+        a dict of ``(K,)`` arrays named like :class:`ProbeSignal` fields:
+        ``mean_sq`` and ``pair_cosine`` (``q^l``, ``c^l``; plain only) and
+        ``grad_out_sq`` (``||dLoss/dh^l||^2`` plain, ``||dLoss/dx^l||^2``
+        residual, relative to the last block), plus ``"theory"``, the
+        :class:`isometry.signal.Theory`.
+
+    Raises:
+        ProbeError: the cut points are not such layers (no theory here).
+    """
+    paths = _resolve_at(model, at)
+    residual = residual_scale is not None
+    layers = [_dense_layer(_lookup(model, p), residual) for p in paths]
+    ok = all(m is not None and m.in_features == m.out_features for m in layers)
+    if not ok or len({m.in_features for m in layers}) != 1:
+        raise ProbeError(
+            "probe.theory covers plain dense networks cut at square nnx.Linear layers of one "
+            "width, or residual blocks (residual_scale=...) holding one such layer; "
+            f"not the cut points {list(paths)}"
+        )
+    N = layers[0].in_features
+    sw = jnp.mean(jnp.stack([N * jnp.mean(m.kernel[...] ** 2) for m in layers]))
+    sb = jnp.mean(jnp.stack([_bias_sq(m) for m in layers]))
+    _, x, graphdef, params, rest, _ = _prepare(model, x, paths)
+    x0 = _capture(graphdef, (params, rest), paths, x)[0][0]
+    p0, c0, m0 = jnp.mean(x0**2), _signal.pair_cosine(x0), jnp.mean(x0)
+    th = _signal.theory(
+        activation, sw, sb, len(paths), p0, jnp.where(jnp.isnan(c0), 0.0, c0),
+        m0=m0, residual_scale=residual_scale,
+    )  # fmt: skip
+    if residual:
+        return {"grad_out_sq": th.grad_state_sq / th.grad_state_sq[-1], "theory": th}
+    return {"mean_sq": th.q, "pair_cosine": th.c, "grad_out_sq": th.grad_preact_sq, "theory": th}
+
+
+def _bias_sq(m) -> Array:
+    return jnp.zeros(()) if m.bias is None else jnp.mean(m.bias[...] ** 2)
+
+
+_SIGNAL_PANELS = (
+    ("forward statistics of the block output", "mean_sq", "chan_var", "chan_sq_mean", "branch_var"),
+    ("cosines", "pair_cosine", "position_cosine"),
+    ("squared gradient norms", "grad_out_sq", "grad_param_sq"),
+)
+_LABELS = {
+    "mean_sq": "mean square",
+    "chan_var": "avg. channel variance",
+    "chan_sq_mean": "avg. channel squared mean",
+    "branch_var": "residual-branch variance",
+    "pair_cosine": "pair cosine (examples)",
+    "position_cosine": "position cosine (tokens)",
+    "grad_out_sq": r"$\|\partial L/\partial y^l\|^2$",
+    "grad_param_sq": r"$\|\partial L/\partial \theta^l\|^2$",
+}
+
+
+def _as_run(run) -> dict:
+    if isinstance(run, ProbeSignal):
+        return {"signal": run}
+    if isinstance(run, ProbeSpectra):
+        return {"spectra": run}
+    if isinstance(run, tuple):
+        return {"signal": run[0], "spectra": run[1] if len(run) > 1 else None}
+    if isinstance(run, dict):
+        return run
+    raise TypeError(f"probe.plot: a run is a ProbeSignal, ProbeSpectra, tuple or dict, got {run!r}")
+
+
+def plot(*runs, path=None, title: str = ""):
+    """One figure of everything per block; saved as ``path.png`` and ``path.pdf`` if given.
+
+    Each run is a :class:`ProbeSignal`, a ``(ProbeSignal, ProbeSpectra)``
+    pair, or a dict with any of ``"signal"``, ``"spectra"``, ``"theory"`` (the
+    dict of :func:`theory`) and ``"label"``. Panels: forward statistics,
+    cosines, gradients (Brock, De & Smith 2021), and the mean (line) and
+    range ``[min, max]`` (band) of ``s^2`` of the cumulative and local
+    Jacobians. Measurement is drawn as markers, mean-field theory as black
+    dashed lines (relative gradient curves scaled to the measurement at the
+    last block). Several runs share the axes, told apart by line style.
+
+    Returns:
+        the matplotlib figure (closed after saving when ``path`` is given).
+    """
+    import matplotlib.pyplot as plt
+
+    from isometry import plotting
+
+    runs = [_as_run(r) for r in runs]
+    if not runs:
+        raise ValueError("probe.plot: pass at least one run")
+    plotting.style()
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.4), constrained_layout=True)
+    styles = ("-", "--", ":", "-.")
+    for r_i, run in enumerate(runs):
+        ls, label = styles[r_i % len(styles)], run.get("label", "")
+        if run.get("signal") is not None:
+            _signal_panels(axes[:3], run["signal"], run.get("theory"), ls, label)
+        if run.get("spectra") is not None:
+            _jacobian_panel(axes[3], run["spectra"], ls, label)
+    ref = next((r.get("signal") or r.get("spectra") for r in runs), None)
+    for ax in axes:
+        _block_axis(ax, ref.paths if ref is not None else ())
+        if ax.has_data():
+            ax.legend(loc="best", fontsize=7)
+    if title:
+        fig.suptitle(title)
+    if path is not None:
+        plotting.save(fig, path)
+    return fig
+
+
+def _signal_panels(axes, sig: ProbeSignal, th, ls: str, label: str) -> None:
+    import numpy as np
+
+    k = np.arange(1, len(sig.paths) + 1)
+    colors = ("C0", "C1", "C2", "C3")
+    suffix = f" ({label})" if label else ""
+    for ax, (ptitle, *fields) in zip(axes, _SIGNAL_PANELS, strict=True):
+        for c, f in zip(colors, fields, strict=False):
+            v = np.asarray(getattr(sig, f), float)
+            if np.all(np.isnan(v)):
+                continue
+            ax.plot(k, v, ls, marker="o", ms=3.5, lw=1, color=c, label=_LABELS[f] + suffix)
+            if th is not None and f in th:
+                t = np.asarray(th[f], float)
+                if f.startswith("grad"):
+                    t = t * v[-1] / t[-1]
+                ax.plot(k, t, "--", color="black", lw=1.2, label=f"{_LABELS[f]} mean field")
+        ax.set_title(ptitle)
+        if ptitle != "cosines":
+            ax.set_yscale("log")
+    axes[0].set_ylabel("value")
+    axes[1].set_ylim(-0.1, 1.05)
+
+
+def _jacobian_panel(ax, spec: ProbeSpectra, ls: str, label: str) -> None:
+    import numpy as np
+
+    k = np.arange(1, len(spec.paths) + 1)
+    suffix = f" ({label})" if label else ""
+    for name, color in (("cumulative", "C4"), ("local", "C5")):
+        s = {key: np.asarray(v, float) for key, v in getattr(spec, f"{name}_summary").items()}
+        ax.plot(
+            k, s["mean"], ls, marker="s", ms=3.5, color=color, label=f"{name} mean $s^2$" + suffix
+        )
+        lo = np.maximum(s["min"], s["max"] * 1e-12)
+        ax.fill_between(
+            k, lo, s["max"], color=color, alpha=0.15, label=f"{name} [min, max]" + suffix
+        )
+    ax.set_yscale("log")
+    ax.set_title(f"Jacobian $s^2$ of one example ({spec.method})")
+
+
+def _block_axis(ax, paths) -> None:
+    k = range(1, len(paths) + 1)
+    if 0 < len(paths) <= 16:
+        ax.set_xticks(list(k), list(paths), rotation=60, ha="right", fontsize=7)
+    ax.set_xlabel("block (cut point)")
