@@ -370,7 +370,8 @@ def position_cosine(y: Array) -> Array:
     if y.ndim < 3 or math.prod(y.shape[1:-1]) < 2:
         return jnp.full((), jnp.nan, y.dtype)
     f = y.reshape(y.shape[0], -1, y.shape[-1])
-    u = f / jnp.linalg.norm(f, axis=-1, keepdims=True)
+    norm = jnp.linalg.norm(f, axis=-1, keepdims=True)
+    u = f / jnp.maximum(norm, jnp.finfo(f.dtype).tiny)  # a zero vector has cosine 0
     s = jnp.sum(jnp.sum(u, axis=1) ** 2, axis=-1)  # sum over s, t of cos, per example
     T = f.shape[1]
     return jnp.mean((s - T) / (T * (T - 1)))
