@@ -848,11 +848,11 @@ def plot(*runs, path=None, title: str = ""):
     Each run is a :class:`ProbeSignal`, a ``(ProbeSignal, ProbeSpectra)``
     pair, or a dict with any of ``"signal"``, ``"spectra"``, ``"theory"`` (the
     dict of :func:`theory`) and ``"label"``. Panels: forward statistics,
-    cosines, gradients (Brock, De & Smith 2021), and the mean (line) and
-    range ``[min, max]`` (band) of ``s^2`` of the cumulative and local
-    Jacobians. Measurement is drawn as markers, mean-field theory as black
-    dashed lines (relative gradient curves scaled to the measurement at the
-    last block). Several runs share the axes, told apart by line style.
+    cosines, gradients (Brock, De & Smith 2021), and the mean and the
+    spread (standard deviation of ``ln s^2``) of the squared singular values
+    of the cumulative and local Jacobians. Measurement is drawn as markers,
+    mean-field theory as black dashed lines (relative gradient curves scaled
+    to the measurement at the last block). Several runs share the axes, told apart by line style.
 
     Returns:
         the matplotlib figure (closed after saving when ``path`` is given).
@@ -865,14 +865,16 @@ def plot(*runs, path=None, title: str = ""):
     if not runs:
         raise ValueError("probe.plot: pass at least one run")
     plotting.style()
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.4), constrained_layout=True)
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4.4), constrained_layout=True)
     styles = ("-", "--", ":", "-.")
     for r_i, run in enumerate(runs):
         ls, label = styles[r_i % len(styles)], run.get("label", "")
         if run.get("signal") is not None:
             _signal_panels(axes[:3], run["signal"], run.get("theory"), ls, label)
         if run.get("spectra") is not None:
-            _jacobian_panel(axes[3], run["spectra"], ls, label)
+            _jacobian_panel(axes[3:], run["spectra"], ls, label)
+    if axes[4].has_data():
+        axes[4].set_ylim(bottom=0)
     ref = next((r.get("signal") or r.get("spectra") for r in runs), None)
     for ax in axes:
         _block_axis(ax, ref.paths if ref is not None else ())
@@ -909,26 +911,27 @@ def _signal_panels(axes, sig: ProbeSignal, th, ls: str, label: str) -> None:
     axes[1].set_ylim(-0.1, 1.05)
 
 
-def _jacobian_panel(ax, spec: ProbeSpectra, ls: str, label: str) -> None:
+def _jacobian_panel(axes, spec: ProbeSpectra, ls: str, label: str) -> None:
     import numpy as np
 
     k = np.arange(1, len(spec.paths) + 1)
     suffix = f" ({label})" if label else ""
     for name, color in (("cumulative", "C4"), ("local", "C5")):
         s = {key: np.asarray(v, float) for key, v in getattr(spec, f"{name}_summary").items()}
-        ax.plot(
-            k, s["mean"], ls, marker="s", ms=3.5, color=color, label=f"{name} mean $s^2$" + suffix
-        )
-        lo = np.maximum(s["min"], s["max"] * 1e-12)
-        ax.fill_between(
-            k, lo, s["max"], color=color, alpha=0.15, label=f"{name} [min, max]" + suffix
-        )
-    ax.set_yscale("log")
-    ax.set_title(f"Jacobian $s^2$ of one example ({spec.method})")
+        kw = {"marker": "s", "ms": 3.5, "color": color}
+        axes[0].plot(k, s["mean"], ls, **kw, label=f"{name} mean $s^2$" + suffix)
+        axes[1].plot(k, s["log_spread"], ls, **kw, label=f"{name}" + suffix)
+    axes[0].set_yscale("log")
+    axes[0].set_title(f"Jacobian mean $s^2$, one example ({spec.method})")
+    axes[1].set_title(r"Jacobian spread: std of $\ln s^2$")
 
 
 def _block_axis(ax, paths) -> None:
     k = range(1, len(paths) + 1)
     if 0 < len(paths) <= 16:
         ax.set_xticks(list(k), list(paths), rotation=60, ha="right", fontsize=7)
+    else:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("block (cut point)")

@@ -1,0 +1,29 @@
+"""The scripts in examples/ run at a tiny size and write their figures (slow: compiles)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["probe_plain_mlp", "probe_resnet_batchnorm", "probe_transformer"])
+def test_example_runs_tiny(name, tmp_path):
+    out = _load(name).main(str(tmp_path), tiny=True)
+    assert Path(out["figure"]).is_file()
+    assert Path(out["figure"]).with_suffix(".pdf").is_file()
+
+
+@pytest.mark.slow
+def test_plain_mlp_example_agrees_with_signal_measure(tmp_path):
+    rel = _load("probe_plain_mlp").main(str(tmp_path), tiny=True)["relative_difference"]
+    assert max(rel.values()) < 1e-5  # float32
