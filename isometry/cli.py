@@ -652,10 +652,60 @@ def _run_run(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- probe
+
+
+def _add_probe(sub):
+    p = sub.add_parser(
+        "probe",
+        help="per-block signals, gradients and Jacobian spectra of any Flax NNX model",
+        description="Build a model with a user's factory (MODULE:NAME or FILE.py:NAME, called "
+        "without arguments) and probe it at its blocks on standard normal inputs.",
+    )
+    p.add_argument("factory", help="MODULE:NAME or FILE.py:NAME returning an nnx.Module")
+    p.add_argument("--input-shape", type=_ints, required=True, help="batch first, e.g. 32,8,8,1")
+    p.add_argument("--at", type=_names, default=None, help="cut points (module paths, a,b,...)")
+    p.add_argument("--method", choices=["auto", "dense", "slq"], default="auto")
+    p.add_argument("--activation", default=None, help="draw mean-field theory (dense stacks)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("results/probe"))
+    p.add_argument("--x64", action="store_true", help="float64")
+    p.set_defaults(run=_run_probe)
+
+
+def _run_probe(args) -> int:
+    _x64(args)
+    import jax
+
+    from isometry import probe
+
+    model = probe.load_factory(args.factory)()
+    k_x, k_loss, k_slq = jax.random.split(jax.random.key(args.seed), 3)
+    x = jax.random.normal(k_x, tuple(args.input_shape))
+    sig = probe.signal(model, x, at=args.at, key=k_loss)
+    spec = probe.jacobian_spectra(model, x, at=args.at, method=args.method, key=k_slq)
+    th = None
+    if args.activation:
+        th = probe.theory(model, x, activation=args.activation, at=args.at)
+    for row, mean, spread in zip(
+        sig.rows(), spec.cumulative_summary["mean"], spec.cumulative_summary["log_spread"],
+        strict=True,
+    ):  # fmt: skip
+        print(f"[probe] {row['block']:>24s}  mean_sq={row['mean_sq']:.4g}  "
+              f"|dL/dy|^2={row['grad_out_sq']:.4g}  |dL/dtheta|^2={row['grad_param_sq']:.4g}  "
+              f"J: mean s^2={float(mean):.4g} spread={float(spread):.3g}")  # fmt: skip
+    run = {"signal": sig, "spectra": spec, "theory": th, "label": args.factory}
+    probe.plot(run, path=args.out / "probe", title=f"{args.factory}, input {tuple(x.shape)}")
+    for p in [*probe.save(args.out, sig, spec), args.out / "probe.png", args.out / "probe.pdf"]:
+        print(f"[probe] wrote {p}")
+    return 0
+
+
 COMMANDS = [
     _add_info,
     _add_phase_diagram,
     _add_signal,
+    _add_probe,
     _add_spectrum,
     _add_train,
     _add_figures,

@@ -458,3 +458,24 @@ def test_theory_equals_signal_theory_of_the_same_variances():
     np.testing.assert_allclose(th["grad_out_sq"], want.grad_preact_sq, rtol=1e-12)
     got = probe.signal(plain, x, key=jax.random.key(3))
     np.testing.assert_allclose(got.mean_sq, th["mean_sq"], rtol=0.15)  # width 256
+
+
+def test_cli_probe_writes_figure_and_numbers(tmp_path, capsys):
+    from isometry import cli
+
+    (tmp_path / "factory.py").write_text(
+        "from flax import nnx\n"
+        "def build():\n"
+        "    rngs = nnx.Rngs(0)\n"
+        "    lin = lambda a, b: nnx.Linear(a, b, rngs=rngs)\n"
+        "    return nnx.Sequential(lin(4, 6), nnx.tanh, lin(6, 4))\n"
+    )
+    out = tmp_path / "out"
+    rc = cli.main(["probe", f"{tmp_path}/factory.py:build", "--input-shape", "4,4",
+                   "--at", "layers.0,layers.2", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    for name in ("probe.png", "probe.pdf", "probe.json", "probe.npz"):
+        assert (out / name).is_file()
+    assert set(np.load(out / "probe.npz")) >= {"cumulative_0", "local_1", "grad_out_sq"}
+    assert cli.main(["probe", "no_such_module:build", "--input-shape", "4,4"]) == 2
+    assert "cannot import the factory 'no_such_module:build'" in capsys.readouterr().err
