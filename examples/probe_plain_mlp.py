@@ -11,8 +11,6 @@ drawn over the measurement.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,8 +67,6 @@ def main(out: str = "examples/out", tiny: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="examples/out")
-    p.add_argument("--tiny", action="store_true", help="tiny sizes (seconds)")
-    a = p.parse_args()
-    main(a.out, a.tiny)
+    from common import cli
+
+    cli(main, __doc__)

@@ -13,8 +13,6 @@ batch norm is drawn for comparison.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,12 +22,13 @@ from isometry import data, probe
 
 
 class ResBlock(nnx.Module):
-    def __init__(self, c_in: int, c_out: int, *, norm: bool, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(c_in, c_out, (3, 3), rngs=rngs)
-        self.conv2 = nnx.Conv(c_out, c_out, (3, 3), rngs=rngs)
-        self.bn1 = nnx.BatchNorm(c_out, rngs=rngs) if norm else None
-        self.bn2 = nnx.BatchNorm(c_out, rngs=rngs) if norm else None
-        self.shortcut = nnx.Conv(c_in, c_out, (1, 1), rngs=rngs) if c_in != c_out else None
+    def __init__(self, c_in: int, c_out: int, *, norm: bool, rngs: nnx.Rngs, dtype=jnp.float32):
+        kw = {"rngs": rngs, "param_dtype": dtype}
+        self.conv1 = nnx.Conv(c_in, c_out, (3, 3), **kw)
+        self.conv2 = nnx.Conv(c_out, c_out, (3, 3), **kw)
+        self.bn1 = nnx.BatchNorm(c_out, dtype=dtype, **kw) if norm else None
+        self.bn2 = nnx.BatchNorm(c_out, dtype=dtype, **kw) if norm else None
+        self.shortcut = nnx.Conv(c_in, c_out, (1, 1), **kw) if c_in != c_out else None
 
     def branch(self, x):
         h = self.conv1(x)
@@ -43,9 +42,12 @@ class ResBlock(nnx.Module):
 
 
 class Stage(nnx.Module):
-    def __init__(self, c_in: int, c_out: int, n: int, *, norm: bool, rngs: nnx.Rngs):
+    def __init__(self, c_in: int, c_out: int, n: int, *, norm: bool, rngs: nnx.Rngs, dtype):
         self.blocks = nnx.List(
-            [ResBlock(c_in if i == 0 else c_out, c_out, norm=norm, rngs=rngs) for i in range(n)]
+            [
+                ResBlock(c_in if i == 0 else c_out, c_out, norm=norm, rngs=rngs, dtype=dtype)
+                for i in range(n)
+            ]
         )
 
     def __call__(self, x):
@@ -57,13 +59,12 @@ class Stage(nnx.Module):
 class ResNet(nnx.Module):
     """Stem, two stages (widths ``c``, ``2c``), global average pooling, linear head."""
 
-    def __init__(self, c: int = 8, n: int = 2, *, norm: bool = True, seed: int = 0):
+    def __init__(self, c=8, n=2, *, norm=True, seed=0, dtype=jnp.float32):
         rngs = nnx.Rngs(seed)
-        self.stem = nnx.Conv(1, c, (3, 3), rngs=rngs)
-        self.stages = nnx.List(
-            [Stage(c, c, n, norm=norm, rngs=rngs), Stage(c, 2 * c, n, norm=norm, rngs=rngs)]
-        )
-        self.head = nnx.Linear(2 * c, 10, rngs=rngs)
+        kw = {"norm": norm, "rngs": rngs, "dtype": dtype}
+        self.stem = nnx.Conv(1, c, (3, 3), rngs=rngs, param_dtype=dtype)
+        self.stages = nnx.List([Stage(c, c, n, **kw), Stage(c, 2 * c, n, **kw)])
+        self.head = nnx.Linear(2 * c, 10, rngs=rngs, param_dtype=dtype)
 
     def __call__(self, x):
         x = self.stem(x)
@@ -98,8 +99,6 @@ def main(out: str = "examples/out", tiny: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="examples/out")
-    p.add_argument("--tiny", action="store_true", help="tiny sizes (seconds)")
-    a = p.parse_args()
-    main(a.out, a.tiny)
+    from common import cli
+
+    cli(main, __doc__)

@@ -14,8 +14,6 @@ Loukas 2021) and the Jacobian's spectrum spreads over orders of magnitude.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -24,12 +22,13 @@ from isometry import data, probe
 
 
 class Block(nnx.Module):
-    def __init__(self, d: int, heads: int, *, residual: bool, rngs: nnx.Rngs):
-        self.ln1 = nnx.LayerNorm(d, rngs=rngs)
-        self.attn = nnx.MultiHeadAttention(heads, d, decode=False, rngs=rngs)
-        self.ln2 = nnx.LayerNorm(d, rngs=rngs)
-        self.fc1 = nnx.Linear(d, 4 * d, rngs=rngs)
-        self.fc2 = nnx.Linear(4 * d, d, rngs=rngs)
+    def __init__(self, d: int, heads: int, *, residual: bool, rngs: nnx.Rngs, dtype=jnp.float32):
+        kw = {"rngs": rngs, "param_dtype": dtype}
+        self.ln1 = nnx.LayerNorm(d, **kw)
+        self.attn = nnx.MultiHeadAttention(heads, d, decode=False, **kw)
+        self.ln2 = nnx.LayerNorm(d, **kw)
+        self.fc1 = nnx.Linear(d, 4 * d, **kw)
+        self.fc2 = nnx.Linear(4 * d, d, **kw)
         self.residual = residual
 
     def __call__(self, x):
@@ -40,14 +39,15 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, d=32, depth=6, heads=4, tokens=16, patch=4, *, residual=True, seed=0):
+    def __init__(self, d=32, depth=6, heads=4, tokens=16, patch=4, *, residual=True, seed=0,
+                 dtype=jnp.float32):  # fmt: skip
         rngs = nnx.Rngs(seed)
-        self.embed = nnx.Linear(patch, d, rngs=rngs)
-        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (tokens, d)))
+        self.embed = nnx.Linear(patch, d, rngs=rngs, param_dtype=dtype)
+        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (tokens, d), dtype))
         self.blocks = nnx.List(
-            [Block(d, heads, residual=residual, rngs=rngs) for _ in range(depth)]
+            [Block(d, heads, residual=residual, rngs=rngs, dtype=dtype) for _ in range(depth)]
         )
-        self.head = nnx.Linear(d, 10, rngs=rngs)
+        self.head = nnx.Linear(d, 10, rngs=rngs, param_dtype=dtype)
 
     def __call__(self, x):
         x = self.embed(x) + self.pos[...]
@@ -90,8 +90,6 @@ def main(out: str = "examples/out", tiny: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="examples/out")
-    p.add_argument("--tiny", action="store_true", help="tiny sizes (seconds)")
-    a = p.parse_args()
-    main(a.out, a.tiny)
+    from common import cli
+
+    cli(main, __doc__)
