@@ -694,8 +694,9 @@ def _run_probe(args) -> int:
         print(f"[probe] {row['block']:>24s}  mean_sq={row['mean_sq']:.4g}  "
               f"|dL/dy|^2={row['grad_out_sq']:.4g}  |dL/dtheta|^2={row['grad_param_sq']:.4g}  "
               f"J: mean s^2={float(mean):.4g} spread={float(spread):.3g}")  # fmt: skip
-    run = {"signal": sig, "spectra": spec, "theory": th, "label": args.factory}
-    probe.plot(run, path=args.out / "probe", title=f"{args.factory}, input {tuple(x.shape)}")
+    name = Path(args.factory).name  # FILE.py:NAME without its folders
+    run = {"signal": sig, "spectra": spec, "theory": th, "label": name}
+    probe.plot(run, path=args.out / "probe", title=f"{name}, input {tuple(x.shape)}")
     for p in [*probe.save(args.out, sig, spec), args.out / "probe.png", args.out / "probe.pdf"]:
         print(f"[probe] wrote {p}")
     return 0

@@ -1,0 +1,96 @@
+"""Benchmark: peak memory of ``probe.jacobian_spectra(method="slq")`` on a wide residual CNN.
+
+The model: a 3x3 stem convolution from 16 to ``width`` channels, then
+``blocks`` residual blocks ``x + 0.2 conv(relu(conv(x)))`` of ``width``
+channels at full resolution (plain ``flax.nnx`` layers), on a batch of two
+``size x size x 16`` inputs. At the defaults (16 blocks, width 1,024, 32x32x16)
+one block's output has 32 * 32 * 1024 = 1,048,576 entries, so the cumulative
+Jacobian of one block is 1,048,576 x 16,384 (64 GiB in float32) and the local
+one 1,048,576 x 1,048,576: no dense Jacobian fits in 24 GiB. SLQ needs only
+``jvp``/``vjp`` of each sub-network and keeps ``n_probes x n_steps`` Lanczos
+vectors of the operator's dimension.
+
+Prints the peak device memory (``memory_stats()["peak_bytes_in_use"]`` where
+the backend reports it, else the process's peak resident set), the time and the
+spectra's summaries. Run on an accelerator with
+``XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/bench_probe.py``;
+``--width 32 --size 8 --blocks 4`` runs on a CPU in a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from isometry import probe
+
+
+class Block(nnx.Module):
+    def __init__(self, width: int, *, rngs: nnx.Rngs):
+        init = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+        self.conv1 = nnx.Conv(width, width, (3, 3), kernel_init=init, rngs=rngs)
+        self.conv2 = nnx.Conv(width, width, (3, 3), kernel_init=init, rngs=rngs)
+
+    def branch(self, x):
+        return 0.2 * self.conv2(nnx.relu(self.conv1(x)))
+
+    def __call__(self, x):
+        return x + self.branch(x)
+
+
+class ResNet(nnx.Module):
+    def __init__(self, width: int, blocks: int, *, rngs: nnx.Rngs):
+        self.stem = nnx.Conv(16, width, (3, 3), rngs=rngs)
+        self.blocks = nnx.List([Block(width, rngs=rngs) for _ in range(blocks)])
+
+    def __call__(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def peak_bytes() -> tuple[float, str]:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return float(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0, "process peak RSS"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--blocks", type=int, default=16)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--probes", type=int, default=2)
+    p.add_argument("--steps", type=int, default=8)
+    a = p.parse_args()
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
+    model = ResNet(a.width, a.blocks, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, a.size, a.size, 16))
+    m, n = a.size * a.size * a.width, a.size * a.size * 16
+    print(f"block output {m:,} entries; dense cumulative J {m * n * 4 / 2**30:.1f} GiB, "
+          f"local J {m * m * 4 / 2**30:.0f} GiB (float32)")  # fmt: skip
+    t0 = time.perf_counter()
+    res = probe.jacobian_spectra(
+        model, x, method="slq", key=jax.random.key(2), n_probes=a.probes, n_steps=a.steps
+    )
+    jax.block_until_ready(res.cumulative_summary["mean"])
+    dt = time.perf_counter() - t0
+    peak, what = peak_bytes()
+    print(f"{a.blocks} blocks, width {a.width}, {a.size}x{a.size}x16, SLQ {a.probes} probes x "
+          f"{a.steps} steps: {dt:.1f} s, {what} {peak / 2**30:.2f} GiB")  # fmt: skip
+    for name in ("cumulative", "local"):
+        s = res.__getattribute__(f"{name}_summary")
+        print(name, "mean s^2", np.round(np.asarray(s["mean"]), 3).tolist())
+    print("largest W1 bound", float(jnp.max(res.cumulative_w1_bound)))
+
+
+if __name__ == "__main__":
+    main()
