@@ -404,6 +404,7 @@ def _chaotic_chunks(solve, q, sw, sb, chi, chunk: int = 512):
     chunks of ordered points (``c* = 1``, nothing to solve) skip the work.
     """
     n = q.shape[0]
+    chunk = min(chunk, max(n, 1))  # a few points are one block, not padded to a full chunk
     order = jnp.argsort(chi > 1.0, stable=True)
     pad = (-n) % chunk
     take = jnp.concatenate([order, jnp.full((pad,), order[-1] if n else 0)])
