@@ -37,31 +37,6 @@ def test_bad_activation_is_a_clear_error(tmp_path, capsys):
     assert "unknown activation 'nope'" in capsys.readouterr().err
 
 
-def test_figures_report_stages_and_pass_progress_to_compute(tmp_path, capsys, monkeypatch):
-    from isometry.paper_figures import core
-
-    module = core.load_module("phase_diagram")
-    seen = []
-
-    def compute(**params):
-        seen.append(core.progress_enabled())
-        return original(**params)
-
-    original = module.compute
-    monkeypatch.setattr(module, "compute", compute)
-    args = ["figures", "phase_diagram", "--tier", "tiny", "--out", str(tmp_path / "o")]
-    args += ["--results", str(tmp_path / "r")]
-    assert cli.main(args) == 0
-    out, err = capsys.readouterr()
-    assert "[figures 1/1] phase_diagram (tiny) ..." in out and "phase_diagram done in" in out
-    assert "[phase_diagram] computing (tiny)" in err and "[phase_diagram] computed in" in err
-    assert cli.main([*args, "--no-progress"]) == 0  # cached now, and quiet
-    out, err = capsys.readouterr()
-    assert err == "" and "done in" in out
-    assert cli.main([*args, "--recompute", "--no-progress"]) == 0
-    assert seen == [True, False] and not core.progress_enabled()
-
-
 def test_figures_list(capsys):
     assert cli.main(["figures", "--list"]) == 0
     out = capsys.readouterr().out

@@ -270,14 +270,18 @@ def test_moments_closed_form_off_criticality():
 # --------------------------------------------------------------------------- #
 
 _FAST = [
-    ("tanh", "gaussian", 1.0, 3),
     ("relu", "gaussian", 1.0, 3),
     ("hard_tanh", "orthogonal", 0.25, 8),
     ("leaky_relu", "orthogonal", 0.25, 8),
 ]
 # Smooth laws with orthogonal weights reach the bottom of the law of d, where the
 # solver falls back to the cell law (20-200 s each on two CPU cores).
+# The smooth Gaussian law (tanh) costs 30 s here, most of it compiling the cell-law
+# fallback; in the default suite the tanh Gaussian law is checked against measured
+# width-1,000 networks (test_freeprob_measurement.test_tanh_gaussian, KS within a
+# derived bound), and the moment consistency of the density by the other _FAST laws.
 _HEAVY = [
+    ("tanh", "gaussian", 1.0, 3),
     ("tanh", "orthogonal", 0.25, 8),
     ("erf", "orthogonal", 1.0, 3),
     ("selu", "gaussian", 0.25, 8),

@@ -32,10 +32,30 @@ def test_figure_tiny_tier(name, tmp_path):
 
 
 def test_figures_command_end_to_end(tmp_path, capsys, monkeypatch):
+    """The command makes the figures, reports its stages, passes progress on to compute,
+    caches the results, and a re-run reads them back quietly."""
     out, results = tmp_path / "o", tmp_path / "r"
+    module, seen = core.load_module("phase_diagram"), []
+    original = module.compute
+
+    def compute(**params):
+        seen.append(core.progress_enabled())
+        return original(**params)
+
+    monkeypatch.setattr(module, "compute", compute)
     args = ["figures", *END_TO_END, "--tier", "tiny", "--out", str(out), "--results", str(results)]
     assert cli.main(args) == 0
-    assert f"{len(END_TO_END)} figure(s)" in capsys.readouterr().out
+    stdout, stderr = capsys.readouterr()
+    assert f"{len(END_TO_END)} figure(s)" in stdout and "phase_diagram done in" in stdout
+    assert "[figures 1/2] phase_diagram (tiny) ..." in stdout
+    assert "[phase_diagram] computing (tiny)" in stderr and "[phase_diagram] computed in" in stderr
+    one = [*args[:1], "phase_diagram", *args[1 + len(END_TO_END) :]]
+    assert cli.main([*one, "--no-progress"]) == 0  # cached now, and quiet
+    stdout, stderr = capsys.readouterr()
+    assert stderr == "" and "done in" in stdout
+    assert cli.main([*one, "--recompute", "--no-progress"]) == 0
+    assert seen == [True, False] and not core.progress_enabled()
+    monkeypatch.setattr(module, "compute", original)
     for name in END_TO_END:
         # The command cached the results: make() reads them back instead of computing.
         monkeypatch.setattr(core.load_module(name), "compute", _must_not_compute)
