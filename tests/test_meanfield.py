@@ -208,9 +208,10 @@ def test_monte_carlo_width_1000_tanh_follows_maps():
     c1 = (sw * jnp.mean(x1 * x2) + sb) / q1
     # c-map with the layer's actual length (q^l is not yet at q* in early layers).
     cs = [c1]
+    kernel = jax.jit(lambda q, c: gaussian.phi_kernel("tanh", q, q, c))  # compiled once
     for l in range(1, depth):
         q_prev = q_theory[l - 1]
-        k = gaussian.phi_kernel("tanh", q_prev, q_prev, cs[-1])
+        k = kernel(q_prev, cs[-1])
         cs.append((sw * k + sb) / q_theory[l])
     c_theory = jnp.array(cs)
 
