@@ -23,3 +23,9 @@ jax.config.update("jax_enable_x64", True)
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+def pytest_collection_modifyitems(items):
+    """Start the tests marked ``heavy`` (the longest of the default suite) first, so the
+    two workers end together instead of one running a long test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)

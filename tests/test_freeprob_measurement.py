@@ -223,6 +223,7 @@ def test_hard_tanh_orthogonal_with_its_atom():
     assert distance(sample, wrong) > 0.5
 
 
+@pytest.mark.heavy
 def test_tanh_gaussian():
     check("tanh", "gaussian", 0.25, (2,))
 

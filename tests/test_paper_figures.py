@@ -31,6 +31,7 @@ def test_figure_tiny_tier(name, tmp_path):
         np.testing.assert_array_equal(v, again["data"][k])
 
 
+@pytest.mark.heavy
 def test_figures_command_end_to_end(tmp_path, capsys, monkeypatch):
     """The command makes the figures, reports its stages, passes progress on to compute,
     caches the results, and a re-run reads them back quietly."""

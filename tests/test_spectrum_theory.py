@@ -10,6 +10,7 @@ import pytest
 from isometry import cli, freeprob
 
 
+@pytest.mark.heavy
 def test_spectrum_theory_outputs(tmp_path, capsys):
     """Hard-tanh with orthogonal weights: an atom at 0, an atom at sigma_w2^L, a continuous part."""
     out = tmp_path / "spec"

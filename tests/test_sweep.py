@@ -326,6 +326,7 @@ def distributed_runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.heavy
 def test_four_devices_and_two_processes_same_results(distributed_runs):
     # One test, so the three subprocess runs happen once per suite, not once per worker.
     for store in ("vec", "runs", "lapack"):
