@@ -1,11 +1,14 @@
-"""Atomic file writes: a temporary file in the target's directory, then ``os.replace``.
+"""Atomic file writes (a temporary file in the target's directory, then ``os.replace``); digests.
 
 A reader never sees a half-written file, and an interrupted run leaves either
-the old file or the new one.
+the old file or the new one. :func:`sha256` and :func:`tree_digests` give the
+checksums that let a reader tell an intact file or directory from a damaged
+one (truncated, overwritten, a file missing).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -14,7 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["jsonable", "write_bytes", "write_json", "write_npz", "write_text"]
+__all__ = [
+    "jsonable",
+    "sha256",
+    "tree_digests",
+    "write_bytes",
+    "write_json",
+    "write_npz",
+    "write_text",
+]
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -64,3 +75,19 @@ def write_npz(path: str | os.PathLike, **arrays) -> Path:
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
     return write_bytes(path, buf.getvalue())
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_digests(directory: str | os.PathLike) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under ``directory`` (POSIX paths, sorted)."""
+    root = Path(directory)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {p.relative_to(root).as_posix(): sha256(p) for p in files}

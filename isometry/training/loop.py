@@ -9,19 +9,27 @@ at step 0 and the end) the Jacobian probe ``jac_sv2_mean``, ``jac_sv2_var``,
 ``jac_sv2_max`` at ``probe_inputs`` held-out inputs
 (:func:`isometry.training.jacobian_probe`).
 
-Calling :func:`train` again on the same directory resumes from the last
-checkpoint; the data order is a function of ``(seed, step)``
+Calling :func:`train` again on the same directory resumes from the newest
+intact checkpoint (each is verified against its checksum; damaged ones are
+skipped, named with the reason, and replayed), saying "resuming from step
+N" on stderr; the data order is a function of ``(seed, step)``
 (:func:`isometry.data.batch_indices`), so the final parameters are bitwise
-those of an uninterrupted run. A non-finite loss, gradient or update stops
-the run at the next check (every log or checkpoint step) with
-:class:`NonFiniteError` naming the step; the metrics and the last good
-checkpoint are kept.
+those of an uninterrupted run. A finished run is left as it is (its summary
+is returned); a run of a constant learning rate continues to a larger
+``steps`` and then equals a run of that many steps from scratch. One process
+at a time writes a directory (:class:`~isometry.training.rundir.RunLockedError`
+for a second). A non-finite loss, gradient or update stops the run at the
+next check (every log or checkpoint step) with :class:`NonFiniteError` naming
+the step; the metrics are kept and the last good state (the parameters before
+the failed step, held in memory) is saved as a checkpoint at the last finite
+step, as on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +49,7 @@ from isometry.training.step import NonFiniteError, init_state, make_train_step
 
 __all__ = ["TrainResult", "run", "train"]
 
+_MEASURED = ("eval_loss", "eval_accuracy", "jac_sv2_mean", "jac_sv2_var", "jac_sv2_max")
 _SUMMARY_KEYS = ("eval_loss", "eval_accuracy", "loss", "accuracy", "step",
                  "jac_sv2_mean", "jac_sv2_var", "jac_sv2_max")  # fmt: skip
 
@@ -105,10 +114,15 @@ class _Run:
         self.u_probe = self.x_test[: config.probe_inputs]
         self.batches = _Batches(config.seed, data.x_train.shape[0], config.batch_size)
         self.out = None if out_dir is None else Path(out_dir)
-        self.log = self.mngr = None
+        self.log = self.mngr = self.lock = self.extended_from = None
         self.records: list[dict] = []
         if self.out is not None:
-            self._open(model, extra_config)
+            self.lock = rundir.lock_run(self.out)
+            try:
+                self._open(model, extra_config)
+            except BaseException:
+                self.close()
+                raise
 
     def _open(self, model, extra_config) -> None:
         config_dict = {"train": self.cfg.to_dict(), "dataset": self.data.name}
@@ -116,16 +130,41 @@ class _Run:
         if model_cfg is not None:
             config_dict["model"] = model_cfg
         config_dict.update(extra_config or {})
-        self.out.mkdir(parents=True, exist_ok=True)
-        rundir.prepare_dir(self.out, config_dict)
+        self.extended_from = rundir.prepare_dir(self.out, config_dict)
         self.log = rundir.MetricsLog(self.out / "metrics.jsonl")
         self.mngr = rundir.checkpoint_manager(self.out, self.cfg.keep_checkpoints)
 
+    def close(self) -> None:
+        """Close the checkpoint manager and release the directory's lock."""
+        if self.mngr is not None:
+            self.mngr.close()
+        if self.lock is not None:
+            self.lock.close()
+        self.mngr = self.lock = None
+
     def resume(self) -> int:
-        step, self.state = rundir.restore_checkpoint(self.mngr, self.state)
-        if self.log is not None:
-            self.records = self.log.truncate(step if step > 0 else -1)
+        step, self.state, skipped = rundir.restore_checkpoint(self.mngr, self.state)
+        for s, why in skipped:
+            _say(f"skipped the checkpoint at step {s} in {self.out / 'checkpoints'}: {why}")
+        if self.log is None:
+            return step
+        self.records = self.log.truncate(step if step > 0 else -1)
+        if self.extended_from is not None:
+            _say(f"extending the run in {self.out} from {self.extended_from} to "
+                 f"{self.cfg.steps} steps")  # fmt: skip
+            if step == self.extended_from and self.records and self.records[-1]["step"] == step:
+                self._remeasure_last(step)
+        if step == 0 and skipped:
+            _say(f"no intact checkpoint in {self.out}; starting again from step 0")
         return step
+
+    def _remeasure_last(self, step: int) -> None:
+        """The old final record of an extended run, as a run of the new length logs it."""
+        rec = {k: v for k, v in self.records.pop().items() if k not in _MEASURED}
+        if step % self.cfg.log_every == 0:
+            self.records.append(rundir.plain(self.measure(step, rec)))
+        self.log.truncate(-1)
+        self.log.append(self.records)
 
     def measure(self, step: int, record: dict) -> dict:
         """Add evaluation and Jacobian-probe results due at ``step`` to ``record``."""
@@ -151,12 +190,28 @@ class _Run:
         if self.log is not None:
             self.log.append(records)
 
+    def save_last_good(self, step: int) -> int:
+        """Checkpoint the state in memory, the last good one; returns its step.
+
+        After a non-finite step (``bad_step >= 0``) the state is the one
+        before that step (the guard froze it), saved at step ``bad_step``
+        with the flag cleared; otherwise it is the state after ``step``.
+        """
+        bad = int(self.state["bad_step"])
+        if bad < 0:
+            rundir.save_checkpoint(self.mngr, step, self.state)
+            return step
+        if bad > 0:
+            rundir.save_checkpoint(self.mngr, bad, {**self.state, "bad_step": jnp.int32(-1)})
+        return bad
+
     def check_finite(self, last_good: int) -> None:
         bad = int(self.state["bad_step"])
         if bad < 0:
             return
         where = ""
         if self.out is not None:
+            self.save_last_good(bad)
             ckpt = self.mngr.latest_step()
             where = (
                 f"; last good checkpoint: step {ckpt}" if ckpt is not None else "; no checkpoint"
@@ -179,6 +234,10 @@ class _Run:
         if self.out is not None:
             atomic.write_json(self.out / "summary.json", rundir.plain(summ))
         return summ
+
+
+def _say(message: str) -> None:
+    print(f"[train] {message}", file=sys.stderr, flush=True)
 
 
 def _train_record(step: int, metrics) -> dict:
@@ -226,6 +285,7 @@ def train(
     try:
         return _loop(r, model, config, progress, stop_after)
     finally:  # the model holds the last (good) state, also after an error
+        r.close()
         final = nnx.merge(r.g_train, r.state["params"], r.state["batch_stats"], r.state["rest"])
         nnx.update(model, nnx.state(final))
 
@@ -249,17 +309,33 @@ def _steps(r: _Run, config: TrainConfig, start: int, end: int, bar) -> int:
                 rundir.save_checkpoint(r.mngr, step, r.state)
             bar.update(1)
     except KeyboardInterrupt:
-        if r.mngr is not None and int(r.state["bad_step"]) < 0:
-            rundir.save_checkpoint(r.mngr, step, r.state)
-            r.log.truncate(step)
+        if r.mngr is not None:
+            r.log.truncate(r.save_last_good(step))
         raise
     finally:
         bar.close()
     return last_logged
 
 
+def _finished(r: _Run, start: int) -> dict | None:
+    """The summary of a run already completed at ``start`` steps (left as it is), else ``None``."""
+    path = None if r.out is None else r.out / "summary.json"
+    if start != r.cfg.steps or path is None or not path.exists():
+        return None
+    summ = rundir.read_json(path, "run summary")
+    if summ.get("status") != "completed" or summ.get("last_step") != start:
+        return None
+    _say(f"the run in {r.out} is complete ({start} steps); nothing to do")
+    return summ
+
+
 def _loop(r: _Run, model, config: TrainConfig, progress: bool, stop_after) -> TrainResult:
     start = r.resume()
+    done = _finished(r, start)
+    if done is not None:
+        return TrainResult(model, r.state, r.records, done)
+    if start > 0:
+        _say(f"resuming from step {start} of {config.steps} in {r.out}")
     t0 = time.perf_counter()
     if start == 0:
         r.write([r.measure(0, {"step": 0})])
@@ -268,13 +344,12 @@ def _loop(r: _Run, model, config: TrainConfig, progress: bool, stop_after) -> Tr
     r.check_finite(last_logged)
     elapsed = time.perf_counter() - t0
     status = "completed" if end == config.steps else "stopped"
+    timing = {"wall_time_s": elapsed, "steps_per_second": (end - start) / max(elapsed, 1e-9)}
     summ = (
-        r.summary(status, wall_time_s=elapsed, steps_per_second=(end - start) / max(elapsed, 1e-9))
+        r.summary(status, **(timing if end > start else {}))
         if status == "completed"
         else {"status": status, "step": end}
     )
-    if r.mngr is not None:
-        r.mngr.close()
     return TrainResult(model, r.state, r.records, summ)
 
 
