@@ -546,6 +546,9 @@ def _run_train(args) -> int:
     except training.NonFiniteError as err:
         print(f"isometry train: {err}", file=sys.stderr)
         return 3
+    except training.RunLockedError as err:
+        print(f"isometry train: error: {err}", file=sys.stderr)
+        return 2
     s = result.summary
     for k in ("eval_accuracy", "eval_loss", "loss", "jac_sv2_mean", "jac_sv2_var",
               "jac_sv2_max", "steps_per_second"):  # fmt: skip

@@ -3,14 +3,24 @@
 See the package docstring (:mod:`isometry.sweep`) for the layout. A
 :class:`Store` refuses a directory holding another study or configuration
 (:class:`ConfigMismatchError`); :func:`load_table` reads the aggregate csv.
+
+Each point's ``.json`` carries the SHA-256 of its own content and of its
+``.npz``; a point counts as finished only when both verify
+(:meth:`Store.verify`). A damaged point (truncated or overwritten ``.npz``,
+unreadable or altered ``.json``) is reported on stderr with its file and
+computed again; reading one raises a ``ValueError`` naming the file. Points
+of stores written before the checksums are verified by loading them whole.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
+import sys
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -108,8 +118,40 @@ class Store:
         return self.root / "points" / f"{point_id(point)}{suffix}"
 
     def done(self, point: Mapping[str, Any]) -> bool:
-        """Whether ``point`` is finished (its ``.json`` exists)."""
-        return self.path(point).exists()
+        """Whether ``point`` is finished: its ``.json`` exists and verifies.
+
+        A damaged point is reported on stderr (file and reason) and counts as
+        not finished, so a sweep computes it again.
+        """
+        if not self.path(point).exists():
+            return False
+        reason = self.verify(point)
+        if reason is not None:
+            print(f"[{self.study}] {reason}; computing that point again", file=sys.stderr,
+                  flush=True)  # fmt: skip
+        return reason is None
+
+    def verify(self, point: Mapping[str, Any]) -> str | None:
+        """``None`` if the files of a finished ``point`` are intact, else what is wrong.
+
+        The ``.json`` must parse to a point record whose checksum matches; its
+        ``.npz`` must match the checksum in the record (a store written before
+        checksums: the ``.npz`` must load whole).
+        """
+        path = self.path(point)
+        try:
+            rec = _read_record(path)
+        except ValueError as err:
+            return str(err)
+        npz = self.path(point, ".npz")
+        meta = rec.get("arrays")
+        if meta is None:
+            return _npz_loads(npz) if npz.exists() else None
+        if not npz.exists():
+            return f"{npz} is missing (named in {path.name})"
+        if atomic.sha256(npz) != meta.get("sha256"):
+            return f"{npz} fails its checksum (truncated or overwritten)"
+        return None
 
     def pending(self, points: Sequence[Mapping[str, Any]]) -> list[int]:
         """Indices of the points not yet finished."""
@@ -119,22 +161,36 @@ class Store:
         """Record a finished point: ``rows`` (a dict or a list of dicts) and optional arrays.
 
         Arrays go to ``<id>.npz`` first; the ``.json`` (the finished marker) last.
+        The record holds the SHA-256 of the ``.npz`` and of its own content.
         """
         point = {k: plain_value(v) for k, v in point.items()}
-        if arrays:
-            atomic.write_npz(self.path(point, ".npz"), **arrays)
         rec = {"point": point, "rows": _rows(rows), "elapsed_s": elapsed_s}
-        atomic.write_json(self.path(point), rec)
+        if arrays:
+            npz = atomic.write_npz(self.path(point, ".npz"), **arrays)
+            rec["arrays"] = {"file": npz.name, "sha256": atomic.sha256(npz)}
+        rec = atomic.jsonable(rec)
+        atomic.write_json(self.path(point), {**rec, "sha256": _record_digest(rec)})
 
     def read(self, point: Mapping[str, Any]) -> dict[str, Any]:
-        """The record of a finished point: ``{"point", "rows", "elapsed_s"}``."""
-        return json.loads(self.path(point).read_text())
+        """The record of a finished point: ``{"point", "rows", "elapsed_s", ...}``.
+
+        Raises:
+            ValueError: the ``.json`` is damaged (names the file).
+        """
+        return _read_record(self.path(point))
 
     def arrays(self, point: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """The arrays saved with a point (empty if none)."""
+        """The arrays saved with a point (empty if none).
+
+        Raises:
+            ValueError: the point's files are damaged (names the file).
+        """
         p = self.path(point, ".npz")
         if not p.exists():
             return {}
+        reason = self.verify(point) if self.path(point).exists() else _npz_loads(p)
+        if reason is not None:
+            raise ValueError(reason)
         with np.load(p) as z:
             return {k: z[k] for k in z.files}
 
@@ -159,6 +215,36 @@ class Store:
         for r in rows:
             w.writerow([_cell(r.get(c)) for c in cols])
         return atomic.write_text(self.root / name, buf.getvalue())
+
+
+def _record_digest(rec: Mapping[str, Any]) -> str:
+    """SHA-256 of a point record's content (without its own ``"sha256"``), canonical JSON."""
+    body = {k: v for k, v in rec.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """A point's ``.json``, checked; a ``ValueError`` naming the file if it is damaged."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a readable point record ({err})") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("rows"), list):
+        raise ValueError(f"{path} is not a point record (no list of rows)")
+    if "sha256" in rec and rec["sha256"] != _record_digest(rec):
+        raise ValueError(f"{path} fails its checksum (its content was changed)")
+    return rec
+
+
+def _npz_loads(path: Path) -> str | None:
+    """``None`` if the ``.npz`` at ``path`` loads whole, else what is wrong with it."""
+    try:
+        with np.load(path) as z:
+            for k in z.files:
+                z[k]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        return f"{path} does not load ({type(err).__name__}: {err})"
+    return None
 
 
 def _cell(v) -> str:
@@ -193,10 +279,19 @@ def load_table(path: str | os.PathLike) -> dict[str, np.ndarray]:
         path = path / "results.csv"
     if not path.exists():
         raise FileNotFoundError(f"no aggregate table at {path} (has the sweep finished?)")
-    with path.open(newline="") as f:
-        r = csv.reader(f)
-        header = next(r, None)
-        if header is None:
-            return {}
-        data = list(r)
+    try:
+        with path.open(newline="") as f:
+            r = csv.reader(f)
+            header = next(r, None)
+            data = list(r)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{path} is not a readable table ({err})") from None
+    if header is None:
+        return {}
+    for n, row in enumerate(data, 2):
+        if len(row) != len(header):
+            raise ValueError(
+                f"{path} line {n} has {len(row)} fields, its header {len(header)} (a damaged "
+                "table: run the sweep again to rewrite it)"
+            )
     return {c: _column([row[i] for row in data]) for i, c in enumerate(header)}

@@ -39,22 +39,26 @@ Output directory: ``config.json``, ``metrics.jsonl`` (records appended and
 fsynced; a resumed run first truncates records past its checkpoint, so its
 metrics equal an uninterrupted run's), ``summary.json`` (atomic), and orbax
 checkpoints in ``checkpoints/`` every ``checkpoint_every`` steps and at the
-end. Calling :func:`train` again on the same directory resumes from the last
-checkpoint; the data order is a function of ``(seed, step)``
+end, each with a SHA-256 file. Calling :func:`train` again on the same
+directory resumes from the newest intact checkpoint (damaged ones are named,
+skipped and replayed); a finished run is left as it is, and a constant-rate
+run continues to a larger ``steps``. One process writes a directory at a time
+(:class:`RunLockedError`). The data order is a function of ``(seed, step)``
 (:func:`isometry.data.batch_indices`), so the final parameters are bitwise
 those of an uninterrupted run.
 
 A non-finite loss, gradient or update leaves the parameters at their last
 finite values (the step is a no-op from then on) and the run stops at the
 next check (every log or checkpoint step) with :class:`NonFiniteError`
-naming the step; the metrics and the last good checkpoint are kept.
+naming the step; the metrics are kept and the last good state is saved as a
+checkpoint at the last finite step.
 
 Modules: :mod:`~isometry.training.config` (TrainConfig, RunConfig, parse_clip),
 :mod:`~isometry.training.optim` (schedule, clipping, optimizer),
 :mod:`~isometry.training.step` (state, jitted step, per-layer gradient norms,
 non-finite guard), :mod:`~isometry.training.evaluation` (the one padded, masked,
 chunked evaluator), :mod:`~isometry.training.probe` (Jacobian probe),
-:mod:`~isometry.training.rundir` (metrics log, checkpoints, config check) and
+:mod:`~isometry.training.rundir` (metrics log, verified checkpoints, config check, lock) and
 :mod:`~isometry.training.loop` (train, run).
 
 The train step is one jitted function of ``(graphdef, params, batch_stats,
@@ -91,7 +95,7 @@ from isometry.training.evaluation import evaluate, evaluate_state
 from isometry.training.loop import TrainResult, run, train
 from isometry.training.optim import adaptive_grad_clip, clipping, optimizer, schedule
 from isometry.training.probe import jacobian_probe
-from isometry.training.rundir import MetricsLog
+from isometry.training.rundir import MetricsLog, RunLockedError
 from isometry.training.step import NonFiniteError, init_state, layer_grad_norms, make_train_step
 
 __all__ = [
@@ -101,6 +105,7 @@ __all__ = [
     "MetricsLog",
     "NonFiniteError",
     "RunConfig",
+    "RunLockedError",
     "TrainConfig",
     "TrainResult",
     "adaptive_grad_clip",
