@@ -365,3 +365,26 @@ def test_load_table_names_a_damaged_csv(tmp_path):
     path.write_bytes(b"a,b\n\xff\xfe,1\n")
     with pytest.raises(ValueError, match=rf"{path} is not a readable table"):
         sweep.load_table(path)
+
+
+@pytest.mark.slow
+def test_two_train_commands_on_one_directory(tmp_path):
+    """Two ``isometry train`` processes started together on one directory: one trains, the
+    other is refused naming the directory (or, if it arrives after the first has finished,
+    finds the run complete); ``metrics.jsonl`` holds every logged step once."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "isometry.cli", "train", "--depth", "2", "--width", "32",
+            "--steps", "400", "--log-every", "10", "--checkpoint-every", "50", "--no-progress",
+            "--out", str(out)]  # fmt: skip
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]  # fmt: skip
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    assert codes in ([0, 0], [0, 2]), results
+    if codes == [0, 2]:
+        (err,) = [e for rc, e in results if rc == 2]
+        assert f"{out} is in use by another training process" in err
+    else:
+        assert any("is complete (400 steps); nothing to do" in e for _, e in results)
+    steps = [r["step"] for r in training.MetricsLog(out / "metrics.jsonl").read()]
+    assert steps == [0, *range(10, 401, 10)]

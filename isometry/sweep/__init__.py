@@ -29,8 +29,10 @@ Store layout (one directory per sweep)::
     results.csv          the aggregate table: one line per row of every point, in grid order
 
 Every file is written atomically (:mod:`isometry.atomic`); a point counts as
-finished when its ``.json`` exists. :func:`load_table` reads ``results.csv``
-into columns (``pandas.DataFrame(load_table(path))`` if pandas is at hand).
+finished when its ``.json`` exists and verifies (it holds the SHA-256 of its own
+content and of its ``.npz``); a damaged point is named and computed again.
+:func:`load_table` reads ``results.csv`` into columns
+(``pandas.DataFrame(load_table(path))`` if pandas is at hand).
 
 Several hosts: call :func:`initialize` first (``jax.distributed``; SLURM and
 Open MPI are detected, or pass ``coordinator_address``, ``num_processes``,
