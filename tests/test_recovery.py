@@ -106,55 +106,72 @@ DAMAGE = {
     lambda d: (d / "default" / "_METADATA").unlink(): r"missing: default/_METADATA",
     _empty: r"its step directory is empty",
     _overwrite: r"fails its checksum \(changed \(truncated or overwritten\): default/d/",
-    lambda d: (d.parent / f"{d.name}.sha256.json").unlink(): r"no checksum file \d\.sha256\.json",
 }
 
 
+def _no_checksum(step_dir):
+    (step_dir.parent / f"{step_dir.name}.sha256.json").unlink()
+
+
 def test_resume_falls_back_past_damaged_checkpoints(digits, reference, tmp_path, capsys):
-    """A killed run whose six newest checkpoints are damaged six ways (truncated data file,
-    manifest or _METADATA deleted, empty step directory, bytes overwritten, save unfinished)
-    resumes from the intact one before them, names each skipped step and why, and ends
-    bitwise as the uninterrupted run."""
+    """A killed run whose five newest checkpoints are damaged five ways (truncated data file,
+    manifest or _METADATA deleted, empty step directory, bytes overwritten) resumes from the
+    newest usable one (step 2, whose checksum file is missing: restored whole and finite,
+    with a note), names each skipped step and why, and ends bitwise as the uninterrupted
+    run."""
     out = tmp_path / "run"
     training.train(_mlp(), digits, CFG, out, stop_after=7)
     ckpts = out / "checkpoints"
-    for step, damage in zip(range(7, 1, -1), DAMAGE, strict=True):
+    for step, damage in zip(range(7, 2, -1), DAMAGE, strict=True):
         damage(ckpts / str(step))
+    _no_checksum(ckpts / "2")
     capsys.readouterr()
     resumed = training.train(_mlp(), digits, CFG, out)
     lines = capsys.readouterr().err.splitlines()
-    for step, reason in zip(range(7, 1, -1), DAMAGE.values(), strict=True):
+    for step, reason in zip(range(7, 2, -1), DAMAGE.values(), strict=True):
         head = f"[train] skipped the checkpoint at step {step} in {ckpts}: "
         (line,) = [x for x in lines if x.startswith(head)]
         assert re.search(reason, line), line
-    assert f"[train] resuming from step 1 of {STEPS} in {out}" in lines
+    assert (
+        f"[train] the checkpoint at step 2 in {ckpts}: it has no checksum file 2.sha256.json, "
+        "but orbax restored it whole and finite (not verified)"
+    ) in lines
+    assert f"[train] resuming from step 2 of {STEPS} in {out}" in lines
     assert resumed.summary["status"] == "completed"
     _assert_same_run(resumed, reference, out)
+    assert all(rundir.verify_checkpoint(_manager(out), s) is None for s in range(3, STEPS + 1))
+
+
+def _manager(out):
+    return rundir.checkpoint_manager(out, keep=STEPS)
 
 
 def test_checkpoint_that_orbax_cannot_restore_is_skipped(tmp_path):
-    """Damage the checksum cannot see (taken after it): orbax's restore error skips it.
+    """Damage the checksum cannot see (taken after it), and a checkpoint without a checksum:
+    orbax's restore error skips both.
 
     Orbax itself restores silently with ``_METADATA`` deleted or a data file
-    overwritten; only its root manifest's absence makes it fail, which is the
-    damage used here.
+    emptied; only its root manifest's absence makes it fail, the damage used here.
     """
-    states = {s: {"w": jnp.arange(6.0) * s, "n": jnp.asarray(s, jnp.int32)} for s in (1, 2)}
+    states = {s: {"w": jnp.arange(6.0) * s, "n": jnp.asarray(s, jnp.int32)} for s in (1, 2, 3)}
     mngr = rundir.checkpoint_manager(tmp_path, keep=3)
     for s, st in states.items():
         rundir.save_checkpoint(mngr, s, st)
-    step_dir = tmp_path / "checkpoints" / "2"
-    (step_dir / "default" / "manifest.ocdbt").unlink()
-    digests = {"step": 2, "sha256": atomic.tree_digests(step_dir)}
-    atomic.write_json(tmp_path / "checkpoints" / "2.sha256.json", digests)
+    ckpts = tmp_path / "checkpoints"
+    for s in (2, 3):
+        (ckpts / str(s) / "default" / "manifest.ocdbt").unlink()
+    digests = {"step": 2, "sha256": atomic.tree_digests(ckpts / "2")}
+    atomic.write_json(ckpts / "2.sha256.json", digests)
+    _no_checksum(ckpts / "3")
     assert rundir.verify_checkpoint(mngr, 2) is None
-    step, restored, skipped = rundir.restore_checkpoint(mngr, states[2])
-    assert step == 1 and [s for s, _ in skipped] == [2]
-    assert skipped[0][1].startswith("orbax could not restore it (ValueError: ")
+    step, restored, skipped, note = rundir.restore_checkpoint(mngr, states[3])
+    assert step == 1 and note is None and [s for s, _ in skipped] == [3, 2]
+    assert skipped[0][1].startswith("it has no checksum file 3.sha256.json; orbax could not")
+    assert skipped[1][1].startswith("orbax could not restore it (ValueError: ")
     for a, b in zip(_leaves(states[1]), _leaves(restored), strict=True):
         np.testing.assert_array_equal(a, b)
-    # the damaged step is gone, so a replay saves a fresh one in its place
-    assert mngr.all_steps() == [1] and not step_dir.exists()
+    # the damaged steps are gone, so a replay saves fresh ones in their place
+    assert mngr.all_steps() == [1] and not (ckpts / "2").exists()
     rundir.save_checkpoint(mngr, 2, states[2])
     assert rundir.verify_checkpoint(mngr, 2) is None
     mngr.close()
@@ -178,9 +195,9 @@ def test_nan_stop_saves_the_last_good_state(digits, tmp_path):
     mngr = rundir.checkpoint_manager(tmp_path, keep=2)
     assert mngr.all_steps() == [2]
     state = training.init_state(_mlp(), training.optimizer(cfg))[2]
-    step, restored, skipped = rundir.restore_checkpoint(mngr, state)
+    step, restored, skipped, note = rundir.restore_checkpoint(mngr, state)
     mngr.close()
-    assert step == 2 and skipped == [] and int(restored["bad_step"]) == -1
+    assert step == 2 and skipped == [] and note is None and int(restored["bad_step"]) == -1
     params = nnx.split(model, nnx.Param, ...)[1]
     for a, b in zip(_leaves(params), _leaves(restored["params"]), strict=True):
         assert np.all(np.isfinite(b))

@@ -143,9 +143,11 @@ class _Run:
         self.mngr = self.lock = None
 
     def resume(self) -> int:
-        step, self.state, skipped = rundir.restore_checkpoint(self.mngr, self.state)
+        step, self.state, skipped, note = rundir.restore_checkpoint(self.mngr, self.state)
         for s, why in skipped:
             _say(f"skipped the checkpoint at step {s} in {self.out / 'checkpoints'}: {why}")
+        if note is not None:
+            _say(f"the checkpoint at step {step} in {self.out / 'checkpoints'}: {note}")
         if self.log is None:
             return step
         self.records = self.log.truncate(step if step > 0 else -1)

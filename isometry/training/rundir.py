@@ -9,8 +9,11 @@ live in ``checkpoints/<step>/`` (orbax), each with ``checkpoints/<step>.sha256.j
 beside it: the SHA-256 of every file of the step directory, written atomically
 after the save completed (:func:`save_checkpoint`). :func:`restore_checkpoint`
 verifies a checkpoint against it before restoring and falls back to the newest
-intact one, reporting each one it skipped and why (empty step directory, no
-checksum, a file missing, truncated or overwritten, an orbax restore error).
+intact one, reporting each one it skipped and why (empty step directory, a
+file missing, truncated or overwritten, an orbax restore error). A checkpoint
+without a checksum (written before checksums existed, or its save was cut
+short just after orbax committed it) is used only if orbax restores it whole
+and finite, with a note saying it was not verified.
 One process at a time writes a directory: :func:`lock_run` takes an OS file
 lock (``fcntl.flock`` on ``.lock``), released when the process exits or dies.
 """
@@ -22,6 +25,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -30,6 +34,7 @@ from isometry import atomic
 
 __all__ = [
     "MetricsLog",
+    "Restored",
     "RunLockedError",
     "checkpoint_manager",
     "lock_run",
@@ -199,13 +204,19 @@ def _names(kind: str, names: list[str]) -> str:
     return f"{kind} {shown}"
 
 
+NO_CHECKSUM = "it has no checksum file"
+
+
 def verify_checkpoint(mngr, step: int) -> str | None:
-    """``None`` if checkpoint ``step`` matches its checksum, else what is wrong with it."""
+    """``None`` if checkpoint ``step`` matches its checksum, else what is wrong with it.
+
+    A missing checksum file gives a reason starting with :data:`NO_CHECKSUM`.
+    """
     d, cpath = _step_dir(mngr, step), _checksum_path(mngr, step)
     if not d.is_dir() or not any(d.iterdir()):
         return "its step directory is empty"
     if not cpath.exists():
-        return f"it has no checksum file {cpath.name} (its save did not finish)"
+        return f"{NO_CHECKSUM} {cpath.name}"
     try:
         want = json.loads(cpath.read_text())["sha256"]
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -224,44 +235,76 @@ def verify_checkpoint(mngr, step: int) -> str | None:
     return f"it fails its checksum ({'; '.join(problems)})" if problems else None
 
 
+def _finite(tree) -> bool:
+    leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
+    return all(np.all(np.isfinite(x)) for x in leaves if np.issubdtype(x.dtype, np.inexact))
+
+
 def _restore(mngr, step: int, state):
-    """``(state, None)`` restored from a verified ``step``, or ``(None, reason)``."""
+    """``(state, reason)``: restored (``reason`` ``None``, or a note) or ``None`` and why not.
+
+    A checkpoint without a checksum file (written before checksums, or its
+    save was cut short after orbax committed it) is accepted only if orbax
+    restores it whole and every float in it is finite; the note says so.
+    """
     import orbax.checkpoint as ocp
 
     reason = verify_checkpoint(mngr, step)
-    if reason is not None:
+    unverified = reason is not None and reason.startswith(NO_CHECKSUM)
+    if reason is not None and not unverified:
         return None, reason
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     try:
-        return mngr.restore(step, args=ocp.args.StandardRestore(abstract)), None
+        restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as err:  # any orbax/tensorstore failure: damaged
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        return None, f"orbax could not restore it ({type(err).__name__}: {first[:200]})"
+        why = f"orbax could not restore it ({type(err).__name__}: {first[:200]})"
+        return None, f"{reason}; {why}" if unverified else why
+    if not unverified:
+        return restored, None
+    if not _finite(restored):
+        return None, f"{reason} and it holds non-finite values"
+    return restored, f"{reason}, but orbax restored it whole and finite (not verified)"
 
 
-def restore_checkpoint(mngr, state):
-    """``(step, state, skipped)`` from the newest intact checkpoint (step 0: none).
+class Restored(NamedTuple):
+    """What :func:`restore_checkpoint` found.
+
+    Attributes:
+        step: the restored step (0: no usable checkpoint, ``state`` as given).
+        state: the restored state.
+        skipped: ``(step, reason)`` of each newer checkpoint that was damaged.
+        note: about the restored checkpoint (one without a checksum), or ``None``.
+    """
+
+    step: int
+    state: Any
+    skipped: list
+    note: str | None
+
+
+def restore_checkpoint(mngr, state) -> Restored:
+    """The newest intact checkpoint (:class:`Restored`; step 0 if there is none).
 
     Checkpoints are tried newest first; each is verified against its checksum
-    (:func:`verify_checkpoint`) and restored by orbax. ``skipped`` lists
-    ``(step, reason)`` of the newer ones that failed; they are deleted, so
-    the replayed steps save fresh checkpoints in their place.
+    (:func:`verify_checkpoint`) and restored by orbax. The newer ones that
+    failed are deleted, so the replayed steps save fresh checkpoints in their
+    place.
     """
     if mngr is None:
-        return 0, state, []
-    skipped = []
-    step, restored = 0, state
+        return Restored(0, state, [], None)
     mngr.reload()
+    skipped, found = [], Restored(0, state, [], None)
     for s in sorted(mngr.all_steps(), reverse=True):
         out, reason = _restore(mngr, s, state)
-        if reason is None:
-            step, restored = int(s), out
+        if out is not None:
+            found = Restored(int(s), out, [], reason)
             break
         skipped.append((int(s), reason))
     for s, _ in skipped:
         mngr.delete(s)
         _checksum_path(mngr, s).unlink(missing_ok=True)
-    return step, restored, skipped
+    return found._replace(skipped=skipped)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
