@@ -210,6 +210,7 @@ def test_nan_stop_saves_the_last_good_state(digits, tmp_path):
     assert [r["step"] for r in records] == [0, 2]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "non_finite" and summary["failed_step"] == 3
+    assert summary["last_good_checkpoint"] == 2
 
 
 _HOLD_LOCK = textwrap.dedent("""
@@ -405,3 +406,18 @@ def test_two_train_commands_on_one_directory(tmp_path):
         assert any("is complete (400 steps); nothing to do" in e for _, e in results)
     steps = [r["step"] for r in training.MetricsLog(out / "metrics.jsonl").read()]
     assert steps == [0, *range(10, 401, 10)]
+
+
+def test_read_idx_names_a_damaged_file(tmp_path):
+    import gzip
+
+    good = b"\x00\x00\x08\x02" + np.asarray([2, 3], ">u4").tobytes() + bytes(range(6))
+    path = tmp_path / "x-idx2-ubyte.gz"
+    path.write_bytes(gzip.compress(good))
+    np.testing.assert_array_equal(data.read_idx(path), np.arange(6).reshape(2, 3))
+    for damaged, match in ((gzip.compress(good)[:-12], "is not a readable IDX file"),
+                           (good[:6], "header of 2 dimensions is cut short"),
+                           (good[:-1], r"header says shape \(2, 3\)")):  # fmt: skip
+        path.write_bytes(gzip.compress(damaged) if match.startswith("header") else damaged)
+        with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + match):
+            data.read_idx(path)

@@ -218,7 +218,8 @@ class _Run:
             where = (
                 f"; last good checkpoint: step {ckpt}" if ckpt is not None else "; no checkpoint"
             ) + f"; metrics kept in {self.log.path}"
-            self.summary("non_finite", failed_step=bad + 1, last_logged_step=last_good)
+            self.summary("non_finite", failed_step=bad + 1, last_logged_step=last_good,
+                         last_good_checkpoint=ckpt)  # fmt: skip
         raise NonFiniteError(
             f"training stopped: non-finite loss or gradient at step {bad + 1} "
             f"(the parameters are kept at their values before that step){where}",
