@@ -213,6 +213,47 @@ def test_nan_stop_saves_the_last_good_state(digits, tmp_path):
     assert summary["last_good_checkpoint"] == 2
 
 
+def _interrupt_batches(orig):
+    def batches(self, step):
+        if step == 4:  # Ctrl-C before update 5
+            raise KeyboardInterrupt
+        return orig(self, step)
+
+    return "_Batches", "__call__", batches
+
+
+def _interrupt_measure(orig):
+    def measure(self, step, record):
+        if step == 4:  # Ctrl-C after update 4, before its record is written
+            raise KeyboardInterrupt
+        return orig(self, step, record)
+
+    return "_Run", "measure", measure
+
+
+# the default case interrupts after an update (Ctrl-C lands while waiting for results); the
+# slow one before an update, the same claim under the other timing
+@pytest.mark.parametrize(
+    "where", [pytest.param(_interrupt_batches, marks=pytest.mark.slow), _interrupt_measure]
+)
+def test_ctrl_c_saves_a_consistent_state(digits, reference, tmp_path, monkeypatch, where):
+    """Ctrl-C saves the state in memory under the number of updates it holds, and only when
+    the metrics on disk match it; the resumed run ends bitwise as the uninterrupted one."""
+    from isometry.training import loop
+
+    cls, name, _ = where(None)
+    orig = getattr(getattr(loop, cls), name)
+    monkeypatch.setattr(getattr(loop, cls), name, where(orig)[2])
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        training.train(_mlp(), digits, dataclasses.replace(CFG, checkpoint_every=500), out)
+    monkeypatch.undo()
+    saved = _manager(out).all_steps()
+    assert saved == ([4] if where is _interrupt_batches else [])
+    resumed = training.train(_mlp(), digits, dataclasses.replace(CFG, checkpoint_every=500), out)
+    _assert_same_run(resumed, reference, out)
+
+
 _HOLD_LOCK = textwrap.dedent("""
     import fcntl, sys, time
     f = open(sys.argv[1], "a+")

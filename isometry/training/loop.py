@@ -294,12 +294,18 @@ def train(
 
 
 def _steps(r: _Run, config: TrainConfig, start: int, end: int, bar) -> int:
-    """Run steps ``start + 1 .. end`` (log, check, checkpoint); the last step done."""
-    step, last_logged = start, start
+    """Run steps ``start + 1 .. end`` (log, check, checkpoint); the last step logged.
+
+    On Ctrl-C the state in memory is saved when it is consistent with the
+    metrics on disk: the interrupted update was not applied, or its step
+    logs nothing (else the newest checkpoint stays the one to resume from).
+    """
+    last_logged = updated = complete = start
     try:
         for step in range(start + 1, end + 1):
             idx = r.batches(step - 1)
             r.state, metrics = r.step_fn(r.state, r.x, r.y, idx, jnp.int32(step - 1))
+            updated = step
             logging = step % config.log_every == 0 or step == config.steps
             if logging or step % config.checkpoint_every == 0:
                 r.check_finite(last_logged)
@@ -311,9 +317,11 @@ def _steps(r: _Run, config: TrainConfig, start: int, end: int, bar) -> int:
             if r.mngr is not None and (step % config.checkpoint_every == 0 or step == config.steps):
                 rundir.save_checkpoint(r.mngr, step, r.state)
             bar.update(1)
+            complete = step
     except KeyboardInterrupt:
-        if r.mngr is not None:
-            r.log.truncate(r.save_last_good(step))
+        logs = updated % config.log_every == 0 or updated == config.steps
+        if r.mngr is not None and (updated == complete or not logs):
+            r.log.truncate(r.save_last_good(updated))
         raise
     finally:
         bar.close()
