@@ -255,14 +255,12 @@ def _mehler(act, closed_form, f, q, c, order):
     """``E[f(u_i) f(u_j)] (n, n)`` by Mehler's formula, or the closed form if there is one.
 
     ``sum_k a_k(q_i) a_k(q_j) c_ij^k`` with the normalized Hermite coefficients
-    ``a_k(q)`` of ``f(sqrt(q) z)``, summed by Horner's rule.
+    ``a_k(q)`` of ``f(sqrt(q) z)``; the powers ``c^k`` by a cumulative product.
     """
     if closed_form is not None:
         qi, qj = q[:, None], q[None, :]
         return closed_form(qi, qj, c * jnp.sqrt(qi * qj), **act.kwargs)
     a = gs.hermite_coefficients(f, q, order)
-
-    def horner(acc, k):
-        return acc * c + a[:, k, None] * a[None, :, k], None
-
-    return lax.scan(horner, jnp.zeros_like(c), jnp.arange(order, -1, -1))[0]
+    ones = jnp.ones((*c.shape, 1), c.dtype)
+    powers = jnp.cumprod(jnp.concatenate([ones, jnp.repeat(c[..., None], order, -1)], -1), -1)
+    return jnp.einsum("ijk,ik,jk->ij", powers, a, a, precision=lax.Precision.HIGHEST)
