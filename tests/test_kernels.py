@@ -184,16 +184,13 @@ def test_two_layer_ntk_monte_carlo(name, act, dphi):
     from the same units. Tolerance: 5 standard errors (two-sided p = 6e-7 each).
     """
     x, width = _inputs(3, 4, seed=1, scales=[0.7, 1.0, 1.5]), 1000
-    params = _ntk_network(jax.random.key(3), (4, width, 1), SW, SB)
+    params = _ntk_network(3, (4, width, 1))
     emp = _empirical(act, params, jnp.asarray(x), SW, SB)
-    (w1, b1), (w2, _) = params
-    h = jnp.sqrt(SW / 4) * x @ w1.T + jnp.sqrt(SB) * b1  # (n, N)
-    dphi = jax.vmap(jax.grad(act))(h.ravel()).reshape(h.shape)
+    (w1, b1), (w2, _) = (tuple(map(np.asarray, p)) for p in params)
+    h = np.sqrt(SW / 4) * x @ w1.T + np.sqrt(SB) * b1  # (n, N)
+    a, d = np.asarray(act(h)), dphi(h)
     k1 = SW * x @ x.T / 4 + SB
-    t = (
-        SW * act(h)[:, None, :] * act(h)[None, :, :]
-        + SW * (w2[0] ** 2) * (dphi[:, None, :] * dphi[None, :, :]) * k1[:, :, None]
-    )
+    t = SW * a[:, None] * a[None] + SW * w2[0] ** 2 * d[:, None] * d[None] * k1[:, :, None]
     se = np.std(np.asarray(t), axis=-1, ddof=1) / np.sqrt(width)
     theory = kernels.ntk(name, x, 2, SW, SB)
     np.testing.assert_allclose(emp, np.mean(t, axis=-1) + SB, rtol=1e-10)  # T_i are J J^T
