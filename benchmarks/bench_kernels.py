@@ -102,7 +102,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--depth", type=int, default=32)
-    p.add_argument("--quad-n", type=int, default=16)
+    p.add_argument("--quad-n", type=int, default=8)
     p.add_argument("--scipy-n", type=int, default=3)
     p.add_argument("--scipy-depth", type=int, default=4)
     a = p.parse_args(argv)

@@ -217,7 +217,8 @@ def _expectations(act, k, *, method, order, quad):
     """``(E[phi(u) phi(u')], E[phi'(u) phi'(u')]) (n, n)`` at ``(u, u') ~ N(0, k)``.
 
     Diagonal: the 1-D moments (the q-map's integrand and ``mu_1``); off it, the
-    2-D kernels at ``(q_i, q_j, c_ij)``, upper triangle only, mirrored.
+    closed forms on the whole matrix, or the series, or the 2-D quadrature at
+    ``(q_i, q_j, c_ij)`` on the upper triangle (in batches), mirrored.
     """
     q = jnp.diagonal(k)
     diag = (gs.second_moment(act, q, quad=quad), gs.dphi_moment(act, q, quad=quad))
@@ -225,7 +226,8 @@ def _expectations(act, k, *, method, order, quad):
     if n == 1:
         return tuple(d[:, None] for d in diag)
     c = jnp.clip(k / jnp.sqrt(q[:, None] * q[None, :]), -1.0, 1.0)
-    if method == "series":
+    closed = act.kernel is not None and act.deriv_kernel is not None
+    if method == "series" or closed:
         off = (
             _mehler(act, act.kernel, act.phi, q, c, order),
             _mehler(act, act.deriv_kernel, act.dphi, q, c, order),
