@@ -122,7 +122,7 @@ def test_series_route_equals_quadrature(tanh_layers):
     np.testing.assert_allclose(s.ntk, r.ntk, rtol=1e-10)
 
 
-@pytest.mark.slow  # 14 s of compiling a gradient through the 2-D quadrature
+@pytest.mark.slow  # 10-25 s of compiling a gradient through the 2-D quadrature
 def test_kdot_is_the_derivative_of_the_nngp_map(tanh_layers):
     """Price's theorem: ``E[phi'(u) phi'(u')] = d E[phi(u) phi(u')] / d K12``. The NTK step
     ``Theta^2 - K^2 = sw Kdot^1 * Theta^1`` checked with Kdot by autodiff of the 2-D
