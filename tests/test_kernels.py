@@ -59,11 +59,13 @@ def _reference(maps, x, depth, sw, sb):
 @pytest.mark.parametrize("name, maps", [("relu", _relu_maps), ("erf", _erf_maps)])
 def test_closed_forms(name, maps):
     # Unequal row norms (diagonals), one pair nearly parallel (c near 1).
-    x = _inputs(4, 6, scales=[0.5, 1.0, 2.0, 1.3])
+    # (Shapes as in the mean-field test below, so the erf program compiles once.)
+    x = _inputs(6, 5, scales=[0.5, 1.0, 2.0, 1.3, 0.8, 1.1])
     x[3] = 1.3 * (x[1] + 1e-3 * x[2])
-    k, theta = _reference(maps, x, 5, SW, SB)
-    np.testing.assert_allclose(kernels.nngp(name, x, 5, SW, SB), k, rtol=1e-12)
-    np.testing.assert_allclose(kernels.ntk(name, x, 5, SW, SB), theta, rtol=1e-12)
+    k, theta = _reference(maps, x, 4, SW, SB)
+    r = kernels.layers(name, x, 4, SW, SB)
+    np.testing.assert_allclose(r.nngp[-1], k, rtol=1e-12)
+    np.testing.assert_allclose(r.ntk[-1], theta, rtol=1e-12)
 
 
 def test_linear_network_closed_form():
@@ -232,11 +234,13 @@ def test_deep_ntk_monte_carlo(name, act):
 
 
 def test_condition_number_closed_form():
-    """``a I + b 1 1^T`` has eigenvalues a and a + n b."""
-    n, a, b = 5, 0.3, 2.0
-    k = a * np.eye(n) + b * np.ones((n, n))
-    assert float(kernels.condition_number(k)) == pytest.approx((a + n * b) / a, rel=1e-12)
-    assert float(kernels.condition_number(np.ones((3, 3)))) == np.inf
+    """``a I + b 1 1^T`` has eigenvalues a and a + n b; ``1 1^T`` is singular. (Shape as
+    in the test below: one compile.)"""
+    n, a, b = 4, np.linspace(0.0, 1.0, 40), 2.0
+    k = a[:, None, None] * np.eye(n) + b * np.ones((n, n))
+    kappa = np.asarray(kernels.condition_number(k))
+    np.testing.assert_allclose(kappa[1:], (a[1:] + n * b) / a[1:], rtol=1e-12)
+    assert kappa[0] == np.inf
 
 
 def test_ordered_phase_ntk_becomes_rank_one():
