@@ -19,8 +19,12 @@ and ``kappa`` grows exponentially with depth, at a rate set by the decay of
 ``1 - c^l`` (the same ``chi1`` that sets ``xi_c`` there), so the contour
 follows the left branch of ``6 xi_c``: at the quick tier (16 inputs,
 ``kappa = 600``) it sits at 0.75-0.83 of ``6 xi_c`` (depth 15 vs 19.8 at
-``sigma_w2 = 0.96``, 48 vs 60.5 at 1.38, 68 vs 82 at 1.47), close to the
-measured edge of the trainable band. In the chaotic phase the NTK's
+``sigma_w2 = 0.96``, 48 vs 60.5 at 1.38, 68 vs 82 at 1.47). Both lie at or
+inside the measured edge, which the depth grid brackets: at ``sigma_w2 =
+1.0`` depth 25 trains (accuracy 0.91) and 50 does not (0.41), against
+``6 xi_c = 22`` and the contour at 16; at 1.25, 50 trains (0.85) and 75 does
+not (0.27), against 41 and 32; at 1.5, 75 trains (0.87) and 100 does not
+(0.19), against 95 and 83. In the chaotic phase the NTK's
 diagonal grows like ``chi1^l`` while its off-diagonal entries stay bounded:
 it tends to a multiple of the identity, ``kappa -> 1`` (Xiao et al. 2020:
 such networks can fit the training set but do not generalize), so the NTK
