@@ -1,4 +1,4 @@
-"""Training accuracy of deep tanh networks over (sigma_w2, depth) at sigma_b2 = 0.05, with the mean-field bound 6 xi_c on the trainable depth (Schoenholz et al. 2017, Figs. 5-6).
+"""Training accuracy of deep tanh networks over (sigma_w2, depth) at sigma_b2 = 0.05, with the mean-field bound 6 xi_c on the trainable depth (Schoenholz et al. 2017, Figs. 5-6) and the depth where the infinite-width NTK's condition number reaches the number of training steps (Xiao et al. 2020): on the ordered side the two bounds agree in shape, on the chaotic side the NTK stays well conditioned and does not predict the measured failure.
 
 Measurement: the ``trainability`` experiment (one training run per
 ``(sigma_w2, L, seed)`` on the embedded digits); the heat map is the
@@ -8,6 +8,29 @@ the edge of chaos ``chi1 = 1``. Runs stopped by a non-finite loss are
 marked. The ``quick`` tier trains far fewer steps than the paper, so its
 trainable band sits inside the 6 xi_c curve (the paper's Fig. 6 shows the
 band filling it as training time grows).
+
+Right panel: ``log10 kappa``, the condition number of the NTK of
+:data:`~isometry.experiments.trainability.NTK_INPUTS` training inputs
+(:func:`isometry.experiments.trainability.ntk_condition`, theory only), with
+its contour ``kappa = steps`` (also drawn on the left): gradient descent at
+its largest stable rate fits the slowest NTK mode after about ``kappa``
+steps. In the ordered phase the NTK tends to a constant matrix ``p* 1 1^T``
+and ``kappa`` grows exponentially with depth, at a rate set by the decay of
+``1 - c^l`` (the same ``chi1`` that sets ``xi_c`` there), so the contour
+follows the left branch of ``6 xi_c``: at the quick tier (16 inputs,
+``kappa = 600``) it sits at 0.75-0.83 of ``6 xi_c`` (depth 15 vs 19.8 at
+``sigma_w2 = 0.96``, 48 vs 60.5 at 1.38, 68 vs 82 at 1.47). Both lie at or
+inside the measured edge, which the depth grid brackets: at ``sigma_w2 =
+1.0`` depth 25 trains (accuracy 0.91) and 50 does not (0.41), against
+``6 xi_c = 22`` and the contour at 16; at 1.25, 50 trains (0.85) and 75 does
+not (0.27), against 41 and 32; at 1.5, 75 trains (0.87) and 100 does not
+(0.19), against 95 and 83. In the chaotic phase the NTK's
+diagonal grows like ``chi1^l`` while its off-diagonal entries stay bounded:
+it tends to a multiple of the identity, ``kappa -> 1`` (Xiao et al. 2020:
+such networks can fit the training set but do not generalize), so the NTK
+predicts no failure where the measured networks fail to train; these are
+width-64 networks with ``L / N`` near 1, far from the infinite-width limit,
+trained by RMSProp rather than gradient descent.
 """
 
 from __future__ import annotations
@@ -22,6 +45,7 @@ from isometry.paper_figures import core
 KEYS = (
     "sigma_w2", "depth", "train_accuracy", "eval_accuracy", "diverged_fraction",
     "sigma_w2_theory", "six_xi_c", "critical_sigma_w2", "sigma_b2", "steps", "width",
+    "ntk_sigma_w2", "ntk_depth", "ntk_log10_cond", "ntk_inputs",
 )  # fmt: skip
 
 TIERS = harness.figure_tiers(
@@ -34,6 +58,13 @@ TIERS = harness.figure_tiers(
         "train.log_every=10",
     ),
 )
+
+
+NTK_GRID = 41
+"""``sigma_w2`` values of the NTK condition-number map."""
+
+COND_CLIP = 8.0
+"""``log10 kappa`` shown up to here (the series route is accurate to ~1e-10)."""
 
 
 def _grid_mean(table, key, rows, cols, row_key, col_key) -> np.ndarray:
@@ -63,6 +94,10 @@ def compute(preset, overrides, store) -> dict:
     edges = _edges(sw)
     sw_th = np.linspace(max(edges[0], 0.05), edges[-1], 601)
     th = trainability.theory(cfg.activation, sw_th, cfg.sigma_b2)
+    sw_ntk = np.linspace(sw_th[0], sw_th[-1], NTK_GRID)
+    x = harness.load_data(cfg.dataset).x_train[: trainability.NTK_INPUTS]
+    max_depth = int(_edges(depths)[-1])
+    cond = trainability.ntk_condition(cfg.activation, sw_ntk, cfg.sigma_b2, x, max_depth)
     cell = {"rows": depths, "cols": sw, "row_key": "depth", "col_key": "sigma_w2"}
     return {
         "sigma_w2": sw,
@@ -76,6 +111,10 @@ def compute(preset, overrides, store) -> dict:
         "sigma_b2": np.asarray(cfg.sigma_b2),
         "steps": np.asarray(cfg.train.steps),
         "width": np.asarray(cfg.width),
+        "ntk_sigma_w2": sw_ntk,
+        "ntk_depth": np.arange(1, max_depth + 1),
+        "ntk_log10_cond": cond,
+        "ntk_inputs": np.asarray(len(x)),
     }
 
 
@@ -90,12 +129,16 @@ def _edges(centres) -> np.ndarray:
 
 def plot(data, params):
     plotting.style()
-    sw, depth = np.asarray(data["sigma_w2"]), np.asarray(data["depth"])
-    acc = np.asarray(data["train_accuracy"])
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), constrained_layout=True)
-    xe, ye = _edges(sw), _edges(depth)
-    im = ax.pcolormesh(xe, ye, acc, cmap="viridis", vmin=0.0, vmax=1.0, shading="flat")
-    fig.colorbar(im, ax=ax, label="training-set accuracy after training (chance 0.1)")
+    fig, (ax, ax_ntk) = plt.subplots(
+        1, 2, figsize=(12.4, 4.8), constrained_layout=True, width_ratios=(1.0, 1.0)
+    )
+    _accuracy_panel(fig, ax, data)
+    _ntk_panel(fig, ax_ntk, data)
+    return fig
+
+
+def _theory_lines(ax, data) -> None:
+    """6 xi_c, the edge of chaos and the contour ``kappa = steps`` of the NTK."""
     bound = np.asarray(data["six_xi_c"])
     ax.plot(data["sigma_w2_theory"], bound, color="white", lw=2.6)
     ax.plot(
@@ -108,6 +151,23 @@ def plot(data, params):
         crit, color="tab:red", lw=1.0, ls=(0, (2, 3)),
         label=rf"edge of chaos $\sigma_w^2 = {crit:.2f}$",
     )  # fmt: skip
+    steps = int(data["steps"])
+    cond = np.minimum(np.asarray(data["ntk_log10_cond"]), COND_CLIP)
+    if np.nanmin(cond) < np.log10(steps) < np.nanmax(cond):
+        kw = {"levels": [np.log10(steps)], "linewidths": 1.6}
+        sw, depth = data["ntk_sigma_w2"], data["ntk_depth"]
+        ax.contour(sw, depth, cond.T, colors="white", **kw)
+        ax.contour(sw, depth, cond.T, colors="tab:orange", linestyles="-.", **kw)
+    ax.plot([], [], color="tab:orange", ls="-.", label=rf"NTK $\kappa = {steps}$ (= steps)")
+
+
+def _accuracy_panel(fig, ax, data) -> None:
+    sw, depth = np.asarray(data["sigma_w2"]), np.asarray(data["depth"])
+    acc = np.asarray(data["train_accuracy"])
+    xe, ye = _edges(sw), _edges(depth)
+    im = ax.pcolormesh(xe, ye, acc, cmap="viridis", vmin=0.0, vmax=1.0, shading="flat")
+    fig.colorbar(im, ax=ax, label="training-set accuracy after training (chance 0.1)")
+    _theory_lines(ax, data)
     div = np.asarray(data["diverged_fraction"])
     ii, jj = np.nonzero(div > 0)
     if ii.size:
@@ -121,5 +181,21 @@ def plot(data, params):
         rf"Trainability, tanh, $\sigma_b^2={float(data['sigma_b2']):g}$: "
         rf"width {int(data['width'])}, {int(data['steps'])} steps"
     )
-    ax.legend(loc="upper right", framealpha=0.9)
-    return fig
+    ax.legend(loc="upper right", framealpha=0.9, fontsize="small")
+
+
+def _ntk_panel(fig, ax, data) -> None:
+    sw, depth = np.asarray(data["ntk_sigma_w2"]), np.asarray(data["ntk_depth"])
+    cond = np.minimum(np.asarray(data["ntk_log10_cond"]), COND_CLIP)
+    im = ax.pcolormesh(
+        _edges(sw), _edges(depth), cond.T, cmap="magma_r", vmin=0.0, vmax=COND_CLIP,
+        shading="flat",
+    )  # fmt: skip
+    fig.colorbar(im, ax=ax, label=rf"$\log_{{10}}\kappa$ of the NTK (clipped at {COND_CLIP:g})")
+    _theory_lines(ax, data)
+    ax.set_xlim(sw[0], sw[-1])
+    ax.set_ylim(0.5, depth[-1] + 0.5)
+    ax.set_xlabel(r"weight variance $\sigma_w^2$")
+    ax.set_ylabel(r"depth $L$ (hidden layers)")
+    ax.set_title(rf"Infinite-width NTK condition number, {int(data['ntk_inputs'])} training inputs")
+    ax.legend(loc="upper right", framealpha=0.9, fontsize="small")
