@@ -105,6 +105,7 @@ __all__ = [
     "branch_scale",
     "check_branch_scale",
     "conv",
+    "transformer_params",
 ]
 
 Array = jax.Array
@@ -1050,7 +1051,10 @@ def _linear_init(cfg: TransformerConfig, sigma_w2) -> _initializers.Initializer:
     return _initializers.get("orthogonal" if ensemble == "orthogonal" else "gaussian", sigma_w2)
 
 
-def _transformer_params(cfg: TransformerConfig, key, dtype) -> dict[str, Array]:
+def transformer_params(cfg: TransformerConfig, key, dtype=None) -> dict[str, Array]:
+    """The stacked block parameters of :class:`Transformer` drawn from ``key`` (may be traced,
+    so seeds can be ``vmap``-ped): ``{name: (L, ...)}`` as in :meth:`Transformer.stacked_params`."""
+    dtype = _dtype(dtype)
     L, N, M = cfg.depth, cfg.width, cfg.hidden
     k = jax.random.split(key, 7)
     lin = _linear_init(cfg, cfg.value_sigma_w2)
@@ -1093,7 +1097,7 @@ class Transformer(nnx.Module):
         dtype = _dtype(dtype)
         self.config = cfg
         N = cfg.width
-        params = _transformer_params(cfg, rngs.params(), dtype)
+        params = transformer_params(cfg, rngs.params(), dtype)
         self.blocks = nnx.Dict({k: StackedParam(v) for k, v in params.items()})
         if cfg.in_dim is not None:
             self.embed = _lecun(rngs.params(), (cfg.in_dim, N), dtype)

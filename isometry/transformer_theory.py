@@ -143,7 +143,8 @@ def gram_statistics(G: Array, seq_len: int) -> GramStatistics:
     n = G.shape[-1]
     T = _check_seq_len(seq_len, n)
     d = jnp.diagonal(G, axis1=-2, axis2=-1)
-    cos = G / jnp.sqrt(d[..., :, None] * d[..., None, :])
+    r = jnp.sqrt(d)  # sqrt(d_a) sqrt(d_b), not sqrt(d_a d_b): no overflow for large norms
+    cos = G / (r[..., :, None] * r[..., None, :])
     seq = jnp.arange(n) // T
     same = (seq[:, None] == seq[None, :]) & ~jnp.eye(n, dtype=bool)
     other = seq[:, None] != seq[None, :]
@@ -225,41 +226,51 @@ def _maps(cfg, n, seq_len, dtype) -> _Maps:
     return _Maps(cfg, A, sw, sb, cfg.branch_scale if cfg.residual else 1.0)
 
 
-def _sublayer_forward(m: _Maps, branch, G):
-    """``(G_out, G_f_in, G_ln_in, carry)`` of one residual sublayer (see the module doc).
+def _sublayer_forward(m: _Maps, branch, tangent, G, Theta):
+    """One residual sublayer on the Gram ``G`` and the tangent Gram ``Theta`` (module doc).
 
-    ``G_f_in``: the branch's input Gram; ``G_ln_in``: the layer norm's input
-    (``None`` without one); ``carry (n,)``:
-    ``c_a`` with ``x_out_a = c_a x_a + (independent of x)``.
+    ``branch(z)``: the branch's output Gram; ``tangent(z, Theta)``: its
+    linearization's map of the tangent Gram. Returns ``(G_out, Theta_out,
+    saved, carry)``: ``saved`` the branch input ``z`` and the layer norm's
+    input Gram (``None`` without one); ``carry (n,)`` the ``c_a`` of
+    ``x_out_a = c_a x_a + (independent of x)``.
     """
     pos, res, a2 = m.cfg.norm_position, m.cfg.residual, m.alpha**2
     z = layer_norm_gram(G) if pos == "pre" else G
-    B = branch(z)
-    y = G + a2 * B if res else B
+    Tz = _ln_linear(Theta, G) if pos == "pre" else Theta
+    y = G + a2 * branch(z) if res else branch(z)
+    Ty = Theta + a2 * tangent(z, Tz) if res else tangent(z, Tz)
     carry = jnp.full(G.shape[:1], 1.0 if res else 0.0, G.dtype)
     if pos == "post":
         carry = carry / jnp.sqrt(jnp.diagonal(y))
-        return layer_norm_gram(y), z, y, carry
-    return y, z, (G if pos == "pre" else None), carry
+        return layer_norm_gram(y), _ln_linear(Ty, y), (z, y), carry
+    return y, Ty, (z, G if pos == "pre" else None), carry
 
 
-def _block_forward(m: _Maps, G):
+def _block_forward(m: _Maps, G, Theta):
     def attn(z):
         return attention_gram(z, m.A, m.sv * m.sv)
+
+    def attn_tangent(z, T):
+        return attention_gram(T, m.A, m.sv * m.sv)
 
     def mlp(z):
         return mlp_gram(m.cfg.act, z, m.sw, m.sb, m.sv)
 
-    Gy, z1, ln1, c1 = _sublayer_forward(m, attn, G)
-    Go, z2, ln2, c2 = _sublayer_forward(m, mlp, Gy)
+    def mlp_tangent(z, T):
+        return m.sw * m.sv * T * _mlp_backward_kernel(m.cfg.act, z, m.sw, m.sb)
+
+    Gy, Ty, (z1, ln1), c1 = _sublayer_forward(m, attn, attn_tangent, G, Theta)
+    Go, To, (z2, ln2), c2 = _sublayer_forward(m, mlp, mlp_tangent, Gy, Ty)
     carry = c1 * c2
     d_in, d_out = jnp.diagonal(G), jnp.diagonal(Go)
     update = jnp.sum(d_out + d_in - 2 * carry * d_in) / jnp.sum(d_in)
     saved = {"z1": z1, "z2": z2, "ln1": ln1, "ln2": ln2}
-    return Go, (saved, update)
+    return Go, To, saved, update
 
 
-def _ln_backward(Gamma, G_ln):
+def _ln_linear(Gamma, G_ln):
+    """The layer norm's linear map on a tangent or gradient Gram: ``Gamma_ab / sqrt(G_aa G_bb)``."""
     if G_ln is None:
         return Gamma
     d = jnp.sqrt(jnp.diagonal(G_ln))
@@ -271,10 +282,10 @@ def _sublayer_backward(m: _Maps, f_back, Gamma, G_ln):
     pos, res = m.cfg.norm_position, m.cfg.residual
     s = m.alpha**2 if res else 1.0
     if pos == "post":
-        Gamma = _ln_backward(Gamma, G_ln)
+        Gamma = _ln_linear(Gamma, G_ln)
     back = f_back(Gamma)
     if pos == "pre":
-        back = _ln_backward(back, G_ln)
+        back = _ln_linear(back, G_ln)
     return (Gamma + s * back if res else s * back), s * Gamma
 
 
@@ -364,6 +375,9 @@ class Profile:
 
     ``norm``, ``cosine``, ``cross_cosine``: :class:`GramStatistics` of the
     block outputs; ``update``: ``||x^l - x^{l-1}||^2 / ||x^{l-1}||^2``;
+    ``jacobian_sq``: the mean squared singular value ``tr(J_l^T J_l) / (n N)``
+    of the Jacobian ``J_l = dx^l / dx^0`` of the ``n`` tokens (forward tangent
+    Gram ``Theta``, from ``Theta^0 = I``, through the linearized maps);
     ``grad_state``: ``||dL/dx^{l-1}||^2`` (the block's input) relative to
     ``||dL/dx^L||^2``; ``grad_weights``: the squared weight-gradient norms
     ``query, key, value, out, mlp_in, mlp_out`` relative to ``||dL/dx^L||^2
@@ -376,6 +390,7 @@ class Profile:
     cosine: Array
     cross_cosine: Array
     update: Array
+    jacobian_sq: Array
     grad_state: Array
     grad_weights: dict
     qk_value: Array
@@ -404,12 +419,14 @@ def profile(config: networks.TransformerConfig, G0: Array, seq_len: int, Gamma_L
         raise ValueError(f"G0 must be a square (n, n) Gram matrix, got shape {G0.shape}")
     m = _maps(config, G0.shape[0], _check_seq_len(seq_len, G0.shape[0]), G0.dtype)
     Gamma_L = jnp.eye(G0.shape[0], dtype=G0.dtype) if Gamma_L is None else jnp.asarray(Gamma_L)
+    n = G0.shape[0]
 
-    def fwd(G, _):
-        Go, (saved, update) = _block_forward(m, G)
-        return Go, (Go, saved, update)
+    def fwd(carry, _):
+        Go, To, saved, update = _block_forward(m, *carry)
+        return (Go, To), (Go, jnp.trace(To), saved, update)
 
-    _, (grams, saved, update) = lax.scan(fwd, G0, None, length=config.depth)
+    eye = jnp.eye(G0.shape[0], dtype=G0.dtype)
+    _, (grams, jac, saved, update) = lax.scan(fwd, (G0, eye), None, length=config.depth)
 
     def bwd(Gamma, saved_l):
         Gamma_x, grads = _block_backward(m, saved_l, Gamma)
@@ -420,6 +437,7 @@ def profile(config: networks.TransformerConfig, G0: Array, seq_len: int, Gamma_L
     top = jnp.trace(Gamma_L)
     return Profile(
         gram=grams, norm=st.norm, cosine=st.cosine, cross_cosine=st.cross_cosine, update=update,
+        jacobian_sq=jac / n,
         grad_state=g_state / top, grad_weights={k: v / top for k, v in grads.items()},
         qk_value=grads["query"] / grads["value"],
     )  # fmt: skip
