@@ -16,19 +16,33 @@ with no free parameter.
 
 Where theory and measurement part, and why: the recursions assume uniform
 attention (exact as ``N Var(W_Q) -> 0``; here 0.1), independent branches and
-gradient independence at infinite width. They track the no-LN and pre-LN
-stacks; the measured ``1 - cosine`` leaves the line once it falls below
-``~1/N`` (finite-width fluctuations of the Gram, and float32 rounding, set a
-floor), and ``alpha = 1`` without layer norm overflows within a few dozen
-blocks (the stream doubles per block; no markers there). Post-LN at depth:
-forward statistics still follow the Gram map (the tokens collapse
-geometrically), but gradient ratios that reach rounding level (``< 1e-12``)
-are not drawn, and post-LN gradient predictions are qualitative (the
-normalization's projections compound).
+gradient independence at infinite width. Forward statistics, Jacobians,
+updates and the Q/K-to-V ratio follow the lines for every residual variant
+with layer norm and for ``alpha = 1/sqrt(L)`` everywhere. Without layer norm
+at ``alpha = 1`` the stream grows about threefold per block, so the
+attention logits (standard deviation ``~ N Var(W_Q)`` times the squared token
+norm) leave the uniform regime within a few blocks: the theory is dotted where
+that product exceeds 1 (and not drawn for the gradient rows), the measured
+collapse lags it, and the stream overflows float32 past ``1e30`` (no markers
+there). Without a
+residual path the tokens of a sequence collapse within ~10 blocks as
+predicted, and then move as one vector whose squared norm does a
+multiplicative random walk of log-variance ``~ L / N`` (Hanin & Nica 2019):
+the measured norm, Jacobian and value gradients scatter around, and mostly
+below, the infinite-width line (the mean over seeds of a log-normal's
+typical values). After the collapse (no residual; post-LN with ``alpha = 1``
+at depth) the Q/K gradients vanish exactly in both theory and measurement:
+ratios below ``1e-12`` are rounding and drawn at that floor. Post-LN
+gradient predictions are qualitative (the normalization's projections
+compound) and its value gradients at ``alpha = 1`` sit below the line.
+Quick tier: ``L = 64``, ``N = 128``, 2 seeds, 2 tangents; full: ``L = 256``,
+``N = 256``, 8 seeds, 8 tangents.
 """
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from isometry import plotting
@@ -36,7 +50,7 @@ from isometry import transformer_theory as tt
 from isometry.experiments import harness, transformer_signal
 from isometry.paper_figures import core
 
-KEYS = ("block", "norm_positions", "alphas", "measured", "theory", "stats")
+KEYS = ("block", "norm_positions", "alphas", "measured", "theory", "stats", "qk_sigma_w2")
 
 TIERS = harness.figure_tiers(
     "transformer_signal",
@@ -69,8 +83,9 @@ NORM_TITLES = {"none": "no layer norm", "pre": "pre-LN", "post": "post-LN"}
 def _theory(cfg, pos: str, alpha: str) -> np.ndarray:
     """``(len(STATS), L)`` predictions of one variant."""
     net = transformer_signal.network_config(cfg, pos, alpha)
-    with np.errstate(all="ignore"):
-        p = tt.profile(net, transformer_signal.input_gram(cfg), cfg.seq_len)
+    with np.errstate(all="ignore"), jax.enable_x64(True):  # no float32 floor on 1 - cosine
+        G0 = jnp.asarray(transformer_signal.input_gram(cfg), jnp.float64)
+        p = tt.profile(net, G0, cfg.seq_len)
         vals = {
             "collapse": 1.0 - np.asarray(p.cosine),
             "norm": p.norm,
@@ -89,6 +104,7 @@ def compute(preset, overrides, store) -> dict:
     cfg, t = run.config, run.table
     P, A, L, S = len(cfg.norm_positions), len(cfg.alphas), cfg.depth, cfg.seeds
     meas = np.full((P, A, len(STATS), S, L), np.nan)
+    blown = np.zeros((P, A, S), bool)
     ip = {p: i for i, p in enumerate(cfg.norm_positions)}
     ia = {a: i for i, a in enumerate(cfg.alphas)}
     for k in range(len(t["block"])):
@@ -102,9 +118,13 @@ def compute(preset, overrides, store) -> dict:
             "qk_value": float(t["grad_query"][k]) / float(t["grad_value"][k]),
             "grad_value": t["grad_value"][k],
         }
-        # float32 overflows near 1e38: statistics of a stream past 1e30 are not measurements
+        # float32 overflows near 1e38: statistics of a stream past 1e30 are not measurements,
+        # nor are the gradients of a network whose stream got there (see blown below)
         ok = np.isfinite(float(t["norm"][k])) and float(t["norm"][k]) < 1e30
         meas[i, j, :, s, b] = [float(row[x]) if ok else np.nan for x in STATS]
+        blown[i, j, s] |= not ok
+    for x in ("qk_value", "grad_value"):
+        meas[:, :, STATS.index(x)][blown] = np.nan
     theory = np.stack(
         [np.stack([_theory(cfg, p, a) for a in cfg.alphas]) for p in cfg.norm_positions]
     )
@@ -117,6 +137,7 @@ def compute(preset, overrides, store) -> dict:
         "measured": measured,
         "theory": theory,
         "stats": np.asarray(STATS),
+        "qk_sigma_w2": np.asarray(cfg.qk_sigma_w2),
     }
 
 
@@ -145,8 +166,16 @@ def plot(data, params):
             ax = axes[r, i]
             for j, a in enumerate(alphas):
                 m, t = _shown(meas[i, j, r], s), _shown(th[i, j, r], s)
+                # uniform attention needs logits of variance ~ (qk_sigma_w2 norm)^2 << 1,
+                # norm that of the attention's input (1 after a layer norm); a gradient
+                # needs every block above it valid
+                valid = (p != "none") | (data["qk_sigma_w2"] * th[i, j, stats.index("norm")] <= 1)
+                if s in ("qk_value", "grad_value"):
+                    valid = np.full_like(valid, np.all(valid))
                 ax.plot(block, m, "o", ms=2.5, color=colors[a], mfc="none", mew=0.8)
-                ax.plot(block, t, "-", lw=1.1, color=colors[a], alpha=0.85)
+                ax.plot(block, np.where(valid, t, np.nan), "-", lw=1.1, color=colors[a])
+                if s not in ("qk_value", "grad_value"):  # these leave the plot outside it
+                    ax.plot(block, np.where(valid, np.nan, t), ":", lw=1.1, color=colors[a])
             ax.set_yscale("log")
             ax.set_xscale("log")
             if s == "qk_value" and i == 0:
@@ -164,6 +193,7 @@ def plot(data, params):
     handles += [
         Line2D([], [], color="0.3", marker="o", mfc="none", ls="none", label="measured"),
         Line2D([], [], color="0.3", ls="-", label="mean-field Gram theory"),
+        Line2D([], [], color="0.3", ls=":", label="outside its assumptions"),
     ]
     fig.legend(handles=handles, loc="outside upper center", ncol=len(handles), frameon=False)
     return fig
