@@ -74,7 +74,7 @@ class Config:
         cosine, cross_cosine: the input tokens' cosines (``0 <= cross <= cosine < 1``).
         qk_sigma_w2: ``N Var(W_Q)``; small means near-uniform attention (the theory's regime).
         causal: causal attention.
-        tangents: random tangents of the Jacobian estimate.
+        tangents: random tangents of the Jacobian estimate (0: no Jacobian, NaN).
         seeds: networks per variant.
         seed: base seed.
     """
@@ -97,7 +97,8 @@ class Config:
     def __post_init__(self):
         validate.names("norm_positions", self.norm_positions, networks.TRANSFORMER_NORMS)
         validate.names("alphas", self.alphas, ALPHAS)
-        validate.int_fields(self, "depth", "width", "heads", "tangents", "seeds")
+        validate.int_fields(self, "depth", "width", "heads", "seeds")
+        validate.positive_int("tangents", self.tangents, 0)
         validate.positive_int("seq_len", self.seq_len, 2)
         validate.positive_int("sequences", self.sequences, 2)
         validate.real_array("cosine", self.cosine, minimum=0.0, maximum=0.999)
@@ -175,11 +176,13 @@ def measure_blocks(stack: networks.Stack, x0, key, tangents: int = 4) -> dict:
     states = stack.hidden_states(x0)
     prev = jnp.concatenate([x0[None], states[:-1]])
     st = tt.gram_statistics(jax.vmap(tt.token_gram)(states), T)
-    V = jax.random.normal(k_tan, (tangents, *x0.shape), x0.dtype)
-    jsq = jacobian.stack_jacobians(
-        stack.layer, stack.params, x0, range(1, L + 1), tangents=V,
-        reduce=lambda J: jnp.sum(J**2) / (tangents * x0.size),
-    )  # fmt: skip
+    jsq = jnp.full((L,), jnp.nan, x0.dtype)
+    if tangents:
+        V = jax.random.normal(k_tan, (tangents, *x0.shape), x0.dtype)
+        jsq = jacobian.stack_jacobians(
+            stack.layer, stack.params, x0, range(1, L + 1), tangents=V,
+            reduce=lambda J: jnp.sum(J**2) / (tangents * x0.size),
+        )  # fmt: skip
     out = {
         "norm": st.norm,
         "cosine": st.cosine,
