@@ -334,8 +334,17 @@ def _dtype(dtype):
 # --------------------------------------------------------------------------- #
 
 
+class _BranchScaled:
+    """Configs with ``residual_scale`` and ``depth``: the branch scale as a number."""
+
+    @property
+    def branch_scale(self) -> float:
+        """``alpha`` as a number (``"1/sqrt(L)"`` at this depth; see :func:`branch_scale`)."""
+        return branch_scale(self.residual_scale, self.depth)
+
+
 @dataclasses.dataclass(frozen=True)
-class MLPConfig:
+class MLPConfig(_BranchScaled):
     """A fully connected network: input map, ``depth`` square hidden layers, readout.
 
     Attributes:
@@ -410,11 +419,6 @@ class MLPConfig:
     def act(self) -> _activations.Activation:
         """The activation (at its initial parameters, for a learnable PReLU)."""
         return _act_of(self)
-
-    @property
-    def branch_scale(self) -> float:
-        """``alpha`` as a number (``"1/sqrt(L)"`` at this depth; see :func:`branch_scale`)."""
-        return branch_scale(self.residual_scale, self.depth)
 
     @property
     def learnable_slope(self) -> bool:
@@ -618,7 +622,7 @@ def _check_input(name, u, last):
 
 
 @dataclasses.dataclass(frozen=True)
-class ConvConfig:
+class ConvConfig(_BranchScaled):
     """A deep vanilla CNN (Xiao et al. 2018): ``depth`` convolutions ``C -> C``.
 
     ``h^l = conv(x^{l-1}, K^l) + b^l``, ``x^l = phi(h^l)``, kernels
@@ -689,11 +693,6 @@ class ConvConfig:
     @property
     def act(self) -> _activations.Activation:
         return _act_of(self)
-
-    @property
-    def branch_scale(self) -> float:
-        """``alpha`` as a number (see :func:`branch_scale`)."""
-        return branch_scale(self.residual_scale, self.depth)
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
@@ -843,7 +842,7 @@ POOLS = ("mean", "last", "none")
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(_BranchScaled):
     """A transformer encoder: token embedding, ``depth`` blocks, readout.
 
     A block maps the tokens ``x (T, N)`` (one sequence; leading batch axes
@@ -950,11 +949,6 @@ class TransformerConfig:
     def hidden(self) -> int:
         """``M``, the MLP hidden width."""
         return self.width if self.mlp_width is None else self.mlp_width
-
-    @property
-    def branch_scale(self) -> float:
-        """``alpha`` as a number (see :func:`branch_scale`)."""
-        return branch_scale(self.residual_scale, self.depth)
 
     def _resolved(self):
         name = "gaussian" if str(self.init).strip().lower() == "critical" else self.init
