@@ -18,6 +18,7 @@ from isometry import (
     spectra,
     sweep,
     training,
+    transformer_theory,
 )
 
 __version__ = "0.1.0"
@@ -36,4 +37,5 @@ __all__ = [
     "spectra",
     "sweep",
     "training",
+    "transformer_theory",
 ]

@@ -57,6 +57,7 @@ __all__ = [
     "DATASETS",
     "DATA_ENV",
     "Dataset",
+    "associative_recall",
     "batch_indices",
     "epoch_permutation",
     "load",
@@ -64,6 +65,7 @@ __all__ = [
     "load_digits",
     "load_fashion_mnist",
     "load_mnist",
+    "patch_sequence",
     "read_idx",
     "standardize",
     "teacher_student",
@@ -496,6 +498,61 @@ def teacher_student(
     return Dataset(
         "teacher_student", u[:n_train], y[:n_train], u[n_train:], y[n_train:], num_classes
     )
+
+
+# --------------------------------------------------------------------------- #
+# Sequence tasks (transformers).
+# --------------------------------------------------------------------------- #
+
+
+def associative_recall(
+    seed: int = 0, *, n_train: int = 4096, n_test: int = 1024, pairs: int = 4, keys: int = 8,
+    values: int = 8,
+) -> Dataset:  # fmt: skip
+    """Associative recall: ``k_1 v_1 ... k_P v_P q`` -> the value paired with the query key.
+
+    Each sequence holds ``P = pairs`` distinct keys (symbols ``0..keys-1``),
+    each followed by its value (symbols ``keys..keys+values-1``, drawn with
+    replacement), then a query ``q``, one of the sequence's keys, drawn
+    uniformly; the label is the query's value minus ``keys`` (a class in
+    ``0..values-1``). Inputs are int32 token ids ``(n, 2 P + 1)`` for a
+    transformer with ``vocab_size = keys + values``; the task needs attention
+    from the last token to the matching key (Ba et al. 2016; Graves et al.
+    2014). Everything is determined by ``seed``; chance accuracy is ``1/values``.
+    """
+    validate.positive_int("n_train", n_train)
+    validate.positive_int("n_test", n_test)
+    validate.positive_int("pairs", pairs)
+    validate.positive_int("values", values, 2)
+    validate.positive_int("keys", keys)
+    if keys < pairs:
+        raise ValueError(
+            f"keys must be >= pairs (distinct keys per sequence), got {keys} < {pairs}"
+        )
+    rng = np.random.default_rng(seed)
+    n = n_train + n_test
+    k = np.argsort(rng.random((n, keys)), axis=1)[:, :pairs]  # distinct keys per row
+    v = rng.integers(0, values, (n, pairs))
+    which = rng.integers(0, pairs, n)
+    x = np.empty((n, 2 * pairs + 1), np.int32)
+    x[:, 0:-1:2], x[:, 1:-1:2], x[:, -1] = k, keys + v, k[np.arange(n), which]
+    y = v[np.arange(n), which].astype(np.int32)
+    return Dataset("associative_recall", x[:n_train], y[:n_train], x[n_train:], y[n_train:], values)
+
+
+def patch_sequence(x: np.ndarray, patch: int) -> np.ndarray:
+    """Images ``(n, H, W)`` as sequences of ``patch x patch`` patches: ``(n, H W / patch^2,
+    patch^2)`` in row-major patch order (the digits read as a sequence of tokens; Dosovitskiy
+    et al. 2021)."""
+    x = np.asarray(x)
+    if x.ndim != 3:
+        raise ValueError(f"x must have shape (n, H, W), got {x.shape}")
+    patch = validate.positive_int("patch", patch)
+    n, H, W = x.shape
+    if H % patch or W % patch:
+        raise ValueError(f"patch must divide the image size {H} x {W}, got {patch}")
+    x = x.reshape(n, H // patch, patch, W // patch, patch).transpose(0, 1, 3, 2, 4)
+    return x.reshape(n, (H // patch) * (W // patch), patch * patch)
 
 
 # --------------------------------------------------------------------------- #

@@ -472,7 +472,7 @@ def model_theory(model, u: Array) -> Theory:
                 f"(position {cfg.norm_position!r}, residual {cfg.residual}); "
                 "compare measured statistics instead"
             )
-        alpha = cfg.residual_scale if cfg.residual else None
+    alpha = cfg.branch_scale if cfg.residual else None
     sw, sb = cfg.variances()
     p0, c0, m0 = input_statistics(model, u)
     return theory(

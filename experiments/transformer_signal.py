@@ -1,0 +1,246 @@
+"""Signal propagation through deep transformers at initialization: rank collapse, gradients, depth.
+
+Sweep: layer-norm placement (``none`` / ``pre`` / ``post``) x residual branch
+scale ``alpha`` (``1``, ``1/sqrt(L)``, ``0`` = no residual path) x seed. Each
+network is an :class:`isometry.networks.Transformer` of ``depth`` blocks of
+width ``N`` (ReLU MLP with He ``W_1``; ``W_V, W_O, W_2`` of variance ``1/N``;
+``W_Q, W_K`` of variance ``qk_sigma_w2 / N``). Its stack input is ``S``
+sequences of ``T`` synthetic tokens of unit mean square, pair cosine
+``cosine`` within a sequence and ``cross_cosine`` across sequences:
+
+    x_{s,t} = sqrt(c_x) u + sqrt(c - c_x) v_s + sqrt(1 - c) w_{s,t},   u, v, w ~ N(0, I_N).
+
+Per block ``l`` (one forward/backward pass; a random projection
+``Loss = sum_{s,t} <r_{s,t}, x^L_{s,t}>``, ``r ~ N(0, I)``):
+
+    norm, cosine, cross_cosine   token Gram statistics of x^l (transformer_theory.gram_statistics)
+    update       = ||x^l - x^{l-1}||^2 / ||x^{l-1}||^2
+    jacobian_sq  = tr(J_l^T J_l) / (S T N),  J_l = dx^l/dx^0, from k random tangents pushed
+                   through all blocks in one pass (jacobian.stack_jacobians)
+    grad_state   = ||dLoss/dx^{l-1}||^2 / ||dLoss/dx^L||^2
+    grad_<w>     = ||dLoss/dW_w^l||^2 / (N ||dLoss/dx^L||^2),
+                   w in query, key, value, out, mlp_in, mlp_out
+
+the quantities :func:`isometry.transformer_theory.profile` predicts.
+
+Table columns: ``norm_position, alpha, seed, block`` and the statistics above.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from isometry import jacobian, networks, sweep, validate
+from isometry import transformer_theory as tt
+from isometry.experiments import Experiment
+
+__all__ = [
+    "ALPHAS",
+    "EXPERIMENT",
+    "PRESETS",
+    "WEIGHTS",
+    "Config",
+    "grid",
+    "input_gram",
+    "measure_blocks",
+    "network_config",
+    "run",
+    "token_inputs",
+]
+
+ALPHAS = ("1", "1/sqrt(L)", "0")
+WEIGHTS = ("query", "key", "value", "out", "mlp_in", "mlp_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Transformer signal-propagation sweep.
+
+    Attributes:
+        norm_positions: subset of ``none``, ``pre``, ``post``.
+        alphas: subset of ``"1"``, ``"1/sqrt(L)"``, ``"0"`` (no residual path).
+        depth: blocks ``L``.
+        width: ``N``.
+        heads: attention heads.
+        seq_len: tokens per sequence ``T`` (>= 2).
+        sequences: sequences ``S`` (>= 2 for the cross-sequence cosine).
+        cosine, cross_cosine: the input tokens' cosines (``0 <= cross <= cosine < 1``).
+        qk_sigma_w2: ``N Var(W_Q)``; small means near-uniform attention (the theory's regime).
+        causal: causal attention.
+        tangents: random tangents of the Jacobian estimate (0: no Jacobian, NaN).
+        seeds: networks per variant.
+        seed: base seed.
+    """
+
+    norm_positions: tuple[str, ...] = ("none", "pre", "post")
+    alphas: tuple[str, ...] = ALPHAS
+    depth: int = 64
+    width: int = 128
+    heads: int = 4
+    seq_len: int = 8
+    sequences: int = 2
+    cosine: float = 0.3
+    cross_cosine: float = 0.1
+    qk_sigma_w2: float = 0.1
+    causal: bool = True
+    tangents: int = 2
+    seeds: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        validate.names("norm_positions", self.norm_positions, networks.TRANSFORMER_NORMS)
+        validate.names("alphas", self.alphas, ALPHAS)
+        validate.int_fields(self, "depth", "width", "heads", "seeds")
+        validate.positive_int("tangents", self.tangents, 0)
+        validate.positive_int("seq_len", self.seq_len, 2)
+        validate.positive_int("sequences", self.sequences, 2)
+        validate.real_array("cosine", self.cosine, minimum=0.0, maximum=0.999)
+        validate.real_array("cross_cosine", self.cross_cosine, minimum=0.0, maximum=self.cosine)
+        validate.real_array("qk_sigma_w2", self.qk_sigma_w2, minimum=0.0)
+        validate.positive_int("seed", self.seed, 0)
+        network_config(self, self.norm_positions[0], self.alphas[0])  # heads | width
+
+
+def grid(cfg: Config) -> sweep.Grid:
+    """``norm_position x alpha x seed``."""
+    return sweep.product(norm_position=cfg.norm_positions, alpha=cfg.alphas, seed=range(cfg.seeds))
+
+
+def network_config(cfg: Config, norm_position: str, alpha: str) -> networks.TransformerConfig:
+    """The :class:`~isometry.networks.TransformerConfig` of one variant (no embedding/readout)."""
+    residual = alpha != "0"
+    scale = alpha if alpha == "1/sqrt(L)" else 1.0
+    return networks.TransformerConfig(
+        depth=cfg.depth, width=cfg.width, heads=cfg.heads, norm_position=norm_position,
+        residual=residual, residual_scale=scale, causal=cfg.causal, qk_sigma_w2=cfg.qk_sigma_w2,
+        activation="relu", init="he_normal",
+    )  # fmt: skip
+
+
+PRESETS = {
+    "quick": Config(),
+    "full": Config(depth=256, width=256, seeds=8, tangents=8),
+}
+
+
+def token_inputs(key, sequences: int, seq_len: int, width: int, cosine, cross_cosine, dtype=None):
+    """``(S, T, N)`` tokens of unit mean square with the given cosines (module docstring)."""
+    dtype = jnp.result_type(float) if dtype is None else dtype
+    ku, kv, kw = jax.random.split(key, 3)
+    u = jax.random.normal(ku, (1, 1, width), dtype)
+    v = jax.random.normal(kv, (sequences, 1, width), dtype)
+    w = jax.random.normal(kw, (sequences, seq_len, width), dtype)
+    return (
+        math.sqrt(cross_cosine) * u
+        + math.sqrt(cosine - cross_cosine) * v
+        + math.sqrt(1.0 - cosine) * w
+    )
+
+
+def input_gram(cfg: Config):
+    """The expected Gram ``(S T, S T)`` of :func:`token_inputs` (the theory's ``G0``)."""
+    n, T = cfg.sequences * cfg.seq_len, cfg.seq_len
+    seq = jnp.arange(n) // T
+    same = (seq[:, None] == seq[None, :]).astype(float)
+    return (1 - cfg.cosine) * jnp.eye(n) + (cfg.cosine - cfg.cross_cosine) * same + cfg.cross_cosine
+
+
+def measure_blocks(stack: networks.Stack, x0, key, tangents: int = 4) -> dict:
+    """Per-block statistics of a transformer stack for the tokens ``x0 (S, T, N)`` (module doc).
+
+    Returns a dict of ``(L,)`` arrays: ``norm, cosine, cross_cosine, update,
+    jacobian_sq, grad_state`` and ``grad_<w>`` for ``w`` in :data:`WEIGHTS`.
+    """
+    k_loss, k_tan = jax.random.split(key)
+    r = jax.random.normal(k_loss, x0.shape, x0.dtype)
+    L, N, T = stack.depth, x0.shape[-1], x0.shape[-2]
+
+    def loss(params, probes):
+        def body(x, inp):
+            p, dx = inp
+            x = x + dx
+            return stack.layer(p, x), x
+
+        xL, _ = lax.scan(body, x0, (params, probes))
+        return jnp.sum(r * xL)
+
+    g_p, g_x = jax.grad(loss, argnums=(0, 1))(stack.params, jnp.zeros((L, *x0.shape), x0.dtype))
+    top = jnp.sum(r**2)
+    states = stack.hidden_states(x0)
+    prev = jnp.concatenate([x0[None], states[:-1]])
+    st = tt.gram_statistics(jax.vmap(tt.token_gram)(states), T)
+    jsq = jnp.full((L,), jnp.nan, x0.dtype)
+    if tangents:
+        V = jax.random.normal(k_tan, (tangents, *x0.shape), x0.dtype)
+        jsq = jacobian.stack_jacobians(
+            stack.layer, stack.params, x0, range(1, L + 1), tangents=V,
+            reduce=lambda J: jnp.sum(J**2) / (tangents * x0.size),
+        )  # fmt: skip
+    out = {
+        "norm": st.norm,
+        "cosine": st.cosine,
+        "cross_cosine": st.cross_cosine,
+        "update": _per_block(states - prev) / _per_block(prev),
+        "jacobian_sq": jsq,
+        "grad_state": _per_block(g_x) / top,
+    }
+    return out | {f"grad_{w}": _per_block(g_p[w]) / (N * top) for w in WEIGHTS}
+
+
+def _per_block(a):
+    return jnp.sum(a.reshape(a.shape[0], -1) ** 2, axis=1)
+
+
+def measure_function(cfg: Config, norm_position: str, alpha: str):
+    """``f(seed) -> measure_blocks(...)`` for one variant, one compiled program over seeds."""
+    net = network_config(cfg, norm_position, alpha)
+    template = networks.Transformer(net, rngs=nnx.Rngs(0)).stack()
+    dtype = jnp.result_type(float)
+
+    def f(seed):
+        k_net, k_in, k_m = jax.random.split(sweep.point_key(cfg.seed, seed), 3)
+        params = networks.transformer_params(net, k_net, dtype)
+        stack = dataclasses.replace(template, params=params)
+        x0 = token_inputs(
+            k_in, cfg.sequences, cfg.seq_len, cfg.width, cfg.cosine, cfg.cross_cosine, dtype
+        )
+        return measure_blocks(stack, x0, k_m, cfg.tangents)
+
+    return f
+
+
+def block_rows(out) -> list[dict]:
+    """One row per block ``l = 1..L``."""
+    n = len(next(iter(out.values())))
+    return [{"block": l + 1, **{k: float(v[l]) for k, v in out.items()}} for l in range(n)]
+
+
+def run(
+    cfg: Config, out, *, per_device: int = 4, optimize: bool = True, progress: bool = True
+) -> Path:
+    """Run the sweep into the store ``out``; returns the aggregate csv path."""
+    store = sweep.Store(out, "transformer_signal", cfg)
+    return sweep.run_vectorized(
+        store,
+        grid(cfg),
+        lambda s: measure_function(cfg, s["norm_position"], s["alpha"]),
+        lambda p, o: block_rows(o),
+        static=("norm_position", "alpha"),
+        per_device=per_device,
+        optimize=optimize,
+        progress=progress,
+        label="transformer_signal",
+    )
+
+
+EXPERIMENT = Experiment(
+    "transformer_signal", Config, PRESETS, run,
+    "transformers at init: token cosine/norm, Jacobians, Q/K/V/MLP gradients vs depth",
+)  # fmt: skip
