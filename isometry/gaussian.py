@@ -56,6 +56,7 @@ __all__ = [
     "expect",
     "expect2",
     "hermite_coefficients",
+    "hermite_series",
     "nodes",
     "phi_kernel",
     "second_moment",
@@ -273,12 +274,32 @@ def hermite_coefficients(
     Returns:
         array of shape ``(*q.shape, order + 1)``.
     """
+    return hermite_series(f, q, order, panels=panels, points=points)[0]
+
+
+def hermite_series(
+    f: Callable[[Array], Array], q: Array, order: int, *, panels: int = 64, points: int = 10
+) -> tuple[Array, Array]:
+    """``(b, m2)``: the coefficients of :func:`hermite_coefficients` and ``E[f(sqrt(q) z)^2]``.
+
+    Both on the same fixed nodes, so the Parseval remainder
+    ``m2 - sum_k b_k^2 >= 0`` (the energy beyond ``order``) is consistent with
+    the coefficients to rounding; it bounds the truncation error of the
+    Mehler series at ``|c| <= 1`` by ``|c|^(order+1) (m2 - sum_k b_k^2)``.
+
+    Returns:
+        ``b`` of shape ``(*q.shape, order + 1)`` and ``m2`` of ``q``'s shape.
+    """
     if not isinstance(order, int) or order < 1:
         raise ValueError(f"order must be an integer >= 1, got {order!r}")
     q = jnp.asarray(q, dtype=jnp.result_type(q, float))
     z, w, table = (jnp.asarray(a, q.dtype) for a in _hermite_table(order, panels, points, 10.0))
-    values = w * f(jnp.sqrt(q)[..., None] * z)
-    return jnp.einsum("...i,ik->...k", values, table, precision=lax.Precision.HIGHEST)
+    fz = f(jnp.sqrt(q)[..., None] * z)
+    values = w * fz
+    b = jnp.einsum("...i,ik->...k", values, table, precision=lax.Precision.HIGHEST)
+    # w * table[:, 0] = Gauss-Legendre weight * pdf(z): the plain rule for E[f^2].
+    m2 = jnp.sum(values * table[:, 0] * fz, axis=-1)
+    return b, m2
 
 
 # --------------------------------------------------------------------------- #

@@ -152,11 +152,26 @@ def _q_map(act, q, sw, sb, quad):
     return sw * gs.second_moment(act, q, quad=quad) + sb
 
 
-def _solve_q(act, sw, sb, q0, max_iter, quad):
-    """Safeguarded Newton on ``g(q) = q-map(q) - q`` for one (sigma_w2, sigma_b2)."""
+def _q_map_and_slope(act, q, sw, sb, quad):
+    """``(q-map(q), d q-map / dq)``, the slope as its own expectation.
+
+    ``d/dq E[phi(sqrt(q) z)^2] = E[phi(x) phi'(x) x] / q`` at ``x = sqrt(q) z``
+    (differentiating under the integral): one more quadrature on the same
+    rule, several times cheaper than forward-mode through the rule's
+    ``q``-dependent nodes. Closed-form second moments are differentiated.
+    """
+    if act.second_moment is not None:
+        return jax.jvp(lambda q: _q_map(act, q, sw, sb, quad), (q,), (jnp.ones_like(q),))
+    kinks = act.kinks
+    m2 = gs.expect(lambda x: act.phi(x) ** 2, q, kinks=kinks, quad=quad)
+    dm2 = gs.expect(lambda x: act.phi(x) * act.dphi(x) * x, q, kinks=kinks, quad=quad) / q
+    return sw * m2 + sb, sw * dm2
+
+
+def _q_newton(act, sw, sb, quad, max_iter):
+    """``(cond, body)`` of safeguarded Newton on ``g(q) = q-map(q) - q``, one point."""
     dtype = sw.dtype
     tol = _tol(dtype)
-    f = functools.partial(_q_map, act, sw=sw, sb=sb, quad=quad)
     big = jnp.finfo(dtype).max / 16
 
     def cond(state):
@@ -165,7 +180,7 @@ def _solve_q(act, sw, sb, q0, max_iter, quad):
 
     def body(state):
         i, q, _ = state
-        m, s = jax.jvp(f, (q,), (jnp.ones_like(q),))
+        m, s = _q_map_and_slope(act, q, sw, sb, quad)
         newton = q - (m - q) / (s - 1.0)
         # Newton only where the map contracts (s < 1): it then heads for the
         # stable fixed point; elsewhere a plain map step moves away from an
@@ -183,15 +198,54 @@ def _solve_q(act, sw, sb, q0, max_iter, quad):
         q_new = jnp.where(jnp.isfinite(q_new) & (q_new < big), q_new, jnp.inf)
         return i + 1, q_new, done
 
-    start = (jnp.array(0), jnp.asarray(q0, dtype), jnp.array(False))
-    i, q, done = lax.while_loop(cond, body, start)
+    return cond, body
+
+
+def _q_finish(act, sw, sb, quad, state):
+    """The ``FixedPoint`` of a finished Newton state (``inf`` where the map grows on)."""
+    i, q, done = state
     finite = jnp.isfinite(q)
-    m, s = jax.jvp(f, (jnp.where(finite, q, 1.0),), (jnp.ones_like(q),))
+    m, s = _q_map_and_slope(act, jnp.where(finite, q, 1.0), sw, sb, quad)
     growing = finite & ~done & (m > q) & (s >= 1.0)
     # A map that still grows with slope >= 1 has no finite fixed point ahead.
     q = jnp.where(growing, jnp.inf, q)
     residual = jnp.where(jnp.isfinite(q), m - q, jnp.inf)
     return FixedPoint(q, done & jnp.isfinite(q), residual, i)
+
+
+def _solve_q(act, sw, sb, q0, max_iter, quad):
+    """Safeguarded Newton on ``g(q) = q-map(q) - q`` for one (sigma_w2, sigma_b2)."""
+    cond, body = _q_newton(act, sw, sb, quad, max_iter)
+    state = lax.while_loop(cond, body, (jnp.array(0), jnp.asarray(q0, sw.dtype), jnp.array(False)))
+    return _q_finish(act, sw, sb, quad, state)
+
+
+def _newton_rounds(step, active, state, lead: int = 6, block: int = 256):
+    """Run per-point iterations ``state <- step(state)`` while ``active(state)``, batched.
+
+    A batched ``while_loop`` runs every point for as many steps as the slowest
+    one needs. Here all points take ``lead`` steps together (most converge in
+    that many), then the points still active are gathered ``block`` at a time
+    and iterated on their own. Each point's sequence of steps is the same as
+    alone, so the results are those of a per-point loop.
+    """
+
+    def masked(_, st):
+        new = jax.vmap(step)(st)
+        keep = jax.vmap(active)(st)
+        return jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, st)
+
+    state = lax.fori_loop(0, lead, masked, state)
+    n = state[0].shape[0]
+    take = min(block, n)
+
+    def one_round(st):
+        idx = jnp.argsort(~jax.vmap(active)(st), stable=True)[:take]
+        sub = jax.tree.map(lambda v: v[idx], st)
+        sub = jax.vmap(lambda x: lax.while_loop(active, step, x))(sub)
+        return jax.tree.map(lambda v, u: v.at[idx].set(u), st, sub)
+
+    return lax.while_loop(lambda st: jnp.any(jax.vmap(active)(st)), one_round, state)
 
 
 def solve_q_star(
@@ -212,10 +266,19 @@ def solve_q_star(
 def _solve_q_star(act, sigma_w2, sigma_b2, q0, max_iter, quad):
     dtype = _dtype(sigma_w2, sigma_b2, q0)
     sw, sb, q0 = (jnp.asarray(v, dtype) for v in (sigma_w2, sigma_b2, q0))
-    one = functools.partial(_solve_q, act, max_iter=max_iter, quad=quad)
-    sw, sb, q0 = jnp.broadcast_arrays(sw, sb, q0)
-    flat = jax.vmap(one)(sw.ravel(), sb.ravel(), q0.ravel())
-    return jax.tree.map(lambda x: x.reshape(sw.shape), flat)
+    shape = jnp.broadcast_shapes(sw.shape, sb.shape, q0.shape)
+    sw, sb, q0 = (v.ravel() for v in jnp.broadcast_arrays(sw, sb, q0))
+
+    def step(x):
+        return _q_newton(act, x[3], x[4], quad, max_iter)[1](x[:3]) + x[3:]
+
+    def active(x):
+        return _q_newton(act, x[3], x[4], quad, max_iter)[0](x[:3])
+
+    zeros = jnp.zeros(sw.shape, int)
+    state = _newton_rounds(step, active, (zeros, q0, zeros.astype(bool), sw, sb))
+    flat = jax.vmap(functools.partial(_q_finish, act, quad=quad))(sw, sb, state=state[:3])
+    return jax.tree.map(lambda x: x.reshape(shape), flat)
 
 
 def q_star(act: Activation | str, sigma_w2, sigma_b2, *, q0=1.0, quad=None) -> Array:
@@ -295,6 +358,33 @@ def _series_order(dtype) -> int:
     return 192 if jnp.dtype(dtype) == jnp.float64 else 96
 
 
+def _horner(coef: Array, c: Array) -> Array:
+    """``sum_k coef[..., k] c^k`` (Horner; ``coef`` has the series on its last axis)."""
+    order = coef.shape[-1] - 1
+    return lax.fori_loop(0, order + 1, lambda i, acc: acc * c + coef[..., order - i], 0.0 * c)
+
+
+def _series_root(b2: Array, q: Array, sw: Array, sb: Array, halvings: int = 50) -> Array:
+    """Root in ``[0, 1)`` of the deflated series c-map ``((sw P(c) + sb) / q - c) / (1 - c)``.
+
+    ``P(c) = sum_k b2_k c^k`` is the Mehler series of ``E[phi(u1) phi(u2)]``;
+    bisection keeps the sign change (positive below ``c*``).
+    """
+
+    def series_k(c):
+        return ((sw * _horner(b2, c) + sb) / q - c) / (1.0 - c)
+
+    def bisect(_, ab):
+        a, b = ab
+        m = 0.5 * (a + b)
+        up = series_k(m) > 0
+        return jnp.where(up, m, a), jnp.where(up, b, m)
+
+    one = jnp.ones_like(q)
+    a, b = lax.fori_loop(0, halvings, bisect, (0.0 * one, one - jnp.finfo(q.dtype).eps))
+    return 0.5 * (a + b)
+
+
 def _solve_c(act, q, sw, sb, chi, exact, quad):
     """Stable fixed point of the c-map at length ``q``; 1 when ``chi1 <= 1``.
 
@@ -314,24 +404,11 @@ def _solve_c(act, q, sw, sb, chi, exact, quad):
     Returns the ``FixedPoint`` and ``chi_c`` at it.
     """
     dtype = q.dtype
-    order = _series_order(dtype)
     finite = jnp.isfinite(q)
     q = jnp.where(finite, q, 1.0)
-    b2 = gs.hermite_coefficients(act.phi, q, order) ** 2
-
-    def series_k(c):
-        poly = lax.fori_loop(0, order + 1, lambda i, acc: acc * c + b2[order - i], 0.0 * c)
-        return ((sw * poly + sb) / q - c) / (1.0 - c)
-
-    def bisect(_, ab):
-        a, b = ab
-        m = 0.5 * (a + b)
-        up = series_k(m) > 0
-        return jnp.where(up, m, a), jnp.where(up, b, m)
-
+    b2 = gs.hermite_coefficients(act.phi, q, _series_order(dtype)) ** 2
+    c = _series_root(b2, q, sw, sb)
     one = jnp.ones_like(q)
-    a, b = lax.fori_loop(0, 50, bisect, (0.0 * one, one - jnp.finfo(dtype).eps))
-    c = 0.5 * (a + b)
 
     def exact_map(c):
         return _c_map(act, c, q, sw, sb, quad)
@@ -357,16 +434,76 @@ def _solve_c(act, q, sw, sb, chi, exact, quad):
     return fp, jnp.where(finite, chi_c, jnp.inf)
 
 
+def _mehler_c(act, q, sw, sb, chi):
+    """``c*`` and ``chi_c`` from the Mehler series alone, with a certified truncation bound.
+
+    With ``P(c) = sum_{k<=K} b_k^2 c^k`` for ``phi`` and ``D(c)`` the same for
+    ``phi'`` (:func:`isometry.gaussian.hermite_series`), the exact maps differ
+    from the truncated ones by at most (Parseval, ``0 <= c <= 1``)
+
+        |c-map(c) - (sw P(c) + sb) / q| <= c^(K+1) sw R / q,   |chi_c - sw D(c)| <= c^(K+1) sw R'
+
+    where ``R, R'`` are the energies beyond order ``K`` (``D`` comes from the
+    same coefficients by Stein's identity). The root's distance from ``c*`` is
+    then at most ``c^(K+1) sw R / q / (1 - chi_c)`` (first order). A point is
+    ``certified`` when the map's bound is below ``1e-6 (1 - chi_c)`` or below
+    the map's own rounding (``8 eps`` relative: there no floating-point route
+    does better), the bound on ``chi_c`` moves ``xi_c`` by less than ``1e-4``
+    relative (or is below rounding), and ``q <= 30`` (where the fixed nodes
+    resolve ``phi``); the others take the quadrature route of
+    :func:`_solve_c`. Every operation is one product or a Horner sweep per
+    point: no two-dimensional quadrature. For tanh on the
+    ``[0.5, 5] x [0, 2]`` grid every chaotic point is certified at ``K = 192``.
+
+    Returns ``(FixedPoint, chi_c, certified)`` for the chaotic points
+    (``chi1 > 1``); ordered points get ``c* = 1``, ``chi_c = chi1``.
+    """
+    dtype = q.dtype
+    order = 2 * _series_order(dtype)
+    usable = jnp.isfinite(q) & (q <= 30.0)
+    q = jnp.where(usable, q, 1.0)
+    b, m2 = gs.hermite_series(act.phi, q, order + 1)
+    n2 = gs.hermite_series(act.dphi, q, 1)[1]
+    # Stein: E[phi'(sqrt(q) z) He_k(z)] = E[phi(sqrt(q) z) He_{k+1}(z)] / sqrt(q).
+    k = jnp.arange(1, order + 2, dtype=dtype)
+    b2, d2 = b[..., :-1] ** 2, k * b[..., 1:] ** 2 / q[..., None]
+    eps = 8 * jnp.finfo(dtype).eps
+    c = _series_root(b2, q, sw, sb)
+    residual = (sw * _horner(b2, c) + sb) / q - c
+    chi_c = sw * _horner(d2, c)
+    c_k = c ** (order + 1)
+    map_bound = c_k * sw * jnp.maximum(m2 - jnp.sum(b2, axis=-1), 0.0) / q
+    chi_bound = c_k * sw * jnp.maximum(n2 - jnp.sum(d2, axis=-1), 0.0)
+    # Below the map's own rounding (eps * map), no float route does better.
+    gap = jnp.where(chi_c < 1.0, 1.0 - chi_c, 0.0)
+    c_ok = map_bound <= jnp.maximum(eps * (sw * m2 + sb) / q, 1e-6 * gap)
+    log_chi = jnp.log(jnp.clip(chi_c, jnp.finfo(dtype).tiny, 1.0))
+    xi_ok = chi_bound <= chi_c * jnp.maximum(eps, -1e-4 * log_chi)
+    certified = usable & (gap > 0) & c_ok & xi_ok
+    ordered = ~(chi > 1.0)
+    fp = FixedPoint(
+        jnp.where(ordered, 1.0, c),
+        ordered | (certified & (jnp.abs(residual) <= 1e-5)),
+        jnp.where(ordered, 0.0, residual),
+        jnp.where(ordered, 0, 50),
+    )
+    return fp, jnp.where(ordered, chi, chi_c), ordered | certified
+
+
 def solve_c_star(
     act: Activation | str, sigma_w2, sigma_b2, *, exact: bool | None = None, quad=None
 ) -> FixedPoint:
     """The stable fixed point ``c*`` of the correlation map at ``q*``, with diagnostics.
 
-    ``c* = 1`` in the ordered phase (``chi1 <= 1``); in the chaotic phase
-    bisection on the Hermite series of the c-map, then Newton steps on the
-    two-dimensional quadrature (three with ``exact=True``, the default in
-    float64; one otherwise). (Schoenholz et al. 2017.) Where ``q*`` diverges ``c*`` is
-    undefined: ``nan`` with ``converged = False``.
+    ``c* = 1`` in the ordered phase (``chi1 <= 1``). In the chaotic phase,
+    with ``exact=True`` (the default in float64) or an activation with
+    closed-form kernels: bisection on the Hermite series of the c-map, then
+    Newton steps on the two-dimensional quadrature (three; one when not
+    ``exact``). Otherwise (float32): the Mehler series alone, of order 192,
+    wherever its Parseval truncation bound certifies ``c*`` to ``1e-6`` and
+    ``xi_c`` to ``1e-4`` relative (or to rounding), the quadrature route at
+    the other points. (Schoenholz et al. 2017.) Where ``q*`` diverges ``c*``
+    is undefined: ``nan`` with ``converged = False``.
     """
     return _correlation_point(get_activation(act), sigma_w2, sigma_b2, exact, quad)[0]
 
@@ -390,7 +527,15 @@ def _correlation_point_jit(act, sigma_w2, sigma_b2, exact, quad):
     qs = _solve_q_star(act, sw, sb, 1.0, 200, quad)
     x1 = _chi1_at(act, qs.value, sw, quad)
     solve = functools.partial(_solve_c, act, exact=exact, quad=quad)
-    fp, xc = _chaotic_chunks(solve, qs.value.ravel(), sw.ravel(), sb.ravel(), x1.ravel())
+    q, flat = qs.value.ravel(), (sw.ravel(), sb.ravel())
+    if exact or (act.kernel is not None and act.deriv_kernel is not None):
+        fp, xc = _chaotic_chunks(solve, q, *flat, x1.ravel())
+    else:  # the series where its bound certifies it, the quadrature elsewhere
+        series = functools.partial(_mehler_c, act)
+        fp, xc, certified = _chaotic_chunks(series, q, *flat, x1.ravel())
+        need = ~certified & (x1.ravel() > 1.0)
+        fq, xq = _chaotic_chunks(solve, q, *flat, jnp.where(need, x1.ravel(), 0.0))
+        fp, xc = jax.tree.map(lambda a, b: jnp.where(need, a, b), (fq, xq), (fp, xc))
     fp, xc = jax.tree.map(lambda v: v.reshape(sw.shape), (fp, xc))
     fp = dataclasses.replace(fp, converged=fp.converged & qs.converged)
     return fp, xc, qs, x1, sw, sb
@@ -398,6 +543,8 @@ def _correlation_point_jit(act, sigma_w2, sigma_b2, exact, quad):
 
 def _chaotic_chunks(solve, q, sw, sb, chi, chunk: int = 512):
     """``vmap(solve)`` over points, in chunks, skipping chunks with no chaotic point.
+
+    ``solve(q, sw, sb, chi) -> (FixedPoint, chi_c, *extra)`` for one point.
 
     The two-dimensional quadrature holds (points x nodes) arrays, so points go
     in chunks; sorting the chaotic points (``chi1 > 1``) to the end lets whole
@@ -416,14 +563,14 @@ def _chaotic_chunks(solve, q, sw, sb, chi, chunk: int = 512):
         ordered = lambda b: jax.tree.map(  # noqa: E731
             lambda s: jnp.zeros(s.shape, s.dtype), skip_shape
         )
-        fp, xc = lax.cond(jnp.any(block[3] > 1.0), work, ordered, block)
-        # Ordered points: c* = 1, chi_c = chi1 (what `solve` returns for them too).
-        return fp, xc
+        return lax.cond(jnp.any(block[3] > 1.0), work, ordered, block)
 
-    fp, xc = lax.map(run, args)
-    fp, xc = jax.tree.map(lambda v: v.reshape(-1)[: n + pad], (fp, xc))
+    out = lax.map(run, args)
+    out = jax.tree.map(lambda v: v.reshape(-1)[: n + pad], out)
     inv = jnp.zeros(n, dtype=order.dtype).at[order].set(jnp.arange(n, dtype=order.dtype))
-    fp, xc = jax.tree.map(lambda v: v[inv], (fp, xc))
+    (fp, xc, *extra) = jax.tree.map(lambda v: v[inv], out)
+    # Ordered points: c* = 1, chi_c = chi1 (what `solve` returns for them too);
+    # any further outputs of `solve` are zero there.
     ordered = ~(chi > 1.0)
     fp = FixedPoint(
         jnp.where(ordered, 1.0, fp.value),
@@ -431,7 +578,7 @@ def _chaotic_chunks(solve, q, sw, sb, chi, chunk: int = 512):
         jnp.where(ordered, 0.0, fp.residual),
         jnp.where(ordered, 0, fp.iterations),
     )
-    return fp, jnp.where(ordered, chi, xc)
+    return (fp, jnp.where(ordered, chi, xc), *extra)
 
 
 def c_star(act: Activation | str, sigma_w2, sigma_b2, *, quad=None) -> Array:
@@ -499,7 +646,7 @@ def _diagram_point_jit(act, sigma_w2, sigma_b2, quad, exact):
     cs, xc, qs, x1, sw, sb = _correlation_point_jit(act, sigma_w2, sigma_b2, exact, quad)
     finite = jnp.isfinite(qs.value)
     qq = jnp.where(finite, qs.value, 1.0)
-    slope = jnp.where(finite, _q_map_slope(act, qq, sw, sb, quad), jnp.inf)
+    slope = jnp.where(finite, _q_map_and_slope(act, qq, sw, sb, quad)[1], jnp.inf)
     return {
         "q_star": qs.value,
         "c_star": cs.value,
@@ -627,8 +774,11 @@ def phase_diagram(
     """``q*, c*, chi1, chi_c, xi_q, xi_c`` on the grid, plus the critical line.
 
     One vectorized, jitted computation. Shapes: grids ``(W,)`` and ``(B,)``;
-    results ``(W, B)``. ``exact`` (default: float64 in use) takes three Newton
-    steps for ``c*`` instead of one (see :func:`solve_c_star`).
+    results ``(W, B)``. ``exact`` (default: float64 in use) polishes ``c*``
+    with three Newton steps on the two-dimensional quadrature; otherwise the
+    certified Mehler series gives ``c*`` and ``chi_c`` (see
+    :func:`solve_c_star`; a 201 x 201 float32 tanh diagram then costs no
+    two-dimensional quadrature at all).
     (Poole et al. 2016, Fig. 2; Schoenholz et al. 2017, Fig. 1.)
     """
     for name, g in (("sigma_w2_grid", sigma_w2_grid), ("sigma_b2_grid", sigma_b2_grid)):

@@ -131,15 +131,21 @@ def test_phase_diagram_matches_pointwise_and_flags():
 
 
 def test_phase_diagram_float32():
+    """The float32 diagram (certified Mehler series; the quadrature at q* > 30, sw = 40)
+    against the float64 one (three Newton steps on the two-dimensional quadrature)."""
+    sw, sb = np.append(np.linspace(0.5, 4, 5), 40.0), np.linspace(0, 1, 4)
     with jax.enable_x64(False):
-        d = mf.phase_diagram("tanh", np.linspace(0.5, 4, 5), np.linspace(0, 1, 4))
+        d = mf.phase_diagram("tanh", sw, sb)
         assert d.chi1.dtype == jnp.float32 and bool(d.converged.all())
-    d64 = mf.phase_diagram("tanh", np.linspace(0.5, 4, 5), np.linspace(0, 1, 4))
+    d64 = mf.phase_diagram("tanh", sw, sb)
+    assert bool(jnp.all(d64.q_star[-1] > 30))  # the series' nodes stop at q = 30
     # c* is a root of c-map(c) - c with slope chi_c - 1: a map error e (float32
     # rounding plus the FAST rule's 5e-6) moves it by e / (1 - chi_c).
     cond = 1.0 / jnp.maximum(1.0 - d64.chi_c, 1e-3)
     assert bool(jnp.all(jnp.abs(d.c_star - d64.c_star) <= 1e-5 * cond))
     np.testing.assert_allclose(d.chi1, d64.chi1, rtol=2e-5)
+    # chi_c at c*: the c* error above moves it by about chi_c'(c*) = O(1) times as much.
+    assert bool(jnp.all(jnp.abs(d.chi_c - d64.chi_c) <= 2e-5 * d64.chi_c * cond))
 
 
 CATALOG = activations.names()
