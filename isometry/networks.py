@@ -254,8 +254,13 @@ def _resolve_init(
     return _initializers.get(name).at(v.sigma_w2), v
 
 
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
 def _check_common(owner: str, cfg) -> None:
     validate.positive_int("depth", cfg.depth)
+    dtype = str(jnp.dtype(cfg.dtype)) if _is_dtype(cfg.dtype) else cfg.dtype
+    object.__setattr__(cfg, "dtype", validate.choice("dtype", dtype, DTYPES))
     for name in ("in_dim", "out_dim", "in_channels"):
         if getattr(cfg, name, None) is not None:
             validate.positive_int(name, getattr(cfg, name))
@@ -293,8 +298,27 @@ def _biases(cfg, rngs, shape, sigma_b2, dtype) -> StackedParam | None:
     return StackedParam(_initializers.sample_bias(rngs.params(), shape, sigma_b2, dtype))
 
 
-def _dtype(dtype):
-    return jnp.dtype(jnp.result_type(float) if dtype is None else dtype)
+def _is_dtype(x) -> bool:
+    try:
+        return x is not None and jnp.issubdtype(jnp.dtype(x), jnp.floating)
+    except TypeError:
+        return False
+
+
+def _dtype(cfg, dtype):
+    """The parameters' dtype: the constructor's ``dtype``, else the config's (default float32).
+
+    float64 needs ``jax_enable_x64`` (jax would silently make float32 arrays).
+    """
+    if dtype is not None and not _is_dtype(dtype):
+        raise TypeError(f"dtype must be a floating dtype ({', '.join(DTYPES)}), got {dtype!r}")
+    dt = jnp.dtype(cfg.dtype if dtype is None else dtype)
+    if dt == jnp.float64 and not jax.config.read("jax_enable_x64"):
+        raise ValueError(
+            "dtype float64 needs jax.config.update('jax_enable_x64', True) first "
+            "(or jax.enable_x64() around the model's use)"
+        )
+    return dt
 
 
 # --------------------------------------------------------------------------- #
@@ -333,6 +357,14 @@ class MLPConfig:
         residual_scale: the branch scale ``alpha`` (> 0).
         norm_eps: added to the variance in normalization.
         momentum: running-statistics momentum of batch normalization.
+        dtype: the parameters' dtype, ``"float32"`` (default, whatever
+            ``jax_enable_x64`` says) or ``"float64"`` (needs ``jax_enable_x64``),
+            ``"bfloat16"``, ``"float16"``; the model's ``dtype=`` argument overrides it.
+
+    :meth:`variances` gives the hidden layers' effective ``(sigma_w2,
+    sigma_b2)`` (resolved from ``init``, ``q_star`` or the fans); inputs on the
+    network's ``q*`` sphere come from
+    ``isometry.jacobian.sphere_inputs(key, shape, model=cfg)``.
     """
 
     depth: int
@@ -352,6 +384,7 @@ class MLPConfig:
     residual_scale: float = 1.0
     norm_eps: float = 1e-5
     momentum: float = 0.99
+    dtype: str = "float32"
 
     def __post_init__(self):
         object.__setattr__(self, "activation_params", _activation_params(self.activation_params))
@@ -386,7 +419,12 @@ class MLPConfig:
         return _resolve_init("MLPConfig", self, conv=False)[0]
 
     def variances(self) -> tuple[float, float]:
-        """The effective ``(sigma_w2, sigma_b2)`` of the hidden layers (mean-field convention)."""
+        """The effective ``(sigma_w2, sigma_b2)`` of the hidden layers (mean-field convention).
+
+        ``Var W_ij = sigma_w2 / width``, ``Var b_i = sigma_b2`` (0 without
+        biases): from ``q_star`` (the critical point), ``sigma_w2``/``sigma_b2``,
+        or the fans of a fan-based ``init`` (He: 2, Xavier: 1 for square layers).
+        """
         _, v = _resolve_init("MLPConfig", self, conv=False)
         return v.sigma_w2, (v.sigma_b2 if self.bias else 0.0)
 
@@ -464,15 +502,16 @@ class MLP(nnx.Module):
     Args:
         config: an :class:`MLPConfig`.
         rngs: ``nnx.Rngs`` (the ``params`` stream is used).
-        dtype: parameter dtype; default float32, or float64 when
-            ``jax_enable_x64`` is on.
+        dtype: parameter dtype; default the config's ``dtype`` (float32).
     """
 
     def __init__(self, config: MLPConfig, *, rngs: nnx.Rngs, dtype=None):
         if not isinstance(config, MLPConfig):
             raise TypeError(f"config must be an MLPConfig, got {type(config).__name__}")
+        if not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"rngs must be an nnx.Rngs such as nnx.Rngs(0), got {rngs!r}")
         cfg = config
-        dtype = _dtype(dtype)
+        dtype = _dtype(cfg, dtype)
         self.config = cfg
         self.use_running_average = False
         L, N = cfg.depth, cfg.width
@@ -543,7 +582,7 @@ class MLP(nnx.Module):
         return Stack(
             step,
             self.stacked_params(),
-            _identity if embed is None else functools.partial(_matmul, embed),
+            functools.partial(_matmul, embed, self.config.width),
             _identity if readout is None else functools.partial(_affine, *readout),
             weights=("kernel",),
         )
@@ -560,8 +599,10 @@ class MLP(nnx.Module):
         return s.output_map(xL)
 
 
-def _matmul(w, u):
-    return u @ w
+def _matmul(w, width, u):
+    """The input map ``u W`` (``u`` when ``w`` is ``None``), its input's last axis checked."""
+    _check_input("u", u, width if w is None else w.shape[0])
+    return u if w is None else u @ w
 
 
 def _affine(w, b, x):
@@ -599,8 +640,8 @@ class ConvConfig:
         out_dim: with ``pool``, a dense readout to ``out_dim``.
         pool: global average pooling head (``(B, *spatial, C) -> (B, C)``).
         padding: ``"circular"`` (periodic) or ``"same"`` (zeros).
-        activation, activation_params, init, sigma_w2, sigma_b2, q_star, bias:
-            as in :class:`MLPConfig`; ``init`` defaults to ``delta_orthogonal``
+        activation, activation_params, init, sigma_w2, sigma_b2, q_star, bias,
+            dtype: as in :class:`MLPConfig`; ``init`` defaults to ``delta_orthogonal``
             and ``"critical"`` means delta-orthogonal at the critical point of
             ``q_star``.
     """
@@ -620,6 +661,7 @@ class ConvConfig:
     sigma_b2: float | None = None
     q_star: float | None = None
     bias: bool = True
+    dtype: str = "float32"
 
     def __post_init__(self):
         object.__setattr__(self, "activation_params", _activation_params(self.activation_params))
@@ -711,8 +753,10 @@ class ConvNet(nnx.Module):
     def __init__(self, config: ConvConfig, *, rngs: nnx.Rngs, dtype=None):
         if not isinstance(config, ConvConfig):
             raise TypeError(f"config must be a ConvConfig, got {type(config).__name__}")
+        if not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"rngs must be an nnx.Rngs such as nnx.Rngs(0), got {rngs!r}")
         cfg = config
-        dtype = _dtype(dtype)
+        dtype = _dtype(cfg, dtype)
         self.config = cfg
         L, C = cfg.depth, cfg.channels
         init = cfg.initializer()
