@@ -157,13 +157,13 @@ def _stack_args(layer, params, x, depths, fn: str):
         if x is None:
             raise TypeError(f"{fn}(layer, params, x, depths): x (the input h_0) is missing")
         return layer, params, x, depths
-    if depths is not None:
+    if x is not None and depths is not None:
         raise TypeError(f"{fn}(model, x, depths): too many positional arguments for a model")
     if params is None:
         raise TypeError(f"{fn}(model, x, depths): x (one input of the model) is missing")
     s = model if isinstance(model, networks.Stack) else model.stack()
     u = depthscan.as_float_input("x", params)
-    return s.layer, s.params, s.input_map(u), x
+    return s.layer, s.params, s.input_map(u), (x if depths is None else depths)
 
 
 def stack_jacobians(

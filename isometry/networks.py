@@ -562,10 +562,9 @@ class MLP(nnx.Module):
         return p
 
     def input_map(self, u: Array) -> Array:
-        """``x^0 = u W_in`` (or ``u`` when ``in_dim`` is ``None``/``width``)."""
-        if self.embed is None:
-            return u
-        return u @ self.embed[...]
+        """``x^0 = u W_in`` (or ``u`` if ``in_dim`` is ``None``/``width``), in the model's dtype."""
+        embed = None if self.embed is None else self.embed[...]
+        return _matmul(embed, self.config.width, self.kernel.dtype, u)
 
     def output_map(self, x: Array) -> Array:
         """``y = x^L W_out + b_out`` (or ``x^L`` when ``out_dim`` is ``None``)."""
@@ -582,7 +581,7 @@ class MLP(nnx.Module):
         return Stack(
             step,
             self.stacked_params(),
-            functools.partial(_matmul, embed, self.config.width),
+            functools.partial(_matmul, embed, self.config.width, self.kernel.dtype),
             _identity if readout is None else functools.partial(_affine, *readout),
             weights=("kernel",),
         )
@@ -599,9 +598,11 @@ class MLP(nnx.Module):
         return s.output_map(xL)
 
 
-def _matmul(w, width, u):
-    """The input map ``u W`` (``u`` when ``w`` is ``None``), its input's last axis checked."""
+def _matmul(w, width, dtype, u):
+    """The input map ``u W`` (``u`` when ``w`` is ``None``) in the model's ``dtype``; the
+    input's last axis is checked."""
     _check_input("u", u, width if w is None else w.shape[0])
+    u = jnp.asarray(u).astype(dtype)
     return u if w is None else u @ w
 
 
@@ -704,8 +705,11 @@ _SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
 
 def conv(x: Array, kernel: Array, padding: str = "circular") -> Array:
     """Stride-1 convolution of ``x (B, *spatial, C_in)`` (or ``(*spatial, C_in)``)
-    with ``kernel (*k, C_in, C_out)``, circular (periodic) or same (zero) padding."""
+    with ``kernel (*k, C_in, C_out)``, circular (periodic) or same (zero) padding, in the
+    promoted dtype of the two."""
     d = kernel.ndim - 2
+    dt = jnp.result_type(x, kernel)  # promoted as a matmul is (lax.conv wants one dtype)
+    x, kernel = jnp.asarray(x).astype(dt), kernel.astype(dt)
     single = x.ndim == d + 1
     if single:
         x = x[None]
@@ -786,9 +790,8 @@ class ConvNet(nnx.Module):
         return p
 
     def input_map(self, u: Array) -> Array:
-        if self.embed is None:
-            return u
-        return conv(u, self.embed[...], self.config.padding)
+        embed = None if self.embed is None else self.embed[...]
+        return _conv_in(self.config.padding, embed, self.kernel.dtype, u)
 
     def output_map(self, x: Array) -> Array:
         if not self.config.pool:
@@ -803,7 +806,7 @@ class ConvNet(nnx.Module):
         return Stack(
             functools.partial(_conv_step, cfg, cfg.act),
             self.stacked_params(),
-            _identity if embed is None else functools.partial(_conv_in, cfg.padding, embed),
+            functools.partial(_conv_in, cfg.padding, embed, self.kernel.dtype),
             functools.partial(_pool_head, cfg, readout) if cfg.pool else _identity,
             weights=("kernel",),
         )
@@ -819,5 +822,7 @@ class ConvNet(nnx.Module):
         return self.stack()(u)
 
 
-def _conv_in(padding, kernel, u):
-    return conv(u, kernel, padding)
+def _conv_in(padding, kernel, dtype, u):
+    """The input map in the model's ``dtype``: ``u`` itself, or one convolution."""
+    u = jnp.asarray(u).astype(dtype)
+    return u if kernel is None else conv(u, kernel, padding)

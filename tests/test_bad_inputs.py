@@ -301,7 +301,7 @@ def test_stack_jacobians_takes_a_model(mlp):
     (a ``Stack`` goes through the same branch as a model's ``stack()``)."""
     u = jnp.linspace(-1.0, 1.0, 8)
     s = mlp.stack()
-    by_model = jacobian.stack_jacobians(mlp, u, [1, 2])
+    by_model = jacobian.stack_jacobians(mlp, u, depths=[1, 2])
     by_parts = jacobian.stack_jacobians(s.layer, s.params, s.input_map(u), [1, 2])
     np.testing.assert_array_equal(by_model, by_parts)
 
