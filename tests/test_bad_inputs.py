@@ -203,6 +203,16 @@ def test_squares_that_overflow_are_named():
         jacobian.stack_singular_values(_linear, params, x, squared=True)
 
 
+def test_log_route_through_a_singular_layer_is_finite():
+    """A layer with a zero derivative (ReLU's dead units) made the log-space route NaN
+    (``log 0 - log 0``). With ``W = diag(2, 1, 0)`` twice, ``s = (4, 1, 0)`` exactly: the two
+    non-zero ones come out exact and the zero one finite, below ``log(tiny)``."""
+    params = jnp.stack([jnp.diag(jnp.array([2.0, 1.0, 0.0]))] * 2)
+    logs = np.asarray(spectra.log_singular_values(_linear, params, jnp.ones(3)))[0]
+    np.testing.assert_allclose(logs[:2], [np.log(4.0), 0.0], atol=1e-12)
+    assert np.isfinite(logs[2]) and logs[2] <= np.log(np.finfo(np.float64).tiny)
+
+
 def _linear(W, h):
     return h @ W
 
