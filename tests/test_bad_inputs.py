@@ -352,6 +352,25 @@ def test_training_takes_optax_transformations():
     assert d["clip"] == d["optimizer"] == "custom" and json.dumps(d)
 
 
+@pytest.mark.slow  # the chaining is checked by test_training_takes_optax_transformations
+def test_training_with_optax_transformations_matches_the_named_ones():
+    """The same run with ``clip=optax.clip_by_global_norm(1.0), optimizer=optax.sgd(0.05)``
+    and with ``clip="global_norm:1", learning_rate=0.05`` logs the same losses."""
+    ds = data_mod.load("digits", seed=0).flatten()
+    cfg = networks.MLPConfig(depth=4, width=32, in_dim=ds.in_dim, out_dim=ds.out_dim)
+    base = {"steps": 20, "batch_size": 32, "log_every": 5, "eval_every": 0, "probe_every": 0}
+    losses = []
+    for kw in (
+        {"clip": "global_norm:1", "learning_rate": 0.05},
+        {"clip": optax.clip_by_global_norm(1.0), "optimizer": optax.sgd(0.05)},
+    ):
+        model = networks.MLP(cfg, rngs=nnx.Rngs(0))
+        result = training.train(model, ds, training.TrainConfig(**base, **kw))
+        losses.append([r["loss"] for r in result.records if "loss" in r])
+    assert len(losses[0]) == 4
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)
+
+
 def test_max_eigenvalue_and_moments_are_arrays():
     """One convention: free probability returns float64 JAX arrays, never Python floats."""
     edge = freeprob.max_eigenvalue("linear", 1.0, 3, "gaussian", sigma_w2=1.0)
