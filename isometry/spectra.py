@@ -548,7 +548,9 @@ def slq_density(result: SLQResult, grid, *, bandwidth: float | None = None) -> A
     Default ``bandwidth``: the mean spacing of the Ritz values,
     ``(theta_max - theta_min) / n_steps``.
     """
-    grid = jnp.asarray(grid)
+    grid = jnp.asarray(validate.finite_values("grid", grid))
+    if bandwidth is not None:
+        validate.real_array("bandwidth", bandwidth, minimum=0.0, strict=True)
     nodes, w = result.atoms()
     if bandwidth is None:
         steps = result.nodes.shape[1]
@@ -766,9 +768,7 @@ def distance_to_law(sample, law, *, atom_window: float = 1e-6) -> LawDistance:
         law: the predicted law.
         atom_window: relative half-width of an atom.
     """
-    lam = np.ravel(np.asarray(sample, dtype=float))
-    if not lam.size:
-        raise ValueError("sample must not be empty")
+    lam = np.ravel(np.asarray(validate.finite_values("sample", sample), dtype=float))
     n, floor = lam.size, float(law.floor)
     below_meas = float(np.mean(lam <= floor))
     if not np.isfinite(law.continuous_mass):  # the law is not tabulated above its floor

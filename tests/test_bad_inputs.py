@@ -73,6 +73,11 @@ API = [
     ("spectra.histogram_density negative weights",
      lambda m: spectra.histogram_density([1.0, 2.0], weights=[-1.0, 1.0]), ValueError,
      "weights must be >= 0"),
+    ("spectra.distance_to_law nan sample", lambda m: spectra.distance_to_law([1.0, NAN], None),
+     ValueError, "sample must be finite"),
+    ("spectra.slq_density zero bandwidth", lambda m: spectra.slq_density(
+        spectra.SLQResult(jnp.ones((1, 2)), jnp.full((1, 2), 0.5), 2), [1.0], bandwidth=0.0),
+     ValueError, "bandwidth must be > 0.0"),
     ("spectra.slq non-key", lambda m: spectra.slq(lambda v: v, 4, 0), TypeError,
      "key must be a JAX PRNG key"),
     ("spectra.trace_moments n_steps 0", lambda m: spectra.trace_moments(np.eye(2), n_steps=0),
