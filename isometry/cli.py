@@ -7,6 +7,8 @@ registered in :data:`COMMANDS`.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -721,24 +723,90 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="isometry",
         description="Dynamical isometry: mean-field and free-probability theory, measured.",
+        epilog="Errors are one line and a non-zero exit code; --debug (or ISOMETRY_DEBUG=1) "
+        "shows the traceback.",
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
     return parser
 
 
+# A value that starts with "-" and a digit or "." (-1:2:5, -.5, -1e-3) after an option is
+# that option's value, not a flag: argparse takes only plain negative numbers as values,
+# so such a token is joined to the option before it ("--sigma-w2=-1:2:5").
+_NEGATIVE_VALUE = re.compile(r"-\.?\d")
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    for tok in argv:
+        prev = out[-1] if out else ""
+        if prev.startswith("-") and "=" not in prev and _NEGATIVE_VALUE.match(tok):
+            out[-1] = f"{prev}={tok}"
+        else:
+            out.append(tok)
+    return out
+
+
+# What the library raises for bad input, files and numbers, with the exit code of each.
+_ERRORS = (
+    ((ValueError, TypeError, KeyError, LookupError), 2),  # bad arguments (JSON errors too)
+    ((OSError,), 2),  # missing, unreadable or unwritable files and directories
+    ((ImportError,), 2),  # a factory or experiment module that does not import
+    ((ArithmeticError,), 3),  # NaN/inf in a run (training.NonFiniteError)
+)
+
+
+def _message(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.strerror}: {err.filename}"
+    text = str(err).strip().splitlines()
+    text = text[0] if text else ""
+    if isinstance(err, KeyError) and text:
+        return f"unknown key {text}"
+    return f"{type(err).__name__}: {text}" if not text or type(err) is LookupError else text
+
+
+def _check_out(out) -> None:
+    """``--out`` is (or can be made) a writable directory: fail before any computation."""
+    if out is None:
+        return
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(20, "--out is not a directory", str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(13, "--out is not writable", str(out))
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; an error is one line on stderr and a non-zero exit code.
+
+    Exit codes: 0 success, 2 bad arguments or files, 3 a run stopped on NaN/inf,
+    130 interrupted. ``--debug`` or ``ISOMETRY_DEBUG=1`` re-raises (traceback).
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(_join_negative_values(argv))
     if not getattr(args, "run", None):
         parser.print_help()
         return 0
+    debug = args.debug or os.environ.get("ISOMETRY_DEBUG", "") not in ("", "0")
     try:
+        _check_out(getattr(args, "out", None))
         return int(args.run(args) or 0)
-    except (ValueError, TypeError) as err:
-        print(f"isometry {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"isometry {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except tuple(e for kinds, _ in _ERRORS for e in kinds) as err:
+        if debug:
+            raise
+        print(f"isometry {args.command}: error: {_message(err)}", file=sys.stderr)
+        return next(code for kinds, code in _ERRORS if isinstance(err, kinds))
 
 
 if __name__ == "__main__":

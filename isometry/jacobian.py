@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from isometry import activations, depthscan, initializers, spectra, validate
+from isometry import activations, depthscan, initializers, networks, spectra, validate
 from isometry.depthscan import push_tangents
 
 __all__ = [
@@ -140,10 +140,36 @@ def stack_forward(layer, params, x, *, unroll: int = 1) -> Array:
     return h
 
 
+def _stack_args(layer, params, x, depths, fn: str):
+    """``(layer, params, x, depths)`` from ``(layer, params, x, depths)`` or ``(model, x, depths)``.
+
+    A :class:`isometry.networks.Stack` or a model with ``stack()`` (an MLP,
+    a ConvNet) stands for its hidden layers: ``x`` is then one input ``u`` of
+    the model, mapped to the stack's ``x^0 = input_map(u)``.
+    """
+    model = layer
+    if not (isinstance(model, networks.Stack) or callable(getattr(model, "stack", None))):
+        if not callable(layer):
+            raise TypeError(
+                f"{fn}: layer must be a function layer(params_l, h), a networks.Stack or a "
+                f"model with stack(), got {type(layer).__name__}"
+            )
+        if x is None:
+            raise TypeError(f"{fn}(layer, params, x, depths): x (the input h_0) is missing")
+        return layer, params, x, depths
+    if x is not None and depths is not None:
+        raise TypeError(f"{fn}(model, x, depths): too many positional arguments for a model")
+    if params is None:
+        raise TypeError(f"{fn}(model, x, depths): x (one input of the model) is missing")
+    s = model if isinstance(model, networks.Stack) else model.stack()
+    u = depthscan.as_float_input("x", params)
+    return s.layer, s.params, s.input_map(u), (x if depths is None else depths)
+
+
 def stack_jacobians(
-    layer: Callable,
-    params,
-    x,
+    layer,
+    params=None,
+    x=None,
     depths: Sequence[int] | None = None,
     *,
     tangents=None,
@@ -156,6 +182,13 @@ def stack_jacobians(
     ``A_d = d layer/dh`` at ``h_{d-1}`` and ``V`` the identity (or the
     directions in ``tangents``). Cost for a dense width-``n`` stack: ``2 n^3``
     flops per layer (one matmul of the tangent matrix), for ALL depths together.
+
+    Also ``stack_jacobians(model, u, depths, ...)`` with a
+    :class:`isometry.networks.Stack` or a model with ``stack()`` (``MLP``,
+    ``ConvNet``): the Jacobians ``dx^d/dx^0`` of its hidden layers at
+    ``x^0 = input_map(u)`` for one model input ``u`` (as
+    :func:`isometry.signal.measure` takes a model; put batch-normalized models
+    in evaluation mode first).
 
     Args:
         layer: ``layer(params_l, h) -> h``; the output must have ``h``'s shape.
@@ -177,6 +210,7 @@ def stack_jacobians(
         depths (``(K, *x.shape, k)`` with tangents), or the stacked pytree of
         ``reduce`` outputs. Same layout as ``jax.jacfwd``.
     """
+    layer, params, x, depths = _stack_args(layer, params, x, depths, "stack_jacobians")
     plan = depthscan.plan(layer, params, x, depths, tangents)
     n = plan.x.size
     k = plan.rows.shape[0]
@@ -198,22 +232,32 @@ def stack_jacobians(
     return depthscan.scan_emit(plan, init, step, lambda c: reduce(matrix(c)), unroll=unroll)
 
 
-def _check_finite(values, what: str) -> None:
-    if not validate.is_concrete(values):
+def _check_finite(values, what: str, where: str = "") -> None:
+    if not validate.is_concrete(values) or bool(jnp.all(jnp.isfinite(values))):
         return
-    v = np.asarray(values)
-    if not np.all(np.isfinite(v)):
-        raise NonFiniteJacobianError(
-            f"the plain Jacobian product gave non-finite {what} (overflow or NaN through depth); "
-            "use isometry.spectra.log_singular_values, the stable QR route in log space, "
-            "for very deep or off-critical networks"
-        )
+    raise NonFiniteJacobianError(
+        f"the plain Jacobian product gave non-finite {what}{where} (overflow or NaN through "
+        "depth); use isometry.spectra.log_singular_values, the stable QR route in log space, "
+        "for very deep or off-critical networks"
+    )
+
+
+def _check_squares(lam, what: str, dtype) -> None:
+    """Squared singular values that overflow although ``J`` is finite: say so and what to use."""
+    if not validate.is_concrete(lam) or bool(jnp.all(jnp.isfinite(lam))):
+        return
+    big = float(jnp.finfo(dtype).max)
+    raise NonFiniteJacobianError(
+        f"the squared singular values of {what} overflow {jnp.dtype(dtype).name} (s^2 > {big:.3g}) "
+        "although the Jacobian is finite; use dtype=float64 (with jax_enable_x64), "
+        "statistic='singular_values', or statistic='log_singular_values' (log space)"
+    )
 
 
 def stack_singular_values(
-    layer: Callable,
-    params,
-    x,
+    layer,
+    params=None,
+    x=None,
     depths: Sequence[int] | None = None,
     *,
     squared: bool = False,
@@ -228,7 +272,8 @@ def stack_singular_values(
     SVDs then run as one batch split over CPU cores (``workers``, see
     :func:`isometry.spectra.singular_values`). ``squared=True`` returns the
     eigenvalues of ``J J^T``. For a memory-light pass, use
-    ``stack_jacobians(..., reduce=spectra.singular_values)``.
+    ``stack_jacobians(..., reduce=spectra.singular_values)``. Takes a model
+    as :func:`stack_jacobians` does: ``stack_singular_values(model, u, depths)``.
 
     Raises:
         NonFiniteJacobianError (a ``ValueError``): the plain product
@@ -237,13 +282,18 @@ def stack_singular_values(
             ``check_finite=False`` (also skipped under ``jit``).
     """
     validate.choice("method", method, ("svd", "eigh"))
+    layer, params, x, depths = _stack_args(layer, params, x, depths, "stack_singular_values")
     J = stack_jacobians(layer, params, x, depths, tangents=tangents)
     J = J.reshape(J.shape[0], jnp.asarray(x).size, -1)
+    opts = {"method": method, "workers": workers, "check_finite": False}
     if check_finite:
         _check_finite(J, "Jacobian entries")
-    if squared:
-        return spectra.squared_singular_values(J, method=method, workers=workers)
-    return spectra.singular_values(J, method=method, workers=workers)
+    if not squared:
+        return spectra.singular_values(J, **opts)
+    lam = spectra.squared_singular_values(J, **opts)
+    if check_finite:
+        _check_squares(lam, "the stack's Jacobian", J.dtype)
+    return lam
 
 
 # --------------------------------------------------------------------------- #
@@ -351,11 +401,20 @@ def random_layer(net: RandomNetwork, dtype=None) -> Callable[[Array, Array], Arr
 def random_params(key: Array, depth: int) -> Array:
     """Per-layer keys ``fold_in(key, l)``, ``l = 0..depth-1``: the stack's params ``(depth,)``."""
     depth = validate.positive_int("depth", depth)
+    validate.prng_key("key", key)
     return jax.vmap(lambda l: jax.random.fold_in(key, l))(jnp.arange(depth))
 
 
 def sphere_inputs(
-    key: Array, shape, q_star, sigma_w2=1.0, sigma_b2=0.0, *, batch_ndim: int = 0, dtype=None
+    key: Array,
+    shape,
+    q_star=None,
+    sigma_w2=1.0,
+    sigma_b2=0.0,
+    *,
+    model=None,
+    batch_ndim: int | None = None,
+    dtype=None,
 ) -> Array:
     """Inputs on the sphere that gives the first pre-activation variance ``q*``: ``shape``.
 
@@ -370,8 +429,34 @@ def sphere_inputs(
     Schoenholz & Ganguli 2017). ``sigma_w2 = 1, sigma_b2 = 0`` give mean
     square ``q*``. Variances may be traced. Computed as ``x * sqrt(n m) /
     ||x||`` with ``m = (q* - sigma_b2) / sigma_w2``, ``x ~ N(0, I)``.
+
+    ``model=`` (an ``MLP``/``ConvNet`` or their config) takes ``(sigma_w2,
+    sigma_b2)`` from its ``variances()``, ``q*`` from its ``q_star`` or the
+    mean-field fixed point of those variances, the dtype from the model's
+    parameters (or the config's ``dtype``), and ``batch_ndim`` defaults to 1:
+    ``sphere_inputs(key, (B, in_dim), model=model)`` is a batch at the model's
+    ``q*``. With an input map (``in_dim != width``, LeCun, ``Var = 1/in_dim``)
+    ``x^0 = u W_in`` has that mean square in expectation over ``W_in``.
+    ``batch_ndim`` defaults to 0 without a model.
     """
-    shape = tuple(int(s) for s in shape)
+    validate.prng_key("key", key)
+    if model is not None:
+        if q_star is not None:
+            raise TypeError("sphere_inputs: give q_star (and variances) or model=, not both")
+        q_star, sigma_w2, sigma_b2, dtype = _model_sphere(model, dtype)
+        batch_ndim = 1 if batch_ndim is None else batch_ndim
+    elif q_star is None:
+        raise TypeError("sphere_inputs: q_star (or model=) is required")
+    batch_ndim = 0 if batch_ndim is None else batch_ndim
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"shape must be a tuple of integers, got {shape!r}") from err
+    for s in shape:
+        validate.positive_int("shape entries", s)
+    validate.real_array("q_star", q_star, minimum=0.0, strict=True)
+    validate.real_array("sigma_w2", sigma_w2, minimum=0.0, strict=True)
+    validate.real_array("sigma_b2", sigma_b2, minimum=0.0)
     if not 0 <= batch_ndim < len(shape):
         raise ValueError(f"batch_ndim must be in 0..{len(shape) - 1} for shape {shape}")
     dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
@@ -383,6 +468,25 @@ def sphere_inputs(
     n = math.prod(shape[batch_ndim:])
     m = (q_star - sigma_b2) / sigma_w2
     return x * jnp.sqrt(n * m) / jnp.sqrt(jnp.sum(x * x, axis=axes, keepdims=True))
+
+
+def _model_sphere(model, dtype):
+    """``(q*, sigma_w2, sigma_b2, dtype)`` of a model or model config for :func:`sphere_inputs`."""
+    cfg = getattr(model, "config", model)
+    if not callable(getattr(cfg, "variances", None)):
+        raise TypeError(
+            "model must be an MLP or ConvNet or their config (with variances()), "
+            f"got {type(model).__name__}"
+        )
+    sw, sb = cfg.variances()
+    q = getattr(cfg, "q_star", None)
+    if q is None:
+        q = initializers.resolve(cfg.act, "gaussian", sigma_w2=sw, sigma_b2=sb, fixed_point=True)
+        q = q.q_star
+    if dtype is None:
+        kernel = getattr(model, "kernel", None)
+        dtype = kernel[...].dtype if kernel is not None else getattr(cfg, "dtype", None)
+    return float(q), sw, sb, dtype
 
 
 def sample_inputs(key: Array, net: RandomNetwork, n: int, dtype=None) -> Array:
@@ -398,6 +502,9 @@ def sample_inputs(key: Array, net: RandomNetwork, n: int, dtype=None) -> Array:
 
 
 def _ensemble(key, net, n_seeds, n_inputs, inputs, dtype):
+    validate.prng_key("key", key)
+    if not isinstance(net, RandomNetwork):
+        raise TypeError(f"net must be a RandomNetwork, got {type(net).__name__}")
     validate.positive_int("n_seeds", n_seeds)
     validate.positive_int("n_inputs", n_inputs)
     dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
@@ -507,7 +614,19 @@ def random_network_spectra(
     J = random_network_jacobians(
         key, net, depths, n_seeds=n_seeds, n_inputs=n_inputs, inputs=inputs, dtype=dtype
     )
-    _check_finite(J, "Jacobian entries")
-    if statistic == "squared_singular_values":
-        return spectra.squared_singular_values(J, method=method, workers=workers)
-    return spectra.singular_values(J, method=method, workers=workers)
+    where = f" for {_describe(net)}"
+    _check_finite(J, "Jacobian entries", where)
+    opts = {"method": method, "workers": workers, "check_finite": False}
+    if statistic == "singular_values":
+        return spectra.singular_values(J, **opts)
+    lam = spectra.squared_singular_values(J, **opts)
+    _check_squares(lam, "the Jacobian" + where, J.dtype)
+    return lam
+
+
+def _describe(net: RandomNetwork) -> str:
+    act, _, sw, sb, q = net.resolved()
+    return (
+        f"RandomNetwork({act.name!r}, {net.weights!r}, sigma_w2={sw:g}, sigma_b2={sb:g}, "
+        f"q_star={q:g}, width={net.width}, depth={net.depth})"
+    )

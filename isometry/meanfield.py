@@ -102,13 +102,21 @@ def _tol(dtype):
 _FLOOR = 1e-30  # lengths below this count as zero (tanh with sigma_b2 = 0, ordered)
 
 
-def _validate(sigma_w2=None, sigma_b2=None, q=None):
-    if sigma_w2 is not None:
-        validate.real_array("sigma_w2", sigma_w2, minimum=0.0, strict=True)
-    if sigma_b2 is not None:
-        validate.real_array("sigma_b2", sigma_b2, minimum=0.0)
-    if q is not None:
+_UNSET = object()
+
+
+def _validate(sigma_w2, sigma_b2, q=_UNSET):
+    """The variances (and ``q`` where given) are finite reals in range that broadcast together.
+
+    ``None`` or a string is a ``TypeError`` naming the parameter (never passed on to jax).
+    """
+    validate.real_array("sigma_w2", sigma_w2, minimum=0.0, strict=True)
+    validate.real_array("sigma_b2", sigma_b2, minimum=0.0)
+    named = {"sigma_w2": sigma_w2, "sigma_b2": sigma_b2}
+    if q is not _UNSET:
         validate.real_array("q", q, minimum=0.0)
+        named["q"] = q
+    validate.broadcastable(**named)
 
 
 # --------------------------------------------------------------------------- #
@@ -785,7 +793,8 @@ def phase_diagram(
         validate.real_array(name, g, nonempty=True)
         if np.ndim(g) != 1:
             raise ValueError(f"{name} must be one-dimensional, got shape {jnp.shape(g)}")
-    _validate(sigma_w2_grid, sigma_b2_grid)
+    validate.real_array("sigma_w2_grid", sigma_w2_grid, minimum=0.0, strict=True)
+    validate.real_array("sigma_b2_grid", sigma_b2_grid, minimum=0.0)
     act = get_activation(act)
     dtype = _dtype(sigma_w2_grid, sigma_b2_grid)
     exact = (jnp.dtype(dtype) == jnp.float64) if exact is None else bool(exact)

@@ -286,8 +286,18 @@ def _resolve_init(
     return _initializers.get(name).at(v.sigma_w2), v
 
 
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+def _check_dtype(cfg) -> None:
+    """Normalize ``cfg.dtype`` to its name, one of :data:`DTYPES`."""
+    dtype = str(jnp.dtype(cfg.dtype)) if _is_dtype(cfg.dtype) else cfg.dtype
+    object.__setattr__(cfg, "dtype", validate.choice("dtype", dtype, DTYPES))
+
+
 def _check_common(owner: str, cfg) -> None:
     validate.positive_int("depth", cfg.depth)
+    _check_dtype(cfg)
     for name in ("in_dim", "out_dim", "in_channels"):
         if getattr(cfg, name, None) is not None:
             validate.positive_int(name, getattr(cfg, name))
@@ -325,8 +335,27 @@ def _biases(cfg, rngs, shape, sigma_b2, dtype) -> StackedParam | None:
     return StackedParam(_initializers.sample_bias(rngs.params(), shape, sigma_b2, dtype))
 
 
-def _dtype(dtype):
-    return jnp.dtype(jnp.result_type(float) if dtype is None else dtype)
+def _is_dtype(x) -> bool:
+    try:
+        return x is not None and jnp.issubdtype(jnp.dtype(x), jnp.floating)
+    except TypeError:
+        return False
+
+
+def _dtype(cfg, dtype):
+    """The parameters' dtype: the constructor's ``dtype``, else the config's (default float32).
+
+    float64 needs ``jax_enable_x64`` (jax would silently make float32 arrays).
+    """
+    if dtype is not None and not _is_dtype(dtype):
+        raise TypeError(f"dtype must be a floating dtype ({', '.join(DTYPES)}), got {dtype!r}")
+    dt = jnp.dtype(cfg.dtype if dtype is None else dtype)
+    if dt == jnp.float64 and not jax.config.read("jax_enable_x64"):
+        raise ValueError(
+            "dtype float64 needs jax.config.update('jax_enable_x64', True) first "
+            "(or jax.enable_x64() around the model's use)"
+        )
+    return dt
 
 
 # --------------------------------------------------------------------------- #
@@ -376,6 +405,14 @@ class MLPConfig(_BranchScaled):
             Bordelon et al. 2023, Yang et al. 2023).
         norm_eps: added to the variance in normalization.
         momentum: running-statistics momentum of batch normalization.
+        dtype: the parameters' dtype, ``"float32"`` (default, whatever
+            ``jax_enable_x64`` says) or ``"float64"`` (needs ``jax_enable_x64``),
+            ``"bfloat16"``, ``"float16"``; the model's ``dtype=`` argument overrides it.
+
+    :meth:`variances` gives the hidden layers' effective ``(sigma_w2,
+    sigma_b2)`` (resolved from ``init``, ``q_star`` or the fans); inputs on the
+    network's ``q*`` sphere come from
+    ``isometry.jacobian.sphere_inputs(key, shape, model=cfg)``.
     """
 
     depth: int
@@ -395,6 +432,7 @@ class MLPConfig(_BranchScaled):
     residual_scale: float | str = 1.0
     norm_eps: float = 1e-5
     momentum: float = 0.99
+    dtype: str = "float32"
 
     def __post_init__(self):
         object.__setattr__(self, "activation_params", _activation_params(self.activation_params))
@@ -429,7 +467,12 @@ class MLPConfig(_BranchScaled):
         return _resolve_init("MLPConfig", self, conv=False)[0]
 
     def variances(self) -> tuple[float, float]:
-        """The effective ``(sigma_w2, sigma_b2)`` of the hidden layers (mean-field convention)."""
+        """The effective ``(sigma_w2, sigma_b2)`` of the hidden layers (mean-field convention).
+
+        ``Var W_ij = sigma_w2 / width``, ``Var b_i = sigma_b2`` (0 without
+        biases): from ``q_star`` (the critical point), ``sigma_w2``/``sigma_b2``,
+        or the fans of a fan-based ``init`` (He: 2, Xavier: 1 for square layers).
+        """
         _, v = _resolve_init("MLPConfig", self, conv=False)
         return v.sigma_w2, (v.sigma_b2 if self.bias else 0.0)
 
@@ -507,15 +550,16 @@ class MLP(nnx.Module):
     Args:
         config: an :class:`MLPConfig`.
         rngs: ``nnx.Rngs`` (the ``params`` stream is used).
-        dtype: parameter dtype; default float32, or float64 when
-            ``jax_enable_x64`` is on.
+        dtype: parameter dtype; default the config's ``dtype`` (float32).
     """
 
     def __init__(self, config: MLPConfig, *, rngs: nnx.Rngs, dtype=None):
         if not isinstance(config, MLPConfig):
             raise TypeError(f"config must be an MLPConfig, got {type(config).__name__}")
+        if not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"rngs must be an nnx.Rngs such as nnx.Rngs(0), got {rngs!r}")
         cfg = config
-        dtype = _dtype(dtype)
+        dtype = _dtype(cfg, dtype)
         self.config = cfg
         self.use_running_average = False
         L, N = cfg.depth, cfg.width
@@ -566,10 +610,9 @@ class MLP(nnx.Module):
         return p
 
     def input_map(self, u: Array) -> Array:
-        """``x^0 = u W_in`` (or ``u`` when ``in_dim`` is ``None``/``width``)."""
-        if self.embed is None:
-            return u
-        return u @ self.embed[...]
+        """``x^0 = u W_in`` (or ``u`` if ``in_dim`` is ``None``/``width``), in the model's dtype."""
+        embed = None if self.embed is None else self.embed[...]
+        return _matmul(embed, self.config.width, self.kernel.dtype, u)
 
     def output_map(self, x: Array) -> Array:
         """``y = x^L W_out + b_out`` (or ``x^L`` when ``out_dim`` is ``None``)."""
@@ -586,7 +629,7 @@ class MLP(nnx.Module):
         return Stack(
             step,
             self.stacked_params(),
-            _identity if embed is None else functools.partial(_matmul, embed),
+            functools.partial(_matmul, embed, self.config.width, self.kernel.dtype),
             _identity if readout is None else functools.partial(_affine, *readout),
             weights=("kernel",),
         )
@@ -603,8 +646,12 @@ class MLP(nnx.Module):
         return s.output_map(xL)
 
 
-def _matmul(w, u):
-    return u @ w
+def _matmul(w, width, dtype, u):
+    """The input map ``u W`` (``u`` when ``w`` is ``None``) in the model's ``dtype``; the
+    input's last axis is checked."""
+    _check_input("u", u, width if w is None else w.shape[0])
+    u = jnp.asarray(u).astype(dtype)
+    return u if w is None else u @ w
 
 
 def _affine(w, b, x):
@@ -642,8 +689,8 @@ class ConvConfig(_BranchScaled):
         out_dim: with ``pool``, a dense readout to ``out_dim``.
         pool: global average pooling head (``(B, *spatial, C) -> (B, C)``).
         padding: ``"circular"`` (periodic) or ``"same"`` (zeros).
-        activation, activation_params, init, sigma_w2, sigma_b2, q_star, bias:
-            as in :class:`MLPConfig`; ``init`` defaults to ``delta_orthogonal``
+        activation, activation_params, init, sigma_w2, sigma_b2, q_star, bias,
+            dtype: as in :class:`MLPConfig`; ``init`` defaults to ``delta_orthogonal``
             and ``"critical"`` means delta-orthogonal at the critical point of
             ``q_star``.
         residual, residual_scale: ``x^l = x^{l-1} + alpha phi(h^l)`` with
@@ -667,6 +714,7 @@ class ConvConfig(_BranchScaled):
     bias: bool = True
     residual: bool = False
     residual_scale: float | str = 1.0
+    dtype: str = "float32"
 
     def __post_init__(self):
         object.__setattr__(self, "activation_params", _activation_params(self.activation_params))
@@ -712,8 +760,11 @@ _SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
 
 def conv(x: Array, kernel: Array, padding: str = "circular") -> Array:
     """Stride-1 convolution of ``x (B, *spatial, C_in)`` (or ``(*spatial, C_in)``)
-    with ``kernel (*k, C_in, C_out)``, circular (periodic) or same (zero) padding."""
+    with ``kernel (*k, C_in, C_out)``, circular (periodic) or same (zero) padding, in the
+    promoted dtype of the two."""
     d = kernel.ndim - 2
+    dt = jnp.result_type(x, kernel)  # promoted as a matmul is (lax.conv wants one dtype)
+    x, kernel = jnp.asarray(x).astype(dt), kernel.astype(dt)
     single = x.ndim == d + 1
     if single:
         x = x[None]
@@ -765,8 +816,10 @@ class ConvNet(nnx.Module):
     def __init__(self, config: ConvConfig, *, rngs: nnx.Rngs, dtype=None):
         if not isinstance(config, ConvConfig):
             raise TypeError(f"config must be a ConvConfig, got {type(config).__name__}")
+        if not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"rngs must be an nnx.Rngs such as nnx.Rngs(0), got {rngs!r}")
         cfg = config
-        dtype = _dtype(dtype)
+        dtype = _dtype(cfg, dtype)
         self.config = cfg
         L, C = cfg.depth, cfg.channels
         init = cfg.initializer()
@@ -796,9 +849,8 @@ class ConvNet(nnx.Module):
         return p
 
     def input_map(self, u: Array) -> Array:
-        if self.embed is None:
-            return u
-        return conv(u, self.embed[...], self.config.padding)
+        embed = None if self.embed is None else self.embed[...]
+        return _conv_in(self.config.padding, embed, self.kernel.dtype, u)
 
     def output_map(self, x: Array) -> Array:
         if not self.config.pool:
@@ -813,7 +865,7 @@ class ConvNet(nnx.Module):
         return Stack(
             functools.partial(_conv_step, cfg, cfg.act),
             self.stacked_params(),
-            _identity if embed is None else functools.partial(_conv_in, cfg.padding, embed),
+            functools.partial(_conv_in, cfg.padding, embed, self.kernel.dtype),
             functools.partial(_pool_head, cfg, readout) if cfg.pool else _identity,
             weights=("kernel",),
         )
@@ -829,8 +881,10 @@ class ConvNet(nnx.Module):
         return self.stack()(u)
 
 
-def _conv_in(padding, kernel, u):
-    return conv(u, kernel, padding)
+def _conv_in(padding, kernel, dtype, u):
+    """The input map in the model's ``dtype``: ``u`` itself, or one convolution."""
+    u = jnp.asarray(u).astype(dtype)
+    return u if kernel is None else conv(u, kernel, padding)
 
 
 # --------------------------------------------------------------------------- #
@@ -893,6 +947,8 @@ class TransformerConfig(_BranchScaled):
         residual_scale: ``alpha``, a number > 0 or ``"1/sqrt(L)"``.
         causal: mask attention to earlier tokens.
         norm_eps: added to the variance in layer normalization.
+        dtype: the parameters' dtype, as in :class:`MLPConfig` (default
+            ``"float32"``; the model's ``dtype=`` argument overrides it).
     """
 
     depth: int
@@ -918,10 +974,12 @@ class TransformerConfig(_BranchScaled):
     residual_scale: float | str = 1.0
     causal: bool = False
     norm_eps: float = 1e-5
+    dtype: str = "float32"
 
     def __post_init__(self):
         object.__setattr__(self, "activation_params", _activation_params(self.activation_params))
         validate.int_fields(self, "depth", "width", "heads")
+        _check_dtype(self)
         if self.width % self.heads:
             raise ValueError(f"heads must divide width, got heads={self.heads}, width={self.width}")
         for name in ("mlp_width", "in_dim", "vocab_size", "seq_len", "out_dim"):
@@ -1047,8 +1105,9 @@ def _linear_init(cfg: TransformerConfig, sigma_w2) -> _initializers.Initializer:
 
 def transformer_params(cfg: TransformerConfig, key, dtype=None) -> dict[str, Array]:
     """The stacked block parameters of :class:`Transformer` drawn from ``key`` (may be traced,
-    so seeds can be ``vmap``-ped): ``{name: (L, ...)}`` as in :meth:`Transformer.stacked_params`."""
-    dtype = _dtype(dtype)
+    so seeds can be ``vmap``-ped): ``{name: (L, ...)}`` as in :meth:`Transformer.stacked_params`.
+    ``dtype`` defaults to the config's."""
+    dtype = _dtype(cfg, dtype)
     L, N, M = cfg.depth, cfg.width, cfg.hidden
     k = jax.random.split(key, 7)
     lin = _linear_init(cfg, cfg.value_sigma_w2)
@@ -1088,7 +1147,7 @@ class Transformer(nnx.Module):
         if not isinstance(config, TransformerConfig):
             raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
         cfg = config
-        dtype = _dtype(dtype)
+        dtype = _dtype(cfg, dtype)
         self.config = cfg
         N = cfg.width
         params = transformer_params(cfg, rngs.params(), dtype)

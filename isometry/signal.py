@@ -207,6 +207,7 @@ def forward(model, u: Array) -> Forward:
 
 def random_projection_loss(key: Array, shape, dtype=jnp.float32) -> Callable[[Array], Array]:
     """``y -> sum_a <v_a, y_a> / B`` with ``v ~ N(0, 1)`` of ``shape`` (``(B, ...)``)."""
+    validate.prng_key("key", key)
     v = jax.random.normal(key, shape, dtype)
     return lambda y: jnp.sum(v * y) / shape[0]
 

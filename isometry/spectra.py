@@ -73,7 +73,8 @@ Array = jax.Array
 # --------------------------------------------------------------------------- #
 
 
-def _as_matrix_batch(name: str, J) -> Array:
+def _as_matrix_batch(name: str, J, check_finite: bool = True) -> Array:
+    """``J`` as a float array ``(..., m, n)``; concrete NaN/inf entries raise (``check_finite``)."""
     J = jnp.asarray(J)
     if J.ndim < 2:
         raise ValueError(f"{name} must have shape (..., m, n) with m, n >= 1, got {J.shape}")
@@ -81,6 +82,8 @@ def _as_matrix_batch(name: str, J) -> Array:
         raise ValueError(f"{name} must have non-empty matrix dimensions, got {J.shape}")
     if not jnp.issubdtype(J.dtype, jnp.floating):
         J = J.astype(jnp.result_type(float))
+    if check_finite and validate.is_concrete(J) and not bool(jnp.all(jnp.isfinite(J))):
+        validate.finite_values(name, J)
     return J
 
 
@@ -130,7 +133,9 @@ def _parallel(fn, np_fn, J: Array, workers: int | None) -> Array:
     return jnp.asarray(out.reshape((*batch, out.shape[-1])))
 
 
-def singular_values(J, *, method: str = "svd", workers: int | None = None) -> Array:
+def singular_values(
+    J, *, method: str = "svd", workers: int | None = None, check_finite: bool = True
+) -> Array:
     """Singular values of ``J``, batched: ``(..., m, n) -> (..., min(m, n))``, decreasing.
 
     Methods:
@@ -148,25 +153,33 @@ def singular_values(J, *, method: str = "svd", workers: int | None = None) -> Ar
     chunk); the default runs the batch as one XLA call, which is faster when
     the BLAS library is single-threaded (``OPENBLAS_NUM_THREADS=1``) and
     lets a multi-threaded BLAS use the cores inside each factorization.
+
+    A concrete ``J`` with a NaN or inf entry raises ``ValueError`` (LAPACK
+    would return NaN singular values); ``check_finite=False`` skips the check,
+    and under ``jit`` it is skipped: there NaN in ``J`` gives NaN out (the flag
+    to test with ``jnp.isfinite``).
     """
-    J = _as_matrix_batch("J", J)
+    J = _as_matrix_batch("J", J, check_finite)
     validate.choice("method", method, ("svd", "eigh"))
     if method == "svd":
         return _parallel(_svd_vals, _np_svd_vals, J, workers)
     return jnp.sqrt(_parallel(_gram_vals, _np_gram_vals, J, workers))
 
 
-def squared_singular_values(J, *, method: str = "svd", workers: int | None = None) -> Array:
+def squared_singular_values(
+    J, *, method: str = "svd", workers: int | None = None, check_finite: bool = True
+) -> Array:
     """Eigenvalues of ``J J^T`` (squared singular values), ``(..., m, n) -> (..., min(m, n))``.
 
     With ``method="eigh"`` these are the Gram eigenvalues directly (absolute
-    error about ``eps * s_max^2``); see :func:`singular_values`.
+    error about ``eps * s_max^2``); see :func:`singular_values` (also for
+    ``check_finite``).
     """
-    J = _as_matrix_batch("J", J)
+    J = _as_matrix_batch("J", J, check_finite)
     validate.choice("method", method, ("svd", "eigh"))
     if method == "eigh":
         return _parallel(_gram_vals, _np_gram_vals, J, workers)
-    return singular_values(J, method="svd", workers=workers) ** 2
+    return singular_values(J, method="svd", workers=workers, check_finite=False) ** 2
 
 
 # --------------------------------------------------------------------------- #
@@ -181,7 +194,7 @@ def moments(sq_singular_values, order: int = 4) -> Array:
     probability predicts ``m1 = (sigma_w2 mu1)^L`` and
     ``m2 = m1^2 [1 + L (mu2/mu1^2 - 1 - s1)]`` (Pennington et al. 2018).
     """
-    lam = jnp.asarray(sq_singular_values)
+    lam = jnp.asarray(validate.finite_values("sq_singular_values", sq_singular_values))
     order = validate.positive_int("order", order)
     ks = jnp.arange(1, order + 1, dtype=lam.dtype)
     return jnp.mean(lam[..., None] ** ks, axis=-2)
@@ -195,9 +208,12 @@ def summary(sq_singular_values, *, zero_tol: float = 1e-3) -> dict[str, Array]:
     ``condition_number`` (``s_max / s_min = sqrt(lambda_max / lambda_min)``, inf
     when ``lambda_min = 0``) and ``frac_near_zero`` (fraction with
     ``lambda < zero_tol * mean``, the collapsed directions).
+
+    A concrete input with NaN or inf raises ``ValueError`` (``var`` would be
+    NaN); under ``jit`` the check is skipped and NaN propagates.
     """
     validate.real_array("zero_tol", zero_tol, minimum=0.0)
-    lam = jnp.asarray(sq_singular_values)
+    lam = jnp.asarray(validate.finite_values("sq_singular_values", sq_singular_values))
     if lam.ndim < 1 or lam.shape[-1] == 0:
         raise ValueError(f"sq_singular_values must have shape (..., n), n >= 1, got {lam.shape}")
     m1 = lam.mean(-1)
@@ -222,7 +238,7 @@ def summary_rows(depths, sq_singular_values) -> list[dict]:
     ``K`` depths, computed in float64 NumPy (``var`` two-pass, ``mean((lambda -
     mean)^2)``), the per-depth form of :func:`summary` for result tables.
     """
-    lam = np.asarray(sq_singular_values, dtype=np.float64)
+    lam = np.asarray(validate.finite_values("sq_singular_values", sq_singular_values), np.float64)
     if lam.ndim != 2 or lam.shape[0] != len(depths):
         raise ValueError(
             f"sq_singular_values must have shape (len(depths)={len(depths)}, n), got {lam.shape}"
@@ -240,16 +256,26 @@ def histogram_density(values, *, bins: int | np.ndarray = 60, range=None, weight
     ``values`` of any shape are pooled (e.g. seeds x inputs x singular values).
     ``log=True`` bins ``log10(values)`` (for spectra spanning decades);
     ``weights`` (same shape) give weighted atoms, e.g. SLQ quadrature weights.
+    NaN or inf in ``values`` or ``weights`` raises ``ValueError`` (they are
+    never dropped silently); with ``log=True`` entries ``<= 0`` (exact zeros of
+    a rank-deficient spectrum) are left out of the log bins.
     """
-    v = np.asarray(values, dtype=float).ravel()
-    w = None if weights is None else np.asarray(weights, dtype=float).ravel()
+    v = np.asarray(validate.finite_values("values", values), dtype=float).ravel()
+    if np.ndim(bins) == 0:
+        validate.positive_int("bins", bins)
+    elif np.ndim(bins) != 1 or len(bins) < 2 or np.any(np.diff(bins) <= 0):
+        raise ValueError(f"bins must be a count >= 1 or increasing edges, got {bins!r}")
+    w = None if weights is None else validate.real_array("weights", weights, minimum=0.0)
+    w = None if w is None else np.asarray(w, float).ravel()
     if w is not None and w.shape != v.shape:
         raise ValueError(f"weights must match values, got {w.shape} vs {v.shape}")
-    keep = np.isfinite(v) & ((v > 0) if log else True)
+    keep = (v > 0) if log else np.ones(v.shape, bool)
     v = v[keep]
     w = None if w is None else w[keep]
+    if w is not None and not w.sum() > 0:
+        raise ValueError("weights must have a positive sum over the binned values")
     if v.size == 0:
-        raise ValueError("values has no finite entries (positive entries for log=True)")
+        raise ValueError("values has no positive entries (log=True bins log10 of them)")
     if log:
         v = np.log10(v)
     density, edges = np.histogram(v, bins=bins, range=range, weights=w, density=True)
@@ -257,15 +283,17 @@ def histogram_density(values, *, bins: int | np.ndarray = 60, range=None, weight
 
 
 def _weighted(name, a, w):
-    a = jnp.ravel(jnp.asarray(a))
-    if a.size == 0:
-        raise ValueError(f"{name} must not be empty")
+    """Pooled atoms and weights summing to 1; concrete NaN/inf or negative weights raise."""
+    a = jnp.ravel(jnp.asarray(validate.finite_values(name, a)))
     if w is None:
         w = jnp.full(a.shape, 1.0 / a.size, dtype=jnp.result_type(a.dtype, float))
     else:
+        validate.real_array(f"{name}_weights", w, minimum=0.0)
         w = jnp.ravel(jnp.asarray(w))
         if w.shape != a.shape:
             raise ValueError(f"{name}_weights must match {name}: {w.shape} vs {a.shape}")
+        if validate.is_concrete(w) and not float(jnp.sum(w)) > 0:
+            raise ValueError(f"{name}_weights must have a positive sum")
         w = w / jnp.sum(w)
     return a, w
 
@@ -281,7 +309,9 @@ def _cdf_at(points, a, w):
 def ks_distance(a, b, *, a_weights=None, b_weights=None) -> Array:
     """Kolmogorov-Smirnov distance ``sup_x |F_a(x) - F_b(x)|`` of two (weighted) samples.
 
-    Samples of any shape are pooled; weights default to uniform.
+    Samples of any shape are pooled; weights default to uniform. NaN or inf
+    in a concrete sample raises ``ValueError`` (a NaN would sort last and
+    bias the distance silently); under ``jit`` the check is skipped.
     """
     a, wa = _weighted("a", a, a_weights)
     b, wb = _weighted("b", b, b_weights)
@@ -290,7 +320,10 @@ def ks_distance(a, b, *, a_weights=None, b_weights=None) -> Array:
 
 
 def wasserstein1(a, b, *, a_weights=None, b_weights=None) -> Array:
-    """Wasserstein-1 distance ``int |F_a(x) - F_b(x)| dx`` of two (weighted) samples (exact)."""
+    """Wasserstein-1 distance ``int |F_a(x) - F_b(x)| dx`` of two (weighted) samples (exact).
+
+    NaN or inf in a concrete sample raises ``ValueError`` (as :func:`ks_distance`).
+    """
     a, wa = _weighted("a", a, a_weights)
     b, wb = _weighted("b", b, b_weights)
     pts = jnp.sort(jnp.concatenate([a, b]))
@@ -456,6 +489,7 @@ def slq(
     defaults to the default float (float64 when x64 is enabled).
     """
     n = validate.positive_int("n", n)
+    validate.prng_key("key", key)
     n_probes = validate.positive_int("n_probes", n_probes)
     n_steps = validate.positive_int("n_steps", n_steps)
     dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
@@ -484,6 +518,7 @@ def jacobian_slq(
     ``f`` is evaluated at ``x`` cast to it. See :func:`slq` for probes/steps.
     """
     x = jnp.asarray(x)
+    validate.prng_key("key", key)
     dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
     n_probes = validate.positive_int("n_probes", n_probes)
     n_steps = validate.positive_int("n_steps", n_steps)
@@ -513,7 +548,9 @@ def slq_density(result: SLQResult, grid, *, bandwidth: float | None = None) -> A
     Default ``bandwidth``: the mean spacing of the Ritz values,
     ``(theta_max - theta_min) / n_steps``.
     """
-    grid = jnp.asarray(grid)
+    grid = jnp.asarray(validate.finite_values("grid", grid))
+    if bandwidth is not None:
+        validate.real_array("bandwidth", bandwidth, minimum=0.0, strict=True)
     nodes, w = result.atoms()
     if bandwidth is None:
         steps = result.nodes.shape[1]
@@ -538,6 +575,7 @@ def trace_moments(J, *, n_steps: int = 16) -> dict[str, Array]:
     product and ``n_steps`` matvecs instead of an SVD. Batched over leading axes.
     """
     J = _as_matrix_batch("J", J)
+    n_steps = validate.positive_int("n_steps", n_steps)
     return _trace_moments(J, n_steps)
 
 
@@ -610,7 +648,10 @@ def log_singular_values(layer, params, x, depths=None, *, tangents=None, unroll:
     Returns:
         ``(len(depths), min(n, k))`` log singular values, decreasing. Accurate
         to working precision relative to ``s_max`` for singular values above
-        ``eps * s_max``, and in the graded regime below it.
+        ``eps * s_max``, and in the graded regime below it. An exactly zero
+        singular value (a layer with a zero derivative, e.g. ReLU's dead
+        units) comes out finite but very negative: at most ``log(tiny)`` of
+        the dtype (``-87`` in float32) per singular layer.
     """
     plan = depthscan.plan(layer, params, x, depths, tangents)
 
@@ -619,7 +660,7 @@ def log_singular_values(layer, params, x, depths=None, *, tangents=None, unroll:
         Qt = T.reshape(k, -1)
         # J_0 = V: QR of V^T's columns = the tangent directions.
         Q, R = jnp.linalg.qr(Qt.T)
-        return (h, Q, jnp.log(jnp.abs(jnp.diagonal(R))), _unit(R, jnp.zeros(k, Qt.dtype)))
+        return (h, Q, _log_abs_diag(R), _unit(R, jnp.zeros(k, Qt.dtype)))
 
     def step(carry, p):
         h, Q, g, T = carry
@@ -630,7 +671,7 @@ def log_singular_values(layer, params, x, depths=None, *, tangents=None, unroll:
         rows = jnp.swapaxes(Q, 0, 1).reshape((Q.shape[1], *plan.shape))
         h, M = depthscan.push_tangents(layer, p, h, rows)
         Q, R = jnp.linalg.qr(M.reshape(M.shape[0], -1).T)
-        dg = jnp.log(jnp.abs(jnp.diagonal(R)))
+        dg = _log_abs_diag(R)
         G = _unit(R, g)
         return (h, Q, g + dg, G @ T)
 
@@ -641,9 +682,17 @@ def log_singular_values(layer, params, x, depths=None, *, tangents=None, unroll:
     return depthscan.scan_emit(plan, init, step, emit, unroll=unroll)
 
 
+def _log_abs_diag(R):
+    """``log |R_ii|``, at least ``log(tiny)``: an exactly singular layer (ReLU's dead units)
+    then scales its direction by ``tiny`` instead of ``log 0 = -inf``, whose differences
+    ``g_j - g_i`` would be NaN."""
+    d = jnp.abs(jnp.diagonal(R))
+    return jnp.log(jnp.maximum(d, jnp.finfo(R.dtype).tiny))
+
+
 def _unit(R, g):
     """``G_ij = R_ij exp(g_j - g_i) / |R_ii|`` (upper triangular, unit-modulus diagonal)."""
-    d = jnp.abs(jnp.diagonal(R))
+    d = jnp.maximum(jnp.abs(jnp.diagonal(R)), jnp.finfo(R.dtype).tiny)
     big = 0.5 * jnp.log(jnp.finfo(R.dtype).max)
     e = jnp.exp(jnp.minimum(g[None, :] - g[:, None], big))
     return jnp.triu(R / d[:, None] * e)
@@ -719,9 +768,7 @@ def distance_to_law(sample, law, *, atom_window: float = 1e-6) -> LawDistance:
         law: the predicted law.
         atom_window: relative half-width of an atom.
     """
-    lam = np.ravel(np.asarray(sample, dtype=float))
-    if not lam.size:
-        raise ValueError("sample must not be empty")
+    lam = np.ravel(np.asarray(validate.finite_values("sample", sample), dtype=float))
     n, floor = lam.size, float(law.floor)
     below_meas = float(np.mean(lam <= floor))
     if not np.isfinite(law.continuous_mass):  # the law is not tabulated above its floor

@@ -13,12 +13,15 @@ import numpy as np
 from jax import core
 
 __all__ = [
+    "broadcastable",
     "choice",
+    "finite_values",
     "int_fields",
     "is_concrete",
     "names",
     "positive_int",
     "positive_ints",
+    "prng_key",
     "real_array",
     "reals",
 ]
@@ -32,6 +35,8 @@ def real_array(name: str, x, *, minimum=None, strict=False, maximum=None, nonemp
     """Raise ``ValueError`` naming ``name`` unless ``x`` is finite and in range."""
     if not is_concrete(x):
         return x
+    if x is None or isinstance(x, str | bytes) or _has_string(x):
+        raise TypeError(f"{name} must be a real number or array, got {type(x).__name__} {x!r}")
     try:
         a = np.asarray(x, dtype=float)
     except (TypeError, ValueError) as err:
@@ -48,6 +53,69 @@ def real_array(name: str, x, *, minimum=None, strict=False, maximum=None, nonemp
     if maximum is not None and np.any(a > maximum):
         raise ValueError(f"{name} must be <= {maximum}, got {_show(a[a > maximum])}")
     return x
+
+
+def _has_string(x) -> bool:
+    """A list or tuple holding a string or ``None`` (``np.asarray(["1"], float)`` accepts it)."""
+    if isinstance(x, list | tuple):
+        return any(v is None or isinstance(v, str | bytes) or _has_string(v) for v in x)
+    return False
+
+
+def finite_values(name: str, x, *, nonempty: bool = True):
+    """Raise ``ValueError`` naming ``name`` if the concrete array ``x`` is empty or has NaN/inf.
+
+    Measured values (spectra, samples) go through this before a statistic that
+    would turn one NaN into a silent NaN or a wrong number. Skipped under
+    ``jit`` tracing (the value is unknown); returns ``x``.
+    """
+    if not is_concrete(x):
+        return x
+    a = np.asarray(x)
+    if a.dtype.kind not in "biufc":
+        raise TypeError(f"{name} must be a real number or array, got {a.dtype} values {_show(a)}")
+    if nonempty and a.size == 0:
+        raise ValueError(f"{name} must not be empty, got shape {a.shape}")
+    if a.dtype.kind in "fc" and not np.all(np.isfinite(a)):
+        bad = ~np.isfinite(a)
+        raise ValueError(
+            f"{name} must be finite: {int(bad.sum())} of {a.size} entries are NaN or inf "
+            f"(e.g. {_show(a[bad])})"
+        )
+    return x
+
+
+def broadcastable(**arrays) -> tuple:
+    """The broadcast shape of the named arrays; ``ValueError`` naming them and their shapes."""
+    shapes = {k: np.shape(v) for k, v in arrays.items()}
+    try:
+        return np.broadcast_shapes(*shapes.values())
+    except ValueError:
+        shown = ", ".join(f"{k} {s}" for k, s in shapes.items())
+        raise ValueError(
+            f"{', '.join(shapes)} must broadcast together, got shapes {shown}"
+        ) from None
+
+
+def prng_key(name: str, key):
+    """``key`` is a JAX PRNG key (``jax.random.key(seed)`` or a legacy ``PRNGKey``).
+
+    Raises ``TypeError`` naming ``name`` and how to make one otherwise (an
+    integer seed, ``None``, a float array); traced keys pass.
+    """
+    import jax
+
+    if not is_concrete(key):
+        return key
+    if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    legacy = isinstance(key, jax.Array | np.ndarray) and key.dtype == np.uint32
+    if legacy and key.shape[-1:] == (2,):
+        return key
+    raise TypeError(
+        f"{name} must be a JAX PRNG key such as jax.random.key(0), got "
+        f"{type(key).__name__} {_show(np.asarray(key)) if legacy else repr(key)[:60]}"
+    )
 
 
 def positive_int(name: str, x, minimum: int = 1) -> int:

@@ -111,7 +111,7 @@ def test_weight_variances_match_config(x64):
     N, L = 200, 4
     for init, sw in [("gaussian", 1.7), ("orthogonal", 1.7), ("he_normal", 2.0), ("xavier", 1.0)]:
         kw = {"sigma_w2": sw} if init in ("gaussian", "orthogonal") else {}
-        cfg = nw.MLPConfig(depth=L, width=N, init=init, sigma_b2=0.3, **kw)
+        cfg = nw.MLPConfig(depth=L, width=N, init=init, sigma_b2=0.3, dtype="float64", **kw)
         assert cfg.variances() == pytest.approx((sw, 0.3))
         model = nw.MLP(cfg, rngs=nnx.Rngs(0))
         w = np.asarray(model.kernel[...])
@@ -181,9 +181,9 @@ def test_same_seed_same_model():
 
 
 def test_float64_models(x64):
-    model = nw.MLP(nw.MLPConfig(depth=2, width=4), rngs=nnx.Rngs(0))
+    model = nw.MLP(nw.MLPConfig(depth=2, width=4, dtype="float64"), rngs=nnx.Rngs(0))
     assert model.kernel[...].dtype == jnp.float64
-    cnn = nw.ConvNet(nw.ConvConfig(depth=2, channels=4), rngs=nnx.Rngs(0))
+    cnn = nw.ConvNet(nw.ConvConfig(depth=2, channels=4, dtype="float64"), rngs=nnx.Rngs(0))
     assert cnn(jnp.ones((1, 5, 5, 4))).dtype == jnp.float64
 
 
@@ -240,6 +240,7 @@ def _linear_cnn_jacobian(init, padding, depth=24, channels=4, size=4, sigma_w2=1
         sigma_w2=sigma_w2,
         bias=False,
         padding=padding,
+        dtype="float64",
     )
     s = nw.ConvNet(cfg, rngs=nnx.Rngs(0)).stack()
     x = jnp.zeros((size, size, channels))

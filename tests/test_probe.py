@@ -356,7 +356,9 @@ def test_gradients_equal_hand_computation():
 
 
 def test_plain_mlp_agrees_with_signal_measure():
-    cfg = networks.MLPConfig(depth=4, width=8, activation="tanh", sigma_w2=1.5, sigma_b2=0.05)
+    cfg = networks.MLPConfig(
+        depth=4, width=8, activation="tanh", sigma_w2=1.5, sigma_b2=0.05, dtype="float64"
+    )
     ref = networks.MLP(cfg, rngs=nnx.Rngs(0))
     plain = PlainMLP(8, 4, rngs=nnx.Rngs(1))
     for l, layer in enumerate(plain.layers):

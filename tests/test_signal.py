@@ -116,7 +116,7 @@ def test_plain_mlp_follows_mean_field(act, sw, sb):
     qs = float(meanfield.q_star(act, sw, sb)) if act == "tanh" else 1.0
     p0 = (qs - sb) / sw
     u = pair_inputs(jax.random.key(7), p0=p0)
-    cfg = nw.MLPConfig(depth=L, width=N, activation=act, sigma_w2=sw, sigma_b2=sb)
+    cfg = nw.MLPConfig(depth=L, width=N, activation=act, sigma_w2=sw, sigma_b2=sb, dtype="float64")
     model, fwd, bwd = run(cfg, u)
     th = jax.tree.map(np.asarray, signal.model_theory(model, u))
 
@@ -258,7 +258,9 @@ def test_theory_at_the_fixed_point_matches_meanfield():
 
 
 def test_forward_statistics_definitions():
-    cfg = nw.MLPConfig(depth=3, width=6, activation="relu", residual=True, residual_scale=0.5)
+    cfg = nw.MLPConfig(
+        depth=3, width=6, activation="relu", residual=True, residual_scale=0.5, dtype="float64"
+    )
     model = nw.MLP(cfg, rngs=nnx.Rngs(0))
     u = jax.random.normal(jax.random.key(0), (4, 6))
     fwd = signal.forward(model, u)
@@ -280,7 +282,9 @@ def test_forward_statistics_definitions():
 
 
 def test_backward_matches_autodiff():
-    cfg = nw.MLPConfig(depth=3, width=5, in_dim=4, out_dim=2, activation="tanh", sigma_b2=0.1)
+    cfg = nw.MLPConfig(
+        depth=3, width=5, in_dim=4, out_dim=2, activation="tanh", sigma_b2=0.1, dtype="float64"
+    )
     model = nw.MLP(cfg, rngs=nnx.Rngs(0))
     u = jax.random.normal(jax.random.key(0), (6, 4))
     loss = lambda y: jnp.sum(jnp.sin(y))  # noqa: E731
@@ -325,7 +329,7 @@ def test_critical_delta_orthogonal_cnn_signal():
 
 
 def test_vmap_over_seeds_and_jit():
-    cfg = nw.MLPConfig(depth=4, width=16)
+    cfg = nw.MLPConfig(depth=4, width=16, dtype="float64")
     u = jax.random.normal(jax.random.key(0), (8, 16))
 
     def one(key):
@@ -370,7 +374,7 @@ def test_plain_mlp_depth_50_several_seeds(act, sw, sb):
     L = 50
     qs = float(meanfield.q_star(act, sw, sb)) if act == "tanh" else 1.0
     u = pair_inputs(jax.random.key(11), p0=(qs - sb) / sw)
-    cfg = nw.MLPConfig(depth=L, width=N, activation=act, sigma_w2=sw, sigma_b2=sb)
+    cfg = nw.MLPConfig(depth=L, width=N, activation=act, sigma_w2=sw, sigma_b2=sb, dtype="float64")
     for seed in range(3):
         model, fwd, bwd = run(cfg, u, seed=10 * seed)
         th = jax.tree.map(np.asarray, signal.model_theory(model, u))

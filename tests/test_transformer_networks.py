@@ -20,7 +20,7 @@ VARIANTS = [
 def _stack(depth=3, **kw):
     cfg = networks.TransformerConfig(
         depth=depth, width=8, heads=2, mlp_width=6, bias=True, sigma_b2=0.1, activation="tanh",
-        init="gaussian", sigma_w2=1.5, **kw,
+        init="gaussian", sigma_w2=1.5, dtype="float64", **kw,
     )  # fmt: skip
     return networks.Transformer(cfg, rngs=nnx.Rngs(0)).stack()
 

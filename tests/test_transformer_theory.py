@@ -134,7 +134,8 @@ def test_token_statistics_match_theory_at_width_256(norm_position, residual, alp
 
     def one(key):
         k_net, k_in = jax.random.split(key)
-        s = dataclasses.replace(template, params=networks.transformer_params(net, k_net))
+        params = networks.transformer_params(net, k_net, jnp.result_type(float))
+        s = dataclasses.replace(template, params=params)
         x0 = ts.token_inputs(k_in, 2, 4, 256, cfg.cosine, cfg.cross_cosine)
         st = tt.gram_statistics(jax.vmap(tt.token_gram)(s.hidden_states(x0)), 4)
         return st.norm, st.cosine, st.cross_cosine

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+import optax
 from flax import nnx
 
 from isometry import atomic, networks, validate
@@ -23,6 +24,7 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "field_values",
+    "is_transformation",
     "model_config_dict",
     "parse_clip",
 ]
@@ -32,10 +34,26 @@ SCHEDULES = ("constant", "cosine", "linear", "exponential")
 CLIPS = ("none", "global_norm", "value", "agc")
 
 
+CUSTOM = "custom"
+
+
+def is_transformation(x) -> bool:
+    """``x`` is an optax ``GradientTransformation`` (a user's clipping or optimizer)."""
+    return isinstance(x, optax.GradientTransformation | optax.GradientTransformationExtraArgs)
+
+
 def parse_clip(spec: str) -> tuple[str, float | None]:
     """``"none"`` | ``"global_norm:C"`` | ``"value:C"`` | ``"agc:C"`` -> ``(kind, C)``."""
+    if spec == CUSTOM:
+        raise ValueError(
+            "clip 'custom' stands for an optax transformation, which JSON cannot hold: "
+            "pass the transformation itself (TrainConfig(clip=optax....))"
+        )
     if not isinstance(spec, str):
-        raise TypeError(f"clip must be a string like 'global_norm:1.0', got {spec!r}")
+        raise TypeError(
+            "clip must be a string like 'global_norm:1.0' or an optax GradientTransformation, "
+            f"got {spec!r}"
+        )
     kind, _, value = spec.strip().partition(":")
     kind = kind.strip().lower().replace("-", "_")
     validate.choice("clip", kind, CLIPS)
@@ -59,7 +77,11 @@ class TrainConfig:
         steps: number of updates.
         batch_size: training examples per update (an epoch drops the remainder).
         optimizer: ``sgd``, ``momentum`` (heavy ball, ``momentum``), ``rmsprop``
-            (``decay``, ``eps``) or ``adam`` (``b1``, ``b2``, ``eps``).
+            (``decay``, ``eps``) or ``adam`` (``b1``, ``b2``, ``eps``); or any
+            optax ``GradientTransformation`` mapping gradients to updates (it
+            carries its own learning rate: ``learning_rate``, ``schedule`` and
+            the optimizer constants are then unused, except that the logged
+            ``lr`` still follows them).
         learning_rate: the peak learning rate ``eta``.
         schedule: ``constant``, ``cosine``, ``linear`` or ``exponential`` decay
             from ``eta`` to ``final_lr_fraction * eta`` over the steps after warm-up.
@@ -68,7 +90,11 @@ class TrainConfig:
             for ``exponential``).
         momentum, decay, b1, b2, eps: optimizer constants.
         weight_decay: decoupled weight decay added to the update (0 = off).
-        clip: ``"none"``, ``"global_norm:C"``, ``"value:C"`` or ``"agc:C"``.
+        clip: ``"none"``, ``"global_norm:C"``, ``"value:C"`` or ``"agc:C"``;
+            or any stateless optax ``GradientTransformation`` applied to the
+            gradients first (it is re-applied to log the clipped norm).
+            ``to_dict`` writes a transformation as ``"custom"``, which
+            ``from_dict`` refuses: a run with one is resumed by passing it again.
         agc_eps: ``eps`` of adaptive clipping (floor of the parameter norm).
         seed: seed of the data order (and, in :func:`isometry.training.run`, of the
             initialization).
@@ -113,7 +139,13 @@ class TrainConfig:
         validate.positive_int("probe_inputs", self.probe_inputs)
         validate.positive_int("eval_batch_size", self.eval_batch_size)
         validate.positive_int("seed", self.seed, minimum=0)
-        validate.choice("optimizer", self.optimizer, OPTIMIZERS)
+        if not is_transformation(self.optimizer):
+            if self.optimizer == CUSTOM:
+                raise ValueError(
+                    "optimizer 'custom' stands for an optax transformation, which JSON cannot "
+                    "hold: pass the transformation itself (TrainConfig(optimizer=optax....))"
+                )
+            validate.choice("optimizer", self.optimizer, OPTIMIZERS)
         validate.choice("schedule", self.schedule, SCHEDULES)
         validate.real_array("learning_rate", self.learning_rate, minimum=0.0, strict=True)
         validate.real_array("final_lr_fraction", self.final_lr_fraction, minimum=0.0, maximum=1.0)
@@ -124,11 +156,14 @@ class TrainConfig:
         validate.real_array("eps", self.eps, minimum=0.0)
         validate.real_array("weight_decay", self.weight_decay, minimum=0.0)
         validate.real_array("agc_eps", self.agc_eps, minimum=0.0, strict=True)
-        kind, c = parse_clip(self.clip)
-        object.__setattr__(self, "clip", kind if c is None else f"{kind}:{c:g}")
+        if not is_transformation(self.clip):
+            kind, c = parse_clip(self.clip)
+            object.__setattr__(self, "clip", kind if c is None else f"{kind}:{c:g}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as JSON values; an optax transformation is written as ``"custom"``."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k: CUSTOM if is_transformation(v) else v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -209,7 +244,23 @@ class RunConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> RunConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a config written by :meth:`to_json`; errors name the file and what is wrong."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+                "a run config is an object with 'model', 'train', 'dataset', ..."
+            ) from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a text (JSON) file") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: a run config must be a JSON object, got {type(d).__name__}")
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{path}: {err}") from None
 
     def load_data(self) -> _data.Dataset:
         return _data.load(

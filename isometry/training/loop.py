@@ -284,6 +284,7 @@ def train(
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    _check_model_data(model, data)
     r = _Run(model, data, config, out_dir, extra_config)
     try:
         return _loop(r, model, config, progress, stop_after)
@@ -291,6 +292,33 @@ def train(
         r.close()
         final = nnx.merge(r.g_train, r.state["params"], r.state["batch_stats"], r.state["rest"])
         nnx.update(model, nnx.state(final))
+
+
+def _check_model_data(model, data) -> None:
+    """The model takes the data's inputs and its outputs fit the labels (classes or targets)."""
+    if not isinstance(data, _data.Dataset):
+        raise TypeError(f"data must be an isometry.data.Dataset, got {type(data).__name__}")
+    graphdef, state = nnx.split(model)
+    x = data.x_train[:1]
+    try:
+        out = jax.eval_shape(lambda s, u: nnx.merge(graphdef, s)(u), state, x)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"the model does not take the data's inputs {x.shape[1:]}: {err}"
+        ) from None
+    if data.num_classes is None:
+        if out.shape[1:] != data.y_train.shape[1:]:
+            raise ValueError(f"the model's outputs {out.shape[1:]} do not match the regression "
+                             f"targets {data.y_train.shape[1:]} of {data.name!r}")  # fmt: skip
+        return
+    k = out.shape[-1]
+    for split, y in (("y_train", data.y_train), ("y_test", data.y_test)):
+        lo, hi = (int(np.min(y)), int(np.max(y))) if y.size else (0, 0)
+        if lo < 0 or hi >= k:
+            raise ValueError(
+                f"{split} of {data.name!r} has labels in [{lo}, {hi}], outside the model's "
+                f"{k} output classes [0, {k - 1}] (set the model's out_dim to the class count)"
+            )
 
 
 def _steps(r: _Run, config: TrainConfig, start: int, end: int, bar) -> int:

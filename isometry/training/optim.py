@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from isometry import networks, validate
-from isometry.training.config import TrainConfig, parse_clip
+from isometry.training.config import TrainConfig, is_transformation, parse_clip
 
 __all__ = ["adaptive_grad_clip", "clipping", "optimizer", "schedule", "stacked_mask"]
 
@@ -96,8 +96,13 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3) -> optax.GradientTran
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def clipping(spec: str, *, agc_eps: float = 1e-3) -> optax.GradientTransformation:
-    """The stateless clipping transformation named by ``spec`` (see :func:`parse_clip`)."""
+def clipping(spec, *, agc_eps: float = 1e-3) -> optax.GradientTransformation:
+    """The stateless clipping transformation named by ``spec`` (see :func:`parse_clip`).
+
+    ``spec`` may also be an optax ``GradientTransformation``, returned as is.
+    """
+    if is_transformation(spec):
+        return spec
     kind, c = parse_clip(spec)
     if kind == "none":
         return optax.identity()
@@ -109,7 +114,19 @@ def clipping(spec: str, *, agc_eps: float = 1e-3) -> optax.GradientTransformatio
 
 
 def optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """``optax.chain(clip, [weight decay], optimizer(schedule))``."""
+    """``optax.chain(clip, [weight decay], optimizer(schedule))``.
+
+    ``config.optimizer`` (and ``config.clip``) may be optax transformations: a
+    user's optimizer is used as given (its own learning rate), after the
+    clipping and weight decay.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    parts = [clipping(config.clip, agc_eps=config.agc_eps)]
+    if config.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(config.weight_decay))
+    if is_transformation(config.optimizer):
+        return optax.chain(*parts, config.optimizer)
     lr = schedule(config)
     opt = {
         "sgd": lambda: optax.sgd(lr),
@@ -117,7 +134,4 @@ def optimizer(config: TrainConfig) -> optax.GradientTransformation:
         "rmsprop": lambda: optax.rmsprop(lr, decay=config.decay, eps=config.eps),
         "adam": lambda: optax.adam(lr, b1=config.b1, b2=config.b2, eps=config.eps),
     }[config.optimizer]()
-    parts = [clipping(config.clip, agc_eps=config.agc_eps)]
-    if config.weight_decay > 0:
-        parts.append(optax.add_decayed_weights(config.weight_decay))
     return optax.chain(*parts, opt)
