@@ -110,7 +110,6 @@ def test_quick_delta_orthogonal_trains_at_least_as_well_at_depth(tmp_path):
     assert acc["delta_orthogonal"] >= acc["gaussian"], acc
 
 
-
 def _first_preactivations(init: str, seed: int):
     """``(cfg, mean (h^1 - b^1)^2, mean (h^1)^2)`` of a depth-1 quick-preset network on
     its scaled digits (64 training images)."""
