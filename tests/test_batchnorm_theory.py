@@ -87,7 +87,7 @@ def _operator_by_monte_carlo(name, batch, samples, key):
     return np.asarray(per), np.asarray(T)
 
 
-@pytest.mark.parametrize("name", ["relu", "tanh"])
+@pytest.mark.parametrize("name", ["relu", pytest.param("tanh", marks=pytest.mark.slow)])
 def test_rate_equals_monte_carlo_backward_operator(name):
     """Second route: <G, T(G)>/<G, G> from 4,000 autodiff Jacobians, within 4 standard errors."""
     per, _ = _operator_by_monte_carlo(name, 8, 4000, jax.random.key(1))

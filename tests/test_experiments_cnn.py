@@ -124,6 +124,7 @@ def _first_preactivations(init: str, seed: int):
     return cfg, float(jnp.mean(wx**2)), float(signal.forward(model, u).q[0])
 
 
+@pytest.mark.slow
 def test_first_preactivation_is_at_q_star_delta_orthogonal():
     """Delta-orthogonal: ||conv(x^0, K^1)||^2 = sigma_w2 ||x^0||^2 exactly, so the scaled
     inputs give mean (h^1 - b^1)^2 = q* - sigma_b2 (unscaled it was ~0.18 for q* = 0.25)."""
