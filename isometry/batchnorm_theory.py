@@ -174,7 +174,13 @@ def fixed_point(act: Activation | str, batch: int, *, points: int = 24) -> tuple
     ``d* = E[phi(n_1)^2]``, ``c* = E[phi(n_1) phi(n_2)]`` for ``x = phi(BN(h))``
     (linear: ``(1, -1/(B - 1))``).
     """
-    act = get_activation(act)
+    return _fixed_point(
+        get_activation(act), check_batch(batch), validate.positive_int("points", points, 2)
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _fixed_point(act: Activation, batch: int, points: int) -> tuple[Array, Array]:
     return pair_expectation(
         lambda a, b: (act.phi(a) ** 2, act.phi(a) * act.phi(b)), batch, points=points
     )
@@ -187,9 +193,13 @@ def gradient_rate(act: Activation | str, batch: int, *, points: int = 24) -> Arr
 
     (module docstring). Linear: ``(B - 2)/(B - 3)``; ReLU: ``-> pi/(pi - 1)``.
     """
-    act = get_activation(act)
-    B = check_batch(batch)
+    return _rate(
+        get_activation(act), check_batch(batch), validate.positive_int("points", points, 2)
+    )
 
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _rate(act: Activation, B: int, points: int) -> Array:
     def moments(a, b):
         fa, fb = act.dphi(a), act.dphi(b)
         pa, pb = act.phi(a), act.phi(b)

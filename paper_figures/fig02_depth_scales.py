@@ -50,9 +50,10 @@ KEYS = (
     "demo_sigma_w2", "demo_c", "demo_c_star", "demo_xi_c",
 )  # fmt: skip
 
-# net: (points below the edge, width N, depth, seeds); demo: sigma_w2 of the curves drawn right.
+# net: (points below the edge, width N, depth, seeds; 0 points: theory only);
+# DEMO: sigma_w2 of the curves drawn on the right (ordered, chaotic).
 TIERS = {
-    "tiny": {"sigma_w2": (0.5, 4.0, 15), "sigma_b2": 0.05, "net": (4, 64, 60, 2)},
+    "tiny": {"sigma_w2": (0.5, 4.0, 15), "sigma_b2": 0.05, "net": (0, 64, 60, 2)},
     "quick": {"sigma_w2": (0.5, 4.0, 351), "sigma_b2": 0.05, "net": (12, 256, 160, 4)},
     "full": {"sigma_w2": (0.5, 4.0, 2001), "sigma_b2": 0.05, "net": (30, 1000, 600, 8)},
 }
@@ -162,9 +163,13 @@ def _compute(sigma_w2, sigma_b2, net) -> dict:
     points, width, depth, seeds = (int(v) for v in net)
     crit = float(np.asarray(d.critical_sigma_w2).ravel()[0])
     sw_net = np.linspace(sw[0], 0.95 * crit, points)
-    demo = np.asarray(DEMO)
-    demo_q = np.asarray(meanfield.q_star("tanh", demo, sigma_b2))
-    demo_c = sampled_correlations(demo, sigma_b2, demo_q, (0.5, 0.95), width, depth, seeds)
+    demo = np.asarray(DEMO if points else ())
+    # One compiled run: the ordered points (from c0 = 0.5) and the two demo curves.
+    both = np.concatenate([sw_net, demo])
+    q = np.asarray(meanfield.q_star("tanh", both, sigma_b2))
+    c0 = np.concatenate([np.full(points, 0.5), [0.5, 0.95][: demo.size]])
+    c = sampled_correlations(both, sigma_b2, q, c0, width, depth, seeds) if points else None
+    empty = np.zeros((seeds, 0, depth))
     return {
         "sigma_w2": sw,
         "xi_q": np.asarray(d.xi_q[:, 0]),
@@ -172,11 +177,15 @@ def _compute(sigma_w2, sigma_b2, net) -> dict:
         "xi_c_width": xi_c_finite_width(sw, sigma_b2, width, np.asarray(d.q_star[:, 0])),
         "critical_sigma_w2": np.asarray(d.critical_sigma_w2),
         "sigma_w2_net": sw_net,
-        "xi_c_net": measure_xi_c(sw_net, sigma_b2, width, depth, seeds),
+        "xi_c_net": fit_decay_length(c[:, :points], 1.0, ORDERED_FLOOR)
+        if points
+        else empty[..., 0],
         "demo_sigma_w2": demo,
-        "demo_c": demo_c,
-        "demo_c_star": np.asarray(meanfield.c_star("tanh", demo, sigma_b2)),
-        "demo_xi_c": np.asarray(meanfield.depth_scales("tanh", demo, sigma_b2)[1]),
+        "demo_c": c[:, points:] if points else empty,
+        "demo_c_star": np.asarray(meanfield.c_star("tanh", demo, sigma_b2)) if points else demo,
+        "demo_xi_c": (
+            np.asarray(meanfield.depth_scales("tanh", demo, sigma_b2)[1]) if points else demo
+        ),
         "net": np.asarray(net),
     }
 
