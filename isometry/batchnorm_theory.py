@@ -131,7 +131,8 @@ def _pair_rule(batch: int, points: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     k = batch - 1
     rho = -1.0 / k
     # psi: s = sin(psi), n-radius sqrt(k) sin(psi); weight sin(psi) cos(psi)^(B-4).
-    r_edges = [np.arcsin(r / np.sqrt(k)) for r in _RADII if r < np.sqrt(k)]
+    # Panels past the sphere's radius have zero width: the rule's size does not depend on B.
+    r_edges = [np.arcsin(min(r / np.sqrt(k), 1.0)) for r in _RADII]
     psi, wp = _panels(np.asarray([0.0, *r_edges, np.pi / 2]), points)
     wp = wp * np.sin(psi) * np.cos(psi) ** (batch - 4)
     # theta: split where n_1 = 0 (cos theta = 0) or n_2 = 0 (rho cos + sqrt(1-rho^2) sin = 0).
@@ -151,7 +152,8 @@ def pair_nodes(batch: int, points: int = 24, dtype=None) -> tuple[Array, Array, 
     ``n = sqrt(B) G h / ||G h||`` for ``h`` with a BSB1 covariance (two
     entries of a batch-normalized batch vector at the fixed point); see the
     module docstring for the law and the rule. ``points`` Gauss-Legendre
-    nodes per panel; ``M = points^2 x (radial panels) x 5``.
+    nodes per panel; ``M = 8 points x 5 points`` (8 radial panels, some of zero
+    width for small ``B``, and 5 angular ones: the same size for every ``B``).
     """
     batch = check_batch(batch)
     validate.positive_int("points", points, 2)
@@ -174,16 +176,13 @@ def fixed_point(act: Activation | str, batch: int, *, points: int = 24) -> tuple
     ``d* = E[phi(n_1)^2]``, ``c* = E[phi(n_1) phi(n_2)]`` for ``x = phi(BN(h))``
     (linear: ``(1, -1/(B - 1))``).
     """
-    return _fixed_point(
-        get_activation(act), check_batch(batch), validate.positive_int("points", points, 2)
-    )
+    return _fixed_point(get_activation(act), *pair_nodes(batch, points))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _fixed_point(act: Activation, batch: int, points: int) -> tuple[Array, Array]:
-    return pair_expectation(
-        lambda a, b: (act.phi(a) ** 2, act.phi(a) * act.phi(b)), batch, points=points
-    )
+@functools.partial(jax.jit, static_argnums=0)
+def _fixed_point(act: Activation, n1: Array, n2: Array, w: Array) -> tuple[Array, Array]:
+    p1, p2 = act.phi(n1), act.phi(n2)
+    return jnp.sum(w * p1 * p1), jnp.sum(w * p1 * p2)
 
 
 def gradient_rate(act: Activation | str, batch: int, *, points: int = 24) -> Array:
@@ -193,19 +192,16 @@ def gradient_rate(act: Activation | str, batch: int, *, points: int = 24) -> Arr
 
     (module docstring). Linear: ``(B - 2)/(B - 3)``; ReLU: ``-> pi/(pi - 1)``.
     """
-    return _rate(
-        get_activation(act), check_batch(batch), validate.positive_int("points", points, 2)
-    )
+    B = check_batch(batch)
+    n1, n2, w = pair_nodes(B, points)
+    return _rate(get_activation(act), n1, n2, w, jnp.asarray(B, w.dtype))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _rate(act: Activation, B: int, points: int) -> Array:
-    def moments(a, b):
-        fa, fb = act.dphi(a), act.dphi(b)
-        pa, pb = act.phi(a), act.phi(b)
-        return (pa * pa, pa * pb, fa * fa, fa * fb, fa * fa * a * a, fa * a * fb * b)
-
-    d, c, f11, f12, g11, g12 = pair_expectation(moments, B, points=points)
+@functools.partial(jax.jit, static_argnums=0)
+def _rate(act: Activation, n1: Array, n2: Array, w: Array, B: Array) -> Array:
+    fa, fb, pa, pb = act.dphi(n1), act.dphi(n2), act.phi(n1), act.phi(n2)
+    moments = (pa * pa, pa * pb, fa * fa, fa * fb, fa * fa * n1 * n1, fa * n1 * fb * n2)
+    d, c, f11, f12, g11, g12 = (jnp.sum(w * m) for m in moments)
     trace = (B - 2) * f11 + (f11 + (B - 1) * f12) / B - (B - 1) * g11 / B
     trace = trace + (B - 1) * g12 / B
     return B * trace / ((d - c) * (B - 3) * (B - 1))
