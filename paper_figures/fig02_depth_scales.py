@@ -256,5 +256,6 @@ def plot(data, params):
     ax1.set_ylabel(r"$|c^l - c^*|$ (pre-activation cosine)")
     ax1.set_ylim(1e-12, 2)
     ax1.set_title("ordered: clean decay; chaotic: finite-width floor")
-    ax1.legend(fontsize=7.5)
+    if np.asarray(data["demo_sigma_w2"]).size:
+        ax1.legend(fontsize=7.5)
     return fig
