@@ -12,7 +12,10 @@ projection of the output is measured per layer
 the geometric-mean ratio of consecutive layers' squared weight-gradient
 norms, is reported per point. Yang et al. 2019 show that ``rate > 1`` for
 every batch size: gradients explode at initialization with a rate that
-depends on ``B`` and on the activation (and does not vanish as ``B`` grows).
+depends on ``B`` and on the activation (and does not vanish as ``B`` grows);
+its wide-network value is :func:`isometry.batchnorm_theory.gradient_rate`
+(``(B - 2)/(B - 3)`` linear, ``-> pi/(pi - 1)`` ReLU), which the weight
+gradients follow from the last layer to the first.
 
 Vectorized: seeds vary inside one compiled function per (activation, B).
 

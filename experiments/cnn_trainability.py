@@ -7,7 +7,10 @@ convolutions ``C -> C`` with circular padding,
 ``x^l = phi(conv(x^{l-1}, K^l) + b^l)``, then a dense readout to the 10
 classes of the flattened last feature map (``head = "flatten"``) or of its
 global average (``"pool"``, the paper's head). The body is initialized at the
-critical point of ``q*`` (``sigma_w2 = fan_in Var(K)``, Xiao et al. 2018):
+critical point of ``q*`` (``sigma_w2 = fan_in Var(K)``, Xiao et al. 2018),
+with the images scaled so that the first pre-activations start at ``q*``
+(:func:`input_scale`; before, the standardized images put ``h^1`` at ~1.4 for
+the Gaussian CNN and ~0.18 for the delta-orthogonal one, for ``q* = 0.25``):
 
     delta-orthogonal:  K^l[centre] = sqrt(sigma_w2) Q^l (Haar orthogonal C x C), 0 elsewhere
     Gaussian:          K^l ~ N(0, sigma_w2 / (C k^2))
@@ -60,6 +63,7 @@ Reference: Xiao, Bahri, Sohl-Dickstein, Schoenholz & Pennington 2018,
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import jax
@@ -280,10 +284,29 @@ def train_config(cfg: Config, depth: int, seed: int) -> training.TrainConfig:
     )
 
 
+def input_scale(model: TrainabilityCNN, ds: data.Dataset) -> float:
+    """The input scale ``s`` that starts the body's first pre-activations at ``q*``.
+
+    The input convolution ``1 -> C`` of this network maps the training images
+    to ``x^0`` of mean square ``s^2 m_0`` (``m_0 = mean(input_map(u)^2)``; about
+    ``mean(u^2)`` for the LeCun map of the Gaussian CNN, ``mean(u^2) / C`` for
+    the delta-orthogonal one), and ``E (h^1)^2 = sigma_w2 s^2 m_0 + sigma_b2``, so
+
+        s = sqrt((q* - sigma_b2) / (sigma_w2 m_0))
+
+    (as :func:`isometry.experiments.harness.input_scale` for the MLPs).
+    """
+    sw, sb = model.config.variances()
+    u = jnp.asarray(ds.x_train, model.body.kernel[...].dtype)
+    m0 = float(jnp.mean(jnp.square(model.stack().input_map(u))))
+    return math.sqrt((model.config.q_star - sb) / (sw * m0))
+
+
 def train_point(cfg: Config, point: dict, ds: data.Dataset, run_dir: Path | None = None) -> dict:
-    """Train one ``{init, depth, seed}`` point; ``{"rows": [row], "arrays": curves}``."""
+    """Train one ``{init, depth, seed}`` point on inputs scaled to ``q*``; rows and curves."""
     model = build_model(cfg, point["init"], point["depth"], point["seed"])
     tc = train_config(cfg, point["depth"], point["seed"])
+    ds = harness.scaled(ds, input_scale(model, ds))
     res = harness.train_model(model, ds, tc, run_dir, depth=point["depth"])
     keep = ("train_loss", "train_accuracy", "eval_loss", "eval_accuracy")
     row = {k: res.row[k] for k in keep}

@@ -10,7 +10,13 @@ at the critical point of ``q*`` (``sigma_w2 = fan_in Var(K)``):
     Gaussian:          K^l ~ N(0, sigma_w2 / (C k^d))
 
 (centre ``(k - 1) // 2`` along each axis, :func:`isometry.initializers.sample_delta_orthogonal`).
-The input (``spatial^d x C``) lies on the sphere of mean square ``q*``. The
+The input (``spatial^d x C``) lies on the sphere of mean square
+``(q* - sigma_b2) / sigma_w2`` (:func:`isometry.jacobian.sphere_inputs`), so the
+first pre-activation, like every later one, has mean square ``q*``: both
+kernels give ``E ||h^1||^2 / n = sigma_w2 mean((x^0)^2) + sigma_b2`` with circular
+padding (before this was fixed the input had mean square ``q*``, ``h^1`` sat at
+``sigma_w2 q* + sigma_b2`` (0.36 for tanh at ``q* = 1/4``), and the first
+layers' factors ``sigma_w2 mu1(q^l) < 1`` pulled the mean of ``s^2`` to ~0.85). The
 squared singular values of the input-output Jacobian ``J_d`` (a
 ``n x n`` matrix, ``n = C size^d``) are summarized per depth: the
 delta-orthogonal network keeps them concentrated near 1 at any depth
@@ -123,10 +129,8 @@ def point_function(cfg: Config):
         k_w, k_x = jax.random.split(sweep.point_key(cfg.seed, index))
         keys = jacobian.random_params(k_w, max(depths))
         params = jax.vmap(lambda kl: kernel(kl, orthogonal))(keys)
-        # Known defect, kept here so the numbers do not change: the input has mean
-        # square q* (sigma_w2 = 1, sigma_b2 = 0 in the sphere), so h^1 has variance
-        # sigma_w2 q* + sigma_b2, not q*.
-        x0 = jacobian.sphere_inputs(k_x, shape, cfg.q_star, 1.0, 0.0)
+        # Mean square (q* - sigma_b2) / sigma_w2: h^1, like every later layer, sits at q*.
+        x0 = jacobian.sphere_inputs(k_x, shape, cfg.q_star, sw, sb)
         return jacobian.stack_jacobians(
             layer, params, x0, depths,
             reduce=lambda J: jnp.linalg.svd(J.reshape(n, n), compute_uv=False) ** 2,

@@ -6,6 +6,8 @@ under ``-m slow``.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -114,3 +116,103 @@ def test_gradients_init_numbers():
     assert gradients.init_numbers(cfg, "he") == {"sigma_w2": 2.0, "orthogonal": 0.0}
     assert gradients.init_numbers(cfg, "xavier") == {"sigma_w2": 1.0, "orthogonal": 0.0}
     assert gradients.init_numbers(cfg, "orthogonal") == {"sigma_w2": 1.5, "orthogonal": 1.0}
+
+
+# --------------------------------------------------------------------------- #
+# Every experiment that claims criticality starts its first pre-activation at q*.
+# One network with orthogonal weights, where ||x^0 W||^2 = sigma_w2 ||x^0||^2 holds exactly,
+# so mean (h^1 - b^1)^2 = q* - sigma_b2 to rounding; and the Monte Carlo mean over 64 networks
+# of both ensembles (E h^2 = q*) within 4 standard errors. All slow: compiling the point
+# functions costs more than the default suite's budget for these checks.
+# --------------------------------------------------------------------------- #
+
+
+def _record_first_layer(monkeypatch):
+    """Make ``jacobian.stack_jacobians`` return ``(h^1, b^1)`` of the point function calling it.
+
+    The point function passes its layer (tanh), stacked parameters and input;
+    ``h^1 = arctanh(layer(p_1, x^0))`` and ``b^1 = h^1 - arctanh(layer(p_1 without bias))``.
+    """
+    from isometry import jacobian
+
+    def first(layer, params, x0, depths, **kw):
+        p1 = jax.tree.map(lambda a: a[0], params)
+        h = jnp.arctanh(layer(p1, x0))
+        return jnp.mean(h**2), jnp.mean((h - jnp.arctanh(layer(p1, 0 * x0))) ** 2)
+
+    monkeypatch.setattr(jacobian, "stack_jacobians", first)
+
+
+def _assert_mean_is(m, target, defect):
+    """``mean(m) = target`` within 4 standard errors of the seed mean, and not ``defect``."""
+    se = np.std(m, ddof=1) / np.sqrt(m.size)
+    assert abs(m.mean() - target) < 4 * se, (m.mean(), target, se)
+    assert abs(defect - target) > 8 * se  # the test would see the old input scale
+
+
+def _deep_cnn_first_layer(monkeypatch, orthogonal, seeds):
+    from isometry import initializers
+    from isometry.experiments import deep_cnn
+
+    cfg = deep_cnn.Config(channels=4, size=4, depths=(1,))
+    _record_first_layer(monkeypatch)
+    point = deep_cnn.point_function(cfg)
+    f = jax.jit(jax.vmap(lambda i: point(orthogonal, i)))
+    v = initializers.resolve(cfg.activation, "delta_orthogonal", q_star=cfg.q_star)
+    return cfg.q_star, v.sigma_w2, v.sigma_b2, *map(np.asarray, f(jnp.arange(seeds)))
+
+
+def _spectra_first_layer(monkeypatch, weights, seeds):
+    from isometry.experiments import spectra
+
+    cfg = spectra.Config(activations=("tanh",), q_stars=(0.25,), depths=(1,), width=32)
+    sw, sb = spectra.critical("tanh", 0.25)
+    _record_first_layer(monkeypatch)
+    point = spectra.point_function(cfg, "tanh", weights)
+    f = jax.jit(jax.vmap(lambda i: point(0.25, sw, sb, i)))
+    return 0.25, sw, sb, *map(np.asarray, f(jnp.arange(seeds)))
+
+
+@pytest.mark.slow
+def test_deep_cnn_first_preactivation_is_at_q_star(monkeypatch):
+    """Delta-orthogonal CNN: mean (h^1 - b^1)^2 = q* - sigma_b2 exactly (deep_cnn had
+    sigma_w2 q*, so h^1 sat at 0.36 for tanh at q* = 1/4, not 0.25)."""
+    q, sw, sb, _, wx = _deep_cnn_first_layer(monkeypatch, 1.0, 1)
+    np.testing.assert_allclose(wx, q - sb, rtol=1e-9)
+    assert abs(sw * q - (q - sb)) > 0.05  # the old input scale would fail
+
+
+@pytest.mark.slow
+def test_spectra_first_preactivation_is_at_q_star(monkeypatch):
+    """Orthogonal MLP of the spectra study: mean (h^1 - b^1)^2 = q* - sigma_b2 exactly."""
+    q, _, sb, _, wx = _spectra_first_layer(monkeypatch, "orthogonal", 1)
+    np.testing.assert_allclose(wx, q - sb, rtol=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["delta_orthogonal", "gaussian"])
+def test_deep_cnn_first_preactivation_mean_square_is_q_star(monkeypatch, init):
+    """E (h^1)^2 = q* over 64 networks, both kernels (default test: the exact orthogonal case)."""
+    q, sw, sb, m, _ = _deep_cnn_first_layer(monkeypatch, float(init == "delta_orthogonal"), 64)
+    _assert_mean_is(m, q, sw * q + sb)
+
+
+@pytest.mark.slow
+def test_spectra_gaussian_first_preactivation_mean_square_is_q_star(monkeypatch):
+    """E (h^1)^2 = q* over 64 Gaussian networks (default test: the exact orthogonal case)."""
+    q, sw, sb, m, _ = _spectra_first_layer(monkeypatch, "gaussian", 64)
+    _assert_mean_is(m, q, sw * q + sb)
+
+
+@pytest.mark.slow
+def test_gradients_first_preactivation_is_where_the_theory_starts():
+    """The gradients study claims no q*; fig. 7's theory starts at q^1 = sigma_w2 * 1
+    (inputs u ~ N(0, 1), zero biases), and the measured q^1 agrees over 64 networks."""
+    from isometry.experiments import gradients
+
+    cfg = gradients.Config(activations=("tanh",), depth=2, width=16, batch=4)
+    f = gradients.measure_function(gradients.network_config(cfg, "tanh", "plain"), 4, 0)
+    for init in ("xavier", "he"):
+        n = gradients.init_numbers(cfg, init)
+        q1 = jax.jit(jax.vmap(lambda i, n=n: f(n["sigma_w2"], n["orthogonal"], i)["q"][0]))
+        _assert_mean_is(np.asarray(q1(jnp.arange(64))), n["sigma_w2"], 0.0)

@@ -108,3 +108,37 @@ def test_quick_delta_orthogonal_trains_at_least_as_well_at_depth(tmp_path):
     deep = t["depth"] == max(cfg.depths)
     acc = {i: t["eval_accuracy"][deep & (t["init"] == i)].mean() for i in ct.INITS}
     assert acc["delta_orthogonal"] >= acc["gaussian"], acc
+
+
+def _first_preactivations(init: str, seed: int):
+    """``(cfg, mean (h^1 - b^1)^2, mean (h^1)^2)`` of a depth-1 quick-preset network on
+    its scaled digits (64 training images)."""
+    from isometry import networks, signal
+
+    cfg = experiments.config("cnn_trainability", "quick", ["n_train=64"])
+    ds = ct.load_data(cfg)
+    model = ct.build_model(cfg, init, 1, seed)
+    u = jnp.asarray(ds.x_train, model.body.kernel[...].dtype) * ct.input_scale(model, ds)
+    s = model.stack()
+    wx = networks.conv(s.input_map(u), s.params["kernel"][0], "circular")
+    return cfg, float(jnp.mean(wx**2)), float(signal.forward(model, u).q[0])
+
+
+@pytest.mark.slow
+def test_first_preactivation_is_at_q_star_delta_orthogonal():
+    """Delta-orthogonal: ||conv(x^0, K^1)||^2 = sigma_w2 ||x^0||^2 exactly, so the scaled
+    inputs give mean (h^1 - b^1)^2 = q* - sigma_b2 (unscaled it was ~0.18 for q* = 0.25)."""
+    cfg, wx, _ = _first_preactivations("delta_orthogonal", 0)
+    _sw, sb = cfg.network_config("delta_orthogonal", 1).variances()
+    np.testing.assert_allclose(wx, cfg.q_star - sb, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_first_preactivation_mean_square_is_q_star_gaussian():
+    """Gaussian kernels: E (h^1)^2 = q* over 16 networks, within 4 standard errors
+    (unscaled it was ~1.4 for q* = 0.25; the default test checks the exact orthogonal case)."""
+    q = np.asarray([_first_preactivations("gaussian", s)[2] for s in range(16)])
+    cfg = experiments.config("cnn_trainability", "quick")
+    se = q.std(ddof=1) / np.sqrt(q.size)
+    assert abs(q.mean() - cfg.q_star) < 4 * se, (q.mean(), se)
+    assert 1.0 - cfg.q_star > 8 * se
