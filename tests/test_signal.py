@@ -361,6 +361,10 @@ def test_bad_input():
         signal.theory("tanh", -1.0, 0.0, 3, 1.0)
     with pytest.raises(ValueError, match="width"):
         signal.theory("tanh", 1.0, 0.0, 3, 1.0, layer_norm=True)
+    with pytest.raises(ValueError, match="width"):
+        signal.theory("relu", 2.0, 0.0, 3, 1.0, residual_scale=1.0, width=1)
+    with pytest.raises(TypeError, match="finite_width"):
+        signal.model_theory(model, u, finite_width="yes")
 
 
 @pytest.mark.slow
@@ -420,3 +424,83 @@ def test_measure_with_theory_keys():
     assert not any(
         k.startswith("theory_") for k in signal.measure_with_theory(bn, u, key=jax.random.key(2))
     )
+
+
+# --------------------------------------------------------------------------- #
+# Finite width: residual networks with a positively homogeneous activation.
+# --------------------------------------------------------------------------- #
+
+
+def residual_growth(width, depth, seeds, batch, init="he_normal", alpha=1.0):
+    """Per-seed log10 growth of ||dLoss/dx^l||^2 from l = L to l = 1 (one compile)."""
+    cfg = nw.MLPConfig(
+        depth=depth, width=width, activation="relu", init=init, bias=False, residual=True,
+        residual_scale=alpha,
+    )  # fmt: skip
+
+    def one(key):
+        k_net, k_u, k_loss = jax.random.split(key, 3)
+        model = nw.MLP(cfg, rngs=nnx.Rngs(k_net))
+        u = jax.random.normal(k_u, (batch, width))
+        g = signal.backward(model, u, key=k_loss).grad_state_sq
+        return jnp.log10(g[0] / g[-1])
+
+    keys = jax.random.split(jax.random.key(depth * 1000 + width), seeds)
+    model = nw.MLP(cfg, rngs=nnx.Rngs(0))
+    u = jnp.ones((batch, width))  # stack input statistics p0 = 1, m0 = 0 as for N(0, 1)
+    ths = [signal.model_theory(model, u, finite_width=f) for f in (True, False)]
+    th = [float(np.log10(t.grad_state_sq[0] / t.grad_state_sq[-1])) for t in ths]
+    return np.asarray(jax.jit(jax.vmap(one))(keys)), th
+
+
+def check_growth(growth, th_finite, th_infinite=None):
+    """The seed mean within Z standard errors of the finite-width prediction (plus
+    Jensen's gap: the prediction is log E, the measurement E log, which is lower by
+    Var(ln X) / 2), and the infinite-width prediction outside that band."""
+    se = np.std(growth, ddof=1) / np.sqrt(len(growth))
+    jensen = np.var(growth * np.log(10), ddof=1) / 2 / np.log(10)
+    gap = th_finite - np.mean(growth)
+    assert -Z * se < gap < Z * se + jensen, (np.mean(growth), se, th_finite)
+    if th_infinite is not None:
+        assert abs(th_infinite - np.mean(growth)) > Z * se + jensen
+
+
+def test_residual_relu_gradients_need_the_finite_width_correction():
+    """Width 64, depth 12, 12 seeds: measured 3.9 decades against 3.30 (mean field)."""
+    growth, (th_fin, th_inf) = residual_growth(64, 12, seeds=12, batch=4)
+    check_growth(growth, th_fin, th_inf)
+
+
+def test_finite_width_limits_and_routes():
+    # N -> infinity is the mean-field recursion; plain, tanh and biased networks keep it.
+    kw = {"residual_scale": 1.0}
+    mf = signal.theory("relu", 2.0, 0.0, 10, 1.0, **kw)
+    big = signal.theory("relu", 2.0, 0.0, 10, 1.0, width=10**12, **kw)
+    np.testing.assert_allclose(big.grad_state_sq, mf.grad_state_sq, rtol=1e-9)
+    np.testing.assert_allclose(big.grad_preact_sq, mf.grad_preact_sq, rtol=1e-9)
+    small = signal.theory("relu", 2.0, 0.0, 10, 1.0, width=64, **kw)
+    assert small.grad_input_sq > 1.5 * mf.grad_input_sq
+    biased = signal.theory("relu", 2.0, 0.1, 10, 1.0, width=64, **kw)  # Euler needs no bias
+    np.testing.assert_allclose(biased.grad_state_sq, mf.grad_state_sq, rtol=1e-3)
+    # rho is the forward growth p^l / p^{l-1} of the mean-field stream (= q^{l+1} / q^l);
+    # closed forms at a centred stream (last entry: m = 0, p = 1, relu, sigma_w2 = 2,
+    # alpha = 1): rho = 2, lambda = 8 / 2 - 2 = 2, delta = 2 * 1.5 / 2 + 1 - 1 / 2 = 2,
+    # gain = 1.5 / 2.
+    p = np.asarray(mf.q) / 2.0
+    m = np.concatenate([[0.0], np.cumsum(np.sqrt(p / np.pi))[:-1]])
+    out = signal.stream_channels("relu", 2.0, 1.0, np.append(p, 1.0), np.append(m, 0.0))
+    np.testing.assert_allclose(out[0][:-2], p[1:] / p[:-1], rtol=1e-9)
+    np.testing.assert_allclose([o[-1] for o in out], [2.0, 2.0, 2.0, 0.75], rtol=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "width, depth, init, alpha",
+    [(128, 8, "he_normal", 1.0), (128, 32, "he_normal", 1.0), (512, 16, "he_normal", 1.0),
+     (256, 24, "he_normal", 1.0), (128, 16, "xavier_normal", 1.0), (1536, 16, "he_normal", 1.0),
+     (512, 32, "he_normal", 1.0)],
+)  # fmt: skip
+def test_residual_relu_finite_width_sweep(width, depth, init, alpha):
+    """Widths 128..1536, depths 8..32, 8 seeds: each within its seed error."""
+    growth, (th_fin, _) = residual_growth(width, depth, 8, 16, init=init, alpha=alpha)
+    check_growth(growth, th_fin)
