@@ -210,23 +210,21 @@ def linear_spectrum_moments(depth: int, width: int, sigma_w2=1.0) -> tuple[jax.A
 def sample_log_gain(key: jax.Array, act: str, depth: int, width: int, n: int, sigma_w2=None):
     """``n`` samples of ``log(||J u||^2 / ||u||^2)`` from the exact law: ``(n,)``.
 
-    Each layer draws ``K ~ Binomial(N, 1/2)`` (ReLU) or ``K = N`` and
-    ``chi^2_K = 2 Gamma(K / 2)``; the log gain is ``sum_l log((sigma_w2 / N) chi^2_{K_l})``
-    (``-inf`` when a ReLU layer is dead, probability ``2^-N`` per layer). ``L n``
-    draws, no network.
+    Layer ``l`` (key ``fold_in(key, l)``, one ``lax.scan`` step) draws ``N`` standard
+    normals per sample and a mask of ``K`` ones: all ones (linear) or i.i.d. Bernoulli(1/2)
+    (ReLU, so ``K ~ Binomial(N, 1/2)``); its factor is ``(sigma_w2 / N)`` times the masked
+    sum of squares, a ``chi^2_K``. The log gain is the sum of the factors' logs (``-inf``
+    when a ReLU layer is dead, probability ``2^-N`` per layer). Memory ``n N``.
     """
     act, depth, width, sw = _check(act, depth, width, sigma_w2)
     n = validate.positive_int("n", n)
-    k_dof, k_chi = jax.random.split(key)
     dtype = jnp.result_type(float)
-    if act == "relu":  # inverse CDF of Binomial(N, 1/2), including K = 0
-        dead = 2.0**-width
-        pmf = np.concatenate([[dead], (1.0 - dead) * _binomial_half(width)[1]])
-        cdf = jnp.asarray(np.cumsum(pmf)[:-1], dtype)  # P(K <= k), k = 0..N-1
-        u = jax.random.uniform(k_dof, (n, depth), dtype)
-        dof = jnp.searchsorted(cdf, u, side="right").astype(dtype)
-    else:
-        dof = jnp.full((n, depth), float(width), dtype)
-    chi2 = 2.0 * jax.random.gamma(k_chi, jnp.maximum(dof, 1e-30) / 2.0, dtype=dtype)
-    chi2 = jnp.where(dof > 0, chi2, 0.0)
-    return jnp.sum(jnp.log(sw / width * chi2), axis=1)
+
+    def layer(total, l):
+        k_z, k_mask = jax.random.split(jax.random.fold_in(key, l))
+        z2 = jax.random.normal(k_z, (n, width), dtype) ** 2
+        if act == "relu":
+            z2 = jnp.where(jax.random.bernoulli(k_mask, 0.5, (n, width)), z2, 0.0)
+        return total + jnp.log(sw / width * jnp.sum(z2, axis=1)), None
+
+    return jax.lax.scan(layer, jnp.zeros((n,), dtype), jnp.arange(depth))[0]

@@ -424,11 +424,16 @@ def stream_channels(act, sigma_w2, alpha, p, m) -> tuple[Array, Array, Array, Ar
     """Per-layer factors of the finite-width gradient channels of a residual network.
 
     For ``x^l = x^{l-1} + alpha phi(W^l x^{l-1})`` with a positively homogeneous
-    ``phi``, zero biases and ``W_ij ~ N(0, sigma_w2 / N)``, the layer's Jacobian
-    is ``A_l = I + alpha D^l W^l`` and ``x^l = A_l x^{l-1}``. With ``p, m`` the
-    mean square and mean of ``x^{l-1}``, ``q = sigma_w2 p`` and Gaussian moments
-    at ``q``: ``e1 = E phi``, ``e2 = E phi^2``, ``mu1 = E phi'^2``,
-    ``f1 = E phi'^2 phi``, ``f2 = E phi'^2 phi^2``, to leading order in ``1/N``:
+    ``phi`` (slopes ``s+`` above 0 and ``s-`` below), zero biases and ``W_ij ~ N(0,
+    sigma_w2 / N)``, the layer's Jacobian is ``A_l = I + alpha D^l W^l`` and ``x^l =
+    A_l x^{l-1}``. With ``p, m`` the mean square and mean of ``x^{l-1}``, ``q = sigma_w2 p``
+    and the Gaussian moments at ``q`` (closed forms, ``z ~ N(0, 1)``, ``h = sqrt(q) z``)
+
+        e1 = E phi = sqrt(q / 2 pi) (s+ - s-),          e2 = E phi^2 = q (s+^2 + s-^2) / 2,
+        f1 = E phi'^2 phi = sqrt(q / 2 pi) (s+^3 - s-^3), f2 = E phi'^2 phi^2 = q (s+^4 + s-^4) / 2,
+        mu1 = E phi'^2 = (s+^2 + s-^2) / 2,
+
+    to leading order in ``1/N``:
 
         c = m e1 / p,   t = c + alpha e2 / p,   rho = 1 + 2 alpha c + alpha^2 e2 / p
         d = (mu1 p + 2 alpha m f1 + alpha^2 f2) / p              (= ||D A x||^2 / ||x||^2)
@@ -444,7 +449,7 @@ def stream_channels(act, sigma_w2, alpha, p, m) -> tuple[Array, Array, Array, Ar
     ``W = W x^ x^T + G (I - x^ x^T)`` with ``G`` independent of ``h = W x``).
 
     Args:
-        act: the activation (positively homogeneous).
+        act: the activation (positively homogeneous: relu, leaky relu, prelu, linear).
         sigma_w2, alpha: weight variance and residual scale (scalars).
         p, m: ``(L,)`` mean square and mean of each layer's input ``x^{l-1}``.
 
@@ -452,16 +457,18 @@ def stream_channels(act, sigma_w2, alpha, p, m) -> tuple[Array, Array, Array, Ar
         ``(rho, lambda, delta, gain_par)``, ``(L,)`` each.
     """
     act = get_activation(act)
+    if not _homogeneous(act):
+        raise ValueError(
+            f"stream_channels: act must be positively homogeneous (relu, leaky_relu, prelu, "
+            f"linear), got {act.name!r}"
+        )
+    with jax.ensure_compile_time_eval():
+        sp, sn = (float(act.dphi(jnp.asarray(v))) for v in (1.0, -1.0))
     p, m = jnp.asarray(p), jnp.asarray(m)
     q = sigma_w2 * p
-
-    def moment(f):
-        return gs.expect(f, q, kinks=act.kinks)
-
-    e1, e2 = moment(act.phi), gs.second_moment(act, q)
-    mu1 = gs.dphi_moment(act, q, 1)
-    f1 = moment(lambda h: act.dphi(h) ** 2 * act.phi(h))
-    f2 = moment(lambda h: (act.dphi(h) * act.phi(h)) ** 2)
+    root = jnp.sqrt(q / (2.0 * math.pi))
+    e1, f1 = root * (sp - sn), root * (sp**3 - sn**3)
+    e2, f2, mu1 = q * (sp**2 + sn**2) / 2, q * (sp**4 + sn**4) / 2, (sp**2 + sn**2) / 2
     c, e2n = m * e1 / p, e2 / p
     t = c + alpha * e2n
     rho = 1.0 + 2.0 * alpha * c + alpha**2 * e2n

@@ -3,7 +3,8 @@
 * closed forms and limits: the digamma/trigamma moments tend to the scaling
   limit (errors O(L / N^2)) and to mean field as N -> infinity; one Wishart
   layer's second spectral moment is 2 + 1/N;
-* Monte Carlo: sampled networks (:mod:`isometry.jacobian`) and the law's own
+* Monte Carlo: sampled networks (:mod:`isometry.jacobian`, through figure 14's
+  ``measure``) and the law's own
   sampler against the exact moments, within Z standard errors of the seed
   spread (the log gain is a sum of L independent terms, nearly normal, so
   the sample variance has standard error ``var sqrt(2 / (S - 1))``);
@@ -12,12 +13,12 @@
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from isometry import finite_width as fw
-from isometry import freeprob, jacobian
+from isometry import freeprob
+from isometry.paper_figures.fig14_finite_width import measure
 
 Z = 4.5
 
@@ -38,7 +39,7 @@ def test_exact_moments_tend_to_the_scaling_limit_and_mean_field():
         np.testing.assert_allclose(fw.gain_moments(act, 7, 3, sigma_w2=1.3)[0], 1.3**7 / 2 ** (
             7 * (act == "relu")), rtol=1e-12)  # fmt: skip
     # Linear: one layer's exact per-layer moments, psi(N/2) + log 2 - log N and psi'(N/2).
-    mean, var = fw.log_gain_moments("linear", 1, 2)
+    mean, var = fw.log_gain_moments("linear", 1, 2)  # psi(1) + log 2 - log 2, psi'(1)
     np.testing.assert_allclose([mean, var], [-np.euler_gamma, np.pi**2 / 6], rtol=1e-12)
     # One Gaussian layer: E tr (W W^T)^2 / N = 2 + 1/N (Wishart).
     np.testing.assert_allclose(fw.linear_spectrum_moments(1, 10), [1.0, 2.1], rtol=1e-12)
@@ -74,20 +75,7 @@ def test_sampler_matches_the_exact_moments():
 
 def measured(act, width, depths, seeds):
     """Per seed: log ||J e_1||^2 and the spectral moments m1, m2 of J J^T, ``(S, K, 3)``."""
-    sw = 2.0 if act == "relu" else 1.0
-    net = jacobian.RandomNetwork(
-        act, "gaussian", sigma_w2=sw, sigma_b2=0.0, q_star=1.0, width=width, depth=max(depths)
-    )
-
-    def reduce(J):
-        M = J @ J.T
-        return jnp.stack([jnp.log(jnp.sum(J[:, 0] ** 2)), jnp.trace(M), jnp.sum(M * M)]) / (
-            jnp.array([1.0, width, width])
-        )
-
-    key = jax.random.key(width + 7 * max(depths))
-    out = jacobian.random_network_jacobians(key, net, depths, n_seeds=seeds, reduce=reduce)
-    return np.asarray(out, np.float64)[:, 0]
+    return measure(act, width, depths, seeds, jax.random.key(width + 7 * max(depths)))
 
 
 def check_log_gain(samples, act, depth, width):
