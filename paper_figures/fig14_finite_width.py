@@ -1,7 +1,7 @@
 """Finite width: the Jacobian gain log ||J u||^2 / ||u||^2 of critical Gaussian ReLU and linear networks and the second moment of J J^T's spectrum against L / N, measured (markers) against the exact finite-width law (lines) and infinite width (dashed) (Hanin & Nica 2019).
 
-Measurement: width-``N`` random networks (:func:`isometry.jacobian.random_network_jacobians`,
-Gaussian weights at ``chi1 = 1``, zero biases), the Jacobian at every depth in one pass;
+Measurement: width-``N`` random networks (Gaussian weights at ``chi1 = 1``, zero biases;
+:func:`measure`), the Jacobian at every depth in one pass (:mod:`isometry.jacobian`);
 per network the squared gain along one input direction and the moments ``m_k = tr (J J^T)^k / N``;
 markers are seed means with bars of two standard errors. Theory
 (:mod:`isometry.finite_width`): the law of ``||J u||^2 / ||u||^2`` is a product of ``L``
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from isometry import finite_width, freeprob, jacobian, plotting
+from isometry import finite_width, freeprob, initializers, jacobian, plotting
 
 KEYS = (
     "ratio",
@@ -60,25 +60,39 @@ ACTIVATIONS = ("relu", "linear")
 _SIGMA_W2 = {"relu": 2.0, "linear": 1.0}
 
 
-def measure(act: str, width: int, depths, seeds: int, key) -> np.ndarray:
-    """Per network and depth: ``(log ||J e_1||^2, m1, m2)``, ``(seeds, K, 3)`` (float64 out).
+def measure(width: int, depths, seeds: int, key) -> np.ndarray:
+    """Per activation (``ACTIVATIONS``), network and depth: ``(log ||J e_1||^2, m1, m2)``,
+    ``(2, seeds, K, 3)`` (float64 out).
 
-    Critical Gaussian network (``sigma_w2 = 1 / mu1``, no biases) of width ``N``; the
-    Jacobian ``J`` at each depth in one pass, reduced to the gain of the first input
-    direction (any fixed direction has the same law) and ``m_k = tr (J J^T)^k / N``.
+    Critical Gaussian networks (``sigma_w2 = 1 / mu1``, no biases) of width ``N``, the
+    layer ``x W`` followed by ``max(h, s h)`` with slope ``s = 0`` (ReLU) or 1 (linear),
+    one compiled program for both (the slope and ``sigma_w2`` are data); the Jacobian
+    ``J`` at each depth in one pass (:func:`isometry.jacobian.stack_jacobians`), reduced
+    to the gain of the first input direction (any fixed direction has the same law) and
+    ``m_k = tr (J J^T)^k / N``. Layer ``l`` of seed ``s`` uses ``fold_in(k_s, l)``, its input
+    ``fold_in(k_s, L)``.
     """
-    net = jacobian.RandomNetwork(
-        act, "gaussian", sigma_w2=_SIGMA_W2[act], sigma_b2=0.0, q_star=1.0, width=width,
-        depth=max(depths),
-    )  # fmt: skip
+    depths = tuple(int(d) for d in depths)
+    slopes = jnp.array([0.0 if a == "relu" else 1.0 for a in ACTIVATIONS])
     scale = jnp.array([1.0, width, width])
 
     def reduce(J):
         M = J @ J.T
         return jnp.stack([jnp.log(jnp.sum(J[:, 0] ** 2)), jnp.trace(M), jnp.sum(M * M)]) / scale
 
-    out = jacobian.random_network_jacobians(key, net, depths, n_seeds=seeds, reduce=reduce)
-    return np.asarray(out, np.float64)[:, 0]
+    def one(slope, k):
+        def layer(key_l, x):
+            W = initializers.sample("gaussian", key_l, (width, width), 2.0 / (1.0 + slope**2))
+            h = x @ W
+            return jnp.maximum(h, slope * h)
+
+        params = jacobian.random_params(k, max(depths))
+        x = jax.random.normal(jax.random.fold_in(k, max(depths)), (width,))
+        return jacobian.stack_jacobians(layer, params, x, depths, reduce=reduce)
+
+    keys = jax.random.split(key, seeds)
+    run = jax.jit(jax.vmap(lambda s: jax.vmap(lambda k: one(s, k))(keys)))
+    return np.asarray(run(slopes), np.float64)
 
 
 def _theory(act, width, depths):
@@ -97,9 +111,9 @@ def compute(width, depths, seeds) -> dict:
     depths = tuple(int(d) for d in depths)
     rows = {k: [] for k in KEYS}
     dt = np.unique(np.round(np.linspace(1, max(depths), 40)).astype(int))
+    measured = measure(width, depths, seeds, jax.random.key(14))
     for i, act in enumerate(ACTIVATIONS):
-        g = measure(act, width, depths, seeds, jax.random.key(14 + i))
-        lg, m2 = g[..., 0], g[..., 2]
+        lg, m2 = measured[i, ..., 0], measured[i, ..., 2]
         var = lg.var(axis=0, ddof=1)
         rows["log_mean"].append(lg.mean(0))
         rows["log_mean_se"].append(np.sqrt(var / seeds))
