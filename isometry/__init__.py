@@ -8,6 +8,7 @@ deep networks.
 from isometry import (
     activations,
     data,
+    finite_width,
     freeprob,
     gaussian,
     initializers,
@@ -26,6 +27,7 @@ __all__ = [
     "__version__",
     "activations",
     "data",
+    "finite_width",
     "freeprob",
     "gaussian",
     "initializers",
