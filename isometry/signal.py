@@ -74,7 +74,11 @@ loses by being orthogonal to ``x^l`` (:func:`stream_channels` has the
 formulas). At ``N -> infinity`` it is the mean-field recursion; the
 correction is ``(1/N) prod_l (rho^l + ...)``, exponential in depth, so it
 matters once ``(rho / chi)^L`` nears ``N`` (width 512, depth 16: 4.90 against
-4.52 decades of mean-field growth; measured 4.89-4.97, seed sd 0.05-0.06).
+4.52 decades of mean-field growth; measured 4.89-4.97, seed sd 0.05-0.06;
+width 128, depth 32: 12.68 against 9.33, measured 12.82 +- 0.13). The
+correction is leading order in ``1/N``; at width 1,536, depth 16 it
+overshoots (4.684 predicted, 4.633 +- 0.009 measured, 4.515 infinite width),
+which is not resolved here.
 For plain networks the same account gives no change at this order (``rho = chi``
 and the sideways part balances the loss), as it must: ``E||J^T v||^2`` is
 exactly ``chi^L N`` for ReLU (Hanin & Nica 2019). Biases break Euler's identity;
