@@ -8,6 +8,7 @@ deep networks.
 from isometry import (
     activations,
     data,
+    finite_width,
     freeprob,
     gaussian,
     initializers,
@@ -27,6 +28,7 @@ __all__ = [
     "__version__",
     "activations",
     "data",
+    "finite_width",
     "freeprob",
     "gaussian",
     "initializers",

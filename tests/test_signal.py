@@ -14,6 +14,7 @@ Tolerances come from the fluctuations of one finite network (float64):
 Comparisons are at Z standard deviations.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -365,6 +366,10 @@ def test_bad_input():
         signal.theory("tanh", -1.0, 0.0, 3, 1.0)
     with pytest.raises(ValueError, match="width"):
         signal.theory("tanh", 1.0, 0.0, 3, 1.0, layer_norm=True)
+    with pytest.raises(ValueError, match="width"):
+        signal.theory("relu", 2.0, 0.0, 3, 1.0, residual_scale=1.0, width=1)
+    with pytest.raises(TypeError, match="finite_width"):
+        signal.model_theory(model, u, finite_width="yes")
 
 
 @pytest.mark.slow
@@ -424,3 +429,93 @@ def test_measure_with_theory_keys():
     assert not any(
         k.startswith("theory_") for k in signal.measure_with_theory(bn, u, key=jax.random.key(2))
     )
+
+
+# --------------------------------------------------------------------------- #
+# Finite width: residual networks with a positively homogeneous activation.
+# --------------------------------------------------------------------------- #
+
+
+def residual_growth(width, depth, seeds, batch, init="he_normal", alpha=1.0):
+    """Per-seed log10 growth of ||dLoss/dx^l||^2 from l = L to l = 1 (one compile)."""
+    cfg = nw.MLPConfig(
+        depth=depth, width=width, activation="relu", init=init, bias=False, residual=True,
+        residual_scale=alpha,
+    )  # fmt: skip
+
+    stacks = [nw.MLP(cfg, rngs=nnx.Rngs(depth + s)).stack() for s in range(seeds)]
+    params = jax.tree.map(lambda *p: jnp.stack(p), *(s.params for s in stacks))
+
+    def one(p, key):
+        k_u, k_loss = jax.random.split(key)
+        u = jax.random.normal(k_u, (batch, width))
+        g = signal.backward(dataclasses.replace(stacks[0], params=p), u, key=k_loss)
+        return jnp.log10(g.grad_state_sq[0] / g.grad_state_sq[-1])
+
+    keys = jax.random.split(jax.random.key(depth * 1000 + width), seeds)
+    model = nw.MLP(cfg, rngs=nnx.Rngs(0))
+    # Stack input statistics p0 = 1, m0 = 0 as for the N(0, 1) inputs.
+    u = jnp.tile(jnp.array([1.0, -1.0]), (batch, width // 2))
+    ths = [signal.model_theory(model, u, finite_width=f) for f in (True, False)]
+    th = [float(np.log10(t.grad_state_sq[0] / t.grad_state_sq[-1])) for t in ths]
+    return np.asarray(jax.jit(jax.vmap(one))(params, keys)), th
+
+
+def check_growth(growth, th_finite, th_infinite=None):
+    """The seed mean within Z standard errors of the finite-width prediction (plus
+    Jensen's gap: the prediction is log E, the measurement E log, which is lower by
+    Var(ln X) / 2), and the infinite-width prediction outside that band."""
+    se = np.std(growth, ddof=1) / np.sqrt(len(growth))
+    jensen = np.var(growth * np.log(10), ddof=1) / 2 / np.log(10)
+    gap = th_finite - np.mean(growth)
+    assert -Z * se < gap < Z * se + jensen, (np.mean(growth), se, th_finite)
+    if th_infinite is not None:
+        assert abs(th_infinite - np.mean(growth)) > Z * se + jensen
+
+
+def test_residual_relu_gradients_need_the_finite_width_correction():
+    """Width 64, depth 16 (figure 7's quick tier), 12 seeds: measured 5.42 +- 0.09 decades,
+    predicted 5.60 at width 64 and 4.52 at infinite width. (The correction is leading
+    order in 1/N; at N = 64 it overshoots by about 2 standard errors, at N >= 128 the
+    slow sweep below agrees within one or two.)"""
+    growth, (th_fin, th_inf) = residual_growth(64, 16, seeds=12, batch=8)
+    check_growth(growth, th_fin, th_inf)
+
+
+def test_finite_width_limits_and_routes():
+    # N -> infinity is the mean-field recursion; biased networks keep it. (Depth 16 as
+    # above: the same compiled recursions.)
+    kw = {"residual_scale": 1.0}
+    mf = signal.theory("relu", 2.0, 0.0, 16, 1.0, **kw)
+    big = signal.theory("relu", 2.0, 0.0, 16, 1.0, width=10**12, **kw)
+    np.testing.assert_allclose(big.grad_state_sq, mf.grad_state_sq, rtol=1e-9)
+    np.testing.assert_allclose(big.grad_preact_sq, mf.grad_preact_sq, rtol=1e-9)
+    small = signal.theory("relu", 2.0, 0.0, 16, 1.0, width=64, **kw)
+    assert small.grad_input_sq > 1.5 * mf.grad_input_sq
+    biased = [signal.theory("relu", 2.0, 0.1, 16, 1.0, width=w, **kw) for w in (64, None)]
+    np.testing.assert_allclose(biased[0].grad_state_sq, biased[1].grad_state_sq, rtol=1e-12)
+    # rho is the forward growth p^l / p^{l-1} of the mean-field stream (= q^{l+1} / q^l);
+    # closed forms at a centred stream (last entry: m = 0, p = 1, relu, sigma_w2 = 2,
+    # alpha = 1): rho = 2, lambda = 8 / 2 - 2 = 2, delta = 2 * 1.5 / 2 + 1 - 1 / 2 = 2,
+    # gain = 1.5 / 2.
+    p = np.asarray(mf.q) / 2.0
+    m = np.concatenate([[0.0], np.cumsum(np.sqrt(p / np.pi))[:-1]])
+    out = signal.stream_channels("relu", 2.0, 1.0, np.append(p, 1.0), np.append(m, 0.0))
+    np.testing.assert_allclose(out[0][:-2], p[1:] / p[:-1], rtol=1e-9)
+    np.testing.assert_allclose([o[-1] for o in out], [2.0, 2.0, 2.0, 0.75], rtol=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "width, depth, init, alpha",
+    [(128, 8, "he_normal", 1.0), (128, 32, "he_normal", 1.0), (512, 16, "he_normal", 1.0),
+     (256, 24, "he_normal", 1.0), (128, 16, "xavier_normal", 1.0), (512, 32, "he_normal", 1.0),
+     pytest.param(1536, 16, "he_normal", 1.0, marks=pytest.mark.xfail(
+         reason="open: measured 4.633 +- 0.009 decades (8 seeds, batch 16) against 4.684 "
+         "predicted and 4.515 at infinite width; the leading-order correction overshoots by "
+         "about 30% here", strict=False))],
+)  # fmt: skip
+def test_residual_relu_finite_width_sweep(width, depth, init, alpha):
+    """Widths 128..1536, depths 8..32, 8 seeds: each within its seed error."""
+    growth, (th_fin, _) = residual_growth(width, depth, 8, 16, init=init, alpha=alpha)
+    check_growth(growth, th_fin)
