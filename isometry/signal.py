@@ -50,8 +50,9 @@ gradients shrink (``chi1 < 1``, ordered) or grow (``chi1 > 1``, chaotic) by
 decays with the growing ``q^l`` (bounded activations). The backward
 recursions assume gradient independence (Schoenholz et al. 2017); they are
 checked against measurement for plain tanh/ReLU/sigmoid and residual tanh
-networks. Batch normalization has no theory here: its gradients explode at
-initialization (Yang et al. 2019), which :func:`measure` shows.
+networks. Batch normalization's gradients explode at initialization (Yang et
+al. 2019), which :func:`measure` shows; its rate ``lambda(B)`` is in
+:mod:`isometry.batchnorm_theory` (:func:`model_theory` does not cover it).
 
 Finite width (``theory(..., width=N)``; :func:`model_theory` by default), for
 residual networks with a positively homogeneous activation (relu, leaky relu,
