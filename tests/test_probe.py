@@ -594,8 +594,17 @@ def test_cli_probe_writes_figure_and_numbers(tmp_path, capsys):
     for name in ("probe.png", "probe.pdf", "probe.json", "probe.npz"):
         assert (out / name).is_file()
     assert set(np.load(out / "probe.npz")) >= {"cumulative_0", "local_1", "grad_out_sq"}
-    assert cli.main(["probe", "no_such_module:build", "--input-shape", "4,4"]) == 2
-    assert "cannot import the factory 'no_such_module:build'" in capsys.readouterr().err
+    (tmp_path / "toolkit.py").write_text(
+        "from flax import nnx\n"
+        "from isometry import networks\n"
+        "def build():\n"
+        "    cfg = networks.MLPConfig(depth=3, width=4, activation='tanh')\n"
+        "    return networks.MLP(cfg, rngs=nnx.Rngs(0))\n"
+    )
+    rc = cli.main(["probe", f"{tmp_path}/toolkit.py:build", "--input-shape", "4,4",
+                   "--out", str(tmp_path / "stack")])  # fmt: skip
+    assert rc == 0 and (tmp_path / "stack" / "probe.png").is_file()
+    assert "layer.2" in capsys.readouterr().out
 
 
 class ResidualDense(nnx.Module):
@@ -642,3 +651,40 @@ def test_cli_probe_names_a_factory_it_cannot_import(capsys):
 
     assert cli.main(["probe", "no_such_module:build", "--input-shape", "4,4"]) == 2
     assert "cannot import the factory 'no_such_module:build'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_toolkit_convnet_equals_signal_measure_model_theory_and_jacfwd():
+    cfg = networks.ConvConfig(
+        depth=3, channels=3, kernel_size=3, spatial_dims=1, activation="tanh", sigma_w2=1.5,
+        sigma_b2=0.05,
+    )  # fmt: skip
+    model = networks.ConvNet(cfg, rngs=nnx.Rngs(7), dtype=F64)
+    x, key = _normal((4, 5, 3), seed=8), jax.random.key(9)
+    got = probe.signal(model, x, key=key)
+    fwd, bwd = jax.jit(lambda x: sig.measure(model, x, key=key))(x)
+    for name, want in (("mean_sq", fwd.q), ("pair_cosine", fwd.c),
+                       ("grad_out_sq", bwd.grad_preact_sq)):  # fmt: skip
+        np.testing.assert_allclose(getattr(got, name), want, rtol=1e-10, err_msg=name)
+    s = model.stack()
+    hs = jax.lax.scan(lambda h, p: (s.layer(p, h), s.step(p, h, None)[1]["preact"]), x, s.params)[1]
+    for l, h in enumerate(np.asarray(hs)):  # position cosine of the pre-activations
+        u = h / np.linalg.norm(h, axis=-1, keepdims=True)
+        g = np.einsum("bsc,btc->bst", u, u)
+        np.testing.assert_allclose(got.position_cosine[l], np.mean((g.sum((1, 2)) - 5) / 20))
+    th, want = probe.theory(model, x), sig.model_theory(model, x)
+    np.testing.assert_allclose(th["mean_sq"], want.q, rtol=1e-12)
+    res = probe.jacobian_spectra(model, x, index=2)
+    cum = jax.jacfwd(lambda u0: s.hidden_states(x.at[2].set(u0))[:, 2])(x[2])  # (L, 5, 3, 5, 3)
+    prev = [x, *s.hidden_states(x)[:-1]]
+    ref_loc = []
+    for l in range(3):  # the layer acts on each example alone: the batch of one example is exact
+        one = jax.jacfwd(lambda h, l=l: s.layer(jax.tree.map(lambda a: a[l], s.params), h[None])[0])
+        ref_loc.append(_svd2(one(prev[l][2]), 15))
+    _assert_spectra(res, [_svd2(J, 15) for J in cum], ref_loc)
+
+
+@pytest.mark.slow
+def test_slq_within_stated_w1_bound_toolkit_stack(stack_mlp):
+    ratios = _slq_within_bound(*stack_mlp, 3, range(3))
+    assert max(ratios) > 0.02
