@@ -244,6 +244,10 @@ def test_non_finite_names_first_block():
     model.layers[1].bias[...] = jnp.full((4,), jnp.inf)
     with pytest.raises(probe.ProbeError, match=r"mean_sq is (inf|nan) at block 'layers\.1'"):
         probe.signal(model, _normal((4, 4)), key=jax.random.key(0))
+    model.layers[1].bias[...] = jnp.zeros((4,))
+    model.layers[1].kernel[...] = model.layers[1].kernel[...].at[0, 0].set(jnp.nan)
+    with pytest.raises(probe.ProbeError, match=r"cumulative spectrum at block 'layers\.1'"):
+        probe.jacobian_spectra(model, _normal((4, 4)))
 
 
 def test_model_is_not_modified_and_input_takes_the_model_dtype():
