@@ -27,8 +27,10 @@ from isometry import networks, probe, signal
 class PlainMLP(nnx.Module):
     """``x^l = tanh(W^l x^{l-1} + b^l)``, ``l = 1..depth``, with plain flax layers."""
 
-    def __init__(self, width: int, depth: int, *, rngs: nnx.Rngs):
-        self.layers = nnx.List([nnx.Linear(width, width, rngs=rngs) for _ in range(depth)])
+    def __init__(self, width: int, depth: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.layers = nnx.List(
+            [nnx.Linear(width, width, rngs=rngs, param_dtype=dtype) for _ in range(depth)]
+        )
 
     def __call__(self, x):
         for layer in self.layers:
@@ -42,7 +44,7 @@ def build(width: int = 256, depth: int = 20, seed: int = 0):
         depth=depth, width=width, activation="tanh", sigma_w2=1.5, sigma_b2=0.05
     )
     ref = networks.MLP(cfg, rngs=nnx.Rngs(seed))
-    plain = PlainMLP(width, depth, rngs=nnx.Rngs(seed))
+    plain = PlainMLP(width, depth, rngs=nnx.Rngs(seed), dtype=ref.kernel[...].dtype)
     for l, layer in enumerate(plain.layers):
         layer.kernel[...] = ref.kernel[...][l]
         layer.bias[...] = ref.bias[...][l]

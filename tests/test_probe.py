@@ -692,3 +692,17 @@ def test_toolkit_convnet_equals_signal_measure_model_theory_and_jacfwd():
 def test_slq_within_stated_w1_bound_toolkit_stack(stack_mlp):
     ratios = _slq_within_bound(*stack_mlp, 3, range(3))
     assert max(ratios) > 0.02
+
+
+@pytest.mark.slow
+def test_spectra_plain_mlp_example_equal_jacfwd():
+    """The plain-MLP example's own model (weights of a float64 networks.MLP)."""
+    plain, _ = _example("probe_plain_mlp").build(6, 3)
+    assert plain.layers[0].kernel[...].dtype == F64
+    x = _normal((4, 6))
+    res = probe.jacobian_spectra(plain, x, method="dense")
+    fns = [f for layer in plain.layers for f in (layer, jnp.tanh)]
+    cum = [_svd2(jax.jacfwd(lambda z, l=l: _upto(fns, z, 2 * l))(x[0]), 6) for l in range(3)]
+    ins = [x[0], *[_upto(fns, x[0], 2 * l + 1) for l in range(2)]]
+    loc = [_svd2(jax.jacfwd(plain.layers[l])(ins[l]), 6) for l in range(3)]
+    _assert_spectra(res, cum, loc)
