@@ -487,10 +487,15 @@ def _loss_fn(loss, key, y_shape):
 def signal(model, x, *, at=None, loss: Callable | None = None, key=None) -> ProbeSignal:
     """Forward statistics and squared gradient norms per cut point (one forward/backward pass).
 
+    The whole pass is compiled as one program (also when called under the
+    user's ``jax.jit``). A toolkit ``networks.MLP``/``ConvNet`` is measured by
+    :func:`isometry.signal.measure` (two backward passes: kernels alone and
+    every parameter); see the module docstring for its fields.
+
     Args:
         model: any ``flax.nnx.Module``, left unmodified.
         x: a batch of model inputs ``(B, ...)`` (pairs ``(0, 1), (2, 3), ...``
-            for ``pair_cosine``).
+            for ``pair_cosine``), cast to the model's parameter dtype.
         at: cut points (module paths); default :func:`blocks`.
         loss: ``loss(model(x)) -> scalar``; default the random projection
             ``sum_a <v_a, y_a> / B`` with ``v ~ N(0, 1)`` drawn from ``key``.
@@ -777,8 +782,12 @@ def jacobian_spectra(
             its local Jacobian ``fold_in(key, K + l)``).
         n_probes, n_steps: SLQ probes and Lanczos steps (capped at the dimension).
 
+    A toolkit ``networks.MLP``/``ConvNet`` gives the spectra of ``d x^l / d u``
+    (all cut layers in one :func:`isometry.jacobian.stack_jacobians` pass) and
+    ``d x^l / d x^{l-1}``; ``x`` is cast to the model's parameter dtype.
+
     Returns:
-        a :class:`ProbeSpectra`.
+        a :class:`ProbeSpectra` (``*_w1_bound``: :func:`slq_w1_bound` for SLQ).
     """
     options = {"at": at, "method": method, "index": index, "n_probes": n_probes,
                "n_steps": n_steps, "max_dense": max_dense}  # fmt: skip
