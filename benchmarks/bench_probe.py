@@ -14,7 +14,9 @@ Prints the peak device memory (``memory_stats()["peak_bytes_in_use"]`` where
 the backend reports it, else the process's peak resident set), the time and the
 spectra's summaries. Run on an accelerator with
 ``XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/bench_probe.py``;
-``--width 32 --size 8 --blocks 4`` runs on a CPU in a minute.
+``--width 32 --size 8 --blocks 4`` runs on a CPU in a minute. ``--memory 8,16,32``
+runs each width in a fresh process (its own peak), fits the peaks and prints the
+width-dependent bytes of :func:`model_bytes` at width 1,024 for the extrapolation.
 """
 
 from __future__ import annotations
