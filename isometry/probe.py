@@ -353,11 +353,19 @@ def _as_batch(model, x) -> Array:
     return x if dtype is None or x.dtype == dtype else x.astype(dtype)
 
 
+def _float_as(dtype, a):
+    """``a`` in ``dtype`` if it is a floating array (the probe's copies of buffers such as
+    ``nnx.BatchNorm``'s float32 running statistics, which a float64 model in training mode
+    would otherwise update with float64 values; the copies are discarded)."""
+    return a.astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a
+
+
 def _prepare(model, x, at):
     """Validated ``(paths, x, graphdef, params, rest, shapes)``; shapes of ``(y, outputs)``."""
     paths = _resolve_at(model, at)
     x = _as_batch(model, x)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    rest = jax.tree.map(partial(_float_as, x.dtype), rest)
     try:
         shapes = jax.eval_shape(
             lambda p, r, x: _shapes(_tapped_call(graphdef, (p, r), paths, x)), params, rest, x

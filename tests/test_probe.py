@@ -106,6 +106,8 @@ def _normal(shape, seed=0, dtype=F64):
 def _pure(model, fn):
     """``fn(copy, *args)`` on a fresh copy of ``model`` (nothing mutates the original)."""
     g, st = nnx.split(model)
+    # batch norm keeps float32 running statistics: the copy's, updated and discarded, in float64
+    st = jax.tree.map(lambda a: a.astype(F64) if jnp.issubdtype(a.dtype, jnp.floating) else a, st)
     return lambda *a: fn(nnx.merge(g, st, copy=True), *a)
 
 
