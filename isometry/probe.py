@@ -1165,8 +1165,9 @@ def plot(*runs, path=None, title: str = ""):
     cosines, gradients (Brock, De & Smith 2021), and the mean and the
     spread (standard deviation of ``ln s^2``) of the squared singular values
     of the cumulative and local Jacobians. Measurement is drawn as markers,
-    mean-field theory as black dashed lines (relative gradient curves scaled
-    to the measurement at the last block). Several runs share the axes, told apart by line style.
+    mean-field theory as black lines (dashed for the first run, dotted for
+    the others; relative gradient curves scaled to the measurement at the last
+    block). Several runs share the axes, told apart by line style and label.
 
     Returns:
         the matplotlib figure (closed after saving when ``path`` is given).
@@ -1207,6 +1208,7 @@ def _signal_panels(axes, sig: ProbeSignal, th, ls: str, label: str) -> None:
     k = np.arange(1, len(sig.paths) + 1)
     colors = ("C0", "C1", "C2", "C3")
     suffix = f" ({label})" if label else ""
+    th_ls = "--" if ls == "-" else ":"  # each run's theory told apart too
     for ax, (ptitle, *fields) in zip(axes, _SIGNAL_PANELS, strict=True):
         for c, f in zip(colors, fields, strict=False):
             v = np.asarray(getattr(sig, f), float)
@@ -1217,7 +1219,9 @@ def _signal_panels(axes, sig: ProbeSignal, th, ls: str, label: str) -> None:
                 t = np.asarray(th[f], float)
                 if f.startswith("grad"):
                     t = t * v[-1] / t[-1]
-                ax.plot(k, t, "--", color="black", lw=1.2, label=f"{_LABELS[f]} mean field")
+                ax.plot(
+                    k, t, th_ls, color="black", lw=1.2, label=f"{_LABELS[f]} mean field{suffix}"
+                )
         ax.set_title(ptitle)
         if ptitle != "cosines":
             ax.set_yscale("log")
