@@ -258,10 +258,15 @@ def test_model_is_not_modified_and_input_takes_the_model_dtype():
     model = nnx.Sequential(nnx.Linear(3, 4, rngs=rngs), nnx.BatchNorm(4, rngs=rngs), nnx.tanh)
     before = jax.tree.map(np.asarray, nnx.state(model))
     x = _normal((4, 3))
+    key = jax.random.key(0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = probe.signal(model, x, key=jax.random.key(0))
-    want = probe.signal(model, x.astype(jnp.float32), key=jax.random.key(0))
+        got, want = jax.jit(  # both in one program: one compilation
+            lambda x: (
+                probe.signal(model, x, key=key),
+                probe.signal(model, x.astype("f4"), key=key),
+            )
+        )(x)
     assert got.mean_sq.dtype == jnp.float32
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -490,24 +495,26 @@ def test_plain_mlp_agrees_with_signal_measure(mlp):
         np.testing.assert_allclose(getattr(got, name), want, rtol=1e-10, err_msg=name)
 
 
-def test_jit_and_dtypes(mlp):
-    """Under ``jax.jit`` the float64 results are the eager ones; a float32 copy of the model
-    gives float32 results within float32 rounding of them."""
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(F64, marks=pytest.mark.slow)])
+def test_jit_and_dtypes(mlp, dtype):
+    """Under ``jax.jit`` the float64 results are the (compiled) eager ones; a float32 copy of
+    the model gives float32 results within float32 rounding of them."""
     model, x = mlp["plain"], mlp["x"]
     project = sig.random_projection_loss(mlp["key"], x.shape, F64)  # the default loss, float64
     both = lambda m, x: (  # noqa: E731
         probe.signal(m, x, loss=lambda y: project(y.astype(F64)).astype(y.dtype)),
         probe.jacobian_spectra(m, x, method="dense"),
     )
-    m32 = PlainMLP(WIDTH, DEPTH, rngs=nnx.Rngs(0), dtype=jnp.float32)
-    nnx.update(m32, jax.tree.map(lambda a: a.astype(jnp.float32), nnx.state(model)))
+    m, tol = model, 1e-12
+    if dtype == jnp.float32:
+        m, tol = PlainMLP(WIDTH, DEPTH, rngs=nnx.Rngs(0), dtype=dtype), 1e-4
+        nnx.update(m, jax.tree.map(lambda a: a.astype(dtype), nnx.state(model)))
     eager = (mlp["signal"], mlp["spectra"])
-    for m, dtype, tol in ((model, F64, 1e-12), (m32, jnp.float32, 1e-4)):
-        sig_j, spec_j = jax.jit(lambda x, m=m: both(m, x))(x.astype(dtype))
-        assert sig_j.mean_sq.dtype == dtype and spec_j.cumulative[0].dtype == dtype
-        assert sig_j.paths == eager[0].paths and spec_j.dims == eager[1].dims
-        for a, b in zip(jax.tree.leaves((sig_j, spec_j)), jax.tree.leaves(eager), strict=True):
-            np.testing.assert_allclose(a, b, rtol=tol, atol=tol * float(np.max(np.abs(b))))
+    sig_j, spec_j = jax.jit(lambda x: both(m, x))(x.astype(dtype))
+    assert sig_j.mean_sq.dtype == dtype and spec_j.cumulative[0].dtype == dtype
+    assert sig_j.paths == eager[0].paths and spec_j.dims == eager[1].dims
+    for a, b in zip(jax.tree.leaves((sig_j, spec_j)), jax.tree.leaves(eager), strict=True):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * float(np.max(np.abs(b))))
 
 
 # --------------------------------------------------------------------------- #
