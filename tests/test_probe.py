@@ -169,11 +169,21 @@ def mlp():
         layer.bias[...] = ref.bias[...][l]
     x = sig.pair_inputs(jax.random.key(2), BATCH, WIDTH, 0.5).astype(F64)
     key = jax.random.key(3)
+    both = jax.jit(  # one compilation for both (each is also tested on its own below)
+        lambda x: (
+            probe.signal(plain, x, key=key),
+            probe.jacobian_spectra(plain, x, method="dense"),
+        )
+    )
+    got_signal, got_spectra = both(x)
     return {
-        "ref": ref, "plain": plain, "x": x, "key": key,
-        "signal": probe.signal(plain, x, key=key),
-        "spectra": probe.jacobian_spectra(plain, x, method="dense"),
-    }  # fmt: skip
+        "ref": ref,
+        "plain": plain,
+        "x": x,
+        "key": key,
+        "signal": got_signal,
+        "spectra": got_spectra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -535,7 +545,14 @@ def test_toolkit_mlp_equals_signal_measure_and_model_theory(stack_mlp):
     model, x = stack_mlp
     key = jax.random.key(6)
     got = probe.signal(model, x, key=key, at=["layer.0", "layer.2"])
-    fwd, bwd = jax.jit(lambda x: sig.measure(model, x, key=key))(x)
+    refs = jax.jit(  # the references and the theories in one compilation
+        lambda x: (
+            sig.measure(model, x, key=key),
+            probe.theory(model, x, at=["layer.0", "layer.2"]),
+            sig.model_theory(model, x),
+        )
+    )
+    (fwd, bwd), th, model_th = refs(x)
     pairs = [("mean_sq", fwd.q), ("pair_cosine", fwd.c), ("chan_var", fwd.chan_var),
              ("chan_sq_mean", fwd.chan_sq_mean), ("grad_out_sq", bwd.grad_preact_sq),
              ("grad_kernel_sq", bwd.grad_weight_sq)]  # fmt: skip
@@ -543,11 +560,10 @@ def test_toolkit_mlp_equals_signal_measure_and_model_theory(stack_mlp):
         np.testing.assert_allclose(getattr(got, name), want[::2], rtol=1e-10, err_msg=name)
     np.testing.assert_allclose(got.grad_input_sq, bwd.grad_input_sq, rtol=1e-10)
     assert np.all(got.grad_param_sq > got.grad_kernel_sq)  # the biases count too
-    th, want = jax.jit(
-        lambda x: (probe.theory(model, x, at=["layer.0", "layer.2"]), sig.model_theory(model, x))
-    )(x)
     for name, field in (("mean_sq", "q"), ("pair_cosine", "c"), ("grad_out_sq", "grad_preact_sq")):
-        np.testing.assert_allclose(th[name], getattr(want, field)[::2], rtol=1e-12, err_msg=name)
+        np.testing.assert_allclose(
+            th[name], getattr(model_th, field)[::2], rtol=1e-12, err_msg=name
+        )
 
 
 def test_toolkit_mlp_spectra_equal_jacfwd(stack_mlp):
