@@ -14,7 +14,9 @@ Prints the peak device memory (``memory_stats()["peak_bytes_in_use"]`` where
 the backend reports it, else the process's peak resident set), the time and the
 spectra's summaries. Run on an accelerator with
 ``XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/bench_probe.py``;
-``--width 32 --size 8 --blocks 4`` runs on a CPU in a minute.
+``--width 32 --size 8 --blocks 4`` runs on a CPU in a minute. ``--memory 8,16,32``
+runs each width in a fresh process (its own peak), fits the peaks and prints the
+width-dependent bytes of :func:`model_bytes` at width 1,024 for the extrapolation.
 """
 
 from __future__ import annotations
@@ -63,6 +65,45 @@ def peak_bytes() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0, "process peak RSS"
 
 
+def memory_sweep(a) -> None:
+    """Each width in a fresh process (its own peak RSS), then a fit ``a + b C + c C^2``."""
+    import json
+    import subprocess
+    import sys
+
+    rows = []
+    for width in a.memory:
+        cmd = [sys.executable, __file__, "--width", str(width), "--blocks", str(a.blocks),
+               "--size", str(a.size), "--probes", str(a.probes), "--steps", str(a.steps),
+               "--json"]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    C = np.array([r["width"] for r in rows], float)
+    peak = np.array([r["peak_gib"] for r in rows])
+    if len(rows) >= 3:
+        coef = np.polyfit(C, peak, 2)
+        print(f"fit peak GiB = {coef[2]:.3f} + {coef[1]:.3e} C + {coef[0]:.3e} C^2; "
+              f"at C = 1024: {np.polyval(coef, 1024.0):.2f} GiB")  # fmt: skip
+    print("model (float32):", json.dumps(model_bytes(1024, a.blocks, a.size, a.probes, a.steps)))
+
+
+def model_bytes(width, blocks, size, probes, steps, batch=2) -> dict:
+    """GiB of the parts that grow with the width: parameters (two 3x3 convolutions per
+    block), the stored activations of one ``vjp`` of the whole network (block input, the
+    two convolution outputs and the ReLU, per example of the batch, per probe), and the
+    Lanczos vectors of the largest operator (a local Jacobian, ``size^2 width``)."""
+    gib = 4.0 / 2**30
+    act = size * size * width
+    return {
+        "params": 2 * 9 * width * width * blocks * gib,
+        "vjp_activations": 4 * act * batch * blocks * probes * gib,
+        "lanczos_vectors": probes * steps * act * gib,
+        "dense_cumulative_J": act * size * size * 16 * gib,
+        "dense_local_J": act * act * gib,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--width", type=int, default=1024)
@@ -70,7 +111,15 @@ def main() -> None:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--probes", type=int, default=2)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="print one JSON line (for --memory)")
+    p.add_argument(
+        "--memory", type=lambda s: [int(w) for w in s.split(",")], default=None,
+        help="widths (e.g. 8,16,32,64), each in a fresh process: peak RSS and its fit",
+    )  # fmt: skip
     a = p.parse_args()
+    if a.memory:
+        memory_sweep(a)
+        return
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
     model = ResNet(a.width, a.blocks, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, a.size, a.size, 16))
@@ -84,6 +133,13 @@ def main() -> None:
     jax.block_until_ready(res.cumulative_summary["mean"])
     dt = time.perf_counter() - t0
     peak, what = peak_bytes()
+    if a.json:
+        import json
+
+        print(json.dumps({"width": a.width, "blocks": a.blocks, "size": a.size,
+                          "probes": a.probes, "steps": a.steps, "seconds": round(dt, 1),
+                          "peak_gib": round(peak / 2**30, 3), "what": what}))  # fmt: skip
+        return
     print(f"{a.blocks} blocks, width {a.width}, {a.size}x{a.size}x16, SLQ {a.probes} probes x "
           f"{a.steps} steps: {dt:.1f} s, {what} {peak / 2**30:.2f} GiB")  # fmt: skip
     for name in ("cumulative", "local"):

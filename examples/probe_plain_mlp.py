@@ -4,7 +4,12 @@ The cut points are the ``nnx.Linear`` outputs (the pre-activations ``h^l``).
 The weights are copied from the equivalent :class:`isometry.networks.MLP`,
 so ``probe.signal`` must agree with ``signal.measure`` on it (printed), and the
 mean-field theory (``probe.theory``, the numbers of ``signal.theory``) is
-drawn over the measurement.
+drawn over the measurement. The toolkit's ``networks.MLP`` itself is probed
+too (cut points ``layer.0``, ``layer.1``, ...; its theory is
+``signal.model_theory``): the two runs lie on each other in the signal and
+gradient panels; in the Jacobian panels they differ by one factor
+``phi'(h^l)``, as the toolkit's layer ends at ``x^l = phi(h^l)`` and the
+plain cut point at ``h^l``.
 
     python examples/probe_plain_mlp.py [--tiny] [--out examples/out]
 """
@@ -22,8 +27,10 @@ from isometry import networks, probe, signal
 class PlainMLP(nnx.Module):
     """``x^l = tanh(W^l x^{l-1} + b^l)``, ``l = 1..depth``, with plain flax layers."""
 
-    def __init__(self, width: int, depth: int, *, rngs: nnx.Rngs):
-        self.layers = nnx.List([nnx.Linear(width, width, rngs=rngs) for _ in range(depth)])
+    def __init__(self, width: int, depth: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.layers = nnx.List(
+            [nnx.Linear(width, width, rngs=rngs, param_dtype=dtype) for _ in range(depth)]
+        )
 
     def __call__(self, x):
         for layer in self.layers:
@@ -37,7 +44,7 @@ def build(width: int = 256, depth: int = 20, seed: int = 0):
         depth=depth, width=width, activation="tanh", sigma_w2=1.5, sigma_b2=0.05
     )
     ref = networks.MLP(cfg, rngs=nnx.Rngs(seed))
-    plain = PlainMLP(width, depth, rngs=nnx.Rngs(seed))
+    plain = PlainMLP(width, depth, rngs=nnx.Rngs(seed), dtype=ref.kernel[...].dtype)
     for l, layer in enumerate(plain.layers):
         layer.kernel[...] = ref.kernel[...][l]
         layer.bias[...] = ref.bias[...][l]
@@ -57,8 +64,14 @@ def main(out: str = "examples/out", tiny: bool = False) -> dict:
     spec = probe.jacobian_spectra(plain, x)
     th = probe.theory(plain, x, activation="tanh")
     run = {"signal": got, "spectra": spec, "theory": th, "label": "plain nnx.Linear + tanh"}
+    toolkit = {
+        "signal": probe.signal(ref, x, key=key),
+        "spectra": probe.jacobian_spectra(ref, x),
+        "theory": probe.theory(ref, x),
+        "label": "networks.MLP",
+    }
     title = f"plain tanh MLP, width {width}, depth {depth} (sigma_w2 = 1.5, sigma_b2 = 0.05)"
-    probe.plot(run, path=f"{out}/probe_plain_mlp", title=title)
+    probe.plot(run, toolkit, path=f"{out}/probe_plain_mlp", title=title)
     print("max relative difference to signal.measure on networks.MLP:", rel)
     print(
         "cumulative mean s^2 per block:", np.round(np.asarray(spec.cumulative_summary["mean"]), 3)

@@ -7,6 +7,7 @@ registered in :data:`COMMANDS`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -692,6 +693,9 @@ def _run_probe(args) -> int:
     th = None
     if args.activation:
         th = probe.theory(model, x, activation=args.activation, at=args.at)
+    elif probe.is_stack(model):  # a toolkit MLP/ConvNet: signal.model_theory, where it has one
+        with contextlib.suppress(probe.ProbeError):
+            th = probe.theory(model, x, at=args.at)
     for row, mean, spread in zip(
         sig.rows(), spec.cumulative_summary["mean"], spec.cumulative_summary["log_spread"],
         strict=True,

@@ -42,6 +42,20 @@ norm, a pre-LN transformer, blocks of different widths) and measures it at
 * :func:`theory`: the mean-field prediction (:func:`isometry.signal.theory`)
   where it covers the model: a toolkit ``networks.MLP``/``ConvNet``, or cut
   points that are square ``nnx.Linear`` layers of a plain dense network.
+
+The toolkit's own scanned stacks (``networks.MLP``, ``networks.ConvNet``,
+:func:`is_stack`) hold their layers in stacked parameters, so there is no
+module to cut: their cut points are the layers ``"layer.0"`` ..
+``"layer.{L-1}"``, measured by the stack tools themselves.
+:func:`signal` returns :func:`isometry.signal.measure`'s numbers: ``mean_sq``,
+``pair_cosine``, ``position_cosine`` and ``grad_out_sq`` are those of the
+pre-activation ``h^l`` (``q^l``, ``c^l``, ``grad_preact_sq``), ``chan_*`` and
+``branch_var`` those of the layer output ``x^l``, ``grad_kernel_sq`` is
+``grad_weight_sq``, ``grad_param_sq`` counts every stacked parameter of the
+layer, and ``grad_input_sq`` is at the stack input ``x^0`` (after the input
+map). :func:`jacobian_spectra` gives the spectra of ``d x^l / d u`` (through
+the input map) and ``d x^l / d x^{l-1}``, by
+:func:`isometry.jacobian.stack_jacobians` (dense) or SLQ.
 * :func:`plot`: all of it per block in one figure (PNG + PDF).
 
 The model is never modified: every pass runs on a copy
@@ -76,15 +90,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from isometry import depthscan, networks, spectra, validate
 from isometry import jacobian as _jacobian
 from isometry import signal as _signal
-from isometry import spectra, validate
 
 __all__ = [
     "ProbeError",
     "ProbeSignal",
     "ProbeSpectra",
     "blocks",
+    "is_stack",
     "jacobian_spectra",
     "load_factory",
     "plot",
@@ -97,6 +112,7 @@ __all__ = [
 
 Array = jax.Array
 _LIST_NAMES = ("blocks", "layers")
+_STACK_PREFIX = "layer"
 METHODS = ("auto", "dense", "slq")
 
 
@@ -160,6 +176,8 @@ def blocks(model) -> list[str]:
         ProbeError: nothing found; the message lists the module paths to pass as ``at=``.
     """
     _check_model(model)
+    if is_stack(model):
+        return [f"{_STACK_PREFIX}.{l}" for l in range(model.config.depth)]
     found = _discover(model, "")
     if not found:
         raise ProbeError(
@@ -168,6 +186,17 @@ def blocks(model) -> list[str]:
             f"pass the cut points as at=[...], module paths among: {_available(model)}"
         )
     return found
+
+
+def is_stack(model) -> bool:
+    """Whether ``model`` is one of the toolkit's scanned stacks (``networks.MLP``/``ConvNet``).
+
+    Their layers live in stacked parameters, not in a list of modules, so the
+    probe measures them through :func:`isometry.signal.measure` and
+    :func:`isometry.jacobian.stack_jacobians`, with cut points ``"layer.0"`` ..
+    ``"layer.{L-1}"`` (see :func:`signal`, :func:`jacobian_spectra`, :func:`theory`).
+    """
+    return isinstance(model, (networks.MLP, networks.ConvNet))
 
 
 def _check_model(model) -> None:
@@ -201,6 +230,15 @@ def _resolve_at(model, at) -> tuple[str, ...]:
         raise ProbeError(f"at must be a non-empty list of module paths (strings), got {at!r}")
     if len(set(paths)) != len(paths):
         raise ProbeError(f"at names a path twice: {list(paths)}")
+    if is_stack(model):
+        layers = blocks(model)
+        for p in paths:
+            if p not in layers:
+                raise ProbeError(
+                    f"at: {p!r} is not a layer of the scanned {type(model).__name__}; "
+                    f"available: {', '.join(layers)}"
+                )
+        return paths
     for p in paths:
         try:
             target = _lookup(model, p)
@@ -288,15 +326,46 @@ def _expected_input(model) -> str:
     return ""
 
 
-def _prepare(model, x, at):
-    """Validated ``(paths, x, graphdef, params, rest, shapes)``; shapes of ``(y, outputs)``."""
-    paths = _resolve_at(model, at)
+def _model_dtype(model):
+    """The promoted floating dtype of the parameters of ``model`` (``None``: it has none)."""
+    kinds = {
+        jnp.dtype(v.dtype)
+        for v in jax.tree.leaves(nnx.state(model, nnx.Param))
+        if jnp.issubdtype(v.dtype, jnp.floating)
+    }
+    return jnp.result_type(*kinds) if kinds else None
+
+
+def _as_batch(model, x) -> Array:
+    """``x`` as a floating batch ``(B, ...)`` in the model's parameter dtype.
+
+    An input of another floating dtype is cast to the parameters' dtype: the
+    model computes in that precision anyway (a float64 input does not make a
+    float32 model exact), and layers that write the input into their own
+    buffers (batch norm) would otherwise mix the two.
+    """
     x = jnp.asarray(x)
     if x.ndim < 2 or x.shape[0] < 1:
         raise ProbeError(f"x must be a batch (B, ...) with B >= 1, got shape {x.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be a floating-point array, got {x.dtype}")
+    dtype = _model_dtype(model)
+    return x if dtype is None or x.dtype == dtype else x.astype(dtype)
+
+
+def _float_as(dtype, a):
+    """``a`` in ``dtype`` if it is a floating array (the probe's copies of buffers such as
+    ``nnx.BatchNorm``'s float32 running statistics, which a float64 model in training mode
+    would otherwise update with float64 values; the copies are discarded)."""
+    return a.astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a
+
+
+def _prepare(model, x, at):
+    """Validated ``(paths, x, graphdef, params, rest, shapes)``; shapes of ``(y, outputs)``."""
+    paths = _resolve_at(model, at)
+    x = _as_batch(model, x)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    rest = jax.tree.map(partial(_float_as, x.dtype), rest)
     try:
         shapes = jax.eval_shape(
             lambda p, r, x: _shapes(_tapped_call(graphdef, (p, r), paths, x)), params, rest, x
@@ -426,10 +495,15 @@ def _loss_fn(loss, key, y_shape):
 def signal(model, x, *, at=None, loss: Callable | None = None, key=None) -> ProbeSignal:
     """Forward statistics and squared gradient norms per cut point (one forward/backward pass).
 
+    The whole pass is compiled as one program (also when called under the
+    user's ``jax.jit``). A toolkit ``networks.MLP``/``ConvNet`` is measured by
+    :func:`isometry.signal.measure` (two backward passes: kernels alone and
+    every parameter); see the module docstring for its fields.
+
     Args:
         model: any ``flax.nnx.Module``, left unmodified.
         x: a batch of model inputs ``(B, ...)`` (pairs ``(0, 1), (2, 3), ...``
-            for ``pair_cosine``).
+            for ``pair_cosine``), cast to the model's parameter dtype.
         at: cut points (module paths); default :func:`blocks`.
         loss: ``loss(model(x)) -> scalar``; default the random projection
             ``sum_a <v_a, y_a> / B`` with ``v ~ N(0, 1)`` drawn from ``key``.
@@ -443,6 +517,30 @@ def signal(model, x, *, at=None, loss: Callable | None = None, key=None) -> Prob
             not discoverable, ``x`` not of the model's input shape, or a
             non-finite statistic (names the first block where it appears).
     """
+    result, has_branch = _compiled(_signal_impl, model, x, key, at=at, loss=loss)
+    _check_finite_signal(result, has_branch)
+    return result
+
+
+def _compiled(impl, model, x, key, **options):
+    """``impl(model, x, key, **options)`` compiled as one program (the model's state an argument).
+
+    Run eagerly, every operation of the instrumented passes would compile on
+    its own (tens of seconds for a small model); under an outer ``jit`` it is
+    traced as it is.
+    """
+    _check_model(model)
+    if not (validate.is_concrete(x) and validate.is_concrete(key)):
+        return impl(model, x, key, **options)
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda state, x, key: impl(nnx.merge(graphdef, state), x, key, **options))
+    return run(state, jnp.asarray(x), key)
+
+
+def _signal_impl(model, x, key, *, at, loss) -> tuple[ProbeSignal, Array]:
+    """:func:`signal` and whether each block exposes a residual branch."""
+    if is_stack(model):
+        return _stack_signal(model, x, at, loss, key)
     paths, x, graphdef, params, rest, (y_shape, out_shapes) = _prepare(model, x, at)
     loss_fn = _loss_fn(loss, key, y_shape)
     deltas = [jnp.zeros(s.shape, s.dtype) for s in out_shapes]
@@ -465,8 +563,7 @@ def signal(model, x, *, at=None, loss: Callable | None = None, key=None) -> Prob
         paths=paths,
         shapes=tuple(tuple(y.shape) for y in outs),
     )
-    _check_finite_signal(result, [b is not None for b in branch])
-    return result
+    return result, jnp.asarray([b is not None for b in branch])
 
 
 def _check_finite_signal(result: ProbeSignal, has_branch) -> None:
@@ -576,22 +673,47 @@ def _atom_summary(nodes: Array, weights: Array | None) -> dict:
     }
 
 
-def slq_w1_bound(result: spectra.SLQResult, dim: int) -> Array:
-    """The stated Wasserstein-1 error of an SLQ spectrum of ``dim`` eigenvalues.
+def slq_w1_bound(result: spectra.SLQResult, dim: int, *, delta: float = 0.05) -> Array:
+    """A Wasserstein-1 error bar of an SLQ spectrum of ``dim`` values, holding w.p. ``1 - delta``.
 
-        W1 <= (theta_max - theta_min) (3 sqrt(2 / (dim P)) + [S < dim] / S)
+        W1(rho, rho_SLQ) <= R (pi / (4 S) [S < dim] + 1 / sqrt(2 delta dim P))
 
-    for ``P`` Rademacher probes and ``S`` Lanczos steps (Ritz values
-    ``theta``): each probe's weights ``<v, u_i>^2`` have mean ``1/dim`` and
-    variance at most ``2/dim^2``, so the CDF error is about ``sqrt(2/(dim P))``
-    and three times that bounds it with high probability; ``S`` Gauss nodes add
-    at most ``range / S`` and nothing once ``S >= dim`` (Chen, Trogdon & Ubaru
-    2021, "Analysis of stochastic Lanczos quadrature for spectrum approximation").
+    for ``P`` Rademacher probes, ``S`` Lanczos steps and ``R`` the width of the
+    spectrum, estimated by the range of the Ritz values (they lie inside
+    ``[lambda_min, lambda_max]`` and the extreme ones converge first, so this
+    is ``R`` from below, by little once ``S`` is a few tens). Derivation, after
+    Chen, Trogdon & Ubaru 2021 ("Analysis of stochastic Lanczos quadrature for
+    spectrum approximation", ICML): by the triangle inequality and convexity
+    of W1 in mixtures, the error is at most the probes' term plus the mean of
+    the quadrature terms.
+
+    * Quadrature: ``S`` Lanczos steps from probe ``v`` give the ``S``-node
+      Gauss rule of ``psi_v = sum_i <v, u_i>^2 delta(lambda_i)``, exact for
+      polynomials of degree ``2S - 1``. W1 is the supremum of
+      ``|int f d(psi - gauss)|`` over 1-Lipschitz ``f`` (Kantorovich-Rubinstein);
+      Jackson's theorem gives a polynomial of that degree within
+      ``pi R / (8 S)`` of ``f`` on an interval of length ``R``, and both
+      measures have mass 1, so the error is ``<= pi R / (4 S)``; it is 0 once
+      ``S >= dim`` (the rule is the measure itself).
+    * Probes: ``F_v(t) = v^T P_t v`` (``P_t`` the spectral projector below
+      ``t``, rank ``r``) has mean ``F(t) = r / dim`` and, for Rademacher ``v``,
+      variance ``2 (||P_t||_F^2 - sum_i (P_t)_ii^2) / dim^2 <= 2 F (1 - F) / dim
+      <= 1 / (2 dim)``, divided by ``P`` for the mean of ``P`` probes. With
+      ``W1 = int |F - F_P| dt`` over the spectrum and Cauchy-Schwarz,
+      ``E W1^2 <= R int E (F - F_P)^2 dt <= R^2 / (2 dim P)``, and Markov's
+      inequality on ``W1^2`` gives the term above with probability ``1 - delta``.
+
+    At the defaults (16 probes, 64 steps) the bound is ``0.79 R / sqrt(dim)``
+    plus ``0.0123 R`` for ``dim > 64``: below ``R`` for every ``dim``, 0.10 ``R``
+    at ``dim = 64`` and 0.06 ``R`` at ``dim = 256``.
     """
+    if not 0.0 < float(delta) < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    dim = validate.positive_int("dim", dim)
     P, S = result.nodes.shape
     spread = jnp.max(result.nodes) - jnp.min(result.nodes)
-    lanczos = (1.0 / S) if S < dim else 0.0
-    return spread * (3.0 * math.sqrt(2.0 / (dim * P)) + lanczos)
+    quadrature = math.pi / (4.0 * S) if S < dim else 0.0
+    return spread * (quadrature + 1.0 / math.sqrt(2.0 * delta * dim * P))
 
 
 @partial(jax.jit, static_argnums=(0, 3, 4))
@@ -668,38 +790,30 @@ def jacobian_spectra(
             its local Jacobian ``fold_in(key, K + l)``).
         n_probes, n_steps: SLQ probes and Lanczos steps (capped at the dimension).
 
+    A toolkit ``networks.MLP``/``ConvNet`` gives the spectra of ``d x^l / d u``
+    (all cut layers in one :func:`isometry.jacobian.stack_jacobians` pass) and
+    ``d x^l / d x^{l-1}``; ``x`` is cast to the model's parameter dtype.
+
     Returns:
-        a :class:`ProbeSpectra`.
+        a :class:`ProbeSpectra` (``*_w1_bound``: :func:`slq_w1_bound` for SLQ).
     """
-    paths, x, graphdef, params, rest, (_, out_shapes) = _prepare(model, x, at)
-    index = validate.positive_int("index", index, minimum=0)
-    if index >= x.shape[0]:
-        raise ProbeError(f"index must be < the batch size {x.shape[0]}, got {index}")
-    states = (params, rest)
-    inputs, extras = _capture(graphdef, states, paths, x)
-    n = math.prod(x.shape[1:])
-    dims = tuple(
-        (math.prod(s.shape[1:]), n, math.prod(u.shape[1:]))
-        for s, u in zip(out_shapes, inputs, strict=True)
-    )
-    method = _choose(method, dims, max_dense)
-    f = _cumulative_fn(graphdef, states, paths, x, index)
-    locals_ = [
-        _local_fn(graphdef, states, p, u, e, index)
-        for p, u, e in zip(paths, inputs, extras, strict=True)
-    ]
+    options = {"at": at, "method": method, "index": index, "n_probes": n_probes,
+               "n_steps": n_steps, "max_dense": max_dense}  # fmt: skip
+    result = _compiled(_spectra_impl, model, x, key, **options)
+    _check_finite_spectra(result)
+    return result
+
+
+def _spectra_impl(model, x, key, *, at, method, index, n_probes, n_steps, max_dense):
+    parts = (_stack_parts if is_stack(model) else _model_parts)(model, x, at, index)
+    method = _choose(method, parts.dims, max_dense)
     if method == "dense":
-        cum = _dense(jax.jacfwd(f)(x[index]))
-        loc = _dense(
-            [_jacobian.jacobian(g, u[index]) for g, u in zip(locals_, inputs, strict=True)]
-        )
+        cum, loc = parts.dense()
         cw = lw = None
-        cb = lb = jnp.zeros((len(paths),), x.dtype)
+        cb = lb = jnp.zeros((len(parts.paths),), parts.x0.dtype)
     else:
-        (cum, cw, cb), (loc, lw, lb) = _slq_all(
-            f, locals_, x[index], inputs, index, key, n_probes, n_steps
-        )
-    result = ProbeSpectra(
+        (cum, cw, cb), (loc, lw, lb) = _slq_all(parts, key, n_probes, n_steps)
+    return ProbeSpectra(
         cumulative=tuple(cum),
         local=tuple(loc),
         cumulative_weights=cw,
@@ -708,13 +822,11 @@ def jacobian_spectra(
         local_summary=_stack_summaries(loc, lw),
         cumulative_w1_bound=cb,
         local_w1_bound=lb,
-        paths=paths,
+        paths=parts.paths,
         method=method,
         index=index,
-        dims=dims,
+        dims=parts.dims,
     )
-    _check_finite_spectra(result)
-    return result
 
 
 def _stack_summaries(values, weights) -> dict:
@@ -734,25 +846,213 @@ def _check_finite_spectra(result: ProbeSpectra) -> None:
                 )
 
 
-def _slq_all(f, locals_, x0, inputs, index, key, n_probes, n_steps):
+def _slq_all(parts: _Parts, key, n_probes, n_steps):
     """SLQ of every cumulative and local Jacobian: two ``(nodes, weights, bounds)``."""
     if key is None:
         raise ProbeError("jacobian_spectra: method='slq' needs key for its probes")
-    K = len(locals_)
+    K = len(parts.paths)
     n_probes = validate.positive_int("n_probes", n_probes)
     n_steps = validate.positive_int("n_steps", n_steps)
     cum = [
-        _slq(lambda x0, i=i: f(x0)[i], x0, jax.random.fold_in(key, i), n_probes, n_steps)
-        for i in range(K)
+        _slq(f, parts.x0, jax.random.fold_in(key, i), n_probes, n_steps)
+        for i, f in enumerate(parts.cumulative)
     ]
     loc = [
-        _slq(g, u[index], jax.random.fold_in(key, K + i), n_probes, n_steps)
-        for i, (g, u) in enumerate(zip(locals_, inputs, strict=True))
+        _slq(g, u0, jax.random.fold_in(key, K + i), n_probes, n_steps)
+        for i, (g, u0) in enumerate(zip(parts.local, parts.local_inputs, strict=True))
     ]
     return tuple(
         (tuple(r[0] for r in rs), tuple(r[1] for r in rs), jnp.stack([r[2] for r in rs]))
         for rs in (cum, loc)
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Parts:
+    """What :func:`jacobian_spectra` needs of a model, for example ``index`` of ``x``.
+
+    ``dims``: ``(m_l, n, k_l)`` per cut point; ``dense()``: the exact
+    ``(cumulative, local)`` spectra; ``cumulative[l]``: ``x0 -> y^l_index``
+    (flat) and ``local[l]``: ``u0 -> y^l_index`` at ``local_inputs[l]``, for SLQ.
+    """
+
+    paths: tuple[str, ...]
+    dims: tuple
+    dense: Callable
+    cumulative: list
+    local: list
+    x0: Array
+    local_inputs: list
+
+
+def _check_index(index, x) -> int:
+    index = validate.positive_int("index", index, minimum=0)
+    if index >= x.shape[0]:
+        raise ProbeError(f"index must be < the batch size {x.shape[0]}, got {index}")
+    return index
+
+
+def _model_parts(model, x, at, index) -> _Parts:
+    """:class:`_Parts` of any model, cut by swapping its blocks for taps."""
+    paths, x, graphdef, params, rest, (_, out_shapes) = _prepare(model, x, at)
+    index = _check_index(index, x)
+    states = (params, rest)
+    inputs, extras = _capture(graphdef, states, paths, x)
+    n = math.prod(x.shape[1:])
+    dims = tuple(
+        (math.prod(s.shape[1:]), n, math.prod(u.shape[1:]))
+        for s, u in zip(out_shapes, inputs, strict=True)
+    )
+    f = _cumulative_fn(graphdef, states, paths, x, index)
+    locals_ = [
+        _local_fn(graphdef, states, p, u, e, index)
+        for p, u, e in zip(paths, inputs, extras, strict=True)
+    ]
+
+    def dense():
+        cum = _dense(jax.jacfwd(f)(x[index]))
+        loc = [_jacobian.jacobian(g, u[index]) for g, u in zip(locals_, inputs, strict=True)]
+        return cum, _dense(loc)
+
+    cums = [lambda x0, i=i: f(x0)[i] for i in range(len(paths))]
+    return _Parts(paths, dims, dense, cums, locals_, x[index], [u[index] for u in inputs])
+
+
+# --------------------------------------------------------------------------- #
+# The toolkit's scanned stacks (networks.MLP, networks.ConvNet).
+# --------------------------------------------------------------------------- #
+
+
+def _stack_prepare(model, x, at):
+    """``(paths, layer indices, x, stack)`` of a toolkit stack, ``x`` checked against it."""
+    paths = _resolve_at(model, at)
+    x = _as_batch(model, x)
+    s = _signal.as_stack(model)
+    try:
+        jax.eval_shape(s, x)
+    except (TypeError, ValueError) as err:
+        raise ProbeError(
+            f"x of shape {x.shape} does not fit {type(model).__name__}: it takes "
+            f"{_stack_input(model.config)} ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from err
+    return paths, tuple(int(p.rpartition(".")[2]) for p in paths), x, s
+
+
+def _stack_input(cfg) -> str:
+    if isinstance(cfg, networks.MLPConfig):
+        return f"inputs (B, {cfg.in_dim or cfg.width})"
+    spatial = ", ".join(["S"] * cfg.spatial_dims)
+    return f"inputs (B, {spatial}, {cfg.in_channels or cfg.channels})"
+
+
+def _stack_position_cosine(s, x0) -> Array:
+    """:func:`position_cosine` of every layer's pre-activation (NaN for ``(B, N)`` inputs)."""
+    if x0.ndim < 3:
+        return jnp.full((s.depth,), jnp.nan, x0.dtype)
+
+    def body(h, p):
+        h_new, aux = s.step(p, h, None)
+        return h_new, position_cosine(aux.get("preact", h_new))
+
+    return jax.lax.scan(body, x0, s.params)[1]
+
+
+def _stack_signal(model, x, at, loss, key) -> tuple[ProbeSignal, Array]:
+    """:func:`signal` of a toolkit stack: :func:`isometry.signal.measure` at its layers."""
+    paths, idx, x, s = _stack_prepare(model, x, at)
+    loss_fn = _loss_fn(loss, key, jax.eval_shape(s, x))
+    fwd, bwd = _signal.measure(s, x, loss_fn)
+    every = _signal.backward(dataclasses.replace(s, weights=()), x, loss_fn)
+    x0 = s.input_map(x)
+    sel = jnp.asarray(idx)
+    result = ProbeSignal(
+        mean_sq=fwd.q[sel],
+        chan_sq_mean=fwd.chan_sq_mean[sel],
+        chan_var=fwd.chan_var[sel],
+        branch_var=fwd.branch_var[sel],
+        pair_cosine=fwd.c[sel],
+        position_cosine=_stack_position_cosine(s, x0)[sel],
+        grad_out_sq=bwd.grad_preact_sq[sel],
+        grad_param_sq=every.grad_weight_sq[sel],
+        grad_kernel_sq=bwd.grad_weight_sq[sel],
+        grad_input_sq=bwd.grad_input_sq,
+        loss=bwd.loss,
+        paths=paths,
+        shapes=(tuple(x0.shape),) * len(paths),
+    )
+    residual = bool(getattr(model.config, "residual", False))
+    return result, jnp.full((len(paths),), residual)
+
+
+def _example_basis(x, index) -> Array:
+    """``(n, *x.shape)``: the unit directions of example ``index``'s ``n`` entries."""
+    n = math.prod(x.shape[1:])
+    eye = jnp.eye(n, dtype=x.dtype).reshape(n, *x.shape[1:])
+    return jnp.zeros((n, *x.shape), x.dtype).at[:, index].set(eye)
+
+
+def _stack_parts(model, x, at, index) -> _Parts:
+    """:class:`_Parts` of a toolkit stack: the cumulative Jacobians ``dx^l/du`` in one
+    :func:`isometry.jacobian.stack_jacobians` pass (tangents of example ``index``
+    pushed through the input map), the local ones ``dx^l/dx^{l-1}`` by
+    :func:`isometry.depthscan.push_tangents` at the layer inputs."""
+    paths, idx, x, s = _stack_prepare(model, x, at)
+    index = _check_index(index, x)
+    x0 = s.input_map(x)
+    B, n, m = x.shape[0], math.prod(x.shape[1:]), math.prod(x0.shape[1:])
+    sel = jnp.asarray(idx)
+    params = jax.tree.map(lambda a: a[sel], s.params)
+    prev = jnp.concatenate([x0[None], s.hidden_states(x0)[:-1]])[sel]
+
+    def rows(J):  # (B m, k) -> (m, k): the rows of example `index`
+        return J.reshape(B, m, -1)[index]
+
+    def dense():
+        order = sorted(set(idx))
+        t0 = jax.vmap(lambda t: jax.jvp(s.input_map, (x,), (t,))[1])(_example_basis(x, index))
+        J = _jacobian.stack_jacobians(
+            s.layer, s.params, x0, [l + 1 for l in order], tangents=t0, reduce=rows
+        )
+        e = _example_basis(x0, index)
+
+        def local(a):
+            T = depthscan.push_tangents(s.layer, a[0], a[1], e)[1]
+            return rows(T.reshape(T.shape[0], -1).T)
+
+        loc = jax.lax.map(local, (params, prev))
+        return _dense([J[order.index(l)] for l in idx]), _dense(list(loc))
+
+    def cumulative(u0, l):
+        xl = _jacobian.stack_forward(
+            s.layer, jax.tree.map(lambda a: a[: l + 1], s.params), s.input_map(x.at[index].set(u0))
+        )
+        return xl[index].reshape(-1)
+
+    def local_fn(h0, i):
+        p = jax.tree.map(lambda a: a[i], params)
+        return s.layer(p, prev[i].at[index].set(h0))[index].reshape(-1)
+
+    return _Parts(
+        paths, ((m, n, m),) * len(idx), dense, [partial(cumulative, l=l) for l in idx],
+        [partial(local_fn, i=i) for i in range(len(idx))], x[index], [h[index] for h in prev],
+    )  # fmt: skip
+
+
+def _stack_theory(model, x, at) -> dict:
+    """:func:`theory` of a toolkit stack: :func:`isometry.signal.model_theory` at its layers."""
+    _, idx, x, _ = _stack_prepare(model, x, at)
+    try:
+        th = _signal.model_theory(model, x)
+    except ValueError as err:
+        raise ProbeError(f"probe.theory: {err}") from None
+    sel = jnp.asarray(idx)
+    return {
+        "mean_sq": th.q[sel],
+        "pair_cosine": th.c[sel],
+        "grad_out_sq": th.grad_preact_sq[sel],
+        "grad_kernel_sq": th.grad_weight_sq[sel],
+        "theory": th,
+    }
 
 
 # --------------------------------------------------------------------------- #
@@ -767,7 +1067,7 @@ def _dense_layer(block, residual: bool):
     return found[0] if len(found) == 1 else None
 
 
-def theory(model, x, *, activation, at=None, residual_scale: float | None = None) -> dict:
+def theory(model, x, *, activation=None, at=None, residual_scale: float | None = None) -> dict:
     """Mean-field curves (:func:`isometry.signal.theory`) matched to :class:`ProbeSignal` fields.
 
     Covered: cut points that are square ``nnx.Linear`` layers of a plain
@@ -776,7 +1076,13 @@ def theory(model, x, *, activation, at=None, residual_scale: float | None = None
     ``x^l = x^{l-1} + alpha phi(W^l x^{l-1} + b^l)`` holding one square
     ``nnx.Linear`` each (the cut output is ``x^l``). ``sigma_w2 = N mean(W^2)``
     and ``sigma_b2 = mean(b^2)`` are read off the layers, ``p^0, c^0, m^0`` off
-    the first block's input for the batch ``x``.
+    the first block's input for the batch ``x``; ``activation`` names ``phi``.
+
+    A toolkit ``networks.MLP``/``ConvNet`` (:func:`is_stack`) needs no
+    ``activation``: the curves are :func:`isometry.signal.model_theory`'s
+    (``q^l``, ``c^l``, ``grad_preact_sq``, ``grad_weight_sq`` as ``mean_sq``,
+    ``pair_cosine``, ``grad_out_sq``, ``grad_kernel_sq``) at the cut layers;
+    it raises for normalizations without a theory (batch norm).
 
     Returns:
         a dict of ``(K,)`` arrays named like :class:`ProbeSignal` fields:
@@ -788,6 +1094,10 @@ def theory(model, x, *, activation, at=None, residual_scale: float | None = None
     Raises:
         ProbeError: the cut points are not such layers (no theory here).
     """
+    if is_stack(model):
+        return _stack_theory(model, x, at)
+    if activation is None:
+        raise ProbeError("probe.theory: pass activation= (the name of the blocks' nonlinearity)")
     paths = _resolve_at(model, at)
     residual = residual_scale is not None
     layers = [_dense_layer(_lookup(model, p), residual) for p in paths]
@@ -855,8 +1165,9 @@ def plot(*runs, path=None, title: str = ""):
     cosines, gradients (Brock, De & Smith 2021), and the mean and the
     spread (standard deviation of ``ln s^2``) of the squared singular values
     of the cumulative and local Jacobians. Measurement is drawn as markers,
-    mean-field theory as black dashed lines (relative gradient curves scaled
-    to the measurement at the last block). Several runs share the axes, told apart by line style.
+    mean-field theory as black lines (dashed for the first run, dotted for
+    the others; relative gradient curves scaled to the measurement at the last
+    block). Several runs share the axes, told apart by line style and label.
 
     Returns:
         the matplotlib figure (closed after saving when ``path`` is given).
@@ -897,6 +1208,7 @@ def _signal_panels(axes, sig: ProbeSignal, th, ls: str, label: str) -> None:
     k = np.arange(1, len(sig.paths) + 1)
     colors = ("C0", "C1", "C2", "C3")
     suffix = f" ({label})" if label else ""
+    th_ls = "--" if ls == "-" else ":"  # each run's theory told apart too
     for ax, (ptitle, *fields) in zip(axes, _SIGNAL_PANELS, strict=True):
         for c, f in zip(colors, fields, strict=False):
             v = np.asarray(getattr(sig, f), float)
@@ -907,7 +1219,9 @@ def _signal_panels(axes, sig: ProbeSignal, th, ls: str, label: str) -> None:
                 t = np.asarray(th[f], float)
                 if f.startswith("grad"):
                     t = t * v[-1] / t[-1]
-                ax.plot(k, t, "--", color="black", lw=1.2, label=f"{_LABELS[f]} mean field")
+                ax.plot(
+                    k, t, th_ls, color="black", lw=1.2, label=f"{_LABELS[f]} mean field{suffix}"
+                )
         ax.set_title(ptitle)
         if ptitle != "cosines":
             ax.set_yscale("log")
