@@ -174,10 +174,12 @@ class ShapedActivation(Activation):
     """An :class:`~isometry.activations.Activation` made by :func:`dks` or :func:`tat`.
 
     Works wherever an activation is accepted; ``transform`` reports its
-    parameters and the conditions' residuals (:class:`Transform`).
+    parameters and the conditions' residuals (:class:`Transform`). Equality and
+    hashing ignore ``transform`` (it is determined by the rest), so compiled
+    functions that take the activation as a static argument are reused.
     """
 
-    transform: Transform | None = None
+    transform: Transform | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,27 +219,29 @@ def _shaped(method: str, base: Activation, alpha, beta, gamma, delta) -> ShapedA
 # --------------------------------------------------------------------------- #
 
 
-def _moments(base: Activation, p, quad=gaussian.PRECISE):
+def _moments(base: Activation, p, curvature: bool = False, quad=gaussian.PRECISE):
     """Local-map quantities of ``phi_hat`` for ``p = (alpha, beta, delta)`` (``delta = None``:
-    the DKS choice ``-E[phi(alpha z + beta)]``); returns a dict of scalars.
+    the DKS choice ``-E[phi(alpha z + beta)]``); returns a dict of scalars (``c_curv`` only
+    with ``curvature``).
 
     ``x = beta + alpha z``: panels go at the base's features in ``x``.
     """
     alpha, beta, delta = p
     z, w = gaussian.nodes([(beta, alpha, quad.features(base.kinks))], quad)
     x = beta + alpha * z
-    f, d, d2 = base.phi(x), base.dphi(x), base.d2phi(x)
+    f, d = base.phi(x), base.dphi(x)
     mean = jnp.sum(w * f)
     delta = -mean if delta is None else delta
     g2 = 1.0 / jnp.sum(w * (f + delta) ** 2)  # gamma^2: Q(1) = 1
-    return {
+    out = {
         "gamma": jnp.sqrt(g2),
         "delta": delta,
-        "mean": jnp.sqrt(g2) * (mean + delta),
         "q_slope": g2 * alpha * jnp.sum(w * (f + delta) * d * z),
         "c_slope": g2 * alpha**2 * jnp.sum(w * d * d),
-        "c_curv": g2 * alpha**4 * jnp.sum(w * d2 * d2),
     }
+    if curvature:
+        out["c_curv"] = g2 * alpha**4 * jnp.sum(w * base.d2phi(x) ** 2)
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("base", "method"))
@@ -247,15 +251,16 @@ def _residual(base: Activation, method: str, p, local_target):
     if method == "dks":
         m = _moments(base, (p[0], p[1], None))
         return jnp.stack([m["q_slope"] - 1.0, m["c_slope"] - local_target])
-    m = _moments(base, (p[0], p[1], p[2]))
+    m = _moments(base, (p[0], p[1], p[2]), curvature=True)
     return jnp.stack([m["q_slope"] - 1.0, m["c_slope"] - 1.0, m["c_curv"] - local_target])
 
 
 _residual_jac = jax.jit(jax.jacfwd(_residual, argnums=2), static_argnames=("base", "method"))
 
 
-def _newton(r, jac, p0, max_iter: int = 60, tol: float = 1e-13):
-    """Damped Newton from ``p0`` (halving the step until ``|r|`` decreases); ``p`` or ``None``."""
+def _newton(r, jac, p0, max_iter: int = 40, tol: float = 1e-13):
+    """Damped Newton from ``p0``: the largest of ``1, 1/2, ..., 1/1024`` times the Newton
+    step that lowers ``|r|``. Returns ``p`` with ``max |r(p)| < 1e-12``, or ``None``."""
     p = np.asarray(p0, np.float64)
     rp = np.asarray(r(p))
     for _ in range(max_iter):
@@ -267,17 +272,15 @@ def _newton(r, jac, p0, max_iter: int = 60, tol: float = 1e-13):
             step = np.linalg.solve(np.asarray(jac(p)), -rp)
         except np.linalg.LinAlgError:
             return None
-        t = 1.0
-        while t > 1e-6:
+        for t in 2.0 ** -np.arange(11):
             new = p + t * step
             r_new = np.asarray(r(new))
             if np.all(np.isfinite(r_new)) and np.linalg.norm(r_new) < np.linalg.norm(rp):
                 break
-            t *= 0.5
         else:
             return None
         p, rp = new, r_new
-    return p if np.max(np.abs(rp)) < 1e-10 else None
+    return p if np.max(np.abs(rp)) < 1e-12 else None
 
 
 _STARTS = {  # alpha (input scale), beta (input shift), delta (output shift): as in Martens 2021
@@ -288,20 +291,19 @@ _STARTS = {  # alpha (input scale), beta (input shift), delta (output shift): as
 
 
 def _solve_smooth(base: Activation, method: str, local_target: float):
-    """``(alpha, beta, gamma, delta)`` of the first start from which Newton converges to
-    ``alpha > 0`` (and, for TAT, ``alpha gamma < 2``: the reference implementation rejects
-    the other, unstable solutions); ``None`` if none does."""
+    """``(alpha, beta, gamma, delta)`` of the first start from which Newton converges
+    (``max |r| < 1e-12``) to ``alpha > 0`` (and, for TAT, ``alpha gamma < 2``: the
+    reference implementation rejects the other, unstable solutions); ``None`` if none does."""
+    names = ("alpha", "beta") if method == "dks" else ("alpha", "beta", "delta")
     with jax.enable_x64(True):
         target = jnp.float64(local_target)
         r = lambda p: _residual(base, method, jnp.asarray(p), target)  # noqa: E731
         jac = lambda p: _residual_jac(base, method, jnp.asarray(p), target)  # noqa: E731
-        names = ("alpha", "beta") if method == "dks" else ("alpha", "beta", "delta")
         for p0 in itertools.product(*(_STARTS[n] for n in names)):
             p = _newton(r, jac, p0)
             if p is None or p[0] <= 0:
                 continue
-            delta = None if method == "dks" else p[2]
-            m = _moments(base, (p[0], p[1], delta))
+            m = _moments(base, (p[0], p[1], None if method == "dks" else p[2]))
             gamma, delta = float(m["gamma"]), float(m["delta"])
             if method == "tat" and p[0] * gamma >= 2.0:
                 continue
@@ -314,13 +316,15 @@ def _solve_smooth(base: Activation, method: str, local_target: float):
 # --------------------------------------------------------------------------- #
 
 
-def local_maps(act: Activation | str, depth: int | None = None) -> dict[str, jax.Array]:
+def local_maps(
+    act: Activation | str, depth: int | None = None, *, curvature: bool = False
+) -> dict[str, jax.Array]:
     """The local Q/C-map quantities of ``act`` at ``q = 1`` (``sigma_w2 = 1``, no bias), in float64.
 
     Returns 0-d arrays ``Q1 = Q(1)``, ``Q_slope = Q'(1)`` (autodiff of
     :func:`isometry.meanfield.q_map`), ``mean = E[phi(z)]`` (so ``C(0) =
-    mean^2``), ``C_slope = C'(1) = E[phi'(z)^2] / Q(1)``, ``C_curv = C''(1) =
-    E[phi''(z)^2] / Q(1)`` and, with ``depth``, ``Cf0 = C_f(0)``, the compound
+    mean^2``), ``C_slope = C'(1) = E[phi'(z)^2] / Q(1)``, with ``curvature``
+    ``C_curv = C''(1) = E[phi''(z)^2] / Q(1)`` and, with ``depth``, ``Cf0 = C_f(0)``, the compound
     map of ``depth`` layers at 0 (:func:`isometry.meanfield.iterate_c_map`).
     Every expectation is the toolkit's quadrature (:mod:`isometry.gaussian`).
     """
@@ -333,8 +337,10 @@ def local_maps(act: Activation | str, depth: int | None = None) -> dict[str, jax
             "Q_slope": meanfield.q_map_slope(act, one, 1.0, 0.0),
             "mean": gaussian.expect(act.phi, one, kinks=act.kinks),
             "C_slope": gaussian.dphi_moment(act, one) / q1,
-            "C_curv": gaussian.expect(lambda x: act.d2phi(x) ** 2, one, kinks=act.kinks) / q1,
         }
+        if curvature:
+            curv = gaussian.expect(lambda x: act.d2phi(x) ** 2, one, kinks=act.kinks)
+            out["C_curv"] = curv / q1
         if depth is not None:
             out["Cf0"] = compound_c_map(act, 0.0, depth)
     return out
@@ -355,8 +361,8 @@ def compound_c_map(act: Activation | str, c, depth: int) -> jax.Array:
 def _checked(act: ShapedActivation, transform: Transform, conditions) -> ShapedActivation:
     """``act`` with ``transform`` and its residuals (mean-field route) attached; raises
     :class:`ShapingError` if any exceeds :data:`TOLERANCE`."""
-    compound = any(key == "Cf0" for _, (key, _) in conditions)
-    m = local_maps(act, transform.depth if compound else None)
+    keys = {key for _, (key, _) in conditions}
+    m = local_maps(act, transform.depth if "Cf0" in keys else None, curvature="C_curv" in keys)
     residuals = tuple((name, float(m[key]) - target) for name, (key, target) in conditions)
     transform = dataclasses.replace(transform, residuals=residuals)
     bad = [(n, v) for n, v in residuals if not abs(v) <= TOLERANCE]
