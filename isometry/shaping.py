@@ -128,11 +128,6 @@ _NO_TRANSFORM = {
     "selu": "SELU's derivative jumps at 0, so C''(1) = E[phi''^2] is infinite",
 }
 
-_SMOOTH_FOR = {
-    "dks": DKS_ACTIVATIONS,
-    "tat": tuple(a for a in TAT_ACTIVATIONS if a != "leaky_relu"),
-}
-
 
 class ShapingError(ValueError):
     """The solver found no transform meeting the conditions to :data:`TOLERANCE`."""
