@@ -15,8 +15,9 @@ by ``zeta``; the dashed curve lies on the solid one), yet at the largest depth
 DKS tanh trains markedly worse with this short Adam budget. The initial kernel
 does not explain the gap; the shaping conditions say nothing about the
 optimizer's trajectory (Martens et al. train with K-FAC for many epochs, not
-done here), and DKS tanh at depth 100 is nearly affine (``alpha ~ 0.09``,
-``gamma ~ 15``), so Adam's fixed step moves its small input scale slowly.
+done here); one untested guess is that DKS tanh at depth 100 is nearly affine
+(``alpha ~ 0.09``, ``gamma ~ 15``), which Adam's per-parameter steps treat
+differently from the softplus transform.
 """
 
 from __future__ import annotations
@@ -103,7 +104,13 @@ def plot(data, params):
     for v, cf in zip(data["c_map_variants"], data["c_maps"], strict=True):
         dashed = str(v) == "dks_tanh"  # on top of DKS softplus: same zeta, nearly the same map
         bx.plot(
-            c, cf, color=COLORS[str(v)], lw=1.8, ls="--" if dashed else "-", label=LABELS[str(v)]
+            c,
+            cf,
+            color=COLORS[str(v)],
+            lw=1.8,
+            ls="--" if dashed else "-",
+            label=LABELS[str(v)],
+            zorder=3 if dashed else 2,
         )
     L = int(data["theory_depth"])
     bx.set_xlabel(r"input cosine $c$")
