@@ -49,7 +49,7 @@ the base activation's kinks in ``x = alpha z + beta``), using the Gaussian
 identities ``Q'(1) = E[phi_hat(z) phi_hat'(z) z]``, ``C'(1) = E[phi_hat'(z)^2]``
 and ``C''(1) = E[phi_hat''(z)^2]``. The returned activation's conditions are
 then re-evaluated by a second route, the mean-field functions on the returned
-:class:`~isometry.activations.Activation` (``meanfield.q_map``,
+:class:`~isometry.activations.Activation` (``gaussian.second_moment``,
 ``meanfield.q_map_slope`` by autodiff, ``gaussian.expect``,
 ``gaussian.dphi_moment``, ``meanfield.iterate_c_map``); these residuals are
 reported in :attr:`Transform.residuals` and must all be below
@@ -86,6 +86,7 @@ from isometry.activations import Activation
 
 __all__ = [
     "DKS_ACTIVATIONS",
+    "LOCAL_KEYS",
     "TAT_ACTIVATIONS",
     "TOLERANCE",
     "ShapedActivation",
@@ -239,7 +240,6 @@ def _moments(base: Activation, p, curvature: bool = False, quad=gaussian.PRECISE
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("base", "method"))
 def _residual(base: Activation, method: str, p, local_target):
     """The conditions Newton's method zeroes, ``p = (alpha, beta)`` (DKS) or
     ``(alpha, beta, delta)`` (TAT); ``local_target`` is ``zeta^(1/L)`` or ``tau / L``."""
@@ -250,31 +250,37 @@ def _residual(base: Activation, method: str, p, local_target):
     return jnp.stack([m["q_slope"] - 1.0, m["c_slope"] - 1.0, m["c_curv"] - local_target])
 
 
-_residual_jac = jax.jit(jax.jacfwd(_residual, argnums=2), static_argnames=("base", "method"))
+@functools.partial(jax.jit, static_argnames=("base", "method"))
+def _residual_and_jacobian(base: Activation, method: str, p, local_target):
+    """``(r(p), dr/dp)`` in one compiled program (forward mode)."""
+    r = functools.partial(_residual, base, method, local_target=local_target)
+    jac, res = jax.jacfwd(lambda q: (r(q), r(q)), has_aux=True)(p)
+    return res, jac
 
 
-def _newton(r, jac, p0, max_iter: int = 40, tol: float = 1e-13):
-    """Damped Newton from ``p0``: the largest of ``1, 1/2, ..., 1/1024`` times the Newton
-    step that lowers ``|r|``. Returns ``p`` with ``max |r(p)| < 1e-12``, or ``None``."""
+def _newton(fn, p0, max_iter: int = 40, tol: float = 1e-13):
+    """Damped Newton on ``fn(p) -> (r, dr/dp)`` from ``p0``: the largest of ``1, 1/2, ...,
+    1/1024`` times the Newton step that lowers ``|r|``. Returns ``p`` with ``max |r(p)| <
+    1e-12``, or ``None``."""
     p = np.asarray(p0, np.float64)
-    rp = np.asarray(r(p))
+    rp, jp = fn(p)
     for _ in range(max_iter):
-        if not np.all(np.isfinite(rp)):
+        if not (np.all(np.isfinite(rp)) and np.all(np.isfinite(jp))):
             return None
         if np.max(np.abs(rp)) < tol:
             return p
         try:
-            step = np.linalg.solve(np.asarray(jac(p)), -rp)
+            step = np.linalg.solve(jp, -rp)
         except np.linalg.LinAlgError:
             return None
         for t in 2.0 ** -np.arange(11):
             new = p + t * step
-            r_new = np.asarray(r(new))
+            r_new, j_new = fn(new)
             if np.all(np.isfinite(r_new)) and np.linalg.norm(r_new) < np.linalg.norm(rp):
                 break
         else:
             return None
-        p, rp = new, r_new
+        p, rp, jp = new, r_new, j_new
     return p if np.max(np.abs(rp)) < 1e-12 else None
 
 
@@ -292,10 +298,13 @@ def _solve_smooth(base: Activation, method: str, local_target: float):
     names = ("alpha", "beta") if method == "dks" else ("alpha", "beta", "delta")
     with jax.enable_x64(True):
         target = jnp.float64(local_target)
-        r = lambda p: _residual(base, method, jnp.asarray(p), target)  # noqa: E731
-        jac = lambda p: _residual_jac(base, method, jnp.asarray(p), target)  # noqa: E731
+
+        def fn(p):
+            res, jac = _residual_and_jacobian(base, method, jnp.asarray(p), target)
+            return np.asarray(res), np.asarray(jac)
+
         for p0 in itertools.product(*(_STARTS[n] for n in names)):
-            p = _newton(r, jac, p0)
+            p = _newton(fn, p0)
             if p is None or p[0] <= 0:
                 continue
             m = _moments(base, (p[0], p[1], None if method == "dks" else p[2]))
@@ -311,34 +320,44 @@ def _solve_smooth(base: Activation, method: str, local_target: float):
 # --------------------------------------------------------------------------- #
 
 
-def local_maps(
-    act: Activation | str, depth: int | None = None, *, curvature: bool = False
-) -> dict[str, jax.Array]:
-    """The local Q/C-map quantities of ``act`` at ``q = 1`` (``sigma_w2 = 1``, no bias), in float64.
+LOCAL_KEYS = ("Q1", "Q_slope", "mean", "C_slope", "C_curv", "Cf0")
+"""What :func:`local_maps` can evaluate."""
 
-    Returns 0-d arrays ``Q1 = Q(1)``, ``Q_slope = Q'(1)`` (autodiff of
-    :func:`isometry.meanfield.q_map`), ``mean = E[phi(z)]`` (so ``C(0) =
-    mean^2``), ``C_slope = C'(1) = E[phi'(z)^2] / Q(1)``, with ``curvature``
-    ``C_curv = C''(1) = E[phi''(z)^2] / Q(1)`` and, with ``depth``, ``Cf0 = C_f(0)``, the compound
-    map of ``depth`` layers at 0 (:func:`isometry.meanfield.iterate_c_map`).
-    Every expectation is the toolkit's quadrature (:mod:`isometry.gaussian`).
+
+def local_maps(
+    act: Activation | str, depth: int | None = None, *, keys=("Q1", "Q_slope", "mean", "C_slope")
+) -> dict[str, jax.Array]:
+    """The local Q/C-map quantities ``keys`` of ``act`` at ``q = 1`` (``sigma_w2 = 1``, no
+    bias), in float64: 0-d arrays
+
+        Q1 = Q(1) = E[phi(z)^2],  Q_slope = Q'(1) (autodiff of meanfield.q_map_slope),
+        mean = E[phi(z)] (C(0) = mean^2 / Q(1)),  C_slope = C'(1) = E[phi'(z)^2] / Q(1),
+        C_curv = C''(1) = E[phi''(z)^2] / Q(1),  Cf0 = C_f(0) (needs ``depth``:
+        meanfield.iterate_c_map ``depth`` times from 0).
+
+    Every expectation is the toolkit's quadrature (:mod:`isometry.gaussian`);
+    only the keys asked for are computed (each compiles for a new activation).
     """
     act = activations.get(act)
+    unknown = set(keys) - set(LOCAL_KEYS)
+    if unknown:
+        raise ValueError(f"local_maps: unknown keys {sorted(unknown)}; allowed: {LOCAL_KEYS}")
+    if "Cf0" in keys and depth is None:
+        raise ValueError("local_maps: 'Cf0' needs depth")
     with jax.enable_x64(True):
         one = jnp.asarray(1.0, jnp.float64)
-        q1 = meanfield.q_map(act, one, 1.0, 0.0)
-        out = {
-            "Q1": q1,
-            "Q_slope": meanfield.q_map_slope(act, one, 1.0, 0.0),
-            "mean": gaussian.expect(act.phi, one, kinks=act.kinks),
-            "C_slope": gaussian.dphi_moment(act, one) / q1,
+        q1 = gaussian.second_moment(act, one)
+        terms = {
+            "Q1": lambda: q1,
+            "Q_slope": lambda: meanfield.q_map_slope(act, one, 1.0, 0.0),
+            "mean": lambda: gaussian.expect(act.phi, one, kinks=act.kinks),
+            "C_slope": lambda: gaussian.dphi_moment(act, one) / q1,
+            "C_curv": lambda: (
+                gaussian.expect(lambda x: act.d2phi(x) ** 2, one, kinks=act.kinks) / q1
+            ),
+            "Cf0": lambda: compound_c_map(act, 0.0, depth),
         }
-        if curvature:
-            curv = gaussian.expect(lambda x: act.d2phi(x) ** 2, one, kinks=act.kinks)
-            out["C_curv"] = curv / q1
-        if depth is not None:
-            out["Cf0"] = compound_c_map(act, 0.0, depth)
-    return out
+        return {k: terms[k]() for k in keys}
 
 
 def compound_c_map(act: Activation | str, c, depth: int) -> jax.Array:
@@ -356,8 +375,7 @@ def compound_c_map(act: Activation | str, c, depth: int) -> jax.Array:
 def _checked(act: ShapedActivation, transform: Transform, conditions) -> ShapedActivation:
     """``act`` with ``transform`` and its residuals (mean-field route) attached; raises
     :class:`ShapingError` if any exceeds :data:`TOLERANCE`."""
-    keys = {key for _, (key, _) in conditions}
-    m = local_maps(act, transform.depth if "Cf0" in keys else None, curvature="C_curv" in keys)
+    m = local_maps(act, transform.depth, keys=tuple(key for _, (key, _) in conditions))
     residuals = tuple((name, float(m[key]) - target) for name, (key, target) in conditions)
     transform = dataclasses.replace(transform, residuals=residuals)
     bad = [(n, v) for n, v in residuals if not abs(v) <= TOLERANCE]
