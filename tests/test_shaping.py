@@ -222,7 +222,7 @@ def test_finite_width_network_follows_the_compound_c_map(which, request):
     differences of the compound map) and 1 for the cosine's normalization."""
     act = request.getfixturevalue(which)
     depth = act.transform.depth
-    width, seeds, c0 = 512, 32, 0.3
+    width, seeds, c0 = 256, 16, 0.3
     cos = _output_cosines(act, depth, width, seeds, c0)
     theory = float(shaping.compound_c_map(act, c0, depth))
     c = np.linspace(-1.0, 1.0, 21)
