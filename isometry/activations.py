@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import erf
 
-__all__ = ["Activation", "custom", "get", "names", "register"]
+__all__ = ["Activation", "custom", "get", "names", "register", "register_transform"]
 
 Array = jax.Array
 
@@ -321,6 +321,8 @@ _PWL = {"piecewise_linear": True}
 
 # name -> (fn, deriv, default params, kinks-of(params), extras)
 _CATALOG: dict[str, Callable[..., Activation]] = {}
+# prefix -> factory(base_name, **params): names "prefix:base" (e.g. "dks:tanh", isometry.shaping)
+_TRANSFORMS: dict[str, Callable[..., Activation]] = {}
 
 
 def register(name: str, factory: Callable[..., Activation]) -> None:
@@ -328,6 +330,17 @@ def register(name: str, factory: Callable[..., Activation]) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"register: name must be a non-empty string, got {name!r}")
     _CATALOG[name] = factory
+
+
+def register_transform(prefix: str, factory: Callable[..., Activation]) -> None:
+    """Make ``get("prefix:base", **params)`` return ``factory(base, **params)``.
+
+    :mod:`isometry.shaping` registers ``dks`` and ``tat`` (imported with :mod:`isometry`), so
+    ``get("dks:tanh", depth=50, zeta=1.5)`` is the DKS-transformed tanh of a 50-layer network.
+    """
+    if not isinstance(prefix, str) or not prefix or ":" in prefix:
+        raise ValueError(f"register_transform: prefix must be a non-empty name, got {prefix!r}")
+    _TRANSFORMS[prefix] = factory
 
 
 def _builtin(name, fn, deriv, defaults=None, kinks=lambda **p: (), **extras):
@@ -435,6 +448,9 @@ def get(name: str | Activation, **params: float) -> Activation:
     """Look up an activation by name, e.g. ``get("leaky_relu", negative_slope=0.2)``.
 
     Passing an :class:`Activation` returns it unchanged (parameters not allowed).
+    ``"prefix:base"`` names a transformed activation (:func:`register_transform`), e.g.
+    ``get("dks:tanh", depth=50, zeta=1.5)`` or ``get("tat:leaky_relu", depth=50, eta=0.9)``
+    (:mod:`isometry.shaping`).
 
     Raises:
         ValueError: unknown name (the message lists the known ones) or bad parameters.
@@ -446,8 +462,15 @@ def get(name: str | Activation, **params: float) -> Activation:
     if not isinstance(name, str):
         raise TypeError(f"activation must be a name or an Activation, got {type(name).__name__}")
     key = name.strip().lower().replace("-", "_")
+    prefix, colon, base = key.partition(":")
+    if colon and prefix in _TRANSFORMS:
+        return _TRANSFORMS[prefix](base, **params)
     if key not in _CATALOG:
-        raise ValueError(f"unknown activation {name!r}; known: {', '.join(names())}")
+        transforms = ", ".join(f"{p}:<name>" for p in sorted(_TRANSFORMS))
+        raise ValueError(
+            f"unknown activation {name!r}; known: {', '.join(names())}"
+            + (f"; transformed: {transforms}" if transforms else "")
+        )
     return _CATALOG[key](**params)
 
 
