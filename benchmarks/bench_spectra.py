@@ -10,7 +10,7 @@
    and a width-16,384 convolutional network (time, peak memory).
 
 Usage:
-    python benchmarks/bench_spectra.py [--quick] [--write]
+    python benchmarks/bench_spectra.py [--quick] [--write] [--device {cpu,gpu}] [--skip-slq]
 
 ``--write`` replaces the "spectra" section of BENCHMARKS.md with the results.
 """
@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,13 +40,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def best_time(fn, repeat=3):
+    return best_times(fn, repeat)[0]
+
+
+def best_times(fn, repeat=3):
+    """Best wall time and best process CPU time (all threads) of ``fn()``, after a warm-up.
+
+    On a machine shared with other jobs the wall time includes waiting for a core;
+    the CPU time counts only the work done, so CPU-time ratios are the steadier ones.
+    """
     fn()  # warm-up / compile
-    times = []
+    wall, cpu = [], []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return min(wall), min(cpu)
 
 
 def block(x):
@@ -70,17 +81,20 @@ def tanh_layer(p, h):
 def roofline(depth=64, n=512):
     a = jax.random.normal(jax.random.key(0), (n, n))
     mm = jax.jit(lambda a, b: a @ b)
-    t_mm = best_time(lambda: block(mm(a, a)), repeat=20)
+    t_mm, c_mm = best_times(lambda: block(mm(a, a)), repeat=20)
     big = jax.random.normal(jax.random.key(1), (2048, 2048))
-    t_big = best_time(lambda: block(mm(big, big)), repeat=3)
+    t_big, c_big = best_times(lambda: block(mm(big, big)), repeat=3)
     peak = max(2 * n**3 / t_mm, 2 * 2048**3 / t_big)
+    cpu_peak = max(2 * n**3 / c_mm, 2 * 2048**3 / c_big)
     sw, sb = (float(v) for v in meanfield.critical_point("tanh", 0.25))
     params = dense_params(jax.random.key(2), depth, n, sw, sb)
     x = jax.random.normal(jax.random.key(3), (n,)) * 0.5
     run = jax.jit(lambda p, x: jac.stack_jacobians(tanh_layer, p, x))
-    t = best_time(lambda: block(run(params, x)), repeat=5)
+    t, c = best_times(lambda: block(run(params, x)), repeat=5)
     flops = depth * 2 * n**3
     return {
+        "cpu_fraction_of_peak": flops / c / cpu_peak,
+        "cpu_peak_gflops_per_cpu_s": cpu_peak / 1e9,
         "matmul_gflops_512": 2 * n**3 / t_mm / 1e9,
         "matmul_gflops_2048": 2 * 2048**3 / t_big / 1e9,
         "peak_gflops": peak / 1e9,
@@ -108,20 +122,33 @@ def depth_sweep(n=256, depth=128, seeds=4, with_torch=True):
         )
     )
 
-    def ours_sv():
+    def ours_sv(method="svd", workers=None):
         J = jac_all(params, xs)
-        return block(spectra.singular_values(J))
+        return block(spectra.singular_values(J, method=method, workers=workers))
+
+    def ours_gram64():
+        return ours_sv("gram64", workers=2)
 
     def ours_mom():
         return block(mom_all(params, xs))
 
     res = {}
-    res["isometry_sv_s"] = best_time(ours_sv, repeat=2)
+    res["isometry_svd_s"], res["isometry_svd_cpu_s"] = best_times(ours_sv, repeat=2)
+    res["isometry_sv_s"], res["isometry_sv_cpu_s"] = best_times(ours_gram64, repeat=2)
     res["isometry_moments_s"] = best_time(ours_mom, repeat=2)
-    t = time.perf_counter()
-    block(jac_all(params, xs))
-    res["isometry_jacobians_only_s"] = time.perf_counter() - t
-    sv_ours = np.asarray(ours_sv())
+    res["isometry_jacobians_only_s"] = best_time(lambda: block(jac_all(params, xs)), repeat=2)
+    J = np.asarray(jac_all(params, xs), np.float64)
+    ref = np.linalg.svd(J.reshape(-1, n, n), compute_uv=False).reshape(seeds, depth, n)
+    sv_svd = np.asarray(ours_sv())
+    sv_ours = np.asarray(ours_gram64())
+    for name, sv in (("svd", sv_svd), ("gram64", sv_ours)):
+        # errors relative to s_max of each Jacobian, against a float64 SVD of the same J
+        res[f"max_err_{name}_vs_f64"] = float(np.max(np.abs(sv - ref) / ref[..., :1]))
+        lam, lam_ref = sv.astype(np.float64) ** 2, ref**2
+        res[f"max_err_mean_s2_{name}_vs_f64"] = float(
+            np.max(np.abs(lam.mean(-1) - lam_ref.mean(-1)) / lam_ref.mean(-1))
+        )
+    res["max_diff_gram64_vs_svd"] = float(np.max(np.abs(sv_ours - sv_svd) / sv_svd[..., :1]))
     mom = ours_mom()
 
     # per-depth jax.jacfwd (one jitted function per depth; compile excluded by a warm pass)
@@ -153,6 +180,7 @@ def depth_sweep(n=256, depth=128, seeds=4, with_torch=True):
         base = res.get(f"{k}_sv_s")
         if base:
             res[f"speedup_sv_vs_{k}"] = base / res["isometry_sv_s"]
+            res[f"speedup_svd_vs_{k}"] = base / res["isometry_svd_s"]
             res[f"speedup_moments_vs_{k}"] = base / res["isometry_moments_s"]
     return res
 
@@ -306,7 +334,7 @@ def machine():
 
 
 def report(r) -> str:
-    ro, ds, s2, s16 = r["roofline"], r["sweep"], r["slq2048"], r["slq16384"]
+    ro, ds = r["roofline"], r["sweep"]
     lines = [
         "## spectra",
         "",
@@ -317,17 +345,20 @@ def report(r) -> str:
         "",
         "**1. Roofline** (one-pass Jacobian, depth 64, width 512, tanh, float32; 2 N^3 per layer)",
         "",
-        "| measured matmul GFLOP/s (512 / 2048) | Jacobian pass | GFLOP/s | fraction of peak |",
-        "|---|---|---|---|",
+        "| measured matmul GFLOP/s (512 / 2048) | Jacobian pass | GFLOP/s | fraction of peak "
+        "(wall) | fraction of peak (CPU time) |",
+        "|---|---|---|---|---|",
         f"| {ro['matmul_gflops_512']:.1f} / {ro['matmul_gflops_2048']:.1f} "
         f"| {ro['jacobian_pass_s'] * 1e3:.1f} ms | {ro['jacobian_gflops']:.1f} "
-        f"| **{ro['fraction_of_peak']:.2f}** |",
+        f"| **{ro['fraction_of_peak']:.2f}** | **{ro['cpu_fraction_of_peak']:.2f}** |",
         "",
         "**2. Depth sweep** (width 256, every depth 1..128, 4 seeds, tanh at criticality)",
         "",
         "| route | time | isometry speedup |",
         "|---|---|---|",
-        f"| isometry, one pass + one batched SVD call | {ds['isometry_sv_s']:.2f} s | 1 |",
+        f'| isometry, one pass + float64 Gram eigenvalues (`method="gram64"`, 2 threads) '
+        f"| {ds['isometry_sv_s']:.2f} s | 1 |",
+        f"| isometry, one pass + one batched float32 SVD call | {ds['isometry_svd_s']:.2f} s | - |",
         f"| isometry, moments (traces + Lanczos, no SVD) | {ds['isometry_moments_s']:.2f} s | - |",
     ]
     if "torch_sv_s" in ds:
@@ -335,13 +366,15 @@ def report(r) -> str:
             f"| torch {ds['torch_version']} `jacrev` + `svdvals` per depth "
             f"({ds['torch_threads']} threads) | {ds['torch_sv_s']:.2f} s | "
             f"**{ds['speedup_sv_vs_torch']:.1f}x** (SV), "
-            f"**{ds['speedup_moments_vs_torch']:.1f}x** (moments) |"
+            f"**{ds['speedup_moments_vs_torch']:.1f}x** (moments), "
+            f"{ds['speedup_svd_vs_torch']:.1f}x (SVD route) |"
         )
     lines += [
         "| `jax.jacfwd` + SVD per depth (compiled; compile excluded) "
         f"| {ds['jax_jacfwd_sv_s']:.2f} s "
         f"| **{ds['speedup_sv_vs_jax_jacfwd']:.1f}x** (SV), "
-        f"**{ds['speedup_moments_vs_jax_jacfwd']:.1f}x** (moments) |",
+        f"**{ds['speedup_moments_vs_jax_jacfwd']:.1f}x** (moments), "
+        f"{ds['speedup_svd_vs_jax_jacfwd']:.1f}x (SVD route) |",
         "",
         f"Agreement: max |s - s_jacfwd| = {ds['max_abs_diff_vs_jacfwd']:.1e}"
         + (
@@ -351,7 +384,20 @@ def report(r) -> str:
             if "torch_sv_s" in ds
             else "."
         ),
+        "Against a float64 SVD of the same Jacobians (max over seeds and depths, relative to "
+        f"s_max): gram64 {ds['max_err_gram64_vs_f64']:.1e}, float32 SVD "
+        f"{ds['max_err_svd_vs_f64']:.1e}; mean s^2: gram64 "
+        f"{ds['max_err_mean_s2_gram64_vs_f64']:.1e}"
+        f", SVD {ds['max_err_mean_s2_svd_vs_f64']:.1e}.",
         "",
+    ]
+    if "slq2048" in r:
+        lines += slq_report(r["slq2048"], r["slq16384"])
+    return "\n".join(lines)
+
+
+def slq_report(s2, s16) -> list[str]:
+    return [
         "**3. Matrix-free SLQ**",
         "",
         "| network | dense SVD | SLQ (compiled) | W1 error (relative to spread) | peak RSS |",
@@ -366,7 +412,6 @@ def report(r) -> str:
         f"{s16['slq_first_call_s']:.2f} s) | - | {s16['peak_rss_mib']:.0f} MiB process RSS |",
         "",
     ]
-    return "\n".join(lines)
 
 
 def write_section(text: str) -> None:
@@ -384,7 +429,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke test)")
     ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--skip-slq", action="store_true", help="only the roofline and depth sweep")
+    common.add_device_argument(ap)
     args = ap.parse_args()
+    common.use_device(args.device)
     r = {}
     if args.quick:
         r["roofline"] = roofline(depth=8, n=128)
@@ -398,9 +446,10 @@ def main() -> None:
         print("[bench] depth sweep ...", flush=True)
         r["sweep"] = depth_sweep(with_torch=not args.no_torch)
         print(json.dumps(r["sweep"]), flush=True)
-        print("[bench] SLQ ...", flush=True)
-        r["slq2048"] = slq_2048()
-        r["slq16384"] = slq_16384()
+        if not args.skip_slq:
+            print("[bench] SLQ ...", flush=True)
+            r["slq2048"] = slq_2048()
+            r["slq16384"] = slq_16384()
     text = report(r)
     print(json.dumps(r, indent=1, default=str))
     print(text)

@@ -34,3 +34,24 @@ def machine() -> str:
         f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
         f"jax {jax.__version__} on {dev.platform} ({getattr(dev, 'device_kind', '')})"
     ).replace("  ", " ")
+
+
+def add_device_argument(parser) -> None:
+    """Add ``--device {cpu,gpu}`` (default ``cpu``) to an ``argparse`` parser."""
+    parser.add_argument(
+        "--device", choices=("cpu", "gpu"), default="cpu", help="backend to time (default cpu)"
+    )
+
+
+def use_device(name: str):
+    """Make ``name`` (``"cpu"`` or ``"gpu"``) JAX's default device; exit clearly if absent."""
+    try:
+        dev = jax.devices(name)[0]
+    except RuntimeError as err:
+        raise SystemExit(
+            f"--device {name}: no {name.upper()} backend in this JAX installation "
+            f"(backends present: {jax.default_backend()}); install the [cuda] extra on a "
+            f"machine with a GPU, or use --device cpu ({err})"
+        ) from err
+    jax.config.update("jax_default_device", dev)
+    return dev

@@ -155,30 +155,38 @@ def scan_emit(plan: Plan, init, step, emit, *, unroll=1):
 
     ``carry_d = step(carry_{d-1}, params[d-1])``; returns the pytree of
     ``emit(carry_d)`` stacked over the ``K`` requested depths (leading axis ``K``).
-    Emission happens inside the scan (under ``lax.cond``, so only at the
-    requested depths) into a preallocated ``(K + 1, ...)`` buffer; non-emitting
-    layers write the spare slot ``K``. Memory: the carry plus K outputs.
+    One requested depth (the last layer run) is emitted after the scan from
+    the final carry. Several are emitted inside the scan into a preallocated
+    ``(K, ...)`` buffer updated in place, under ``lax.cond`` when some depths
+    are skipped (those neither emit nor touch the buffer). Memory: the carry
+    plus K outputs.
     """
     K = len(plan.depths)
     dmax = int(plan.depths[-1])
-    slots = np.full(dmax, K, dtype=np.int32)
-    slots[plan.depths - 1] = np.arange(K, dtype=np.int32)
     carry0 = init(plan.x, plan.rows)
+    if K == 1:
+        carry, _ = lax.scan(lambda c, p: (step(c, p), None), carry0, plan.params, unroll=unroll)
+        return jax.tree_util.tree_map(lambda v: v[None], emit(carry))
+    slots = np.full(dmax, K, dtype=np.int32)  # K: this depth is not emitted
+    slots[plan.depths - 1] = np.arange(K, dtype=np.int32)
     out_shape = jax.eval_shape(emit, carry0)
-    buf0 = jax.tree_util.tree_map(lambda s: jnp.zeros((K + 1, *s.shape), s.dtype), out_shape)
+    buf0 = jax.tree_util.tree_map(lambda s: jnp.zeros((K, *s.shape), s.dtype), out_shape)
 
-    def zeros(_):
-        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+    def write(buf, carry, slot):
+        return jax.tree_util.tree_map(
+            lambda b, v: lax.dynamic_update_index_in_dim(b, v, slot, 0), buf, emit(carry)
+        )
 
     def body(state, inp):
         carry, buf = state
         p, slot = inp
         carry = step(carry, p)
-        val = lax.cond(slot < K, emit, zeros, carry)
-        buf = jax.tree_util.tree_map(
-            lambda b, v: lax.dynamic_update_index_in_dim(b, v, slot, 0), buf, val
-        )
+        if K < dmax:
+            buf = lax.cond(slot < K, write, lambda b, c, s: b, buf, carry, slot)
+        else:
+            buf = write(buf, carry, slot)
         return (carry, buf), None
 
-    (_, buf), _ = lax.scan(body, (carry0, buf0), (plan.params, jnp.asarray(slots)), unroll=unroll)
-    return jax.tree_util.tree_map(lambda b: b[:K], buf)
+    init_state = (carry0, buf0)
+    (_, buf), _ = lax.scan(body, init_state, (plan.params, jnp.asarray(slots)), unroll=unroll)
+    return buf

@@ -281,7 +281,7 @@ def stack_singular_values(
             :func:`isometry.spectra.log_singular_values`. Disable with
             ``check_finite=False`` (also skipped under ``jit``).
     """
-    validate.choice("method", method, ("svd", "eigh"))
+    validate.choice("method", method, ("svd", "eigh", "gram64"))
     layer, params, x, depths = _stack_args(layer, params, x, depths, "stack_singular_values")
     J = stack_jacobians(layer, params, x, depths, tangents=tangents)
     J = J.reshape(J.shape[0], jnp.asarray(x).size, -1)
@@ -583,7 +583,8 @@ def random_network_spectra(
             1,000+ layers), or ``"moments"`` (dict of ``mean``, ``var``,
             ``second_moment``, ``max`` of the squared singular values from
             traces and Lanczos, no SVD: :func:`isometry.spectra.trace_moments`).
-        method: ``"svd"`` or ``"eigh"`` (see :func:`isometry.spectra.singular_values`).
+        method: ``"svd"``, ``"eigh"`` or ``"gram64"`` (see
+            :func:`isometry.spectra.singular_values`).
 
     Returns:
         ``(n_seeds, n_inputs, K, N)`` decreasing, or for ``"moments"`` a dict
@@ -594,7 +595,7 @@ def random_network_spectra(
         statistic,
         ("squared_singular_values", "singular_values", "log_singular_values", "moments"),
     )
-    validate.choice("method", method, ("svd", "eigh"))
+    validate.choice("method", method, ("svd", "eigh", "gram64"))
     if statistic == "moments":
         return random_network_jacobians(
             key, net, depths, n_seeds=n_seeds, n_inputs=n_inputs, inputs=inputs,

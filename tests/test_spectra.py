@@ -60,6 +60,32 @@ def test_singular_values_svd_and_eigh_accuracy_limit(x64):
         spectra.singular_values(jnp.ones(3))
 
 
+def test_gram64_route_is_float64_accurate_for_float32_jacobians():
+    n = 32
+    rng = np.random.default_rng(0)
+    U, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    V, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    J = jnp.asarray(((U * np.logspace(0, -6, n)) @ V.T).astype(np.float32))
+    lam_ref = np.linalg.svd(np.asarray(J, np.float64), compute_uv=False) ** 2  # of J as stored
+    lam = spectra.squared_singular_values(J, method="gram64")
+    assert lam.dtype == jnp.float32
+    # Weyl: forming J J^T in float64 and syevd perturb lambda by <~ n^2 eps_64 s_max^2 (with
+    # a factor 4 of headroom); the float32 result adds eps_32 lambda_i. A float32 Gram matrix
+    # (error ~ eps_32 s_max^2 = 1e-7) would fail this by five orders of magnitude.
+    bound = 4 * n**2 * np.finfo(np.float64).eps * lam_ref[0] + np.finfo(np.float32).eps * lam_ref
+    assert np.all(np.abs(np.asarray(lam, np.float64) - lam_ref) <= bound)
+    # the same under jit and vmap (a host callback), and split over two threads
+    Jb = jnp.stack([J, 2 * J, J.T])
+    batch = spectra.squared_singular_values(Jb, method="gram64")
+    jitted = jax.jit(jax.vmap(lambda a: spectra.squared_singular_values(a, method="gram64")))
+    np.testing.assert_array_equal(jitted(Jb), batch)
+    np.testing.assert_array_equal(
+        spectra.squared_singular_values(Jb, method="gram64", workers=2), batch
+    )
+    sv = spectra.singular_values(J, method="gram64")
+    np.testing.assert_allclose(sv**2, lam, rtol=4 * np.finfo(np.float32).eps)
+
+
 def test_summaries_and_moments(x64):
     lam = jnp.array([[0.0, 1.0, 2.0, 5.0], [1.0, 1.0, 1.0, 1.0]])
     s = spectra.summary(lam)
