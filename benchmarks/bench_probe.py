@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import argparse
 import resource
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
 
 from isometry import probe
 
@@ -70,7 +75,9 @@ def main() -> None:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--probes", type=int, default=2)
     p.add_argument("--steps", type=int, default=8)
+    common.add_device_flag(p)
     a = p.parse_args()
+    common.use_device(a.device)
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
     model = ResNet(a.width, a.blocks, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, a.size, a.size, 16))
