@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 
 jax.config.update("jax_enable_x64", True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 from isometry import activations, freeprob, jacobian, meanfield, spectra  # noqa: E402
 
@@ -69,7 +74,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--width", type=int, default=1000)
     p.add_argument("--depth", type=int, default=8)
+    common.add_device_flag(p)
     args = p.parse_args()
+    common.use_device(args.device)
     print(f"machine: {platform.processor() or platform.machine()}, jax {jax.__version__}")
     for name, weights in (("linear", "gaussian"), ("relu", "gaussian"), ("tanh", "orthogonal")):
         edge = freeprob.max_eigenvalue(name, 0.25, 1000, weights)

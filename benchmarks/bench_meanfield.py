@@ -75,7 +75,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=201)
     p.add_argument("--points", type=int, default=6, help="scipy subsample size")
     p.add_argument("--x64", action="store_true")
+    common.add_device_flag(p)
     args = p.parse_args()
+    common.use_device(args.device)
     import jax
 
     if args.x64:

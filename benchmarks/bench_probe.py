@@ -23,12 +23,17 @@ from __future__ import annotations
 
 import argparse
 import resource
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
 
 from isometry import probe
 
@@ -116,7 +121,9 @@ def main() -> None:
         "--memory", type=lambda s: [int(w) for w in s.split(",")], default=None,
         help="widths (e.g. 8,16,32,64), each in a fresh process: peak RSS and its fit",
     )  # fmt: skip
+    common.add_device_flag(p)
     a = p.parse_args()
+    common.use_device(a.device)
     if a.memory:
         memory_sweep(a)
         return

@@ -430,7 +430,7 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--skip-slq", action="store_true", help="only the roofline and depth sweep")
-    common.add_device_argument(ap)
+    common.add_device_flag(ap)
     args = ap.parse_args()
     common.use_device(args.device)
     r = {}

@@ -38,6 +38,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
 
 CHILD = """
 import json, sys, time
@@ -89,11 +93,14 @@ print(json.dumps(res))
 """
 
 
-def weak_scaling(per_device: int, width: int, depth: int) -> list[dict]:
+def weak_scaling(per_device: int, width: int, depth: int, device: str = "cpu") -> list[dict]:
+    """1, 2, 4 forced host devices on CPU; the one GPU with ``device="gpu"``."""
     out = []
-    for d in (1, 2, 4):
+    for d in (1, 2, 4) if device == "cpu" else (1,):
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={d}",
                    JAX_PLATFORMS="cpu")  # fmt: skip
+        if device == "gpu":
+            env = dict(os.environ, JAX_PLATFORMS="cuda")
         print(f"[bench_sweep] {d} device(s) ...", file=sys.stderr, flush=True)
         r = subprocess.run([sys.executable, "-c", CHILD, str(per_device), str(width), str(depth)],
                            env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -141,8 +148,10 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--depth", type=int, default=16)
     ap.add_argument("--write", action="store_true", help="print markdown")
+    common.add_device_flag(ap)
     args = ap.parse_args()
-    ws = weak_scaling(args.per_device, args.width, args.depth)
+    common.use_device(args.device)
+    ws = weak_scaling(args.per_device, args.width, args.depth, args.device)
     st = store_overhead()
     if not args.write:
         print(json.dumps({"weak_scaling": ws, "store": st}, indent=2))

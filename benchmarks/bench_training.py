@@ -3,20 +3,26 @@
 A depth-32, width-256 tanh MLP (64 inputs, 10 classes: the digits dataset),
 batch 128, SGD with clipping by global norm 1.0, float32:
 
-1. the isometry train step (jitted, state donated; it also computes the
-   per-layer gradient norms, the clipped norm and the non-finite guard)
-   called in a Python loop, and the whole :func:`isometry.training.train`
-   loop (logging every 10 steps, no evaluation or probe);
+1. the isometry train step (jitted, state donated) called in a Python
+   loop, as at an ordinary step (``log=False``: the non-finite guard only)
+   and as at a log step (``log=True``: also the per-layer gradient norms and
+   the clipped norm), and the whole :func:`isometry.training.train` loop
+   (logging every 10 steps, no evaluation or probe);
 2. the equivalent PyTorch loop (``zero_grad``, forward, cross-entropy,
    ``backward``, ``clip_grad_norm_``, ``SGD.step``) on the same CPU, same
    run; skipped when torch is not installed;
-3. the step's achieved FLOP/s (``3 x`` the forward matmul flops ``2 B sum
+3. the cost of each diagnostic as a fraction of the ordinary step's time:
+   the guard (the step against a bare ``value_and_grad`` + update step built
+   here), the per-layer norms and the clipped norm (each jitted alone on the
+   step's gradients, best of interleaved repeats);
+4. the step's achieved FLOP/s (``3 x`` the forward matmul flops ``2 B sum
    n_in n_out``) as a fraction of this machine's measured float32 matmul FLOP/s.
 
 Usage:
-    python benchmarks/bench_training.py [--steps 300] [--write]
+    python benchmarks/bench_training.py [--steps 300] [--device {cpu,gpu}] [--write]
 
-``--write`` replaces the "training" section of BENCHMARKS.md with the results.
+``--write`` replaces the "training" section of BENCHMARKS.md (``--device gpu``:
+the "training (gpu)" section) with the results.
 """
 
 from __future__ import annotations
@@ -31,12 +37,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, matmul_flops
+from common import add_device_flag, best_time, machine, matmul_flops, use_device
 
 from isometry import data, networks, training
+from isometry.training.evaluation import per_example_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPTH, WIDTH, BATCH, LR, CLIP = 32, 256, 128, 0.01, 1.0
@@ -48,29 +56,73 @@ def step_flops(in_dim: int, out_dim: int) -> float:
     return 3.0 * fwd
 
 
-def bench_isometry_step(ds, steps: int) -> float:
+def _setup(ds):
+    """``(graphdef, tx, clip_tx, train config, state)`` of the benchmark's MLP."""
     cfg = networks.MLPConfig(
         depth=DEPTH, width=WIDTH, in_dim=ds.in_dim, out_dim=10, activation="tanh",
         init="orthogonal", q_star=0.25,
     )  # fmt: skip
     model = networks.MLP(cfg, rngs=nnx.Rngs(0))
     tc = training.TrainConfig(
-        steps=steps, batch_size=BATCH, learning_rate=LR, clip=f"global_norm:{CLIP}"
+        steps=1, batch_size=BATCH, learning_rate=LR, clip=f"global_norm:{CLIP}"
     )
     tx = training.optimizer(tc)
-    clip_tx = training.clipping(tc.clip)
     g_train, _, state = training.init_state(model, tx)
-    step = training.make_train_step(g_train, tx, clip_tx, training.schedule(tc))
+    return g_train, tx, training.clipping(tc.clip), tc, state
+
+
+def bare_step(graphdef, tx):
+    """The step without guard or diagnostics: ``value_and_grad``, ``tx.update``, apply."""
+
+    def loss_fn(params, stats, rest, x, y):
+        model = nnx.merge(graphdef, params, stats, rest, copy=True)
+        return per_example_loss("cross_entropy", model(x), y)[0].mean()
+
+    def step(state, x_all, y_all, idx, step):
+        p, x, y = state["params"], x_all[idx], y_all[idx]
+        value, grads = jax.value_and_grad(loss_fn)(p, state["batch_stats"], state["rest"], x, y)
+        updates, opt_state = tx.update(grads, state["opt_state"], p)
+        return {**state, "params": optax.apply_updates(p, updates), "opt_state": opt_state}, value
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def bench_steps(ds, steps: int, rounds: int = 4) -> dict[str, float]:
+    """Steps/s of the lean step, the log step and the bare step: best of interleaved rounds."""
+    g, tx, clip_tx, tc, state = _setup(ds)
+    step = training.make_train_step(g, tx, clip_tx, training.schedule(tc))
+    bare = bare_step(g, tx)
+    lean = lambda s, x, y, i, t: step(s, x, y, i, t, False)  # noqa: E731
+    logged = lambda s, x, y, i, t: step(s, x, y, i, t, True)  # noqa: E731
+    fns = {"lean": lean, "log": logged, "bare": bare}
+    states = {k: jax.tree.map(jnp.copy, state) for k in fns}
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
     idx = [jnp.asarray(data.batch_indices(0, t, len(ds.x_train), BATCH)) for t in range(steps)]
-    for t in range(3):  # compile + warm-up
-        state, m = step(state, x, y, idx[t], jnp.int32(t))
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for t in range(steps):
-        state, m = step(state, x, y, idx[t], jnp.int32(t))
-    jax.block_until_ready((state, m))
-    return steps / (time.perf_counter() - t0)
+    best = dict.fromkeys(fns, float("inf"))
+    for r in range(rounds + 1):  # round 0 compiles and warms up; the order alternates
+        for k in list(fns) if r % 2 else list(fns)[::-1]:
+            f, s = fns[k], states[k]
+            t0 = time.perf_counter()
+            for t in range(steps if r else 3):
+                s, m = f(s, x, y, idx[t], jnp.int32(t))
+            jax.block_until_ready((s, m))
+            states[k] = s
+            if r:
+                best[k] = min(best[k], time.perf_counter() - t0)
+    return {k: steps / v for k, v in best.items()}
+
+
+def diagnostic_seconds(ds) -> dict[str, float]:
+    """Seconds of the per-layer norms and of the clipped norm, each jitted alone on gradients."""
+    *_, clip_tx, _, state = _setup(ds)
+    p = state["params"]
+    grads = jax.tree.map(lambda a: jnp.full_like(a, 1e-3), p)
+    norms = jax.jit(training.layer_grad_norms)
+    clipped = jax.jit(lambda gr: optax.tree.norm(clip_tx.update(gr, clip_tx.init(p), p)[0]))
+    return {
+        "norms": best_time(norms, grads, repeat=20),
+        "clip": best_time(clipped, grads, repeat=20),
+    }
 
 
 def _train_seconds(ds, cfg, steps: int) -> float:
@@ -93,13 +145,17 @@ def bench_isometry_train(ds, steps: int) -> float:
     )  # fmt: skip
     t1 = _train_seconds(ds, cfg, steps)
     t2 = _train_seconds(ds, cfg, 2 * steps)
-    return steps / max(t2 - t1, 1e-9)
+    return steps / (t2 - t1) if t2 > t1 else float("nan")  # nan: swamped by load
 
 
-def bench_torch(ds, steps: int, threads: int) -> float | None:
+def bench_torch(ds, steps: int, threads: int, device: str = "cpu") -> float | None:
+    """Steps/s of the PyTorch eager loop (``device="gpu"``: on CUDA; ``None`` if unavailable)."""
     try:
         import torch
     except ImportError:
+        return None
+    dev = "cuda" if device == "gpu" else "cpu"
+    if dev == "cuda" and not torch.cuda.is_available():
         return None
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -107,14 +163,15 @@ def bench_torch(ds, steps: int, threads: int) -> float | None:
     for _ in range(DEPTH):
         layers += [torch.nn.Linear(WIDTH, WIDTH), torch.nn.Tanh()]
     layers.append(torch.nn.Linear(WIDTH, 10))
-    model = torch.nn.Sequential(*layers)
+    model = torch.nn.Sequential(*layers).to(dev)
     for m in model:
         if isinstance(m, torch.nn.Linear) and m.in_features == m.out_features:
             torch.nn.init.orthogonal_(m.weight)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    x, y = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train.astype(np.int64))
+    x = torch.from_numpy(ds.x_train).to(dev)
+    y = torch.from_numpy(ds.y_train.astype(np.int64)).to(dev)
     idx = [
-        torch.from_numpy(data.batch_indices(0, t, len(ds.x_train), BATCH).astype(np.int64))
+        torch.from_numpy(data.batch_indices(0, t, len(ds.x_train), BATCH).astype(np.int64)).to(dev)
         for t in range(steps)
     ]
 
@@ -139,56 +196,67 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    add_device_flag(ap)
     args = ap.parse_args(argv)
+    use_device(args.device)
     ds = data.load_digits()
     peak = matmul_flops(2048)
     flops = step_flops(ds.in_dim, 10)
-    sps = bench_isometry_step(ds, args.steps)
+    sps = bench_steps(ds, args.steps)
+    diag = diagnostic_seconds(ds)
     sps_train = bench_isometry_train(ds, args.steps)
-    threads = sorted({1, os.cpu_count() or 1})
-    tor = {n: bench_torch(ds, args.steps, n) for n in threads}
+    threads = sorted({1, os.cpu_count() or 1}) if args.device == "cpu" else [1]
+    tor = {n: bench_torch(ds, args.steps, n, args.device) for n in threads}
     tor = {n: v for n, v in tor.items() if v is not None}
     rows = [
-        ("isometry train step (jitted, donated), Python loop", sps),
+        ("isometry train step, ordinary step (`log=False`), Python loop", sps["lean"]),
+        ("isometry train step, log step (`log=True`), Python loop", sps["log"]),
         ("isometry `training.train` loop (log every 10 steps)", sps_train),
+        ("bare step (no guard, no diagnostics; reference)", sps["bare"]),
     ]
-    rows += [(f"PyTorch eager loop, {n} thread(s)", v) for n, v in tor.items()]
+    torch_dev = "CUDA" if args.device == "gpu" else "{n} thread(s)"
+    rows += [(f"PyTorch eager loop, {torch_dev.format(n=n)}", v) for n, v in tor.items()]
     lines = [
-        f"`python benchmarks/bench_training.py --steps {args.steps}` ({machine()}; float32; "
-        f"depth {DEPTH}, width {WIDTH}, batch {BATCH}, SGD, clip by global norm; "
-        f"{args.steps} timed steps after compilation).",
+        f"`python benchmarks/bench_training.py --steps {args.steps} --device {args.device}` "
+        f"({machine()}; float32; depth {DEPTH}, width {WIDTH}, batch {BATCH}, SGD, clip by "
+        f"global norm; {args.steps} timed steps after compilation, best of 4 interleaved rounds).",
         "",
         "| loop | steps/s | achieved GFLOP/s | fraction of matmul peak |",
         "|---|---|---|---|",
     ]
     for name, v in rows:
         lines.append(f"| {name} | {v:.1f} | {v * flops / 1e9:.1f} | {v * flops / peak:.2f} |")
-    lines.append("")
-    lines.append(
+    t_lean = 1 / sps["lean"]
+    lines += [
+        "",
         f"Measured float32 matmul peak (2048 x 2048, XLA): {peak / 1e9:.1f} GFLOP/s; "
-        f"one step = {flops / 1e9:.3f} GFLOP (3 x forward matmuls)."
-    )
+        f"one step = {flops / 1e9:.3f} GFLOP (3 x forward matmuls).",
+        f"Cost as a fraction of the ordinary step: non-finite guard "
+        f"{(t_lean - 1 / sps['bare']) / t_lean:+.3f} (ordinary vs bare step); at log steps "
+        f"per-layer norms {diag['norms'] / t_lean:.3f}, clipped norm {diag['clip'] / t_lean:.3f} "
+        f"(each jitted alone), whole log step {(1 / sps['log'] - t_lean) / t_lean:+.3f}.",
+    ]
     if tor:
         best = max(tor.values())
         lines.append(
-            f"Ratio isometry / best PyTorch: step {sps / best:.2f}x, "
-            f"whole `train` loop {sps_train / best:.2f}x."
+            f"Ratio isometry / best PyTorch: ordinary step {sps['lean'] / best:.2f}x, "
+            f"log step {sps['log'] / best:.2f}x, whole `train` loop {sps_train / best:.2f}x."
         )
     else:
-        lines.append("PyTorch not installed: comparison skipped.")
+        lines.append("PyTorch (or its CUDA build) not installed: comparison skipped.")
     text = "\n".join(lines)
     print(text)
     if args.write:
-        write_section(text)
+        write_section(text, "training" if args.device == "cpu" else "training (gpu)")
     return 0
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) the ``## training`` section of BENCHMARKS.md, re-read just before."""
+def write_section(text: str, name: str = "training") -> None:
+    """Replace (or append) the ``## name`` section of BENCHMARKS.md, re-read just before."""
     path = ROOT / "BENCHMARKS.md"
     old = path.read_text() if path.exists() else ""
-    section = f"## training\n\n{text}\n"
-    pat = re.compile(r"^## training\n.*?(?=^## |\Z)", re.S | re.M)
+    section = f"## {name}\n\n{text}\n"
+    pat = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pat.search(old):
         new = pat.sub(lambda _: section + "\n", old, count=1)
     else:

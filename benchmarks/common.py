@@ -36,22 +36,30 @@ def machine() -> str:
     ).replace("  ", " ")
 
 
-def add_device_argument(parser) -> None:
-    """Add ``--device {cpu,gpu}`` (default ``cpu``) to an ``argparse`` parser."""
+DEVICES = ("cpu", "gpu")
+
+
+def add_device_flag(parser) -> None:
+    """Add ``--device {cpu,gpu}`` (default ``cpu``) to a benchmark's ``argparse`` parser."""
     parser.add_argument(
-        "--device", choices=("cpu", "gpu"), default="cpu", help="backend to time (default cpu)"
+        "--device", choices=DEVICES, default="cpu", help="where JAX runs (gpu: the [cuda] extra)"
     )
 
 
-def use_device(name: str):
-    """Make ``name`` (``"cpu"`` or ``"gpu"``) JAX's default device; exit clearly if absent."""
+def use_device(name: str) -> jax.Device:
+    """Make the first ``name`` device JAX's default and print it with its matmul FLOP/s.
+
+    Exits with one line (no traceback) when this JAX has no ``name`` backend.
+    """
     try:
         dev = jax.devices(name)[0]
-    except RuntimeError as err:
+    except RuntimeError:
         raise SystemExit(
-            f"--device {name}: no {name.upper()} backend in this JAX installation "
-            f"(backends present: {jax.default_backend()}); install the [cuda] extra on a "
-            f"machine with a GPU, or use --device cpu ({err})"
-        ) from err
+            f"--device {name}: this jax {jax.__version__} has no {name} backend "
+            f"(available: {jax.default_backend()}); on an NVIDIA machine install "
+            '`pip install -e ".[cuda]"`'
+        ) from None
     jax.config.update("jax_default_device", dev)
+    print(f"device: {dev.platform} ({dev.device_kind}); matmul peak (2048^2 float32, XLA): "
+          f"{matmul_flops(2048) / 1e9:.1f} GFLOP/s")  # fmt: skip
     return dev

@@ -325,3 +325,28 @@ def test_evaluate_pads_and_masks_the_last_chunk(digits):
     assert ev["accuracy"] == pytest.approx(np.mean(logits.argmax(1) == y))
     with pytest.raises(ValueError, match="loss"):
         training.evaluate(model, x, y, loss="hinge")
+
+
+def test_lean_steps_are_bit_identical_to_logged_steps(digits):
+    """``log=False`` skips the diagnostics only: parameters and logged metrics are unchanged."""
+    tc = training.TrainConfig(steps=4, batch_size=16, learning_rate=0.1, clip="global_norm:0.05")
+    tx = training.optimizer(tc)
+    x, y = jnp.asarray(digits.x_train), jnp.asarray(digits.y_train)
+    g, _, s_log = training.init_state(_mlp(depth=3, width=16), tx)
+    s_lean = jax.tree.map(jnp.copy, s_log)
+    step = training.make_train_step(g, tx, training.clipping(tc.clip), training.schedule(tc))
+    for t in range(4):
+        idx = jnp.asarray(data.batch_indices(0, t, len(digits.x_train), 16))
+        s_log, m_log = step(s_log, x, y, idx, jnp.int32(t), True)
+        s_lean, m_lean = step(s_lean, x, y, idx, jnp.int32(t), t % 2 == 1)
+        for a, b in zip(_leaves(s_log), _leaves(s_lean), strict=True):
+            np.testing.assert_array_equal(a, b)
+        if t % 2 == 1:
+            for k in m_log:
+                np.testing.assert_array_equal(m_log[k], m_lean[k])
+        else:
+            assert float(m_lean["grad_norm_clipped"]) == 0.0 < float(m_log["grad_norm_clipped"])
+            assert not np.any(m_lean["grad_norm_layers"]) and m_lean["grad_norm_layers"].shape == (
+                3,
+            )
+            assert float(m_lean["loss"]) == float(m_log["loss"])

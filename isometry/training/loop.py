@@ -332,9 +332,9 @@ def _steps(r: _Run, config: TrainConfig, start: int, end: int, bar) -> int:
     try:
         for step in range(start + 1, end + 1):
             idx = r.batches(step - 1)
-            r.state, metrics = r.step_fn(r.state, r.x, r.y, idx, jnp.int32(step - 1))
-            updated = step
             logging = step % config.log_every == 0 or step == config.steps
+            r.state, metrics = r.step_fn(r.state, r.x, r.y, idx, jnp.int32(step - 1), logging)
+            updated = step
             if logging or step % config.checkpoint_every == 0:
                 r.check_finite(last_logged)
             if logging:

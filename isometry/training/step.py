@@ -8,12 +8,18 @@ before the update), ``lr``, ``grad_norm`` (global norm before clipping),
 ``grad_norm_input``, ``grad_norm_output`` and ``grad_norm_layers`` (the
 ``L`` per-layer gradient norms of the stack, :func:`layer_grad_norms`).
 
+The per-layer norms and the clipped norm are computed at log steps only
+(``log=True``; one compiled function, a ``lax.cond``); the guard runs at
+every step.
+
 A step whose loss, gradient or update is non-finite (or any step after one)
 leaves the state unchanged and records its index in ``bad_step``; the loop
 then stops with :class:`NonFiniteError`.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -110,19 +116,32 @@ def _guard(new: dict, state: dict, finite, step) -> dict:
     return out
 
 
-def _step_metrics(value, acc, lr, g_norm, c_norm, grads) -> dict:
+def _diagnostics(grads, params, clip_tx, g_norm) -> dict:
+    """The log-step-only metrics: the clipped norm and the per-layer gradient norms."""
+    clipped, _ = clip_tx.update(grads, clip_tx.init(params), params)
+    c_norm = optax.tree.norm(clipped)
     norms = layer_grad_norms(grads)
     return {
-        "loss": value,
-        "accuracy": acc,
-        "lr": jnp.asarray(lr, jnp.float32),
-        "grad_norm": g_norm,
         "grad_norm_clipped": c_norm,
         "clipped": c_norm < g_norm * (1 - 1e-6),
         "clip_ratio": c_norm / jnp.maximum(g_norm, 1e-30),
         "grad_norm_input": norms["input"],
         "grad_norm_output": norms["output"],
         "grad_norm_layers": norms["layers"],
+    }
+
+
+def _step_metrics(value, acc, lr, g_norm, grads, params, clip_tx, log) -> dict:
+    """The step's metrics; the diagnostics (:func:`_diagnostics`) only where ``log``, else zeros."""
+    diag = functools.partial(_diagnostics, clip_tx=clip_tx, g_norm=g_norm)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(diag, grads, params))
+    extra = jax.lax.cond(log, diag, lambda *_: zeros, grads, params)
+    return {
+        "loss": value,
+        "accuracy": acc,
+        "lr": jnp.asarray(lr, jnp.float32),
+        "grad_norm": g_norm,
+        **extra,
     }
 
 
@@ -134,13 +153,19 @@ def make_train_step(
     *,
     loss: str = "cross_entropy",
 ):
-    """The jitted train step ``(state, x_all, y_all, idx, step) -> (state, metrics)``.
+    """The jitted train step ``(state, x_all, y_all, idx, step, log=True) -> (state, metrics)``.
 
     ``x_all (n, *in)``, ``y_all (n, ...)`` stay on the device; ``idx (B,)``
     selects the batch. ``state`` is donated. ``clip_tx`` is the clipping part
     of ``tx``, re-applied to measure the clipped norm (stateless). A step
     whose loss, gradient or update is non-finite (or any step after one)
     leaves the state unchanged and records its index in ``bad_step``.
+
+    ``log`` (a traced bool) selects the diagnostics: where it is false the
+    clipped norm and the per-layer gradient norms are skipped (one
+    ``lax.cond``, one compilation) and read as zeros; the state and the other
+    metrics are bit-identical either way. The loop passes ``log`` true at its
+    log steps only.
     """
     validate.choice("loss", loss, LOSSES)
 
@@ -150,15 +175,13 @@ def make_train_step(
         _, _, new_stats, new_rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
         return jnp.mean(per), (jnp.mean(correct), new_stats, new_rest)
 
-    def step_fn(state, x_all, y_all, idx, step):
+    def step_fn(state, x_all, y_all, idx, step, log=True):
         x, y = x_all[idx], y_all[idx]
         p = state["params"]
         (value, (acc, stats, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             p, state["batch_stats"], state["rest"], x, y
         )
         g_norm = optax.tree.norm(grads)
-        clipped, _ = clip_tx.update(grads, clip_tx.init(p), p)
-        c_norm = optax.tree.norm(clipped)
         updates, opt_state = tx.update(grads, state["opt_state"], p)
         new = {
             "params": optax.apply_updates(p, updates),
@@ -168,6 +191,7 @@ def make_train_step(
         }
         finite = jnp.isfinite(value) & jnp.isfinite(g_norm) & jnp.isfinite(optax.tree.norm(updates))
         out = _guard(new, state, finite, step)
-        return out, _step_metrics(value, acc, lr_schedule(step), g_norm, c_norm, grads)
+        metrics = _step_metrics(value, acc, lr_schedule(step), g_norm, grads, p, clip_tx, log)
+        return out, metrics
 
     return jax.jit(step_fn, donate_argnums=0)
