@@ -24,6 +24,28 @@ TINY = {
     ],
     "batchnorm": ["activations=relu", "batch_sizes=4", "depth=3", "width=8", "seeds=2"],
     "deep_cnn": ["depths=2,4", "channels=3", "size=3", "spatial_dims=1", "seeds=1"],
+    "transformer_signal": [
+        "norm_positions=pre",
+        "alphas=1/sqrt(L)",
+        "depth=2",
+        "width=8",
+        "heads=2",
+        "seq_len=3",
+        "seeds=1",
+        "tangents=1",
+    ],
+    "transformer_trainability": [
+        "variants=pre:1/sqrt(L)",
+        "depths=2",
+        "width=8",
+        "heads=2",
+        "seeds=1",
+        "n_train=64",
+        "n_test=32",
+        "train.steps=4",
+        "train.batch_size=16",
+        "train.log_every=2",
+    ],
 }
 
 
