@@ -69,6 +69,7 @@ __all__ = [
     "EXPERIMENT",
     "PRESETS",
     "TASKS",
+    "TINY",
     "Config",
     "chance",
     "grid",
@@ -162,6 +163,13 @@ class Config:
         return tuple((n, a) for n in self.norm_positions for a in self.alphas)
 
 
+TINY = (
+    "variants=pre:1/sqrt(L)", "depths=2", "width=8", "heads=2", "seeds=1", "n_train=64",
+    "n_test=32", "train.steps=4", "train.batch_size=16", "train.log_every=2",
+)  # fmt: skip
+"""Overrides of the quick preset for a run of seconds (tests, the figure's tiny tier)."""
+
+
 def grid(cfg: Config) -> sweep.Grid:
     """``task x (norm_position, alpha) x depth x seed`` (one variant and depth share a
     compiled train step across seeds)."""
@@ -227,8 +235,8 @@ def run(
 ) -> Path:
     """Train one transformer per grid point into the store ``out``; the csv path.
 
-    Runs go through :func:`isometry.experiments.harness.run_points`
-    (``per_device`` and ``optimize`` are for vectorized sweeps and unused).
+    One training run per point (:func:`isometry.experiments.harness.run_points`,
+    resumable); ``per_device`` and ``optimize`` belong to vectorized sweeps.
     """
     del per_device, optimize
     store = sweep.Store(out, "transformer_trainability", cfg)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from isometry import cli, experiments, sweep
+from isometry.experiments import transformer_trainability
 
 TINY = {
     "spectra": ["activations=tanh", "q_stars=0.25", "depths=1,3", "width=16", "seeds=2"],
@@ -34,18 +35,7 @@ TINY = {
         "seeds=1",
         "tangents=1",
     ],
-    "transformer_trainability": [
-        "variants=pre:1/sqrt(L)",
-        "depths=2",
-        "width=8",
-        "heads=2",
-        "seeds=1",
-        "n_train=64",
-        "n_test=32",
-        "train.steps=4",
-        "train.batch_size=16",
-        "train.log_every=2",
-    ],
+    "transformer_trainability": list(transformer_trainability.TINY),
 }
 
 
