@@ -164,8 +164,8 @@ class Config:
 
 
 TINY = (
-    "variants=pre:1/sqrt(L)", "depths=2", "width=8", "heads=2", "seeds=1", "n_train=64",
-    "n_test=32", "train.steps=4", "train.batch_size=16", "train.log_every=2",
+    "tasks=recall", "variants=pre:1/sqrt(L)", "depths=2", "width=8", "heads=2", "seeds=1",
+    "n_train=64", "n_test=32", "train.steps=4", "train.batch_size=16", "train.log_every=2",
 )  # fmt: skip
 """Overrides of the quick preset for a run of seconds (tests, the figure's tiny tier)."""
 

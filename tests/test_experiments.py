@@ -119,6 +119,20 @@ def test_quick_presets(name, tmp_path):
     assert len(next(iter(t.values()))) > 0
 
 
+def test_transformer_trainability_tasks():
+    """Both tasks' inputs fit the networks built for them (the tiny run trains recall only)."""
+    cfg = experiments.config("transformer_trainability", "quick", ["n_train=8", "n_test=4"])
+    for task, shape, kind in (("digits", (16, 4), "f"), ("recall", (9,), "i")):
+        ds = transformer_trainability.load_task(cfg, task)
+        assert ds.x_train.shape[1:] == shape and ds.x_train.dtype.kind == kind
+        net = transformer_trainability.network_config(cfg, task, "post", "0", 3)
+        assert net.seq_len == shape[0] and net.out_dim == ds.num_classes
+        assert not net.residual and net.causal == (task == "recall")
+    assert transformer_trainability.chance(cfg, "recall") == 1 / cfg.values
+    with pytest.raises(ValueError, match="variants must be 'norm_position:alpha'"):
+        experiments.config("transformer_trainability", "quick", ["variants=pre:2"])
+
+
 def test_gradients_init_numbers():
     from isometry.experiments import gradients
 
