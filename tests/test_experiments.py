@@ -52,7 +52,14 @@ def test_registry():
         experiments.config("spectra", "medium")
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+# Slow only: figure 11's tiny tier (default suite) already runs transformer_signal; its
+# resume and mismatch checks here cost ~8 s of compilation.
+SLOW_TINY = ("transformer_signal",)
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_TINY else n for n in sorted(TINY)]
+)
 def test_tiny_runs_and_resume(name, tmp_path):
     path = experiments.run(name, "quick", TINY[name], tmp_path / name, progress=False)
     t = sweep.load_table(path)
