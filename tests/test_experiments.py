@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from isometry import cli, experiments, sweep
+from isometry.experiments import transformer_trainability
 
 TINY = {
     "spectra": ["activations=tanh", "q_stars=0.25", "depths=1,3", "width=16", "seeds=2"],
@@ -26,6 +27,17 @@ TINY = {
     ],
     "batchnorm": ["activations=relu", "batch_sizes=4", "depth=3", "width=8", "seeds=2"],
     "deep_cnn": ["depths=2,4", "channels=3", "size=3", "spatial_dims=1", "seeds=1"],
+    "transformer_signal": [
+        "norm_positions=pre",
+        "alphas=1/sqrt(L)",
+        "depth=2",
+        "width=8",
+        "heads=2",
+        "seq_len=3",
+        "seeds=1",
+        "tangents=1",
+    ],
+    "transformer_trainability": list(transformer_trainability.TINY),
 }
 
 
@@ -42,7 +54,14 @@ def test_registry():
         experiments.config("spectra", "medium")
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+# Slow only: figure 11's tiny tier (default suite) already runs transformer_signal; its
+# resume and mismatch checks here cost ~8 s of compilation.
+SLOW_TINY = ("transformer_signal",)
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_TINY else n for n in sorted(TINY)]
+)
 def test_tiny_runs_and_resume(name, tmp_path):
     path = experiments.run(name, "quick", TINY[name], tmp_path / name, progress=False)
     t = sweep.load_table(path)
@@ -107,6 +126,20 @@ def test_cli_run(tmp_path, capsys):
 def test_quick_presets(name, tmp_path):
     t = sweep.load_table(experiments.run(name, "quick", out=tmp_path, progress=False))
     assert len(next(iter(t.values()))) > 0
+
+
+def test_transformer_trainability_tasks():
+    """Both tasks' inputs fit the networks built for them (the tiny run trains recall only)."""
+    cfg = experiments.config("transformer_trainability", "quick", ["n_train=8", "n_test=4"])
+    for task, shape, kind in (("digits", (16, 4), "f"), ("recall", (9,), "i")):
+        ds = transformer_trainability.load_task(cfg, task)
+        assert ds.x_train.shape[1:] == shape and ds.x_train.dtype.kind == kind
+        net = transformer_trainability.network_config(cfg, task, "post", "0", 3)
+        assert net.seq_len == shape[0] and net.out_dim == ds.num_classes
+        assert not net.residual and net.causal == (task == "recall")
+    assert transformer_trainability.chance(cfg, "recall") == 1 / cfg.values
+    with pytest.raises(ValueError, match="variants must be 'norm_position:alpha'"):
+        experiments.config("transformer_trainability", "quick", ["variants=pre:2"])
 
 
 def test_gradients_init_numbers():
