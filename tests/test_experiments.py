@@ -54,9 +54,7 @@ def test_registry():
         experiments.config("spectra", "medium")
 
 
-# Slow only: figure 11's tiny tier (default suite) already runs transformer_signal; its
-# resume and mismatch checks here cost ~8 s of compilation.
-SLOW_TINY = ("transformer_signal",)
+SLOW_TINY: tuple[str, ...] = ()  # every tiny run is in the default suite
 
 
 @pytest.mark.parametrize(

@@ -272,7 +272,6 @@ def test_moments_closed_form_off_criticality():
 _FAST = [
     ("relu", "gaussian", 1.0, 3),
     ("hard_tanh", "orthogonal", 0.25, 8),
-    ("leaky_relu", "orthogonal", 0.25, 8),
 ]
 # Smooth laws with orthogonal weights reach the bottom of the law of d, where the
 # solver falls back to the cell law (20-200 s each on two CPU cores).
@@ -281,6 +280,7 @@ _FAST = [
 # width-1,000 networks (test_freeprob_measurement.test_tanh_gaussian, KS within a
 # derived bound), and the moment consistency of the density by the other _FAST laws.
 _HEAVY = [
+    ("leaky_relu", "orthogonal", 0.25, 8),
     ("tanh", "gaussian", 1.0, 3),
     ("tanh", "orthogonal", 0.25, 8),
     ("erf", "orthogonal", 1.0, 3),
@@ -356,6 +356,7 @@ def test_jittable_over_grid(name, q):
     )
 
 
+@pytest.mark.slow
 def test_singular_value_density_is_the_change_of_variables():
     s = np.linspace(0.05, 2.0, 40)
     a = freeprob.singular_value_density("erf", 0.5, 3, "gaussian", s)

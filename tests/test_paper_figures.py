@@ -21,7 +21,22 @@ def check_outputs(name, data, paths):
     assert core.caption(name)  # the docstring's first line
 
 
-@pytest.mark.parametrize("name", [n for n in FIGURES if n not in END_TO_END])
+# Tiny tiers whose experiments have their own default tiny runs (tests/test_experiments*.py)
+# run in the slow suite, to keep the default suite under five minutes.
+SLOW_TINY = (
+    "trainability", "spectra", "spectral_edge", "learning_speed", "gradients", "clipping",
+    "batchnorm", "deep_cnn", "rank_collapse",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.slow) if n in SLOW_TINY else n
+        for n in FIGURES
+        if n not in END_TO_END
+    ],
+)
 def test_figure_tiny_tier(name, tmp_path):
     r = core.make(name, "tiny", tmp_path / "out", tmp_path / "results")
     check_outputs(name, r["data"], r["paths"])

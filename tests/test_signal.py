@@ -138,6 +138,7 @@ def test_plain_mlp_follows_mean_field(act, sw, sb):
     assert (rate < 0) == (chi1 < 1)  # vanish toward the input if ordered, explode if chaotic
 
 
+@pytest.mark.slow  # figure 7 shows the same; its experiment runs tiny by default
 def test_sigmoid_xavier_vanishes_he_relu_does_not():
     L = 12
     u = pair_inputs(jax.random.key(3))
