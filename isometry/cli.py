@@ -17,13 +17,6 @@ from pathlib import Path
 __all__ = ["main"]
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(t) for t in text.split(",") if t.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
-
-
 def _ints(text: str) -> list[int]:
     try:
         return [int(t) for t in text.split(",") if t.strip()]
