@@ -568,6 +568,9 @@ def _add_figures(sub):
     p.add_argument("--no-progress", action="store_true",
                    help="no stage and point reports on stderr")  # fmt: skip
     p.add_argument("--list", action="store_true", help="list the figures and their captions")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="figures made at once, each in its own process (default: the CPU "
+                        "cores on a CPU, 1 on an accelerator)")  # fmt: skip
     p.set_defaults(run=_run_figures)
 
 
@@ -581,15 +584,19 @@ def _run_figures(args) -> int:
     names = args.names or list(FIGURES)
     for n in names:
         core.load_module(n)  # unknown names fail before any work starts
+    jobs = core.default_jobs() if args.jobs is None else args.jobs
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    jobs = min(jobs, len(names))
     t0 = time.perf_counter()
-    for i, n in enumerate(names, 1):
+    print(f"[figures] {len(names)} figure(s) at the {args.tier} tier, {jobs} at a time", flush=True)
+    made = core.make_many(names, args.tier, args.out, args.results, args.recompute,
+                          progress=not args.no_progress, jobs=jobs)  # fmt: skip
+    for i, (n, paths, seconds) in enumerate(made, 1):
         tag = f"[figures {i}/{len(names)}]"
-        print(f"{tag} {n} ({args.tier}) ...", flush=True)
-        r = core.make(n, args.tier, args.out, args.results, recompute=args.recompute,
-                      progress=not args.no_progress)  # fmt: skip
-        for p in r["paths"]:
+        for p in paths:
             print(f"{tag} wrote {p}", flush=True)
-        print(f"{tag} {n} done in {r['seconds']:.1f} s", flush=True)
+        print(f"{tag} {n} done in {seconds:.1f} s", flush=True)
     print(f"[figures] {len(names)} figure(s) in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -11,12 +11,16 @@ or ``stored_run(name, preset, overrides, store, progress=core.progress_enabled()
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextvars
 import hashlib
 import importlib
 import json
+import multiprocessing
+import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +28,15 @@ import numpy as np
 from isometry import atomic, plotting
 from isometry.paper_figures import FIGURES
 
-__all__ = ["TIER_NAMES", "caption", "load_module", "make", "progress_enabled"]
+__all__ = [
+    "TIER_NAMES",
+    "caption",
+    "default_jobs",
+    "load_module",
+    "make",
+    "make_many",
+    "progress_enabled",
+]
 
 TIER_NAMES = ("tiny", "quick", "full")
 
@@ -111,3 +123,69 @@ def make(
     finally:
         _PROGRESS.reset(token)
     return {"data": data, "paths": paths, "seconds": time.perf_counter() - t0}
+
+
+def _make_paths(name, tier, out, results, recompute, progress) -> tuple[str, list, float]:
+    """:func:`make` in a worker process: the figure's paths and seconds (no arrays back)."""
+    r = make(name, tier, out, results, recompute, progress=progress)
+    return name, r["paths"], r["seconds"]
+
+
+def default_jobs() -> int:
+    """Worker processes for :func:`make_many` by default: the CPU cores when JAX computes on
+    the CPU, else 1 (processes sharing one accelerator would each claim its memory)."""
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
+def _longest_first(names: Sequence[str], tier: str) -> list[str]:
+    """``names`` ordered by the figure modules' ``COST[tier]`` (seconds, a scheduling hint;
+    0 where a module gives none), longest first, ties in the given order."""
+    cost = {n: getattr(load_module(n), "COST", {}).get(tier, 0.0) for n in names}
+    return sorted(names, key=lambda n: -cost[n])
+
+
+def make_many(
+    names: Sequence[str],
+    tier: str = "quick",
+    out: str | Path = "paper_figures/out",
+    results: str | Path = "results/figures",
+    recompute: bool = False,
+    *,
+    progress: bool = False,
+    jobs: int = 1,
+) -> Iterator[tuple[str, list, float]]:
+    """:func:`make` each figure of ``names``; yields ``(name, paths, seconds)`` as each finishes.
+
+    ``jobs == 1`` makes them one after another in this process, in the given
+    order. ``jobs > 1`` makes them in that many fresh worker processes
+    (``spawn``; each figure computes in one process, as it would alone, so the
+    results are the same), longest first by the modules' ``COST`` hints; most
+    quick-tier work is small programs that keep one core busy, so two processes
+    on two cores finish in about half the time. The first error stops the
+    figures not yet started and is raised here.
+    """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+    if jobs == 1 or len(names) < 2:
+        for n in names:
+            r = make(n, tier, out, results, recompute, progress=progress)
+            yield n, r["paths"], r["seconds"]
+        return
+    ctx = multiprocessing.get_context("spawn")
+    workers = min(jobs, len(names))
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = [
+            pool.submit(_make_paths, n, tier, out, results, recompute, progress)
+            for n in _longest_first(names, tier)
+        ]
+        try:
+            for f in concurrent.futures.as_completed(futures):
+                yield f.result()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise

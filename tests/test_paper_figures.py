@@ -4,6 +4,7 @@ Two figures go through the ``isometry figures`` command end to end; the others
 through :func:`paper_figures.core.make`. Both routes check the same things.
 """
 
+import jax
 import numpy as np
 import pytest
 
@@ -59,11 +60,12 @@ def test_figures_command_end_to_end(tmp_path, capsys, monkeypatch):
         return original(**params)
 
     monkeypatch.setattr(module, "compute", compute)
-    args = ["figures", *END_TO_END, "--tier", "tiny", "--out", str(out), "--results", str(results)]
+    args = ["figures", *END_TO_END, "--tier", "tiny", "--out", str(out), "--results", str(results),
+            "--jobs", "1"]  # fmt: skip
     assert cli.main(args) == 0
     stdout, stderr = capsys.readouterr()
     assert f"{len(END_TO_END)} figure(s)" in stdout and "phase_diagram done in" in stdout
-    assert "[figures 1/2] phase_diagram (tiny) ..." in stdout
+    assert "1 at a time" in stdout and "[figures 1/2] wrote" in stdout
     assert "[phase_diagram] computing (tiny)" in stderr and "[phase_diagram] computed in" in stderr
     one = [*args[:1], "phase_diagram", *args[1 + len(END_TO_END) :]]
     assert cli.main([*one, "--no-progress"]) == 0  # cached now, and quiet
@@ -77,6 +79,40 @@ def test_figures_command_end_to_end(tmp_path, capsys, monkeypatch):
         monkeypatch.setattr(core.load_module(name), "compute", _must_not_compute)
         r = core.make(name, "tiny", out, results)
         check_outputs(name, r["data"], [out / f"{name}.png", out / f"{name}.pdf"])
+
+
+PARALLEL = ("phase_diagram", "finite_width")
+
+
+def test_figures_in_worker_processes(tmp_path, capsys):
+    """``--jobs 2`` makes each figure in its own process; the results are those of a figure
+    made alone in this process (with JAX's defaults, as the command runs: the suite turns on
+    float64, under which the Monte Carlo figures draw other samples)."""
+    out, results = tmp_path / "o", tmp_path / "r"
+    args = ["figures", *PARALLEL, "--tier", "tiny", "--out", str(out), "--results", str(results)]
+    assert cli.main([*args, "--jobs", "2", "--no-progress"]) == 0
+    stdout = capsys.readouterr().out
+    assert "2 at a time" in stdout and "2 figure(s) in" in stdout
+    for name in PARALLEL:
+        assert f"{name} done in" in stdout
+        with jax.enable_x64(False):
+            alone = core.make(name, "tiny", tmp_path / "o1", tmp_path / "r1")
+        check_outputs(name, alone["data"], alone["paths"])
+        with np.load(results / f"{name}_tiny.npz") as z:
+            for k, v in alone["data"].items():
+                np.testing.assert_array_equal(z[k], v)
+
+
+@pytest.mark.parametrize("jobs", ["0", "-1", "x"])
+def test_bad_jobs(jobs, tmp_path, capsys):
+    code = cli.main(["figures", "phase_diagram", "--tier", "tiny", "--jobs", jobs,
+                     "--out", str(tmp_path)])  # fmt: skip
+    assert code == 2 and "jobs" in capsys.readouterr().err
+
+
+def test_make_many_refuses_bad_jobs():
+    with pytest.raises(ValueError, match="jobs must be an integer >= 1"):
+        list(core.make_many(["phase_diagram"], "tiny", jobs=0))
 
 
 def _must_not_compute(**params):
