@@ -200,13 +200,14 @@ def train_model(
 ) -> RunResult:
     """Train ``model`` (``depth`` stacked layers) on ``ds`` and reduce the run.
 
-    ``run_dir``: the training directory (resumes a run left there; removed
-    when done), or ``None`` to keep everything in memory (a divergence then
-    loses the records before it). Same arguments, same result.
+    ``run_dir``: the training directory (resumes a run left there from its
+    last periodic checkpoint; removed when done, so no checkpoint is written
+    after the last step), or ``None`` to keep everything in memory (a
+    divergence then loses the records before it). Same arguments, same result.
     """
     diverged_step = None
     try:
-        records = training.train(model, ds, config, run_dir).records
+        records = training.train(model, ds, config, run_dir, final_checkpoint=False).records
     except training.NonFiniteError as err:
         diverged_step = err.step
         records = (

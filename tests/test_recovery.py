@@ -310,6 +310,21 @@ def test_finished_run_is_left_and_can_be_extended(digits, reference, tmp_path, c
     assert json.loads((out / "config.json").read_text())["train"]["steps"] == STEPS
 
 
+def test_run_without_final_checkpoint_replays_from_the_last_periodic_one(
+    digits, reference, tmp_path, capsys
+):
+    """``final_checkpoint=False`` (the harness's scratch runs) saves only the periodic
+    checkpoints; run again, it resumes from the last one and replays to the same result."""
+    out = tmp_path / "run"
+    cfg = dataclasses.replace(CFG, checkpoint_every=3)
+    training.train(_mlp(), digits, cfg, out, final_checkpoint=False)
+    assert rundir.checkpoint_manager(out, STEPS).all_steps() == [3, 6]
+    capsys.readouterr()
+    again = training.train(_mlp(), digits, cfg, out, final_checkpoint=False)
+    assert f"resuming from step 6 of {STEPS}" in capsys.readouterr().err
+    _assert_same_run(again, reference, out)
+
+
 def test_config_changes_that_cannot_continue_a_run(tmp_path):
     base = {"train": {**CFG.to_dict(), "steps": 300}, "dataset": "digits"}
     rundir.prepare_dir(tmp_path, base)

@@ -98,8 +98,8 @@ def _param_dtype(params):
 class _Run:
     """One training run's machinery (jitted functions, data on device, output files)."""
 
-    def __init__(self, model, data: _data.Dataset, config: TrainConfig, out_dir, extra_config):
-        self.cfg, self.data = config, data
+    def __init__(self, model, data, config: TrainConfig, out_dir, extra_config, final_ckpt=True):
+        self.cfg, self.data, self.final_checkpoint = config, data, bool(final_ckpt)
         self.loss = "cross_entropy" if data.num_classes is not None else "mse"
         self.tx = optimizer(config)
         clip_tx = clipping(config.clip, agc_eps=config.agc_eps)
@@ -260,6 +260,7 @@ def train(
     progress: bool = False,
     extra_config: dict | None = None,
     stop_after: int | None = None,
+    final_checkpoint: bool = True,
 ) -> TrainResult:
     """Train ``model`` on ``data`` (see the module docstring); resume if ``out_dir`` has a run.
 
@@ -274,6 +275,10 @@ def train(
         extra_config: more entries for ``config.json`` (e.g. dataset options).
         stop_after: for tests: return right after this many steps without a
             final checkpoint or summary, like a killed run.
+        final_checkpoint: save a checkpoint after the last step (the default).
+            ``False`` for scratch runs whose directory is removed once the
+            result is recorded: an interrupted run then resumes from its last
+            periodic checkpoint (or step 0) and replays to the same result.
 
     Returns:
         A :class:`TrainResult`.
@@ -285,7 +290,7 @@ def train(
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     _check_model_data(model, data)
-    r = _Run(model, data, config, out_dir, extra_config)
+    r = _Run(model, data, config, out_dir, extra_config, final_checkpoint)
     try:
         return _loop(r, model, config, progress, stop_after)
     finally:  # the model holds the last (good) state, also after an error
@@ -342,7 +347,8 @@ def _steps(r: _Run, config: TrainConfig, start: int, end: int, bar) -> int:
                 r.write([rec])
                 last_logged = step
                 bar.set_postfix(loss=f"{rec['loss']:.4g}", refresh=False)
-            if r.mngr is not None and (step % config.checkpoint_every == 0 or step == config.steps):
+            last = step == config.steps and r.final_checkpoint
+            if r.mngr is not None and (step % config.checkpoint_every == 0 or last):
                 rundir.save_checkpoint(r.mngr, step, r.state)
             bar.update(1)
             complete = step
