@@ -8,7 +8,9 @@ Every figure module ``paper_figures/figNN_<name>.py`` defines
     plot(data, params) -> Figure # no computation
 
 and its docstring's first line is the caption: what the figure shows and which paper it
-reproduces. Modules are discovered (ordered by ``NN``), so a new figure is one new module.
+reproduces. An optional ``COST = {"quick": seconds}`` (one CPU core, from empty stores) lets
+``isometry figures --jobs N`` start the longest figures first.
+Modules are discovered (ordered by ``NN``), so a new figure is one new module.
 ``isometry figures [NAMES...] --tier quick|full`` and ``python -m isometry.paper_figures``
 regenerate them (see :func:`isometry.paper_figures.core.make`).
 

@@ -9,6 +9,9 @@ from isometry import meanfield, plotting
 
 KEYS = ("sigma_w2", "sigma_b2", "chi1", "q_star", "c_star", "xi_c", "critical_sigma_w2")
 
+COST = {"quick": 10}
+"""Seconds of one CPU core for the quick tier from empty stores (a scheduling hint)."""
+
 TIERS = {
     "tiny": {"sigma_w2": (0.5, 5.0, 9), "sigma_b2": (0.0, 2.0, 5)},
     "quick": {"sigma_w2": (0.5, 5.0, 181), "sigma_b2": (0.0, 2.0, 121)},

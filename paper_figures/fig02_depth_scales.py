@@ -52,6 +52,9 @@ KEYS = (
 
 # net: (points below the edge, width N, depth, seeds; 0 points: theory only);
 # DEMO: sigma_w2 of the curves drawn on the right (ordered, chaotic).
+COST = {"quick": 29}
+"""Seconds of one CPU core for the quick tier from empty stores (a scheduling hint)."""
+
 TIERS = {
     "tiny": {"sigma_w2": (0.5, 4.0, 15), "sigma_b2": 0.05, "net": (0, 64, 60, 2)},
     "quick": {"sigma_w2": (0.5, 4.0, 351), "sigma_b2": 0.05, "net": (12, 256, 160, 4)},

@@ -32,6 +32,9 @@ KEYS = (
     "chi1", "depth", "sigma_w2", "width", "learning_rate", "activation",
 )  # fmt: skip
 
+COST = {"quick": 13}
+"""Seconds of one CPU core for the quick tier from empty stores (a scheduling hint)."""
+
 TIERS = harness.figure_tiers(
     "clipping",
     (
