@@ -32,6 +32,9 @@ from isometry.paper_figures import core
 KEYS = ("variants", "depth", "eval_accuracy", "diverged", "c", "c_maps", "c_map_variants", "theory_depth",
         "steps", "width", "zeta", "eta")  # fmt: skip
 
+COST = {"quick": 79}
+"""Seconds of one CPU core for the quick tier from empty stores (a scheduling hint)."""
+
 TIERS = harness.figure_tiers(
     "shaping",
     ("variants=resnet_bn", "depths=2", "train.steps=4", "train.log_every=2"),
