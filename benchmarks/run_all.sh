@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Run every benchmark and the quick tier of the paper figures on one device;
+# Run every benchmark, the main job (bench_figures: the quick tier of the paper figures
+# from empty stores) included, on one device;
 # write the outputs under results/bench-<device>/ (one log per benchmark,
-# the quick tier's wall time in quick_tier.txt).
+# bench_figures.md holds the quick tier's seconds per figure and in all).
 #
 # Usage: benchmarks/run_all.sh [--device cpu|gpu] [--python PYTHON]
 # On a GPU machine first: pip install -e ".[cuda,bench]"
@@ -23,22 +24,12 @@ mkdir -p "$out"
 "$py" -c "import sys; sys.path.insert(0, 'benchmarks'); import common; common.use_device('$device')" | tee "$out/device.txt"
 "$py" -c "import jax; print('jax', jax.__version__, [d.device_kind for d in jax.devices()])" | tee -a "$out/device.txt"
 status=0
-for b in meanfield freeprob spectra training sweep probe kernels; do
+for b in meanfield freeprob spectra training sweep probe kernels figures; do
   echo "== bench_$b --device $device" >&2
   if ! "$py" "benchmarks/bench_$b.py" --device "$device" > "$out/bench_$b.md" 2> "$out/bench_$b.err"; then
     echo "bench_$b failed: see $out/bench_$b.err" >&2
     status=1
   fi
 done
-platforms=$([ "$device" = gpu ] && echo cuda || echo cpu)
-echo "== quick tier on $device" >&2
-start=$(date +%s)
-if JAX_PLATFORMS=$platforms "$py" -m isometry figures --tier quick --recompute \
-    --out "$out/figures" --results "$out/figure-results" > "$out/quick_tier.log" 2>&1; then
-  echo "quick tier (all figures, empty stores): $(( $(date +%s) - start )) s on $device" | tee "$out/quick_tier.txt"
-else
-  echo "quick tier failed: see $out/quick_tier.log" >&2
-  status=1
-fi
 echo "outputs in $out/" >&2
 exit $status
