@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -350,3 +351,24 @@ def test_lean_steps_are_bit_identical_to_logged_steps(digits):
                 3,
             )
             assert float(m_lean["loss"]) == float(m_log["loss"])
+
+
+def test_runs_that_differ_in_seed_share_the_jitted_step(digits):
+    """Two runs of one structure and optimizer that differ in their seed (and so in their
+    initial parameters) use one jitted train step: the second neither traces nor loads it;
+    each equals the run made alone."""
+    from isometry.training import loop
+
+    cfg = training.TrainConfig(steps=3, batch_size=8, log_every=3, eval_every=0, probe_every=0)
+    net = _mlp(depth=1, width=8, init="gaussian", sigma_w2=1.0, sigma_b2=0.0).config
+    model = lambda s: networks.MLP(net, rngs=nnx.Rngs(s))  # noqa: E731
+    loop._train_step.cache_clear()
+    first = training.train(model(1), digits, dataclasses.replace(cfg, seed=1))
+    second = training.train(model(2), digits, dataclasses.replace(cfg, seed=2))
+    info = loop._train_step.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+    loop._train_step.cache_clear()
+    alone = training.train(model(2), digits, dataclasses.replace(cfg, seed=2))
+    for a, b in zip(_leaves(second.state), _leaves(alone.state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert first.records != second.records

@@ -28,6 +28,7 @@ step, as on Ctrl-C.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -95,6 +96,19 @@ def _param_dtype(params):
     return jnp.result_type(float)
 
 
+@functools.lru_cache(maxsize=8)
+def _train_step(graphdef, config: TrainConfig, loss: str):
+    """The jitted train step of a model structure, optimizer configuration and loss.
+
+    Cached, so runs that differ only in their parameters or seed (the seeds of
+    a sweep point) share one jitted function: the second run neither traces
+    nor loads the step again. ``config`` with ``seed=0`` (the step does not
+    depend on it).
+    """
+    tx, clip_tx = optimizer(config), clipping(config.clip, agc_eps=config.agc_eps)
+    return make_train_step(graphdef, tx, clip_tx, schedule(config), loss=loss)
+
+
 class _Run:
     """One training run's machinery (jitted functions, data on device, output files)."""
 
@@ -102,10 +116,8 @@ class _Run:
         self.cfg, self.data, self.final_checkpoint = config, data, bool(final_ckpt)
         self.loss = "cross_entropy" if data.num_classes is not None else "mse"
         self.tx = optimizer(config)
-        clip_tx = clipping(config.clip, agc_eps=config.agc_eps)
         self.g_train, self.g_eval, self.state = init_state(model, self.tx)
-        self.step_fn = make_train_step(self.g_train, self.tx, clip_tx, schedule(config),
-                                       loss=self.loss)  # fmt: skip
+        self.step_fn = _train_step(self.g_train, dataclasses.replace(config, seed=0), self.loss)
         self.probe = jacobian_probe(self.g_eval) if hasattr(model, "stack") else None
         # inputs (and regression targets) in the parameters' float dtype
         dt = _param_dtype(self.state["params"])
