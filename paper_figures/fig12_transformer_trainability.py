@@ -46,11 +46,22 @@ from isometry.experiments import harness
 from isometry.experiments import transformer_trainability as tt
 from isometry.paper_figures import core
 
-KEYS = ("tasks", "variants", "depths", "eval_accuracy", "train_accuracy", "chance", "steps")
+KEYS = (
+    "tasks", "variants", "depths", "eval_accuracy", "train_accuracy", "chance", "steps", "patch",
+    "pairs",
+)  # fmt: skip
 
 TIERS = harness.figure_tiers("transformer_trainability", tt.TINY)
 
-TASK_TITLES = {"digits": "digits as 2x2-patch sequences", "recall": "associative recall"}
+
+def task_title(task: str, data) -> str:
+    """The panel title of ``task``: the digits' patch size or the recall task's pairs."""
+    if task == "digits":
+        p = int(data["patch"])
+        return f"digits as {64 // p**2} tokens of {p}x{p} patches"
+    return f"associative recall, {int(data['pairs'])} pairs" if task == "recall" else task
+
+
 NORM_COLORS = {"none": "C0", "pre": "C1", "post": "C3"}
 NORM_LABELS = {"none": "no LN", "pre": "pre-LN", "post": "post-LN"}
 ALPHA_STYLES = {"1": "-", "1/sqrt(L)": "--", "0": ":"}
@@ -86,6 +97,8 @@ def compute(preset, overrides, store) -> dict:
         "chance": np.asarray([tt.chance(cfg, k) for k in tasks]),
         "steps": np.asarray(cfg.train.steps),
         "width": np.asarray(cfg.width),
+        "patch": np.asarray(cfg.patch),
+        "pairs": np.asarray(cfg.pairs),
     }
 
 
@@ -115,8 +128,7 @@ def plot(data, params):
         ax.minorticks_off()
         ax.set_ylabel("held-out accuracy")
         ax.set_title(
-            f"{TASK_TITLES.get(task, task)}: $N = {int(data['width'])}$, "
-            f"{int(data['steps'])} steps",
+            f"{task_title(task, data)}: $N = {int(data['width'])}$, {int(data['steps'])} steps",
             fontsize=9,
         )
     norms = list(dict.fromkeys(v.partition(":")[0] for v in variants))
