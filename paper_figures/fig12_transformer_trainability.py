@@ -59,6 +59,10 @@ KEYS = (
 
 TIERS = harness.figure_tiers("transformer_trainability", tt.TINY)
 
+COST = {"quick": 120.0}
+"""Single-core CPU seconds of a tier from empty stores (scheduling hint for ``--jobs``): 32 runs
+of 200 steps, most of the time going to tracing and compiling 16 train steps."""
+
 
 def task_title(task: str, data) -> str:
     """The panel title of ``task``: the digits' patch size or the recall task's pairs."""
