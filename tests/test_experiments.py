@@ -129,7 +129,7 @@ def test_quick_presets(name, tmp_path):
 def test_transformer_trainability_tasks():
     """Both tasks' inputs fit the networks built for them (the tiny run trains recall only)."""
     cfg = experiments.config("transformer_trainability", "quick", ["n_train=8", "n_test=4"])
-    for task, shape, kind in (("digits", (16, 4), "f"), ("recall", (9,), "i")):
+    for task, shape, kind in (("digits", (4, 16), "f"), ("recall", (5,), "i")):  # 4x4, 2 pairs
         ds = transformer_trainability.load_task(cfg, task)
         assert ds.x_train.shape[1:] == shape and ds.x_train.dtype.kind == kind
         net = transformer_trainability.network_config(cfg, task, "post", "0", 3)
