@@ -164,11 +164,12 @@ def point_kernels(width: int, depth: int, seed: int):
 
         def kernel(l):
             kg, ko = jax.random.split(jax.random.fold_in(k_w, l))
-            # A conditional: one point draws only its own ensemble (no QR for Gaussian ones).
+            g = initializers.sample_gaussian(kg, (N, N), sigma_w2, dtype)
+            # A conditional: a Gaussian point skips the QR of the orthogonal draw.
             return lax.cond(
                 orthogonal > 0.5,
                 lambda: initializers.sample_orthogonal(ko, (N, N), sigma_w2, dtype),
-                lambda: initializers.sample_gaussian(kg, (N, N), sigma_w2, dtype),
+                lambda: g,
             )
 
         return jax.vmap(kernel)(jnp.arange(L))
