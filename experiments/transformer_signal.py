@@ -55,6 +55,7 @@ __all__ = [
     "measure_sampled",
     "network_config",
     "point_samples",
+    "probes",
     "run",
     "token_inputs",
 ]
@@ -162,8 +163,20 @@ def measure_blocks(stack: networks.Stack, x0, key, tangents: int = 4) -> dict:
     Returns a dict of ``(L,)`` arrays: ``norm, cosine, cross_cosine, update,
     jacobian_sq, grad_state`` and ``grad_<w>`` for ``w`` in :data:`WEIGHTS`.
     """
+    return _measure(stack, x0, *probes(key, x0.shape, x0.dtype, tangents))
+
+
+def probes(key, shape, dtype, tangents: int) -> tuple[jax.Array, jax.Array]:
+    """``(r, V)``: the loss projection ``r ~ N(0, I)`` of ``shape`` and ``tangents`` random
+    tangents ``V (tangents, *shape)`` of :func:`measure_blocks`, drawn from ``key``."""
     k_loss, k_tan = jax.random.split(key)
-    r = jax.random.normal(k_loss, x0.shape, x0.dtype)
+    r = jax.random.normal(k_loss, shape, dtype)
+    return r, jax.random.normal(k_tan, (tangents, *shape), dtype)
+
+
+def _measure(stack: networks.Stack, x0, r, V) -> dict:
+    """:func:`measure_blocks` with the loss projection ``r`` and the tangents ``V`` given
+    (no tangents, ``V.shape[0] == 0``: ``jacobian_sq`` is NaN)."""
     L, N, T = stack.depth, x0.shape[-1], x0.shape[-2]
 
     def loss(params, probes):
@@ -181,8 +194,7 @@ def measure_blocks(stack: networks.Stack, x0, key, tangents: int = 4) -> dict:
     prev = jnp.concatenate([x0[None], states[:-1]])
     st = tt.gram_statistics(jax.vmap(tt.token_gram)(states), T)
     jsq = jnp.full((L,), jnp.nan, x0.dtype)
-    if tangents:
-        V = jax.random.normal(k_tan, (tangents, *x0.shape), x0.dtype)
+    if tangents := V.shape[0]:
         jsq = jacobian.stack_jacobians(
             stack.layer, stack.params, x0, range(1, L + 1), tangents=V,
             reduce=lambda J: jnp.sum(J**2) / (tangents * x0.size),
@@ -203,10 +215,10 @@ def _per_block(a):
 
 
 def point_samples(cfg: Config):
-    """``s(seed) -> (params, x0, key_data)``: a point's block parameters ``{name: (L, ...)}``,
-    its tokens ``x0 (S, T, N)`` and the raw data of the key of its loss projection and
-    tangents. The parameters' law does not depend on the layer-norm placement or the
-    branch scale, so one sampler serves every variant."""
+    """``s(seed) -> (params, x0, r, V)``: a point's block parameters ``{name: (L, ...)}``,
+    its tokens ``x0 (S, T, N)``, loss projection ``r`` and tangents ``V`` (:func:`probes`).
+    Their law does not depend on the layer-norm placement or the branch scale, so one
+    sampler serves every variant."""
     net = network_config(cfg, "pre", "1")
     dtype = jnp.result_type(float)
 
@@ -216,20 +228,19 @@ def point_samples(cfg: Config):
         x0 = token_inputs(
             k_in, cfg.sequences, cfg.seq_len, cfg.width, cfg.cosine, cfg.cross_cosine, dtype
         )
-        return params, x0, jax.random.key_data(k_m)
+        return params, x0, *probes(k_m, x0.shape, dtype, cfg.tangents)
 
     return s
 
 
 def measure_sampled(cfg: Config, norm_position: str, alpha: str):
-    """``m(params, x0, key_data) -> measure_blocks(...)`` for one variant, on the samples of
-    :func:`point_samples`."""
+    """``m(params, x0, r, V) -> measure_blocks(...)`` for one variant, on the samples of
+    :func:`point_samples` (no random draws)."""
     net = network_config(cfg, norm_position, alpha)
     template = networks.Transformer(net, rngs=nnx.Rngs(0)).stack()
 
-    def m(params, x0, key_data):
-        stack = dataclasses.replace(template, params=params)
-        return measure_blocks(stack, x0, jax.random.wrap_key_data(key_data), cfg.tangents)
+    def m(params, x0, r, V):
+        return _measure(dataclasses.replace(template, params=params), x0, r, V)
 
     return m
 
@@ -247,9 +258,9 @@ def _sampled_inputs(cfg: Config):
     sample = jax.jit(point_samples(cfg), compiler_options={"xla_backend_optimization_level": 0})
 
     def inputs(p):
-        params, x0, key_data = sample(p["seed"])
+        params, *rest = sample(p["seed"])
         flat = {f"param_{k}": np.asarray(v) for k, v in params.items()}
-        return {**flat, "x0": np.asarray(x0), "key_data": np.asarray(key_data)}
+        return flat | {k: np.asarray(v) for k, v in zip(("x0", "r", "V"), rest, strict=True)}
 
     return inputs
 
@@ -257,8 +268,8 @@ def _sampled_inputs(cfg: Config):
 def _measure_flat(cfg: Config, norm_position: str, alpha: str):
     m = measure_sampled(cfg, norm_position, alpha)
 
-    def f(x0, key_data, **flat):
-        return m({k.removeprefix("param_"): v for k, v in flat.items()}, x0, key_data)
+    def f(x0, r, V, **flat):
+        return m({k.removeprefix("param_"): v for k, v in flat.items()}, x0, r, V)
 
     return f
 
