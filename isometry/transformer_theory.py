@@ -73,14 +73,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from isometry import gaussian as gs
-from isometry import networks, validate
+from isometry import networks, signal, validate
 from isometry.activations import Activation
 
 __all__ = [
@@ -426,16 +425,11 @@ def profile(config: networks.TransformerConfig, G0: Array, seq_len: int, Gamma_L
     return _profile(config.act, config.causal, config.depth, seq_len, G0, Gamma_L, nums, flags)
 
 
-# Compiled once per (activation, mask, depth, sequence length): the placement, the
-# residual path and the variances are traced, so every variant of a sweep shares it.
-# It runs once, so XLA's backend optimization level 0 (less compile time, equal to
-# rounding) is the better trade.
-@functools.partial(
-    jax.jit, static_argnums=(0, 1, 2, 3), compiler_options={"xla_backend_optimization_level": 0}
-)
-def _profile(act, causal, depth, seq_len, G0, Gamma_L, nums, flags) -> Profile:
+def _profile_recursion(act, causal, depth, seq_len, G0, Gamma_L, nums, flags) -> Profile:
     """The recursions of :func:`profile`; ``nums = [sw, sb, alpha, sv, qk]``,
-    ``flags = [pre, post, residual]``."""
+    ``flags = [pre, post, residual]``. Compiled once per (activation, mask, depth,
+    sequence length): the placement, the residual path and the variances are traced, so
+    every variant of a sweep shares it."""
     n = G0.shape[0]
     A_T = uniform_attention(seq_len, causal, G0.dtype)
     A = jnp.kron(jnp.eye(n // seq_len, dtype=G0.dtype), A_T)
@@ -461,6 +455,9 @@ def _profile(act, causal, depth, seq_len, G0, Gamma_L, nums, flags) -> Profile:
         grad_state=g_state / top, grad_weights={k: v / top for k, v in grads.items()},
         qk_value=grads["query"] / grads["value"],
     )  # fmt: skip
+
+
+_profile = signal.jit_once(_profile_recursion, static_argnums=(0, 1, 2, 3))
 
 
 def collapse_depth(cosine: Array, eps: float = 1e-3) -> Array:
