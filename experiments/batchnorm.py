@@ -17,7 +17,9 @@ its wide-network value is :func:`isometry.batchnorm_theory.gradient_rate`
 (``(B - 2)/(B - 3)`` linear, ``-> pi/(pi - 1)`` ReLU), which the weight
 gradients follow from the last layer to the first.
 
-Vectorized: seeds vary inside one compiled function per (activation, B).
+Vectorized: seeds vary inside one compiled function per (activation, B); the
+weights, inputs and loss projections are drawn by programs compiled once
+(:func:`isometry.experiments.gradients.sampled_inputs`).
 
 Table columns: ``activation, batch, seed, layer, grad_preact_sq,
 grad_weight_sq, q, growth_rate`` (``growth_rate`` is per point, repeated on
@@ -98,6 +100,7 @@ def run(
     gcfg = gradients.Config(depth=cfg.depth, width=cfg.width, seed=cfg.seed)
     # Gaussian weights, sigma_w2 = 1 (batch normalization makes the scale irrelevant).
     weights = gradients.init_numbers(gcfg, "gaussian")
+    sample = gradients.sampled_inputs(cfg.width, cfg.depth, cfg.seed, optimize=optimize)
 
     def rows(p, o):
         r = gradients.layer_rows(o)
@@ -109,12 +112,12 @@ def run(
     return sweep.run_vectorized(
         store,
         g,
-        lambda s: gradients.measure_function(
-            gradients.network_config(gcfg, s["activation"], "batch_norm"), s["batch"], cfg.seed
+        lambda s: gradients.measure_sampled(
+            gradients.network_config(gcfg, s["activation"], "batch_norm")
         ),
         rows,
         static=("activation", "batch"),
-        inputs=lambda p: {**weights, "index": index[sweep.point_id(p)]},
+        inputs=lambda p: sample(**weights, index=index[sweep.point_id(p)], batch=p["batch"]),
         per_device=per_device,
         optimize=optimize,
         progress=progress,

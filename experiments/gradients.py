@@ -20,7 +20,10 @@ layers (Xavier 1, He 2), so the initializer is a number inside one compiled
 function.
 
 Vectorized: initializers and seeds vary inside one compiled function per
-(activation, technique); the points are sharded over all devices.
+(activation, technique); the points are sharded over all devices. Each
+point's kernels, inputs and loss projection are drawn first, by programs
+compiled once for the whole sweep (:func:`sampled_inputs`), so the
+per-network programs hold no random number generation.
 
 Table columns: ``activation, init, technique, seed, layer, grad_preact_sq,
 grad_weight_sq, q``.
@@ -33,12 +36,25 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax import lax
 
 from isometry import activations, initializers, networks, signal, sweep, validate
 from isometry.experiments import Experiment
 
-__all__ = ["EXPERIMENT", "PRESETS", "TECHNIQUES", "Config", "run"]
+__all__ = [
+    "EXPERIMENT",
+    "PRESETS",
+    "TECHNIQUES",
+    "Config",
+    "measure_function",
+    "measure_sampled",
+    "point_inputs",
+    "point_kernels",
+    "run",
+    "sampled_inputs",
+]
 
 INITS = (
     "gaussian", "orthogonal", "xavier", "xavier_normal", "glorot", "glorot_normal",
@@ -133,42 +149,114 @@ def init_numbers(cfg: Config, init: str) -> dict[str, float]:
     return {"sigma_w2": v.sigma_w2, "orthogonal": float(ini.ensemble == "orthogonal")}
 
 
-def measure_function(net: networks.MLPConfig, batch: int, seed: int):
-    """``f(sigma_w2, orthogonal, index) -> {grad_preact_sq, grad_weight_sq, q}``, each ``(L,)``.
+def point_kernels(width: int, depth: int, seed: int):
+    """``k(sigma_w2, orthogonal, index) -> (L, N, N)``: the hidden kernels of point ``index``.
 
-    The hidden kernels are ``sqrt(sigma_w2)`` times a Haar-orthogonal matrix
-    (``orthogonal = 1``) or times ``N(0, 1/N)`` entries (``orthogonal = 0``),
-    one per layer from ``fold_in(key, l)``; everything else (zero biases,
-    unit norm gains) as :class:`~isometry.networks.MLP` initializes it.
+    ``sqrt(sigma_w2)`` times a Haar-orthogonal matrix (``orthogonal = 1``) or
+    times ``N(0, 1/N)`` entries (``orthogonal = 0``), layer ``l`` from
+    ``fold_in(k_w, l)`` with ``k_w, k_in, k_loss = split(point_key(seed, index), 3)``.
     """
-    N, L = net.width, net.depth
-    # Built once: apart from the kernels its parameters (zero biases, unit
-    # norm gains) do not depend on the seed.
-    base = networks.MLP(net, rngs=nnx.Rngs(params=seed)).stack()
+    N, L = width, depth
     dtype = jnp.result_type(float)
 
-    def f(sigma_w2, orthogonal, index):
-        k_w, k_in, k_loss = jax.random.split(sweep.point_key(seed, index), 3)
-        stack = base
+    def k(sigma_w2, orthogonal, index):
+        k_w = jax.random.split(sweep.point_key(seed, index), 3)[0]
 
         def kernel(l):
             kg, ko = jax.random.split(jax.random.fold_in(k_w, l))
             g = initializers.sample_gaussian(kg, (N, N), sigma_w2, dtype)
-            q = initializers.sample_orthogonal(ko, (N, N), sigma_w2, dtype)
-            return jnp.where(orthogonal > 0.5, q, g)
+            # A conditional: a Gaussian point skips the QR of the orthogonal draw.
+            return lax.cond(
+                orthogonal > 0.5,
+                lambda: initializers.sample_orthogonal(ko, (N, N), sigma_w2, dtype),
+                lambda: g,
+            )
 
-        params = dict(stack.params)
-        params["kernel"] = jax.vmap(kernel)(jnp.arange(L)).astype(params["kernel"].dtype)
-        stack = dataclasses.replace(stack, params=params)
-        u = jax.random.normal(k_in, (batch, N))
-        fwd, bwd = signal.measure(stack, u, key=k_loss)
+        return jax.vmap(kernel)(jnp.arange(L))
+
+    return k
+
+
+def point_inputs(batch: int, width: int, seed: int):
+    """``i(index) -> (u, v)``: the inputs ``u ~ N(0, 1)`` of point ``index`` and the
+    projection ``v ~ N(0, 1)`` of its loss ``sum_a <v_a, y_a> / B``, ``(B, N)`` each
+    (from ``k_in`` and ``k_loss`` of :func:`point_kernels`)."""
+
+    def i(index):
+        _, k_in, k_loss = jax.random.split(sweep.point_key(seed, index), 3)
+        u = jax.random.normal(k_in, (batch, width))
+        # signal.random_projection_loss(k_loss, y.shape, y.dtype); y = x^L is (B, N) here.
+        return u, jax.random.normal(k_loss, (batch, width), u.dtype)
+
+    return i
+
+
+def measure_sampled(net: networks.MLPConfig):
+    """``m(kernel, u, v) -> {grad_preact_sq, grad_weight_sq, q}``, each ``(L,)``.
+
+    The network of ``net`` with the hidden kernels ``kernel (L, N, N)`` and
+    everything else (zero biases, unit norm gains) as
+    :class:`~isometry.networks.MLP` initializes it, measured on the inputs
+    ``u (B, N)`` with the loss ``sum_a <v_a, y_a> / B``
+    (:func:`isometry.signal.measure`). No randomness: a sweep compiles this
+    once per network and the sampling (:func:`point_kernels`,
+    :func:`point_inputs`) once for all.
+    """
+    # Built once: apart from the kernels its parameters (zero biases, unit
+    # norm gains) do not depend on the seed.
+    base = networks.MLP(net, rngs=nnx.Rngs(params=0)).stack()
+
+    def m(kernel, u, v):
+        params = dict(base.params)
+        params["kernel"] = kernel.astype(params["kernel"].dtype)
+        stack = dataclasses.replace(base, params=params)
+        fwd, bwd = signal.measure(stack, u, lambda y: jnp.sum(v * y) / u.shape[0])
         return {
             "grad_preact_sq": bwd.grad_preact_sq,
             "grad_weight_sq": bwd.grad_weight_sq,
             "q": fwd.q,
         }
 
+    return m
+
+
+def measure_function(net: networks.MLPConfig, batch: int, seed: int):
+    """``f(sigma_w2, orthogonal, index) -> {grad_preact_sq, grad_weight_sq, q}``, each ``(L,)``:
+    :func:`measure_sampled` of the point's :func:`point_kernels` and :func:`point_inputs`
+    (the same numbers as :func:`run` stores)."""
+    kernels = point_kernels(net.width, net.depth, seed)
+    inputs = point_inputs(batch, net.width, seed)
+    m = measure_sampled(net)
+
+    def f(sigma_w2, orthogonal, index):
+        return m(kernels(sigma_w2, orthogonal, index), *inputs(index))
+
     return f
+
+
+def sampled_inputs(width: int, depth: int, seed: int, *, optimize: bool = True):
+    """``s(sigma_w2, orthogonal, index, batch) -> {kernel, u, v}`` (numpy) of one point.
+
+    :func:`point_kernels` and :func:`point_inputs`, each compiled once (the
+    kernels for every batch size) and called point by point, so a sweep's
+    measurement programs (:func:`measure_sampled`, one per network) hold no
+    random number generation: its threefry hashes were most of their compile
+    time. ``optimize=False`` compiles with XLA's backend optimization level 0
+    (as :func:`isometry.sweep.map_sharded`). A group's draws are held in host
+    memory while it runs (the full preset: 24 points of 13 MB).
+    """
+    opts = None if optimize else {"xla_backend_optimization_level": 0}
+    kernels = jax.jit(point_kernels(width, depth, seed), compiler_options=opts)
+    inputs = {}
+
+    def s(sigma_w2, orthogonal, index, batch):
+        if batch not in inputs:
+            inputs[batch] = jax.jit(point_inputs(batch, width, seed), compiler_options=opts)
+        u, v = inputs[batch](index)
+        return {"kernel": np.asarray(kernels(sigma_w2, orthogonal, index)),
+                "u": np.asarray(u), "v": np.asarray(v)}  # fmt: skip
+
+    return s
 
 
 def layer_rows(out) -> list[dict]:
@@ -184,15 +272,16 @@ def run(
     g = grid(cfg)
     store = sweep.Store(out, "gradients", cfg)
     index = {sweep.point_id(p): i for i, p in enumerate(g.points())}
+    sample = sampled_inputs(cfg.width, cfg.depth, cfg.seed, optimize=optimize)
     return sweep.run_vectorized(
         store,
         g,
-        lambda s: measure_function(
-            network_config(cfg, s["activation"], s["technique"]), cfg.batch, cfg.seed
-        ),
+        lambda s: measure_sampled(network_config(cfg, s["activation"], s["technique"])),
         lambda p, o: layer_rows(o),
         static=("activation", "technique"),
-        inputs=lambda p: {**init_numbers(cfg, p["init"]), "index": index[sweep.point_id(p)]},
+        inputs=lambda p: sample(
+            **init_numbers(cfg, p["init"]), index=index[sweep.point_id(p)], batch=cfg.batch
+        ),
         per_device=per_device,
         optimize=optimize,
         progress=progress,

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -50,7 +51,11 @@ __all__ = [
     "grid",
     "input_gram",
     "measure_blocks",
+    "measure_function",
+    "measure_sampled",
     "network_config",
+    "point_samples",
+    "probes",
     "run",
     "token_inputs",
 ]
@@ -158,8 +163,20 @@ def measure_blocks(stack: networks.Stack, x0, key, tangents: int = 4) -> dict:
     Returns a dict of ``(L,)`` arrays: ``norm, cosine, cross_cosine, update,
     jacobian_sq, grad_state`` and ``grad_<w>`` for ``w`` in :data:`WEIGHTS`.
     """
+    return _measure(stack, x0, *probes(key, x0.shape, x0.dtype, tangents))
+
+
+def probes(key, shape, dtype, tangents: int) -> tuple[jax.Array, jax.Array]:
+    """``(r, V)``: the loss projection ``r ~ N(0, I)`` of ``shape`` and ``tangents`` random
+    tangents ``V (tangents, *shape)`` of :func:`measure_blocks`, drawn from ``key``."""
     k_loss, k_tan = jax.random.split(key)
-    r = jax.random.normal(k_loss, x0.shape, x0.dtype)
+    r = jax.random.normal(k_loss, shape, dtype)
+    return r, jax.random.normal(k_tan, (tangents, *shape), dtype)
+
+
+def _measure(stack: networks.Stack, x0, r, V) -> dict:
+    """:func:`measure_blocks` with the loss projection ``r`` and the tangents ``V`` given
+    (no tangents, ``V.shape[0] == 0``: ``jacobian_sq`` is NaN)."""
     L, N, T = stack.depth, x0.shape[-1], x0.shape[-2]
 
     def loss(params, probes):
@@ -177,8 +194,7 @@ def measure_blocks(stack: networks.Stack, x0, key, tangents: int = 4) -> dict:
     prev = jnp.concatenate([x0[None], states[:-1]])
     st = tt.gram_statistics(jax.vmap(tt.token_gram)(states), T)
     jsq = jnp.full((L,), jnp.nan, x0.dtype)
-    if tangents:
-        V = jax.random.normal(k_tan, (tangents, *x0.shape), x0.dtype)
+    if tangents := V.shape[0]:
         jsq = jacobian.stack_jacobians(
             stack.layer, stack.params, x0, range(1, L + 1), tangents=V,
             reduce=lambda J: jnp.sum(J**2) / (tangents * x0.size),
@@ -198,20 +214,62 @@ def _per_block(a):
     return jnp.sum(a.reshape(a.shape[0], -1) ** 2, axis=1)
 
 
-def measure_function(cfg: Config, norm_position: str, alpha: str):
-    """``f(seed) -> measure_blocks(...)`` for one variant, one compiled program over seeds."""
-    net = network_config(cfg, norm_position, alpha)
-    template = networks.Transformer(net, rngs=nnx.Rngs(0)).stack()
+def point_samples(cfg: Config):
+    """``s(seed) -> (params, x0, r, V)``: a point's block parameters ``{name: (L, ...)}``,
+    its tokens ``x0 (S, T, N)``, loss projection ``r`` and tangents ``V`` (:func:`probes`).
+    Their law does not depend on the layer-norm placement or the branch scale, so one
+    sampler serves every variant."""
+    net = network_config(cfg, "pre", "1")
     dtype = jnp.result_type(float)
 
-    def f(seed):
+    def s(seed):
         k_net, k_in, k_m = jax.random.split(sweep.point_key(cfg.seed, seed), 3)
         params = networks.transformer_params(net, k_net, dtype)
-        stack = dataclasses.replace(template, params=params)
         x0 = token_inputs(
             k_in, cfg.sequences, cfg.seq_len, cfg.width, cfg.cosine, cfg.cross_cosine, dtype
         )
-        return measure_blocks(stack, x0, k_m, cfg.tangents)
+        return params, x0, *probes(k_m, x0.shape, dtype, cfg.tangents)
+
+    return s
+
+
+def measure_sampled(cfg: Config, norm_position: str, alpha: str):
+    """``m(params, x0, r, V) -> measure_blocks(...)`` for one variant, on the samples of
+    :func:`point_samples` (no random draws)."""
+    net = network_config(cfg, norm_position, alpha)
+    template = networks.Transformer(net, rngs=nnx.Rngs(0)).stack()
+
+    def m(params, x0, r, V):
+        return _measure(dataclasses.replace(template, params=params), x0, r, V)
+
+    return m
+
+
+def measure_function(cfg: Config, norm_position: str, alpha: str):
+    """``f(seed) -> measure_blocks(...)`` for one variant, one compiled program over seeds
+    (:func:`measure_sampled` of :func:`point_samples`)."""
+    sample, m = point_samples(cfg), measure_sampled(cfg, norm_position, alpha)
+    return lambda seed: m(*sample(seed))
+
+
+def _sampled_inputs(cfg: Config):
+    """``inputs(point)`` of :func:`run` at the quick sizes: a point's samples (numpy, flat
+    names), drawn by one program compiled once at XLA level 0."""
+    sample = jax.jit(point_samples(cfg), compiler_options={"xla_backend_optimization_level": 0})
+
+    def inputs(p):
+        params, *rest = sample(p["seed"])
+        flat = {f"param_{k}": np.asarray(v) for k, v in params.items()}
+        return flat | {k: np.asarray(v) for k, v in zip(("x0", "r", "V"), rest, strict=True)}
+
+    return inputs
+
+
+def _measure_flat(cfg: Config, norm_position: str, alpha: str):
+    m = measure_sampled(cfg, norm_position, alpha)
+
+    def f(x0, r, V, **flat):
+        return m({k.removeprefix("param_"): v for k, v in flat.items()}, x0, r, V)
 
     return f
 
@@ -227,12 +285,23 @@ def run(
 ) -> Path:
     """Run the sweep into the store ``out``; returns the aggregate csv path."""
     store = sweep.Store(out, "transformer_signal", cfg)
+    # Small sweeps (compiled at level 0) draw each point's parameters first, by one program
+    # for all variants: the random draws were a third of each variant's compile time. Large
+    # ones (a point's parameters are 400 MB at the full tier) draw them inside.
+    if optimize:
+        fn, inputs = (lambda s: measure_function(cfg, s["norm_position"], s["alpha"])), None
+    else:
+        fn, inputs = (
+            (lambda s: _measure_flat(cfg, s["norm_position"], s["alpha"])),
+            _sampled_inputs(cfg),
+        )
     return sweep.run_vectorized(
         store,
         grid(cfg),
-        lambda s: measure_function(cfg, s["norm_position"], s["alpha"]),
+        fn,
         lambda p, o: block_rows(o),
         static=("norm_position", "alpha"),
+        inputs=inputs,
         per_device=per_device,
         optimize=optimize,
         progress=progress,

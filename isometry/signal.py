@@ -123,6 +123,7 @@ __all__ = [
     "forward",
     "gradient_profile",
     "input_statistics",
+    "jit_once",
     "measure",
     "measure_with_theory",
     "model_theory",
@@ -390,24 +391,48 @@ def theory(
     a = jnp.asarray(1.0 if residual_scale is None else residual_scale, dtype)
     finite = residual_scale is not None and width is not None and _homogeneous(act)
     n = jnp.asarray(width if finite else 1, dtype)
-    ln_width = width if layer_norm else None
-    return _theory_arrays(
-        act, depth, residual_scale is not None, ln_width, finite, sw, sb, p0, c0, m0, a, n
+    ln_gain = jnp.asarray(1.0 - 2.0 / width if layer_norm else 1.0, dtype)
+    kind = jnp.asarray([residual_scale is not None, layer_norm, finite])
+    return _theory_arrays(act, depth, kind, sw, sb, p0, c0, m0, a, n, ln_gain)
+
+
+def jit_once(fn: Callable, static_argnums: tuple[int, ...]) -> Callable:
+    """``fn`` jitted for a program that runs once per compilation (a theory's recursion).
+
+    Called with concrete arguments it is compiled at XLA's backend optimization
+    level 0: about 40% less compile time, the same values to rounding (~1e-7
+    relative in float32, ~1e-15 in float64). Called inside a trace (``jit``,
+    ``vmap``) it is an ordinary nested ``jit``: compiler options apply only to
+    top-level programs.
+    """
+    plain = jax.jit(fn, static_argnums=static_argnums)
+    level0 = jax.jit(
+        fn, static_argnums=static_argnums, compiler_options={"xla_backend_optimization_level": 0}
     )
 
+    @functools.wraps(fn)
+    def call(*args):
+        traced = any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(args))
+        return (plain if traced else level0)(*args)
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _theory_arrays(act, depth, residual, ln_width, finite, sw, sb, p0, c0, m0, a, n) -> Theory:
-    """The recursions of :func:`theory`, compiled once per (activation, depth, kind)."""
-    body = _theory_layer(act, sw, sb, a if residual else None, ln_width, p0.dtype)
+    return call
+
+
+def _theory_recursion(act, depth, kind, sw, sb, p0, c0, m0, a, n, ln_gain) -> Theory:
+    """The recursions of :func:`theory`; ``kind = [residual, layer_norm, finite]`` (bool).
+
+    Compiled once per (activation, depth): the kind of network is traced, not static.
+    """
+    residual, layer_norm, finite = kind[0], kind[1], kind[2]
+    body = _theory_layer(act, sw, sb, a, residual, layer_norm, ln_gain)
     _, (q, c, chi, gh, p_prev, m_prev) = lax.scan(body, (p0, c0 * p0, m0), None, length=depth)
     g_state, g_pre, g_w = gradient_profile(chi, gh, p_prev)
     g_in = jnp.prod(chi)
-    if finite:
+    if _homogeneous(act):
         channels = stream_channels(act, sw, a, p_prev, m_prev)
         fw_state, fw_pre, fw_in = _two_channel_profile(chi, gh, *channels, n)
         fw_w = p_prev * fw_pre / (p_prev[-1] * fw_pre[-1])
-        exact = sb == 0  # Euler's identity needs zero biases
+        exact = finite & (sb == 0)  # Euler's identity needs zero biases
         fw, mf = (fw_state, fw_pre, fw_w, fw_in), (g_state, g_pre, g_w, g_in)
         g_state, g_pre, g_w, g_in = (jnp.where(exact, f, m) for f, m in zip(fw, mf, strict=True))
     return Theory(
@@ -419,6 +444,9 @@ def _theory_arrays(act, depth, residual, ln_width, finite, sw, sb, p0, c0, m0, a
         grad_weight_sq=g_w,
         grad_input_sq=g_in,
     )
+
+
+_theory_arrays = jit_once(_theory_recursion, static_argnums=(0, 1))
 
 
 def _homogeneous(act: Activation) -> bool:
@@ -518,12 +546,15 @@ def _check_theory(depth, sigma_w2, sigma_b2, q0, c0, residual_scale, layer_norm,
         validate.positive_int("width", width, minimum=2)
 
 
-def _theory_layer(act, sw, sb, alpha, ln_width, dtype):
+def _theory_layer(act, sw, sb, alpha, residual, layer_norm, ln_gain):
     """One layer of :func:`theory` for ``lax.scan``:
     ``(p, p12, m) -> next, (q, c, chi, gain, p, m)`` (``p, m`` of the layer's input).
 
-    ``alpha``: the residual scale (``None``: plain); ``ln_width``: the width
-    ``N`` with layer normalization before the activation (``None``: none).
+    ``residual``, ``layer_norm`` (traced bools): a residual branch of scale
+    ``alpha``; layer normalization before the activation, whose backward
+    factor carries ``ln_gain = 1 - 2/N``. Every kind evaluates the same
+    Gaussian expectations (at ``q``, or at 1 after the normalization), so one
+    program serves them all.
     """
 
     def body(carry, _):
@@ -532,21 +563,19 @@ def _theory_layer(act, sw, sb, alpha, ln_width, dtype):
         q12 = sw * p12 + sb
         safe = jnp.where(q > 0, q, 1.0)
         c = jnp.where(q > 0, jnp.clip(q12 / safe, -1.0, 1.0), 1.0)
-        if ln_width is not None:
-            one = jnp.ones((), dtype)
-            mu1 = gs.dphi_moment(act, one, 1)
-            gh = (1.0 - 2.0 / ln_width) * mu1 / safe
-            new = (gs.second_moment(act, one), gs.phi_kernel(act, one, one, c), m)
-            return new, (q, c, sw * gh, gh, p, m)
-        e2 = gs.second_moment(act, safe) * (q > 0)
-        k = gs.phi_kernel(act, safe, safe, c) * (q > 0)
-        mu1 = gs.dphi_moment(act, safe, 1)
-        if alpha is None:
-            return (e2, k, m), (q, c, sw * mu1, mu1, p, m)
+        # The activation sees variance 1 after the normalization, q otherwise.
+        qa = jnp.where(layer_norm, jnp.ones_like(safe), safe)
+        on = layer_norm | (q > 0)
+        e2 = gs.second_moment(act, qa) * on
+        k = gs.phi_kernel(act, qa, qa, c) * on
+        mu1 = gs.dphi_moment(act, qa, 1)
+        e1 = gs.expect(act.phi, qa, kinks=act.kinks) * on
         a = alpha
-        e1 = gs.expect(act.phi, safe, kinks=act.kinks) * (q > 0)
-        new = (p + 2 * a * m * e1 + a * a * e2, p12 + 2 * a * m * e1 + a * a * k, m + a * e1)
-        return new, (q, c, 1.0 + a * a * sw * mu1, a * a * mu1, p, m)
+        gh = jnp.where(layer_norm, ln_gain * mu1 / safe, jnp.where(residual, a * a * mu1, mu1))
+        chi = jnp.where(residual, 1.0 + a * a * sw * mu1, sw * gh)
+        res = (p + 2 * a * m * e1 + a * a * e2, p12 + 2 * a * m * e1 + a * a * k, m + a * e1)
+        new = tuple(jnp.where(residual, r, v) for r, v in zip(res, (e2, k, m), strict=True))
+        return new, (q, c, chi, gh, p, m)
 
     return body
 

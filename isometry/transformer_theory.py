@@ -79,7 +79,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from isometry import gaussian as gs
-from isometry import networks, validate
+from isometry import networks, signal, validate
+from isometry.activations import Activation
 
 __all__ = [
     "GramStatistics",
@@ -206,24 +207,26 @@ def _mlp_backward_kernel(act, G, sigma_w2, sigma_b2):
 
 @dataclasses.dataclass(frozen=True)
 class _Maps:
-    """The block's constants: configuration, full attention ``A = I_S (x) A_T``, variances."""
+    """The block's constants: the activation, full attention ``A = I_S (x) A_T``, the
+    variances, and the placement as traced flags (``pre``, ``post``: where the layer norm
+    is; ``res``: a residual path), so that one compiled program serves every placement
+    and branch scale."""
 
-    cfg: networks.TransformerConfig
+    act: Activation
     A: Array
-    sw: float
-    sb: float
-    alpha: float
+    sw: Array
+    sb: Array
+    alpha: Array
+    sv: Array
+    qk: Array
+    pre: Array
+    post: Array
+    res: Array
 
-    @property
-    def sv(self):
-        return self.cfg.value_sigma_w2
 
-
-def _maps(cfg, n, seq_len, dtype) -> _Maps:
-    A_T = uniform_attention(seq_len, cfg.causal, dtype)
-    A = jnp.kron(jnp.eye(n // seq_len, dtype=dtype), A_T)
-    sw, sb = cfg.variances()
-    return _Maps(cfg, A, sw, sb, cfg.branch_scale if cfg.residual else 1.0)
+def _ln_where(flag, Gamma, G_ln):
+    """:func:`_ln_linear` where ``flag`` (a traced bool), else ``Gamma`` unchanged."""
+    return jnp.where(flag, _ln_linear(Gamma, G_ln), Gamma)
 
 
 def _sublayer_forward(m: _Maps, branch, tangent, G, Theta):
@@ -232,19 +235,19 @@ def _sublayer_forward(m: _Maps, branch, tangent, G, Theta):
     ``branch(z)``: the branch's output Gram; ``tangent(z, Theta)``: its
     linearization's map of the tangent Gram. Returns ``(G_out, Theta_out,
     saved, carry)``: ``saved`` the branch input ``z`` and the layer norm's
-    input Gram (``None`` without one); ``carry (n,)`` the ``c_a`` of
-    ``x_out_a = c_a x_a + (independent of x)``.
+    input Gram (read only where there is a layer norm); ``carry (n,)`` the
+    ``c_a`` of ``x_out_a = c_a x_a + (independent of x)``.
     """
-    pos, res, a2 = m.cfg.norm_position, m.cfg.residual, m.alpha**2
-    z = layer_norm_gram(G) if pos == "pre" else G
-    Tz = _ln_linear(Theta, G) if pos == "pre" else Theta
-    y = G + a2 * branch(z) if res else branch(z)
-    Ty = Theta + a2 * tangent(z, Tz) if res else tangent(z, Tz)
-    carry = jnp.full(G.shape[:1], 1.0 if res else 0.0, G.dtype)
-    if pos == "post":
-        carry = carry / jnp.sqrt(jnp.diagonal(y))
-        return layer_norm_gram(y), _ln_linear(Ty, y), (z, y), carry
-    return y, Ty, (z, G if pos == "pre" else None), carry
+    a2 = m.alpha**2
+    z = jnp.where(m.pre, layer_norm_gram(G), G)
+    Tz = _ln_where(m.pre, Theta, G)
+    b, t = branch(z), tangent(z, Tz)
+    y = jnp.where(m.res, G + a2 * b, b)
+    Ty = jnp.where(m.res, Theta + a2 * t, t)
+    carry = jnp.where(m.res, jnp.ones(G.shape[:1], G.dtype), jnp.zeros(G.shape[:1], G.dtype))
+    carry = jnp.where(m.post, carry / jnp.sqrt(jnp.diagonal(y)), carry)
+    out = jnp.where(m.post, layer_norm_gram(y), y)
+    return out, _ln_where(m.post, Ty, y), (z, jnp.where(m.post, y, G)), carry
 
 
 def _block_forward(m: _Maps, G, Theta):
@@ -255,10 +258,10 @@ def _block_forward(m: _Maps, G, Theta):
         return attention_gram(T, m.A, m.sv * m.sv)
 
     def mlp(z):
-        return mlp_gram(m.cfg.act, z, m.sw, m.sb, m.sv)
+        return mlp_gram(m.act, z, m.sw, m.sb, m.sv)
 
     def mlp_tangent(z, T):
-        return m.sw * m.sv * T * _mlp_backward_kernel(m.cfg.act, z, m.sw, m.sb)
+        return m.sw * m.sv * T * _mlp_backward_kernel(m.act, z, m.sw, m.sb)
 
     Gy, Ty, (z1, ln1), c1 = _sublayer_forward(m, attn, attn_tangent, G, Theta)
     Go, To, (z2, ln2), c2 = _sublayer_forward(m, mlp, mlp_tangent, Gy, Ty)
@@ -271,27 +274,21 @@ def _block_forward(m: _Maps, G, Theta):
 
 def _ln_linear(Gamma, G_ln):
     """The layer norm's linear map on a tangent or gradient Gram: ``Gamma_ab / sqrt(G_aa G_bb)``."""
-    if G_ln is None:
-        return Gamma
     d = jnp.sqrt(jnp.diagonal(G_ln))
     return Gamma / (d[:, None] * d[None, :])
 
 
 def _sublayer_backward(m: _Maps, f_back, Gamma, G_ln):
     """``(Gamma_in, Gamma_f)``: backward Grams at the sublayer's input and branch output."""
-    pos, res = m.cfg.norm_position, m.cfg.residual
-    s = m.alpha**2 if res else 1.0
-    if pos == "post":
-        Gamma = _ln_linear(Gamma, G_ln)
-    back = f_back(Gamma)
-    if pos == "pre":
-        back = _ln_linear(back, G_ln)
-    return (Gamma + s * back if res else s * back), s * Gamma
+    s = jnp.where(m.res, m.alpha**2, jnp.ones_like(m.alpha))
+    Gamma = _ln_where(m.post, Gamma, G_ln)
+    back = _ln_where(m.pre, f_back(Gamma), G_ln)
+    return jnp.where(m.res, Gamma + s * back, s * back), s * Gamma
 
 
 def _block_backward(m: _Maps, saved, Gamma):
     """Backward Grams and the squared weight-gradient norms of one block (per ``N``)."""
-    sv, A, act = m.sv, m.A, m.cfg.act
+    sv, A, act = m.sv, m.A, m.act
     Dk = _mlp_backward_kernel(act, saved["z2"], m.sw, m.sb)
 
     def mlp_back(g):
@@ -307,7 +304,7 @@ def _block_backward(m: _Maps, saved, Gamma):
     K = mlp_gram(act, z2, m.sw, m.sb, 1.0)
     grads = {
         "value": value,
-        "query": value * qk_value_ratio(z1, Gf1, A, m.cfg.qk_sigma_w2, sv),
+        "query": value * qk_value_ratio(z1, Gf1, A, m.qk, sv),
         "out": sv * jnp.sum((A @ z1 @ A.T) * Gf1),
         "mlp_in": jnp.sum(z2 * sv * Gf2 * Dk),
         "mlp_out": jnp.sum(K * Gf2),
@@ -417,16 +414,33 @@ def profile(config: networks.TransformerConfig, G0: Array, seq_len: int, Gamma_L
     G0 = jnp.asarray(G0, jnp.result_type(G0, float))
     if G0.ndim != 2 or G0.shape[0] != G0.shape[1]:
         raise ValueError(f"G0 must be a square (n, n) Gram matrix, got shape {G0.shape}")
-    m = _maps(config, G0.shape[0], _check_seq_len(seq_len, G0.shape[0]), G0.dtype)
-    Gamma_L = jnp.eye(G0.shape[0], dtype=G0.dtype) if Gamma_L is None else jnp.asarray(Gamma_L)
     n = G0.shape[0]
+    seq_len = _check_seq_len(seq_len, n)
+    Gamma_L = jnp.eye(n, dtype=G0.dtype) if Gamma_L is None else jnp.asarray(Gamma_L, G0.dtype)
+    sw, sb = config.variances()
+    alpha = config.branch_scale if config.residual else 1.0
+    nums = jnp.asarray([sw, sb, alpha, config.value_sigma_w2, config.qk_sigma_w2], G0.dtype)
+    pos = config.norm_position
+    flags = jnp.asarray([pos == "pre", pos == "post", config.residual])
+    return _profile(config.act, config.causal, config.depth, seq_len, G0, Gamma_L, nums, flags)
+
+
+def _profile_recursion(act, causal, depth, seq_len, G0, Gamma_L, nums, flags) -> Profile:
+    """The recursions of :func:`profile`; ``nums = [sw, sb, alpha, sv, qk]``,
+    ``flags = [pre, post, residual]``. Compiled once per (activation, mask, depth,
+    sequence length): the placement, the residual path and the variances are traced, so
+    every variant of a sweep shares it."""
+    n = G0.shape[0]
+    A_T = uniform_attention(seq_len, causal, G0.dtype)
+    A = jnp.kron(jnp.eye(n // seq_len, dtype=G0.dtype), A_T)
+    m = _Maps(act, A, *(nums[i] for i in range(5)), *(flags[i] for i in range(3)))
 
     def fwd(carry, _):
         Go, To, saved, update = _block_forward(m, *carry)
         return (Go, To), (Go, jnp.trace(To), saved, update)
 
-    eye = jnp.eye(G0.shape[0], dtype=G0.dtype)
-    _, (grams, jac, saved, update) = lax.scan(fwd, (G0, eye), None, length=config.depth)
+    eye = jnp.eye(n, dtype=G0.dtype)
+    _, (grams, jac, saved, update) = lax.scan(fwd, (G0, eye), None, length=depth)
 
     def bwd(Gamma, saved_l):
         Gamma_x, grads = _block_backward(m, saved_l, Gamma)
@@ -441,6 +455,9 @@ def profile(config: networks.TransformerConfig, G0: Array, seq_len: int, Gamma_L
         grad_state=g_state / top, grad_weights={k: v / top for k, v in grads.items()},
         qk_value=grads["query"] / grads["value"],
     )  # fmt: skip
+
+
+_profile = signal.jit_once(_profile_recursion, static_argnums=(0, 1, 2, 3))
 
 
 def collapse_depth(cosine: Array, eps: float = 1e-3) -> Array:

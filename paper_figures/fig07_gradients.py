@@ -45,12 +45,13 @@ backpropagated gradient is shown. Quick sizes (``L = 16``,
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 from isometry import batchnorm_theory, plotting, signal
 from isometry.experiments import gradients, harness
 from isometry.paper_figures import core
+
+COST = {"quick": 14.0}  # single-core CPU seconds of the quick tier (a scheduling hint)
 
 KEYS = ("layer", "activations", "inits", "techniques", "grad_preact_sq", "relative", "theory")
 
@@ -91,8 +92,9 @@ def theory_curves(cfg, activation: str, technique: str) -> np.ndarray:
         kw.update(residual_scale=cfg.residual_scale, width=cfg.width)
     elif technique == "layer_norm":
         kw.update(layer_norm=True, width=cfg.width)
-    th = jax.vmap(lambda s: signal.theory(activation, s, 0.0, cfg.depth, 1.0, **kw))(sw)
-    return np.asarray(th.grad_preact_sq, dtype=np.float64)
+    # One call per init (concrete arguments: the recursion compiles once, at XLA level 0).
+    th = [signal.theory(activation, float(s), 0.0, cfg.depth, 1.0, **kw) for s in sw]
+    return np.asarray([t.grad_preact_sq for t in th], dtype=np.float64)
 
 
 def compute(preset, overrides, store) -> dict:

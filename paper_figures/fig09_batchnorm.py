@@ -55,6 +55,8 @@ from isometry import batchnorm_theory, plotting
 from isometry.experiments import harness
 from isometry.paper_figures import core
 
+COST = {"quick": 26.0}  # single-core CPU seconds of the quick tier (a scheduling hint)
+
 KEYS = (
     "activations",
     "batch_sizes",

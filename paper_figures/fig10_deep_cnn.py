@@ -62,6 +62,8 @@ from isometry import freeprob, plotting
 from isometry.experiments import harness
 from isometry.paper_figures import core
 
+COST = {"quick": 75.0}  # single-core CPU seconds of the quick tier (a scheduling hint)
+
 KEYS = (
     "inits",
     "spectrum_depth",

@@ -247,3 +247,22 @@ def test_gradients_first_preactivation_is_where_the_theory_starts():
         n = gradients.init_numbers(cfg, init)
         q1 = jax.jit(jax.vmap(lambda i, n=n: f(n["sigma_w2"], n["orthogonal"], i)["q"][0]))
         _assert_mean_is(np.asarray(q1(jnp.arange(64))), n["sigma_w2"], 0.0)
+
+
+def test_gradients_stored_numbers_are_those_of_measure_function(tmp_path):
+    """The sweep draws each point's kernels and inputs in separate programs
+    (``sampled_inputs``); its stored numbers equal the one-program
+    ``measure_function`` of the same point (orthogonal and Gaussian kernels)."""
+    from isometry.experiments import gradients
+
+    over = ["activations=tanh", "inits=orthogonal,he", "techniques=residual", "depth=2",
+            "width=8", "batch=4", "seeds=1"]  # fmt: skip
+    t = sweep.load_table(experiments.run("gradients", "quick", over, tmp_path, progress=False))
+    cfg = experiments.config("gradients", "quick", over)
+    f = gradients.measure_function(gradients.network_config(cfg, "tanh", "residual"), 4, cfg.seed)
+    for i, init in enumerate(cfg.inits):
+        n = gradients.init_numbers(cfg, init)
+        out = jax.jit(f)(n["sigma_w2"], n["orthogonal"], i)
+        rows = t["init"] == init
+        for k in ("grad_preact_sq", "grad_weight_sq", "q"):
+            np.testing.assert_allclose(t[k][rows], out[k], rtol=1e-6, err_msg=f"{init} {k}")
