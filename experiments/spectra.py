@@ -129,18 +129,34 @@ def theory(activation: str, q_star: float, depth: int, weights: str) -> dict[str
     }
 
 
+_CATALOG = [activations.get(a) for a in ACTIVATIONS]
+
+
+@jax.custom_jvp
+def _phi_any(index, x):
+    return jax.lax.switch(index, [a.phi for a in _CATALOG], x)
+
+
+def _dphi_any(index, x):
+    return jax.lax.switch(index, [a.dphi for a in _CATALOG], x)
+
+
+@_phi_any.defjvp
+def _phi_any_jvp(primals, tangents):
+    # phi'(x) t: a tangent (a Jacobian's columns) meets one elementwise factor, not the
+    # tangents of every branch.
+    index, x = primals
+    return _phi_any(index, x), _dphi_any(index, x) * tangents[1]
+
+
 def any_activation(index) -> activations.Activation:
     """``ACTIVATIONS[index]`` for a traced integer ``index`` (``lax.switch`` over the catalog).
 
-    Under ``vmap`` every branch is evaluated (elementwise, small next to a layer's
-    matmul), so one compiled program serves every activation of a sweep.
+    Under ``vmap`` every branch is evaluated on the pre-activations (elementwise, small
+    next to a layer's matmul) while tangents see only ``phi'(x)`` (a custom JVP), so one
+    compiled program serves every activation of a sweep at the cost of one.
     """
-    acts = [activations.get(a) for a in ACTIVATIONS]
-    return activations.custom(
-        "any",
-        lambda x: jax.lax.switch(index, [a.phi for a in acts], x),
-        lambda x: jax.lax.switch(index, [a.dphi for a in acts], x),
-    )
+    return activations.custom("any", lambda x: _phi_any(index, x), lambda x: _dphi_any(index, x))
 
 
 def sweep_function(cfg: Config, weights: str):
