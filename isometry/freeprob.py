@@ -818,6 +818,9 @@ def _density_of(lam, g, ok):
     return jnp.where(ok, dens, jnp.nan), ok
 
 
+_ATOMS = 2
+"""The most atoms of a closed-form law of ``d`` (leaky ReLU): the solver's atom arrays' length."""
+
 _CELLS_BATCH = 128
 """The cells' solve takes at least this many points (or the whole grid): few shapes."""
 
@@ -853,7 +856,12 @@ def _density_core(act, q, depth, weights, sw, lam):
         zeros = jnp.zeros_like(lam)
         return zeros, 0.0, locs, masses, jnp.ones(lam.shape, bool), zeros
     levels = _levels(lam, edge) if validate.is_concrete(lam) else _levels([edge * 1e-30], edge)
-    p, atoms = _params(law, sw, depth, weights, edge, levels), (locs, masses)
+    # Atoms padded with zero masses (their poles subtract exact zeros): one shape for all laws.
+    pad = max(0, _ATOMS - locs.size)
+    p, atoms = (
+        _params(law, sw, depth, weights, edge, levels),
+        (np.pad(locs, (0, pad)), np.pad(masses, (0, pad))),
+    )
     found = _solve_nodes(lam, _law_arrays(law), check, atoms, p)
     g, ok, r, bad = found
     idx = None if law.exact else _unresolved_points(bad)
