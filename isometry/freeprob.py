@@ -821,14 +821,15 @@ def _density_of(lam, g, ok):
 _ATOMS = 2
 """The most atoms of a closed-form law of ``d`` (leaky ReLU): the solver's atom arrays' length."""
 
-_CELLS_BATCH = 128
-"""The cells' solve takes at least this many points (or the whole grid): few shapes."""
+_CELLS_BATCH = 8
+"""The cells' solve takes a power of two of at least this many points (or the whole grid)."""
 
 
 def _unresolved_points(bad):
     """Indices of the grid points to solve again with the cells, or None: all points under a
     trace; else the unresolved ones, padded (repeating one) to a power of two of at least
-    :data:`_CELLS_BATCH` or to the whole grid, so that few shapes compile."""
+    :data:`_CELLS_BATCH`, at most the whole grid, so that few shapes compile (each point of
+    the cells' solve costs about 10 ms: padding to the whole grid would cost more)."""
     n = bad.shape[0]
     if not validate.is_concrete(bad):
         return np.arange(n)
