@@ -50,6 +50,10 @@ KEYS = (
     "free_m2",
 )
 
+COST = {"quick": 4.0}
+"""Single-core CPU seconds of the quick tier from empty stores (a scheduling hint for
+``isometry figures --jobs``; estimated from loaded runs, see BENCHMARKS.md)."""
+
 TIERS = {
     "tiny": {"width": 8, "depths": (1, 2, 4, 8), "seeds": 16},
     "quick": {"width": 32, "depths": (1, 2, 4, 8, 16, 24, 32), "seeds": 400},
