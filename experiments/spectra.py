@@ -17,8 +17,9 @@ depth (mean, variance, max, min) beside the wide-network theory
 variance ``L (mu2/mu1^2 - 1 - s1)``; :func:`isometry.freeprob.max_eigenvalue`).
 The squared singular values themselves are kept per point (``.npz``).
 
-Vectorized: ``q*`` and seeds vary inside one compiled function per
-(activation, weights); the points are sharded over all devices.
+Vectorized: ``q*``, seeds and the activation (an index into the catalog,
+:func:`any_activation`) vary inside one compiled function per weights; the
+points are sharded over all devices.
 
 Table columns: ``activation, weights, q_star, seed, depth, mean, var, max,
 min, sigma_w2, sigma_b2, theory_mean, theory_var, theory_max``.
@@ -39,9 +40,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from isometry import activations, freeprob, initializers, jacobian, spectra, sweep, validate
-from isometry.experiments import Experiment
+from isometry.experiments import Experiment, harness
 
-__all__ = ["EXPERIMENT", "PRESETS", "Config", "run", "run_cases"]
+__all__ = [
+    "EXPERIMENT",
+    "PRESETS",
+    "Config",
+    "any_activation",
+    "run",
+    "run_cases",
+    "sweep_function",
+]
 
 WEIGHTS = ("gaussian", "orthogonal")
 ACTIVATIONS = tuple(activations.names())
@@ -120,17 +129,49 @@ def theory(activation: str, q_star: float, depth: int, weights: str) -> dict[str
     }
 
 
-def point_function(cfg: Config, activation: str, weights: str):
-    """``f(q_star, sigma_w2, sigma_b2, index) -> (K, N)`` squared singular values, decreasing.
+_CATALOG = [activations.get(a) for a in ACTIVATIONS]
+
+
+@jax.custom_jvp
+def _phi_any(index, x):
+    return jax.lax.switch(index, [a.phi for a in _CATALOG], x)
+
+
+def _dphi_any(index, x):
+    return jax.lax.switch(index, [a.dphi for a in _CATALOG], x)
+
+
+@_phi_any.defjvp
+def _phi_any_jvp(primals, tangents):
+    # phi'(x) t: a tangent (a Jacobian's columns) meets one elementwise factor, not the
+    # tangents of every branch.
+    index, x = primals
+    return _phi_any(index, x), _dphi_any(index, x) * tangents[1]
+
+
+def any_activation(index) -> activations.Activation:
+    """``ACTIVATIONS[index]`` for a traced integer ``index`` (``lax.switch`` over the catalog).
+
+    Under ``vmap`` every branch is evaluated on the pre-activations (elementwise, small
+    next to a layer's matmul) while tangents see only ``phi'(x)`` (a custom JVP), so one
+    compiled program serves every activation of a sweep at the cost of one.
+    """
+    return activations.custom("any", lambda x: _phi_any(index, x), lambda x: _dphi_any(index, x))
+
+
+def sweep_function(cfg: Config, weights: str):
+    """``f(q_star, sigma_w2, sigma_b2, index, activation) -> (K, N)`` squared singular values,
+    decreasing; ``activation`` is the position in ``ACTIVATIONS`` (traced).
 
     The layers are :func:`isometry.jacobian.dense_layer` with the traced
-    variances, the input on the ``q*`` sphere (:func:`isometry.jacobian.sphere_inputs`).
+    variances and activation (:func:`any_activation`), the input on the ``q*``
+    sphere (:func:`isometry.jacobian.sphere_inputs`).
     """
     N, depths = cfg.width, sorted(set(cfg.depths))
 
-    def f(q_star, sigma_w2, sigma_b2, index):
+    def f(q_star, sigma_w2, sigma_b2, index, activation):
         k_w, k_x = jax.random.split(sweep.point_key(cfg.seed, index))
-        layer = jacobian.dense_layer(activation, weights, sigma_w2, sigma_b2)
+        layer = jacobian.dense_layer(any_activation(activation), weights, sigma_w2, sigma_b2)
         keys = jacobian.random_params(k_w, max(depths))
         # ||x0||^2 = N (q* - sigma_b2) / sigma_w2: Var h^1 = sigma_w2 ||x0||^2 / N + sigma_b2 = q*.
         x0 = jacobian.sphere_inputs(k_x, (N,), q_star, sigma_w2, sigma_b2)
@@ -139,6 +180,13 @@ def point_function(cfg: Config, activation: str, weights: str):
         )
 
     return f
+
+
+def point_function(cfg: Config, activation: str, weights: str):
+    """``f(q_star, sigma_w2, sigma_b2, index) -> (K, N)``: :func:`sweep_function` at one
+    activation."""
+    g, a = sweep_function(cfg, weights), ACTIVATIONS.index(activation)
+    return lambda q_star, sigma_w2, sigma_b2, index: g(q_star, sigma_w2, sigma_b2, index, a)
 
 
 def run(
@@ -157,6 +205,7 @@ def run(
             "sigma_w2": sw,
             "sigma_b2": sb,
             "index": index[sweep.point_id(p)],
+            "activation": ACTIVATIONS.index(p["activation"]),
         }
 
     def rows(p, lam):
@@ -170,9 +219,9 @@ def run(
     return sweep.run_vectorized(
         store,
         g,
-        lambda s: point_function(cfg, s["activation"], s["weights"]),
+        lambda s: sweep_function(cfg, s["weights"]),
         rows,
-        static=("activation", "weights"),
+        static=("weights",),
         inputs=inputs,
         arrays=lambda p, lam: {"depths": np.asarray(depths), "sq_singular_values": lam},
         per_device=per_device,
@@ -192,7 +241,9 @@ def run_cases(
     configuration gets a new directory), computed in float32. Returns
     ``{(activation, weights): (config, store directory)}``; read the table with
     :func:`isometry.sweep.load_table` on ``<dir>/results.csv`` and the spectra
-    with :meth:`isometry.sweep.Store.arrays`.
+    with :meth:`isometry.sweep.Store.arrays`. The groups' programs differ only in
+    data (the activation is traced), so in :func:`harness.compile_cache` one
+    compiles per weights and shapes.
     """
     from isometry import experiments
 
@@ -200,20 +251,21 @@ def run_cases(
     for act, w, q in cases:
         groups.setdefault((act, w), []).append(float(q))
     runs = {}
-    for (act, w), qs in groups.items():
-        over = [
-            f"activations={act}",
-            f"weights={w}",
-            "q_stars=" + ",".join(repr(q) for q in qs),
-            "depths=" + ",".join(str(d) for d in depths),
-            f"width={width}",
-            f"seeds={seeds}",
-        ]
-        cfg = experiments.config("spectra", preset, over)
-        out = Path(root) / f"{act}_{w}_{sweep.fingerprint('spectra', cfg)[:10]}"
-        with jax.enable_x64(False):
-            experiments.run("spectra", preset, over, out, progress=progress)
-        runs[(act, w)] = (cfg, out)
+    with harness.compile_cache():
+        for (act, w), qs in groups.items():
+            over = [
+                f"activations={act}",
+                f"weights={w}",
+                "q_stars=" + ",".join(repr(q) for q in qs),
+                "depths=" + ",".join(str(d) for d in depths),
+                f"width={width}",
+                f"seeds={seeds}",
+            ]
+            cfg = experiments.config("spectra", preset, over)
+            out = Path(root) / f"{act}_{w}_{sweep.fingerprint('spectra', cfg)[:10]}"
+            with jax.enable_x64(False):
+                experiments.run("spectra", preset, over, out, progress=progress)
+            runs[(act, w)] = (cfg, out)
     return runs
 
 

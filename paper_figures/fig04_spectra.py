@@ -53,6 +53,10 @@ def _panels(q_stars) -> list[tuple[str, str, float]]:
     ]
 
 
+COST = {"quick": 81.0}
+"""Single-core CPU seconds of the quick tier from empty stores (a scheduling hint for
+``isometry figures --jobs``; estimated from loaded runs, see BENCHMARKS.md)."""
+
 TIERS = {
     "tiny": {
         "panels": [("hard_tanh", "orthogonal", 0.25)],

@@ -53,6 +53,10 @@ _CASES = [
     ("linear", "gaussian", 1.0),
 ]
 
+COST = {"quick": 40.0}
+"""Single-core CPU seconds of the quick tier from empty stores (a scheduling hint for
+``isometry figures --jobs``; estimated from loaded runs, see BENCHMARKS.md)."""
+
 TIERS = {
     "tiny": {
         "cases": [("relu", "orthogonal", 1.0), ("relu", "gaussian", 1.0)],

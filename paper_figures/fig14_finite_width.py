@@ -50,6 +50,10 @@ KEYS = (
     "free_m2",
 )
 
+COST = {"quick": 4.0}
+"""Single-core CPU seconds of the quick tier from empty stores (a scheduling hint for
+``isometry figures --jobs``; estimated from loaded runs, see BENCHMARKS.md)."""
+
 TIERS = {
     "tiny": {"width": 8, "depths": (1, 2, 4, 8), "seeds": 16},
     "quick": {"width": 32, "depths": (1, 2, 4, 8, 16, 24, 32), "seeds": 400},
@@ -73,8 +77,9 @@ def measure(width: int, depths, seeds: int, key) -> np.ndarray:
     ``fold_in(k_s, L)``.
     """
     depths = tuple(int(d) for d in depths)
-    slopes = jnp.array([0.0 if a == "relu" else 1.0 for a in ACTIVATIONS])
-    scale = jnp.array([1.0, width, width])
+    dtype = jnp.result_type(float)  # host constants: no program to build them
+    slopes = np.array([0.0 if a == "relu" else 1.0 for a in ACTIVATIONS], dtype)
+    scale = np.array([1.0, width, width], dtype)
 
     def reduce(J):
         M = J @ J.T
@@ -90,9 +95,12 @@ def measure(width: int, depths, seeds: int, key) -> np.ndarray:
         x = jax.random.normal(jax.random.fold_in(k, max(depths)), (width,))
         return jacobian.stack_jacobians(layer, params, x, depths, reduce=reduce)
 
-    keys = jax.random.split(key, seeds)
-    run = jax.jit(jax.vmap(lambda s: jax.vmap(lambda k: one(s, k))(keys)))
-    return np.asarray(run(slopes), np.float64)
+    def run(slopes, key):
+        keys = jax.random.split(key, seeds)
+        return jax.vmap(lambda s: jax.vmap(lambda k: one(s, k))(keys))(slopes)
+
+    # The seeds' keys are split inside the program: one compilation in all.
+    return np.asarray(jax.jit(run)(slopes, key), np.float64)
 
 
 def _theory(act, width, depths):

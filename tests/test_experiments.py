@@ -204,6 +204,24 @@ def _spectra_first_layer(monkeypatch, weights, seeds):
     return 0.25, sw, sb, *map(np.asarray, f(jnp.arange(seeds)))
 
 
+def test_spectra_traced_activation_is_each_catalog_activation():
+    """``any_activation(i)`` is ``ACTIVATIONS[i]``: values and tangents (its custom JVP is
+    ``phi'(x) t``), all activations in one program."""
+    from isometry import activations
+    from isometry.experiments import spectra
+
+    x = jnp.array([-2.3, -0.7, 0.45, 1.9])
+    t = jnp.array([0.3, -1.1, 2.0, 0.7])
+    index = jnp.arange(len(spectra.ACTIVATIONS))
+    got = jax.jit(jax.vmap(lambda i: jax.jvp(spectra.any_activation(i).phi, (x,), (t,))))(index)
+    each = jax.jit(
+        lambda: [jax.jvp(activations.get(a).phi, (x,), (t,)) for a in spectra.ACTIVATIONS]
+    )
+    for i, (name, want) in enumerate(zip(spectra.ACTIVATIONS, each(), strict=True)):
+        np.testing.assert_allclose(got[0][i], want[0], rtol=1e-12, atol=1e-14, err_msg=name)
+        np.testing.assert_allclose(got[1][i], want[1], rtol=1e-9, atol=1e-12, err_msg=name)
+
+
 @pytest.mark.slow
 def test_deep_cnn_first_preactivation_is_at_q_star(monkeypatch):
     """Delta-orthogonal CNN: mean (h^1 - b^1)^2 = q* - sigma_b2 exactly (deep_cnn had

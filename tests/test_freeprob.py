@@ -356,6 +356,18 @@ def test_jittable_over_grid(name, q):
     )
 
 
+def test_one_program_serves_every_depth_and_ensemble(caplog):
+    """The solver's depth, ensemble and continuation levels are data: after one solve of a
+    law, other depths, weights and grid ranges of the same shapes compile nothing."""
+    grid = np.linspace(0.1, 5.0, 20)  # test_relu_atom_at_zero's solve: compiled once
+    freeprob.spectral_density("relu", 1.0, 4, "gaussian", grid)
+    with jax.log_compiles(), caplog.at_level("WARNING", logger="jax"):
+        a = freeprob.spectral_density("relu", 1.0, 9, "gaussian", grid * 40.0)
+        b = freeprob.spectral_density("relu", 1.0, 5, "orthogonal", grid * 4.0)
+    assert not [r for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
+    assert bool(np.all(np.asarray(a.converged))) and bool(np.all(np.asarray(b.converged)))
+
+
 @pytest.mark.slow
 def test_singular_value_density_is_the_change_of_variables():
     s = np.linspace(0.05, 2.0, 40)
