@@ -259,10 +259,10 @@ def sampled_inputs(width: int, depth: int, seed: int, *, optimize: bool = True):
     return s
 
 
-def layer_rows(out) -> list[dict]:
-    """One row per layer ``l = 1..L`` of the per-layer arrays in ``out``."""
+def layer_rows(out, key: str = "layer") -> list[dict]:
+    """One row per layer ``l = 1..L`` of the per-layer arrays in ``out`` (``key``: ``l``)."""
     n = len(next(iter(out.values())))
-    return [{"layer": l + 1, **{k: float(v[l]) for k, v in out.items()}} for l in range(n)]
+    return [{key: l + 1, **{k: float(v[l]) for k, v in out.items()}} for l in range(n)]
 
 
 def run(

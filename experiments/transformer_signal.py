@@ -40,7 +40,7 @@ from jax import lax
 
 from isometry import jacobian, networks, sweep, validate
 from isometry import transformer_theory as tt
-from isometry.experiments import Experiment
+from isometry.experiments import Experiment, gradients
 
 __all__ = [
     "ALPHAS",
@@ -274,12 +274,6 @@ def _measure_flat(cfg: Config, norm_position: str, alpha: str):
     return f
 
 
-def block_rows(out) -> list[dict]:
-    """One row per block ``l = 1..L``."""
-    n = len(next(iter(out.values())))
-    return [{"block": l + 1, **{k: float(v[l]) for k, v in out.items()}} for l in range(n)]
-
-
 def run(
     cfg: Config, out, *, per_device: int = 4, optimize: bool = True, progress: bool = True
 ) -> Path:
@@ -299,7 +293,7 @@ def run(
         store,
         grid(cfg),
         fn,
-        lambda p, o: block_rows(o),
+        lambda p, o: gradients.layer_rows(o, key="block"),
         static=("norm_position", "alpha"),
         inputs=inputs,
         per_device=per_device,
