@@ -133,7 +133,7 @@ def point_function(cfg: Config):
         x0 = jacobian.sphere_inputs(k_x, shape, cfg.q_star, sw, sb)
         return jacobian.stack_jacobians(
             layer, params, x0, depths,
-            reduce=lambda J: jnp.linalg.svd(J.reshape(n, n), compute_uv=False) ** 2,
+            reduce=lambda J: spectra.squared_singular_values(J.reshape(n, n), check_finite=False),
         )  # fmt: skip
 
     return f

@@ -36,7 +36,6 @@ import functools
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from isometry import activations, freeprob, initializers, jacobian, spectra, sweep, validate
@@ -176,7 +175,11 @@ def sweep_function(cfg: Config, weights: str):
         # ||x0||^2 = N (q* - sigma_b2) / sigma_w2: Var h^1 = sigma_w2 ||x0||^2 / N + sigma_b2 = q*.
         x0 = jacobian.sphere_inputs(k_x, (N,), q_star, sigma_w2, sigma_b2)
         return jacobian.stack_jacobians(
-            layer, keys, x0, depths, reduce=lambda J: jnp.linalg.svd(J, compute_uv=False) ** 2
+            layer,
+            keys,
+            x0,
+            depths,
+            reduce=lambda J: spectra.squared_singular_values(J, check_finite=False),
         )
 
     return f

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from isometry import jacobian, spectra
@@ -37,7 +36,7 @@ def jacobian_probe(graphdef_eval):
         n = math.prod(x0.shape[1:])
         J = jax.vmap(lambda x: jacobian.stack_jacobians(s.layer, s.params, x))(x0)
         J = J.reshape(x0.shape[0], n, n)
-        lam = jnp.linalg.svd(J, compute_uv=False) ** 2
+        lam = spectra.squared_singular_values(J, check_finite=False)
         summ = spectra.summary(lam)
         return {"mean": summ["mean"].mean(), "var": summ["var"].mean(), "max": summ["max"].max()}
 
