@@ -38,10 +38,11 @@ class PlainMLP(nnx.Module):
         return x
 
 
-def build(width: int = 256, depth: int = 20, seed: int = 0):
-    """``(plain, reference)``: a :class:`PlainMLP` holding the weights of a ``networks.MLP``."""
+def build(width: int = 256, depth: int = 20, seed: int = 0, dtype: str = "float32"):
+    """``(plain, reference)``: a :class:`PlainMLP` holding the weights of a ``networks.MLP``
+    (parameters of ``dtype``; ``"float64"`` needs ``jax_enable_x64``)."""
     cfg = networks.MLPConfig(
-        depth=depth, width=width, activation="tanh", sigma_w2=1.5, sigma_b2=0.05
+        depth=depth, width=width, activation="tanh", sigma_w2=1.5, sigma_b2=0.05, dtype=dtype
     )
     ref = networks.MLP(cfg, rngs=nnx.Rngs(seed))
     plain = PlainMLP(width, depth, rngs=nnx.Rngs(seed), dtype=ref.kernel[...].dtype)

@@ -725,7 +725,7 @@ def test_slq_within_stated_w1_bound_toolkit_stack(stack_mlp):
 @pytest.mark.slow
 def test_spectra_plain_mlp_example_equal_jacfwd():
     """The plain-MLP example's own model (weights of a float64 networks.MLP)."""
-    plain, _ = _example("probe_plain_mlp").build(6, 3)
+    plain, _ = _example("probe_plain_mlp").build(6, 3, dtype="float64")
     assert plain.layers[0].kernel[...].dtype == F64
     x = _normal((4, 6))
     res = probe.jacobian_spectra(plain, x, method="dense")
