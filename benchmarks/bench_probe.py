@@ -133,6 +133,10 @@ def main() -> None:
     m, n = a.size * a.size * a.width, a.size * a.size * 16
     print(f"block output {m:,} entries; dense cumulative J {m * n * 4 / 2**30:.1f} GiB, "
           f"local J {m * m * 4 / 2**30:.0f} GiB (float32)")  # fmt: skip
+    matvecs = 2 * a.blocks * a.probes * a.steps
+    stage = (f"probe.jacobian_spectra(method='slq'): {2 * a.blocks} Jacobians, {matvecs} SLQ "
+             "matvecs, compiled and run as one program: no output until it ends")  # fmt: skip
+    print(stage, flush=True)
     t0 = time.perf_counter()
     res = probe.jacobian_spectra(
         model, x, method="slq", key=jax.random.key(2), n_probes=a.probes, n_steps=a.steps
