@@ -170,7 +170,8 @@ def main() -> None:
         return
     matvecs = 2 * a.blocks * a.probes * a.steps
     stage = (f"probe.jacobian_spectra(method='slq'): {2 * a.blocks} Jacobians, {matvecs} SLQ "
-             "matvecs, compiled and run as one program: no output until it ends")  # fmt: skip
+             "matvecs, compiled and run as one program: no output until it ends (measured: "
+             "1.7 h of one CPU core at the defaults with --probes 2 --steps 2)")  # fmt: skip
     print(stage, flush=True)
     t0 = time.perf_counter()
     res = probe.jacobian_spectra(
