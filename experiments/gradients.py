@@ -245,7 +245,7 @@ def sampled_inputs(width: int, depth: int, seed: int, *, optimize: bool = True):
     (as :func:`isometry.sweep.map_sharded`). A group's draws are held in host
     memory while it runs (the full preset: 24 points of 13 MB).
     """
-    opts = None if optimize else {"xla_backend_optimization_level": 0}
+    opts = sweep.compiler_options(optimize)
     kernels = jax.jit(point_kernels(width, depth, seed), compiler_options=opts)
     inputs = {}
 

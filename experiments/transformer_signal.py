@@ -255,7 +255,7 @@ def measure_function(cfg: Config, norm_position: str, alpha: str):
 def _sampled_inputs(cfg: Config):
     """``inputs(point)`` of :func:`run` at the quick sizes: a point's samples (numpy, flat
     names), drawn by one program compiled once at XLA level 0."""
-    sample = jax.jit(point_samples(cfg), compiler_options={"xla_backend_optimization_level": 0})
+    sample = jax.jit(point_samples(cfg), compiler_options=sweep.compiler_options(False))
 
     def inputs(p):
         params, *rest = sample(p["seed"])

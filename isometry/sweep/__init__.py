@@ -90,7 +90,7 @@ from isometry.sweep.grid import (
 )
 from isometry.sweep.overrides import apply_overrides, parse_overrides
 from isometry.sweep.progress import Progress
-from isometry.sweep.run import map_sharded, run_partitioned, run_vectorized
+from isometry.sweep.run import compiler_options, map_sharded, run_partitioned, run_vectorized
 from isometry.sweep.store import STORE_FORMAT as STORE_FORMAT
 from isometry.sweep.store import ConfigMismatchError, Store, load_table
 
@@ -100,6 +100,7 @@ __all__ = [
     "Progress",
     "Store",
     "apply_overrides",
+    "compiler_options",
     "config_dict",
     "fingerprint",
     "initialize",

@@ -19,7 +19,13 @@ from isometry.sweep.grid import Grid, canonical_json
 from isometry.sweep.progress import Progress
 from isometry.sweep.store import Store
 
-__all__ = ["map_sharded", "run_partitioned", "run_vectorized"]
+__all__ = ["compiler_options", "map_sharded", "run_partitioned", "run_vectorized"]
+
+
+def compiler_options(optimize: bool) -> dict | None:
+    """XLA compiler options of a sweep's programs: the defaults (``None``) when ``optimize``,
+    else backend optimization level 0 (faster compiles for small programs run a few times)."""
+    return None if optimize else {"xla_backend_optimization_level": 0}
 
 
 def _agreed_pending(store: Store, points: Sequence[Mapping]) -> list[int]:
@@ -92,7 +98,7 @@ def map_sharded(
     repl = NamedSharding(mesh, PartitionSpec())
     chunk = len(devs) * per_device
     f = jax.jit(lambda a: jax.vmap(lambda p: fn(**p))(a), out_shardings=repl)
-    options = None if optimize else {"xla_backend_optimization_level": 0}
+    options = compiler_options(optimize)
     compiled = None
     for start in range(0, n, chunk):
         idx = np.arange(start, min(start + chunk, n))
