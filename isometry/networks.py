@@ -46,10 +46,21 @@ this form is wrapped with :meth:`Stack.from_layer`.
 
 ``layer`` accepts a single example (``(N,)``; ``(*spatial, C)`` for
 convolutions) or a batch (leading batch axes), except batch normalization in
-training mode, which needs the batch. ``nnx.split(model)`` gives
-``(graphdef, state)`` for ``jit``, ``vmap`` over seeds and training;
-``model.train()`` / ``model.eval()`` switch batch normalization between batch
-statistics and running statistics.
+training mode, which needs the batch.
+
+Differentiation. Calling an :class:`MLP` whose stack is plain (no
+normalization, no learnable slope; residual or not) runs the same scan, but
+its JVP is written with the weight tangents taken out of the scan: ``u^l =
+x^{l-1} dW^l + db^l`` for all layers in one batched contraction, then a scan
+whose only matmul is ``dx W``. Forward mode, reverse mode and higher orders
+all work; in reverse mode every ``dW^l`` is one batched product after the
+backward scan, which makes the training step of
+``benchmarks/bench_training.py`` about 10% faster on a CPU. The ``Stack``
+view keeps the plain scan.
+
+``nnx.split(model)`` gives ``(graphdef, state)`` for ``jit``, ``vmap`` over
+seeds and training; ``model.train()`` / ``model.eval()`` switch batch
+normalization between batch statistics and running statistics.
 
 Example:
     >>> from flax import nnx
@@ -537,6 +548,68 @@ def _scan_collect(step, params, x0):
     return lax.scan(lambda x, p: step(p, x, None), x0, params)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _dense_stack(step, phi, alpha, x0, params):
+    """``x^L`` of a plain dense stack ``x^l = phi(x^{l-1} W^l + b^l)`` (with ``alpha``:
+    ``x^{l-1} + alpha phi(...)``): the generic scan of ``step``; only its JVP differs.
+
+    The JVP (:func:`_dense_stack_jvp`) takes the weight tangents out of the
+    scan, so reverse mode computes every ``dW^l = x^{l-1 T} g^l`` in one
+    batched contraction after the backward scan instead of one small matmul
+    per layer inside it (measured in ``benchmarks/bench_training.py``).
+    """
+    return _scan_collect(step, params, x0)[0]
+
+
+def _is_zero(t) -> bool:
+    return isinstance(t, jax.custom_derivatives.SymbolicZero)
+
+
+def _weight_tangents(xs, params, dparams):
+    """``u^l = x^{l-1} dW^l + db^l`` for every layer at once (``None`` if both are zero)."""
+    terms = []
+    if not _is_zero(dparams["kernel"]):
+        terms.append(jnp.einsum("l...i,lij->l...j", xs, dparams["kernel"]))
+    if "bias" in params and not _is_zero(dparams["bias"]):
+        db = dparams["bias"]
+        terms.append(
+            jnp.broadcast_to(
+                db.reshape(db.shape[:1] + (1,) * (xs.ndim - 2) + db.shape[1:]), xs.shape
+            )
+        )
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+def _dense_stack_jvp(step, phi, alpha, primals, tangents):
+    """Forward scan saving ``x^{l-1}`` and ``phi'(h^l)``; the tangent
+    ``dx^l = D^l (dx^{l-1} W^l + u^l)`` (plus ``dx^{l-1}`` for residual stacks) is a
+    second scan whose only matmul is ``dx W``; ``u`` comes from :func:`_weight_tangents`."""
+    (x0, params), (dx0, dparams) = primals, tangents
+
+    def forward(x, p):
+        h = x @ p["kernel"] + p["bias"] if "bias" in p else x @ p["kernel"]
+        a, d = jax.jvp(phi, (h,), (jnp.ones_like(h),))
+        return (a if alpha is None else x + alpha * a), (x, d)
+
+    def tangent(dx, inputs):
+        w, d, u = inputs
+        da = d * (dx @ w if u is None else dx @ w + u)
+        return (da if alpha is None else dx + alpha * da), None
+
+    xL, (xs, ds) = lax.scan(forward, x0, params)
+    u = _weight_tangents(xs, params, dparams)
+    dx0 = jnp.zeros_like(x0) if _is_zero(dx0) else dx0
+    return xL, lax.scan(tangent, dx0, (params["kernel"], ds, u))[0]
+
+
+_dense_stack.defjvp(_dense_stack_jvp, symbolic_zeros=True)
+
+
+def _plain_dense(cfg: MLPConfig) -> bool:
+    """The stack is ``phi(x W + b)`` (optionally residual): no normalization, fixed slope."""
+    return cfg.norm == "none" and not cfg.learnable_slope
+
+
 class MLP(nnx.Module):
     """A deep fully connected network as a scanned stack (see the module docstring).
 
@@ -637,7 +710,10 @@ class MLP(nnx.Module):
     def __call__(self, u: Array) -> Array:
         """Forward pass; in training mode batch norm updates its running statistics."""
         _check_input("u", u, self.config.in_dim or self.config.width)
-        s = self.stack()
+        s, cfg = self.stack(), self.config
+        if _plain_dense(cfg):
+            alpha = cfg.branch_scale if cfg.residual else None
+            return s.output_map(_dense_stack(s.step, cfg.act.phi, alpha, s.input_map(u), s.params))
         xL, aux = _scan_collect(s.step, s.params, s.input_map(u))
         if self.config.norm == "batch" and not self.use_running_average:
             m = self.config.momentum
