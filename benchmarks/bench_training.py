@@ -10,12 +10,15 @@ batch 128, SGD with clipping by global norm 1.0, float32:
    (logging every 10 steps, no evaluation or probe);
 2. the equivalent PyTorch loop (``zero_grad``, forward, cross-entropy,
    ``backward``, ``clip_grad_norm_``, ``SGD.step``) on the same CPU, same
-   run; skipped when torch is not installed;
+   run, best of 4 rounds; skipped when torch is not installed;
 3. the cost of each diagnostic as a fraction of the ordinary step's time:
    the guard (the step against a bare ``value_and_grad`` + update step built
    here), the per-layer norms and the clipped norm (each jitted alone on the
    step's gradients, best of interleaved repeats);
-4. the step's achieved FLOP/s (``3 x`` the forward matmul flops ``2 B sum
+4. the bare step through the model's ``Stack`` view, whose plain scan is
+   differentiated as it stands: the gain of the model call's hoisted JVP
+   (:mod:`isometry.networks`, "Differentiation") in the same run;
+5. the step's achieved FLOP/s (``3 x`` the forward matmul flops ``2 B sum
    n_in n_out``) as a fraction of this machine's measured float32 matmul FLOP/s.
 
 Usage:
@@ -72,12 +75,17 @@ def _setup(ds):
     return g_train, tx, training.clipping(tc.clip), tc, state
 
 
-def bare_step(graphdef, tx):
-    """The step without guard or diagnostics: ``value_and_grad``, ``tx.update``, apply."""
+def bare_step(graphdef, tx, generic: bool = False):
+    """The step without guard or diagnostics: ``value_and_grad``, ``tx.update``, apply.
+
+    ``generic``: the forward pass through the model's ``Stack`` view, whose plain
+    scan is differentiated as it stands (the weight gradients inside the backward
+    scan) instead of through the model call's hoisted JVP."""
 
     def loss_fn(params, stats, rest, x, y):
         model = nnx.merge(graphdef, params, stats, rest, copy=True)
-        return per_example_loss("cross_entropy", model(x), y)[0].mean()
+        out = model.stack()(x) if generic else model(x)
+        return per_example_loss("cross_entropy", out, y)[0].mean()
 
     def step(state, x_all, y_all, idx, step):
         p, x, y = state["params"], x_all[idx], y_all[idx]
@@ -92,10 +100,9 @@ def bench_steps(ds, steps: int, rounds: int = 4) -> dict[str, float]:
     """Steps/s of the lean step, the log step and the bare step: best of interleaved rounds."""
     g, tx, clip_tx, tc, state = _setup(ds)
     step = training.make_train_step(g, tx, clip_tx, training.schedule(tc))
-    bare = bare_step(g, tx)
     lean = lambda s, x, y, i, t: step(s, x, y, i, t, False)  # noqa: E731
     logged = lambda s, x, y, i, t: step(s, x, y, i, t, True)  # noqa: E731
-    fns = {"lean": lean, "log": logged, "bare": bare}
+    fns = {"lean": lean, "log": logged, "bare": bare_step(g, tx), "plain": bare_step(g, tx, True)}
     states = {k: jax.tree.map(jnp.copy, state) for k in fns}
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
     idx = [jnp.asarray(data.batch_indices(0, t, len(ds.x_train), BATCH)) for t in range(steps)]
@@ -166,8 +173,9 @@ def bench_isometry_train(ds, steps: int) -> float:
     return steps / (t2 - t1) if t2 > t1 else float("nan")  # nan: swamped by load
 
 
-def bench_torch(ds, steps: int, threads: int, device: str = "cpu") -> float | None:
-    """Steps/s of the PyTorch eager loop (``device="gpu"``: on CUDA; ``None`` if unavailable)."""
+def bench_torch(ds, steps: int, threads: int, device: str = "cpu", rounds: int = 4) -> float | None:
+    """Steps/s of the PyTorch eager loop, best of ``rounds`` (``device="gpu"``: on CUDA;
+    ``None`` if unavailable)."""
     try:
         import torch
     except ImportError:
@@ -203,11 +211,14 @@ def bench_torch(ds, steps: int, threads: int, device: str = "cpu") -> float | No
 
     for t in range(3):
         step(idx[t])
-    t0 = time.perf_counter()
-    for t in range(steps):
-        loss = step(idx[t])
-    float(loss)
-    return steps / (time.perf_counter() - t0)
+    best = float("inf")
+    for _ in range(rounds):  # best of rounds, as the isometry rows
+        t0 = time.perf_counter()
+        for t in range(steps):
+            loss = step(idx[t])
+        float(loss)
+        best = min(best, time.perf_counter() - t0)
+    return steps / best
 
 
 def main(argv=None) -> int:
@@ -232,13 +243,15 @@ def main(argv=None) -> int:
         ("isometry train step, log step (`log=True`), Python loop", sps["log"]),
         ("isometry `training.train` loop (log every 10 steps)", sps_train),
         ("bare step (no guard, no diagnostics; reference)", sps["bare"]),
+        ("bare step through the plain scan's JVP (`model.stack()`)", sps["plain"]),
     ]
     torch_dev = "CUDA" if args.device == "gpu" else "{n} thread(s)"
     rows += [(f"PyTorch eager loop, {torch_dev.format(n=n)}", v) for n, v in tor.items()]
     lines = [
         f"`python benchmarks/bench_training.py --steps {args.steps} --device {args.device}` "
         f"({machine()}; float32; depth {DEPTH}, width {WIDTH}, batch {BATCH}, SGD, clip by "
-        f"global norm; {args.steps} timed steps after compilation, best of 4 interleaved rounds).",
+        f"global norm; {args.steps} timed steps after compilation, best of 4 rounds, isometry's "
+        f"interleaved).",
         "",
         "| loop | steps/s | achieved GFLOP/s | fraction of matmul peak |",
         "|---|---|---|---|",
@@ -258,6 +271,9 @@ def main(argv=None) -> int:
         f"{(t_lean - 1 / sps['bare']) / t_lean:+.3f} (ordinary vs bare step); at log steps "
         f"per-layer norms {diag['norms'] / t_lean:.3f}, clipped norm {diag['clip'] / t_lean:.3f} "
         f"(each jitted alone), whole log step {(1 / sps['log'] - t_lean) / t_lean:+.3f}.",
+        f"The hoisted JVP of the model call (every weight gradient in one batched product "
+        f"after the backward scan) against the plain scan's: bare step "
+        f"{sps['bare'] / sps['plain']:.2f}x.",
     ]
     if tor:
         best = max(tor.values())
