@@ -97,7 +97,8 @@ def bare_step(graphdef, tx, generic: bool = False):
 
 
 def bench_steps(ds, steps: int, rounds: int = 4) -> dict[str, float]:
-    """Steps/s of the lean step, the log step and the bare step: best of interleaved rounds."""
+    """Steps/s of the lean, log and bare steps and of the bare step through the plain scan
+    (``"plain"``): best of interleaved rounds."""
     g, tx, clip_tx, tc, state = _setup(ds)
     step = training.make_train_step(g, tx, clip_tx, training.schedule(tc))
     lean = lambda s, x, y, i, t: step(s, x, y, i, t, False)  # noqa: E731
