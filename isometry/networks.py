@@ -567,17 +567,14 @@ def _is_zero(t) -> bool:
 
 def _weight_tangents(xs, params, dparams):
     """``u^l = x^{l-1} dW^l + db^l`` for every layer at once (``None`` if both are zero)."""
-    terms = []
+    u = None
     if not _is_zero(dparams["kernel"]):
-        terms.append(jnp.einsum("l...i,lij->l...j", xs, dparams["kernel"]))
+        u = jnp.einsum("l...i,lij->l...j", xs, dparams["kernel"])
     if "bias" in params and not _is_zero(dparams["bias"]):
-        db = dparams["bias"]
-        terms.append(
-            jnp.broadcast_to(
-                db.reshape(db.shape[:1] + (1,) * (xs.ndim - 2) + db.shape[1:]), xs.shape
-            )
-        )
-    return sum(terms[1:], terms[0]) if terms else None
+        db = dparams["bias"]  # (L, N), broadcast over the batch axes of x
+        db = db.reshape(db.shape[:1] + (1,) * (xs.ndim - 2) + db.shape[1:])
+        u = db if u is None else u + db
+    return u
 
 
 def _dense_stack_jvp(step, phi, alpha, primals, tangents):

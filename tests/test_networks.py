@@ -160,6 +160,26 @@ def test_plain_mlp_derivatives_equal_the_generic_stack(x64, kwargs):
         )  # fmt: skip
 
 
+def test_hoisted_jvp_with_one_parameter_perturbed(x64):
+    """Tangents in the kernel alone or the bias alone (the other symbolically zero) give
+    the plain scan's JVP."""
+    cfg = nw.MLPConfig(depth=4, width=6, in_dim=3, out_dim=2, dtype="float64", sigma_b2=0.1)
+    graphdef, state = nnx.split(nw.MLP(cfg, rngs=nnx.Rngs(0)))
+    u = jax.random.normal(jax.random.key(0), (5, 3), jnp.float64)
+    for name in ("kernel", "bias"):
+        value = state[name][...]
+
+        def out(v, generic, name=name):
+            model = nnx.merge(graphdef, state, copy=True)
+            getattr(model, name)[...] = v
+            return model.stack()(u) if generic else model(u)
+
+        tangent = jax.random.normal(jax.random.key(1), value.shape, jnp.float64)
+        fast = jax.jvp(lambda v: out(v, False), (value,), (tangent,))[1]
+        generic = jax.jvp(lambda v: out(v, True), (value,), (tangent,))[1]
+        np.testing.assert_allclose(fast, generic, rtol=1e-12, atol=1e-14)
+
+
 def test_only_plain_dense_stacks_take_the_hoisted_jvp():
     """The call of a plain stack is one ``custom_jvp``; with normalization or a learnable
     slope it is the generic scan."""
