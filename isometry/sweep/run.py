@@ -90,14 +90,14 @@ def map_sharded(
         raise ValueError(f"args must be arrays with one common leading length, got {sizes}")
     n = next(iter(sizes.values()))
     devs = list(jax.devices() if devices is None else devices)
-    f = jax.jit(lambda a: jax.vmap(lambda p: fn(**p))(a))
-    if _cpu_lapack_hazard(f, cols, devs):
+    batched = jax.vmap(lambda p: fn(**p))
+    if _cpu_lapack_hazard(batched, cols, devs):
         devs = _one_per_process(devs)
     mesh = Mesh(np.asarray(devs), ("points",))
     shard = NamedSharding(mesh, PartitionSpec("points"))
     repl = NamedSharding(mesh, PartitionSpec())
     chunk = len(devs) * per_device
-    f = jax.jit(lambda a: jax.vmap(lambda p: fn(**p))(a), out_shardings=repl)
+    f = jax.jit(batched, out_shardings=repl)
     options = compiler_options(optimize)
     compiled = None
     for start in range(0, n, chunk):
@@ -135,7 +135,7 @@ def _cpu_lapack_hazard(f, cols: Mapping[str, np.ndarray], devs) -> bool:
     if max(per_process.values()) < 2:
         return False
     one = {k: jax.ShapeDtypeStruct((1, *v.shape[1:]), v.dtype) for k, v in cols.items()}
-    if "lapack" not in f.lower(one).as_text():
+    if "lapack" not in jax.jit(f).lower(one).as_text():
         return False
     warnings.warn(
         "this sweep calls LAPACK (SVD/eigh/QR) and would run on several CPU devices of one "
