@@ -198,7 +198,9 @@ def test_layer_norm_removes_the_dependence_on_sigma_w2():
     u = pair_inputs(jax.random.key(8), width=width)
     rates = []
     for act, sw in [("relu", 1.0), ("relu", 3.0), ("tanh", 3.0)]:
-        cfg = nw.MLPConfig(depth=L, width=width, activation=act, sigma_w2=sw, norm="layer")
+        cfg = nw.MLPConfig(
+            depth=L, width=width, activation=act, sigma_w2=sw, norm="layer", dtype="float64"
+        )
         model, fwd, bwd = run(cfg, u)
         th = jax.tree.map(np.asarray, signal.model_theory(model, u))
         # Per-layer factor (1 - 2/N) E[phi'(z)^2] / E[phi(z)^2] from layer 2 on: 1 - 2/N for
