@@ -443,7 +443,7 @@ def residual_growth(width, depth, seeds, batch, init="he_normal", alpha=1.0):
     """Per-seed log10 growth of ||dLoss/dx^l||^2 from l = L to l = 1 (one compile)."""
     cfg = nw.MLPConfig(
         depth=depth, width=width, activation="relu", init=init, bias=False, residual=True,
-        residual_scale=alpha,
+        residual_scale=alpha, dtype="float64",
     )  # fmt: skip
 
     stacks = [nw.MLP(cfg, rngs=nnx.Rngs(depth + s)).stack() for s in range(seeds)]
