@@ -578,15 +578,15 @@ def _weight_tangents(xs, params, dparams):
 
 
 def _dense_stack_jvp(step, phi, alpha, primals, tangents):
-    """Forward scan saving ``x^{l-1}`` and ``phi'(h^l)``; the tangent
+    """The forward scan of ``step``, saving ``x^{l-1}`` and ``phi'(h^l)``; the tangent
     ``dx^l = D^l (dx^{l-1} W^l + u^l)`` (plus ``dx^{l-1}`` for residual stacks) is a
     second scan whose only matmul is ``dx W``; ``u`` comes from :func:`_weight_tangents`."""
     (x0, params), (dx0, dparams) = primals, tangents
 
     def forward(x, p):
-        h = x @ p["kernel"] + p["bias"] if "bias" in p else x @ p["kernel"]
-        a, d = jax.jvp(phi, (h,), (jnp.ones_like(h),))
-        return (a if alpha is None else x + alpha * a), (x, d)
+        x_next, aux = step(p, x, None)
+        h = aux["preact"]
+        return x_next, (x, jax.jvp(phi, (h,), (jnp.ones_like(h),))[1])
 
     def tangent(dx, inputs):
         w, d, u = inputs
