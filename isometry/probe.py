@@ -90,7 +90,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from isometry import depthscan, networks, spectra, validate
+from isometry import cuts, depthscan, networks, spectra, validate
 from isometry import jacobian as _jacobian
 from isometry import signal as _signal
 
@@ -111,281 +111,10 @@ __all__ = [
 ]
 
 Array = jax.Array
-_LIST_NAMES = ("blocks", "layers")
-_STACK_PREFIX = "layer"
+ProbeError = cuts.ProbeError
+blocks = cuts.blocks
+is_stack = cuts.is_stack
 METHODS = ("auto", "dense", "slq")
-
-
-class ProbeError(ValueError):
-    """A model or input the probe cannot measure (the message says why and what to pass)."""
-
-
-# --------------------------------------------------------------------------- #
-# Cut points.
-# --------------------------------------------------------------------------- #
-
-
-def _is_list(obj) -> bool:
-    return isinstance(obj, (list, tuple, nnx.List))
-
-
-def _attrs(obj) -> list:
-    if _is_list(obj):
-        return [(str(i), v) for i, v in enumerate(obj)]
-    if not isinstance(obj, nnx.Module):
-        return []
-    return [(k, v) for k, v in vars(obj).items() if not k.startswith("_")]
-
-
-def _walk(obj, prefix: str = ""):
-    """``(path, module)`` of every nested module, depth first in definition order."""
-    for name, value in _attrs(obj):
-        path = f"{prefix}{name}"
-        if isinstance(value, nnx.Module) and not _is_list(value):
-            yield path, value
-        if isinstance(value, nnx.Module) or _is_list(value):
-            yield from _walk(value, path + ".")
-
-
-def _discover(obj, prefix: str) -> list[str]:
-    if isinstance(obj, nnx.Sequential):
-        return [f"{prefix}layers.{i}" for i in range(len(obj.layers))]
-    found = []
-    for name, value in _attrs(obj):
-        if _is_list(value) and name in _LIST_NAMES:
-            found += [f"{prefix}{name}.{i}" for i in range(len(value))]
-        elif _is_list(value) or isinstance(value, nnx.Module):
-            found += _discover(value, f"{prefix}{name}.")
-    return found
-
-
-def _available(model) -> str:
-    paths = [p for p, _ in _walk(model)]
-    return ", ".join(paths) if paths else "(none: the model has no submodules)"
-
-
-def blocks(model) -> list[str]:
-    """The cut points of ``model`` in forward order (module paths joined by ``"."``).
-
-    The direct children of an ``nnx.Sequential`` (``"layers.0"``, ...), else
-    the items of every list / ``nnx.List`` attribute named ``blocks`` or
-    ``layers``, found through nested modules and lists in definition order
-    (``"stages.0.blocks.0"``, ``"stages.0.blocks.1"``, ``"stages.1.blocks.0"``).
-
-    Raises:
-        ProbeError: nothing found; the message lists the module paths to pass as ``at=``.
-    """
-    _check_model(model)
-    if is_stack(model):
-        return [f"{_STACK_PREFIX}.{l}" for l in range(model.config.depth)]
-    found = _discover(model, "")
-    if not found:
-        raise ProbeError(
-            f"probe.blocks: cannot find the blocks of {type(model).__name__}: it is not an "
-            "nnx.Sequential and has no list or nnx.List attribute named 'blocks' or 'layers'; "
-            f"pass the cut points as at=[...], module paths among: {_available(model)}"
-        )
-    return found
-
-
-def is_stack(model) -> bool:
-    """Whether ``model`` is one of the toolkit's scanned stacks (``networks.MLP``/``ConvNet``).
-
-    Their layers live in stacked parameters, not in a list of modules, so the
-    probe measures them through :func:`isometry.signal.measure` and
-    :func:`isometry.jacobian.stack_jacobians`, with cut points ``"layer.0"`` ..
-    ``"layer.{L-1}"`` (see :func:`signal`, :func:`jacobian_spectra`, :func:`theory`).
-    """
-    return isinstance(model, (networks.MLP, networks.ConvNet))
-
-
-def _check_model(model) -> None:
-    if not isinstance(model, nnx.Module):
-        raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
-
-
-def _child(obj, part: str):
-    if _is_list(obj):
-        if not part.isdigit() or int(part) >= len(obj):
-            raise KeyError(part)
-        return obj[int(part)]
-    if part.startswith("_") or not isinstance(obj, nnx.Module) or not hasattr(obj, part):
-        raise KeyError(part)
-    return getattr(obj, part)
-
-
-def _lookup(model, path: str):
-    obj = model
-    for part in path.split("."):
-        obj = _child(obj, part)
-    return obj
-
-
-def _resolve_at(model, at) -> tuple[str, ...]:
-    _check_model(model)
-    if at is None:
-        return tuple(blocks(model))
-    paths = (at,) if isinstance(at, str) else tuple(at)
-    if not paths or not all(isinstance(p, str) for p in paths):
-        raise ProbeError(f"at must be a non-empty list of module paths (strings), got {at!r}")
-    if len(set(paths)) != len(paths):
-        raise ProbeError(f"at names a path twice: {list(paths)}")
-    if is_stack(model):
-        layers = blocks(model)
-        for p in paths:
-            if p not in layers:
-                raise ProbeError(
-                    f"at: {p!r} is not a layer of the scanned {type(model).__name__}; "
-                    f"available: {', '.join(layers)}"
-                )
-        return paths
-    for p in paths:
-        try:
-            target = _lookup(model, p)
-        except (KeyError, IndexError):
-            raise ProbeError(
-                f"at: {p!r} is not a module path of {type(model).__name__}; "
-                f"available: {_available(model)}"
-            ) from None
-        if not callable(target):
-            raise ProbeError(f"at: {p!r} is a {type(target).__name__}, not a callable block")
-    return paths
-
-
-# --------------------------------------------------------------------------- #
-# The instrumented forward pass.
-# --------------------------------------------------------------------------- #
-
-
-class _Tap(nnx.Module):
-    """Stands in for a block in the probe's copy of the model and reports to ``hook``."""
-
-    def __init__(self, inner, hook):
-        self.inner = inner
-        self.hook = hook
-
-    def __call__(self, x, *args, **kwargs):
-        return self.hook(self.inner, x, args, kwargs)
-
-
-@dataclasses.dataclass
-class _Record:
-    inputs: list
-    outputs: list
-    extras: list
-    branch: list
-
-
-def _hook(rec: _Record, i: int, path: str, deltas, want_branch: bool):
-    def hook(inner, x, args, kwargs):
-        if rec.outputs[i] is not None:
-            raise ProbeError(f"block {path!r} is called more than once in the forward pass")
-        y = inner(x, *args, **kwargs)
-        if not isinstance(y, jax.Array) or not isinstance(x, jax.Array):
-            raise ProbeError(f"block {path!r} must map an array to an array")
-        if want_branch and callable(getattr(inner, "branch", None)):
-            rec.branch[i] = jax.lax.stop_gradient(inner.branch(x, *args, **kwargs))
-        if deltas is not None:
-            y = y + deltas[i]
-        rec.inputs[i], rec.extras[i], rec.outputs[i] = x, (args, kwargs), y
-        return y
-
-    return hook
-
-
-def _install(m, path: str, tap) -> None:
-    parent_path, _, key = path.rpartition(".")
-    parent = _lookup(m, parent_path) if parent_path else m
-    if isinstance(parent, tuple):
-        raise ProbeError(f"cannot cut at {path!r}: its parent is a tuple; use a list or nnx.List")
-    if _is_list(parent):
-        parent[int(key)] = nnx.data(tap)
-    else:
-        setattr(parent, key, nnx.data(tap))
-
-
-def _tapped_call(graphdef, states, paths, x, deltas=None, want_branch=False):
-    """``(y, record)``: the model's output on ``x`` and every block's input/output."""
-    m = nnx.merge(graphdef, *states, copy=True)
-    K = len(paths)
-    rec = _Record([None] * K, [None] * K, [None] * K, [None] * K)
-    for i, path in enumerate(paths):
-        _install(m, path, _Tap(_lookup(m, path), _hook(rec, i, path, deltas, want_branch)))
-    y = m(x)
-    missing = [paths[i] for i in range(K) if rec.outputs[i] is None]
-    if missing:
-        raise ProbeError(f"the blocks {missing} are not called in the model's forward pass")
-    return y, rec
-
-
-def _expected_input(model) -> str:
-    for path, mod in _walk(model):
-        n = getattr(mod, "in_features", None)
-        if isinstance(n, int):
-            return f"; its first layer {path!r} ({type(mod).__name__}) takes inputs (B, ..., {n})"
-    return ""
-
-
-def _model_dtype(model):
-    """The promoted floating dtype of the parameters of ``model`` (``None``: it has none)."""
-    kinds = {
-        jnp.dtype(v.dtype)
-        for v in jax.tree.leaves(nnx.state(model, nnx.Param))
-        if jnp.issubdtype(v.dtype, jnp.floating)
-    }
-    return jnp.result_type(*kinds) if kinds else None
-
-
-def _as_batch(model, x) -> Array:
-    """``x`` as a floating batch ``(B, ...)`` in the model's parameter dtype.
-
-    An input of another floating dtype is cast to the parameters' dtype: the
-    model computes in that precision anyway (a float64 input does not make a
-    float32 model exact), and layers that write the input into their own
-    buffers (batch norm) would otherwise mix the two.
-    """
-    x = jnp.asarray(x)
-    if x.ndim < 2 or x.shape[0] < 1:
-        raise ProbeError(f"x must be a batch (B, ...) with B >= 1, got shape {x.shape}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"x must be a floating-point array, got {x.dtype}")
-    dtype = _model_dtype(model)
-    return x if dtype is None or x.dtype == dtype else x.astype(dtype)
-
-
-def _float_as(dtype, a):
-    """``a`` in ``dtype`` if it is a floating array (the probe's copies of buffers such as
-    ``nnx.BatchNorm``'s float32 running statistics, which a float64 model in training mode
-    would otherwise update with float64 values; the copies are discarded)."""
-    return a.astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a
-
-
-def _prepare(model, x, at):
-    """Validated ``(paths, x, graphdef, params, rest, shapes)``; shapes of ``(y, outputs)``."""
-    paths = _resolve_at(model, at)
-    x = _as_batch(model, x)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    rest = jax.tree.map(partial(_float_as, x.dtype), rest)
-    try:
-        shapes = jax.eval_shape(
-            lambda p, r, x: _shapes(_tapped_call(graphdef, (p, r), paths, x)), params, rest, x
-        )
-    except ProbeError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise ProbeError(
-            f"x of shape {x.shape} does not fit {type(model).__name__}{_expected_input(model)} "
-            f"({type(err).__name__}: {str(err).splitlines()[0]})"
-        ) from err
-    for p, s in zip(paths, shapes[1], strict=True):
-        if s.ndim < 1 or s.shape[0] != x.shape[0]:
-            raise ProbeError(f"block {p!r} output {s.shape} has no batch axis of size {x.shape[0]}")
-    return paths, x, graphdef, params, rest, shapes
-
-
-def _shapes(out):
-    y, rec = out
-    return y, tuple(rec.outputs)
 
 
 # --------------------------------------------------------------------------- #
@@ -529,7 +258,7 @@ def _compiled(impl, model, x, key, **options):
     its own (tens of seconds for a small model); under an outer ``jit`` it is
     traced as it is.
     """
-    _check_model(model)
+    cuts.check_model(model)
     if not (validate.is_concrete(x) and validate.is_concrete(key)):
         return impl(model, x, key, **options)
     graphdef, state = nnx.split(model)
@@ -541,12 +270,12 @@ def _signal_impl(model, x, key, *, at, loss) -> tuple[ProbeSignal, Array]:
     """:func:`signal` and whether each block exposes a residual branch."""
     if is_stack(model):
         return _stack_signal(model, x, at, loss, key)
-    paths, x, graphdef, params, rest, (y_shape, out_shapes) = _prepare(model, x, at)
+    paths, x, graphdef, params, rest, (y_shape, out_shapes) = cuts.prepare(model, x, at)
     loss_fn = _loss_fn(loss, key, y_shape)
     deltas = [jnp.zeros(s.shape, s.dtype) for s in out_shapes]
 
     def f(params, deltas, x):
-        y, rec = _tapped_call(graphdef, (params, rest), paths, x, deltas, want_branch=True)
+        y, rec = cuts.tapped_call(graphdef, (params, rest), paths, x, deltas, want_branch=True)
         return loss_fn(y), (rec.outputs, rec.branch)
 
     grad = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)
@@ -637,7 +366,7 @@ class ProbeSpectra:
 
 def _cumulative_fn(graphdef, states, paths, x, index):
     def f(x0):
-        _, rec = _tapped_call(graphdef, states, paths, x.at[index].set(x0))
+        _, rec = cuts.tapped_call(graphdef, states, paths, x.at[index].set(x0))
         return tuple(o[index].reshape(-1) for o in rec.outputs)
 
     return f
@@ -647,7 +376,7 @@ def _local_fn(graphdef, states, path, u, extras, index):
     args, kwargs = extras
 
     def g(u0):
-        block = _lookup(nnx.merge(graphdef, *states, copy=True), path)
+        block = cuts.lookup(nnx.merge(graphdef, *states, copy=True), path)
         return block(u.at[index].set(u0), *args, **kwargs)[index].reshape(-1)
 
     return g
@@ -745,12 +474,6 @@ def _slq(f, x0, key, n_probes, n_steps):
 
 def _dense(Js) -> list[Array]:
     return [spectra.squared_singular_values(J.reshape(J.shape[0], -1)) for J in Js]
-
-
-def _capture(graphdef, states, paths, x):
-    """Every block's ``(input, extra args)`` of one forward pass on ``x``."""
-    _, rec = _tapped_call(graphdef, states, paths, x)
-    return rec.inputs, rec.extras
 
 
 def _choose(method, dims, max_dense) -> str:
@@ -894,10 +617,10 @@ def _check_index(index, x) -> int:
 
 def _model_parts(model, x, at, index) -> _Parts:
     """:class:`_Parts` of any model, cut by swapping its blocks for taps."""
-    paths, x, graphdef, params, rest, (_, out_shapes) = _prepare(model, x, at)
+    paths, x, graphdef, params, rest, (_, out_shapes) = cuts.prepare(model, x, at)
     index = _check_index(index, x)
     states = (params, rest)
-    inputs, extras = _capture(graphdef, states, paths, x)
+    inputs, extras = cuts.capture(graphdef, states, paths, x)
     n = math.prod(x.shape[1:])
     dims = tuple(
         (math.prod(s.shape[1:]), n, math.prod(u.shape[1:]))
@@ -925,8 +648,8 @@ def _model_parts(model, x, at, index) -> _Parts:
 
 def _stack_prepare(model, x, at):
     """``(paths, layer indices, x, stack)`` of a toolkit stack, ``x`` checked against it."""
-    paths = _resolve_at(model, at)
-    x = _as_batch(model, x)
+    paths = cuts.resolve(model, at)
+    x = cuts.as_batch(model, x)
     s = _signal.as_stack(model)
     try:
         jax.eval_shape(s, x)
@@ -1063,7 +786,7 @@ def _stack_theory(model, x, at) -> dict:
 def _dense_layer(block, residual: bool):
     if isinstance(block, nnx.Linear) and not residual:
         return block
-    found = [m for _, m in _walk(block) if isinstance(m, nnx.Linear)] if residual else []
+    found = [m for _, m in cuts.walk(block) if isinstance(m, nnx.Linear)] if residual else []
     return found[0] if len(found) == 1 else None
 
 
@@ -1098,9 +821,9 @@ def theory(model, x, *, activation=None, at=None, residual_scale: float | None =
         return _stack_theory(model, x, at)
     if activation is None:
         raise ProbeError("probe.theory: pass activation= (the name of the blocks' nonlinearity)")
-    paths = _resolve_at(model, at)
+    paths = cuts.resolve(model, at)
     residual = residual_scale is not None
-    layers = [_dense_layer(_lookup(model, p), residual) for p in paths]
+    layers = [_dense_layer(cuts.lookup(model, p), residual) for p in paths]
     ok = all(m is not None and m.in_features == m.out_features for m in layers)
     if not ok or len({m.in_features for m in layers}) != 1:
         raise ProbeError(
@@ -1111,8 +834,8 @@ def theory(model, x, *, activation=None, at=None, residual_scale: float | None =
     N = layers[0].in_features
     sw = jnp.mean(jnp.stack([N * jnp.mean(m.kernel[...] ** 2) for m in layers]))
     sb = jnp.mean(jnp.stack([_bias_sq(m) for m in layers]))
-    _, x, graphdef, params, rest, _ = _prepare(model, x, paths)
-    x0 = _capture(graphdef, (params, rest), paths, x)[0][0]
+    _, x, graphdef, params, rest, _ = cuts.prepare(model, x, paths)
+    x0 = cuts.capture(graphdef, (params, rest), paths, x)[0][0]
     p0, c0, m0 = jnp.mean(x0**2), _signal.pair_cosine(x0), jnp.mean(x0)
     th = _signal.theory(
         activation, sw, sb, len(paths), p0, jnp.where(jnp.isnan(c0), 0.0, c0),
