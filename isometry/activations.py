@@ -60,6 +60,9 @@ class Activation:
         bernoulli_p: for activations whose ``phi'^2`` takes only the values 0
             and 1 (ReLU, hard-tanh, linear), a closed form
             ``(q, **params) -> P(phi'(u)^2 = 1)`` for ``u ~ N(0, q)``.
+        first_moment: optional closed form ``(q, **params) -> E[phi(u)]``.
+        deriv_mean: optional closed form ``(q, **params) -> E[phi'(u)]`` (the factor
+            of Stein's lemma ``E[u phi(u)] = q E[phi'(u)]``).
         piecewise_linear: ``phi`` is piecewise linear (``phi'' = 0`` off kinks).
     """
 
@@ -72,6 +75,8 @@ class Activation:
     second_moment: Callable | None = None
     deriv_kernel: Callable | None = None
     bernoulli_p: Callable | None = None
+    first_moment: Callable | None = None
+    deriv_mean: Callable | None = None
     piecewise_linear: bool = False
 
     @property
@@ -185,6 +190,26 @@ def _hard_tanh_second_moment(q):
     t = 1.0 / jnp.sqrt(q)
     inside = erf(t / math.sqrt(2.0))
     return q * (inside - 2.0 * t * _phi_std(t)) + (1.0 - inside)
+
+
+def _leaky_first_moment(q, negative_slope=0.0):
+    return (1.0 - negative_slope) * jnp.sqrt(q / (2.0 * jnp.pi))
+
+
+def _leaky_deriv_mean(q, negative_slope=0.0):
+    return (1.0 + negative_slope) / 2.0 * jnp.ones_like(q)
+
+
+def _zero_mean(q, **_):
+    return jnp.zeros_like(q)
+
+
+def _erf_deriv_mean(q):
+    return 2.0 / jnp.sqrt(jnp.pi * (1.0 + 2.0 * q))
+
+
+def _sin_deriv_mean(q):
+    return jnp.exp(-q / 2.0)
 
 
 def _hard_tanh_p(q):
@@ -379,6 +404,8 @@ _builtin(
     second_moment=_linear_second_moment,
     deriv_kernel=_linear_deriv_kernel,
     bernoulli_p=_linear_p,
+    first_moment=_zero_mean,
+    deriv_mean=lambda q: jnp.ones_like(q),
     **_PWL,
 )
 _builtin(
@@ -390,6 +417,8 @@ _builtin(
     second_moment=_relu_second_moment,
     deriv_kernel=lambda q1, q2, q12: _leaky_deriv_kernel(q1, q2, q12, 0.0),
     bernoulli_p=_relu_p,
+    first_moment=lambda q: _leaky_first_moment(q, 0.0),
+    deriv_mean=lambda q: _leaky_deriv_mean(q, 0.0),
     **_PWL,
 )
 for _name in ("leaky_relu", "prelu"):
@@ -402,6 +431,8 @@ for _name in ("leaky_relu", "prelu"):
         kernel=_leaky_kernel,
         second_moment=_leaky_second_moment,
         deriv_kernel=_leaky_deriv_kernel,
+        first_moment=_leaky_first_moment,
+        deriv_mean=_leaky_deriv_mean,
         **_PWL,
     )
 _builtin("elu", _elu, _d_elu, defaults={"alpha": 1.0}, kinks=lambda alpha: (0.0,))
@@ -410,8 +441,8 @@ _builtin("gelu", _gelu, _d_gelu)
 _builtin("silu", _silu, _d_silu)
 _builtin("swish", _silu, _d_silu)
 _builtin("softplus", _softplus, _d_softplus)
-_builtin("sigmoid", _sigmoid, _d_sigmoid)
-_builtin("tanh", _tanh, _d_tanh)
+_builtin("sigmoid", _sigmoid, _d_sigmoid, first_moment=lambda q: 0.5 * jnp.ones_like(q))
+_builtin("tanh", _tanh, _d_tanh, first_moment=_zero_mean)
 _builtin(
     "hard_tanh",
     _hard_tanh,
@@ -419,6 +450,8 @@ _builtin(
     kinks=lambda: (-1.0, 1.0),
     second_moment=_hard_tanh_second_moment,
     bernoulli_p=_hard_tanh_p,
+    first_moment=_zero_mean,
+    deriv_mean=_hard_tanh_p,
     **_PWL,
 )
 _builtin(
@@ -428,6 +461,8 @@ _builtin(
     kernel=_erf_kernel,
     second_moment=_erf_second_moment,
     deriv_kernel=_erf_deriv_kernel,
+    first_moment=_zero_mean,
+    deriv_mean=_erf_deriv_mean,
 )
 _builtin(
     "sin",
@@ -436,6 +471,8 @@ _builtin(
     kernel=_sin_kernel,
     second_moment=_sin_second_moment,
     deriv_kernel=_sin_deriv_kernel,
+    first_moment=_zero_mean,
+    deriv_mean=_sin_deriv_mean,
 )
 
 

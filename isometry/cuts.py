@@ -43,6 +43,7 @@ __all__ = [
     "model_dtype",
     "prepare",
     "resolve",
+    "scope_modules",
     "tapped_call",
     "walk",
 ]
@@ -240,9 +241,15 @@ def _install(m, path: str, tap) -> None:
         setattr(parent, key, nnx.data(tap))
 
 
-def tapped_call(graphdef, states, paths, x, deltas=None, want_branch=False):
-    """``(y, record)``: the model's output on ``x`` and every block's input/output."""
+def tapped_call(graphdef, states, paths, x, deltas=None, want_branch=False, scopes=False):
+    """``(y, record)``: the model's output on ``x`` and every block's input/output.
+
+    ``scopes``: trace every submodule's call under ``jax.named_scope`` of its
+    path, so that a jaxpr's equations name the module that made them.
+    """
     m = nnx.merge(graphdef, *states, copy=True)
+    if scopes:
+        scope_modules(m)
     K = len(paths)
     rec = Record([None] * K, [None] * K, [None] * K, [None] * K)
     for i, path in enumerate(paths):
@@ -252,6 +259,36 @@ def tapped_call(graphdef, states, paths, x, deltas=None, want_branch=False):
     if missing:
         raise ProbeError(f"the blocks {missing} are not called in the model's forward pass")
     return y, rec
+
+
+def scope_modules(model) -> None:
+    """Make every submodule of ``model`` (a copy: it is changed in place) call itself under
+    ``jax.named_scope(path)``; a module reachable by two paths takes the first."""
+    seen = set()
+    for path, mod in list(walk(model)):
+        if id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        cls = type(mod)
+        scoped = _SCOPED.get((cls, path))
+        if scoped is None:
+            scoped = type(cls.__name__, (cls,), {"__call__": _scoped_call(cls.__call__, path)})
+            _SCOPED[(cls, path)] = scoped
+        try:
+            object.__setattr__(mod, "__class__", scoped)
+        except TypeError:  # a class whose layout forbids it: traced without its scope
+            continue
+
+
+_SCOPED: dict = {}
+
+
+def _scoped_call(call, path):
+    def __call__(self, *args, **kwargs):
+        with jax.named_scope(path):
+            return call(self, *args, **kwargs)
+
+    return __call__
 
 
 def _expected_input(model) -> str:

@@ -52,9 +52,11 @@ __all__ = [
     "Quadrature",
     "default_quadrature",
     "deriv_kernel",
+    "deriv_mean",
     "dphi_moment",
     "expect",
     "expect2",
+    "first_moment",
     "hermite_coefficients",
     "hermite_series",
     "nodes",
@@ -318,6 +320,24 @@ def second_moment(act: Activation | str, q: Array, *, quad: Quadrature | None = 
     if act.second_moment is not None:
         return act.second_moment(q, **act.kwargs)
     return expect(lambda x: act.phi(x) ** 2, q, kinks=act.kinks, quad=quad)
+
+
+def first_moment(act: Activation | str, q: Array, *, quad: Quadrature | None = None) -> Array:
+    """``E[phi(sqrt(q) z)]``: the width mean of ``phi`` of a Gaussian pre-activation."""
+    act = _act(act)
+    q = jnp.asarray(q, dtype=jnp.result_type(q, float))
+    if act.first_moment is not None:
+        return act.first_moment(q, **act.kwargs)
+    return expect(act.phi, q, kinks=act.kinks, quad=quad)
+
+
+def deriv_mean(act: Activation | str, q: Array, *, quad: Quadrature | None = None) -> Array:
+    """``E[phi'(sqrt(q) z)]``: Stein's factor, ``E[u phi(u)] = q E[phi'(u)]``."""
+    act = _act(act)
+    q = jnp.asarray(q, dtype=jnp.result_type(q, float))
+    if act.deriv_mean is not None:
+        return act.deriv_mean(q, **act.kwargs)
+    return expect(act.dphi, q, kinks=act.kinks, quad=quad)
 
 
 def dphi_moment(

@@ -1,0 +1,258 @@
+"""Running the engine on a model: trace it, interpret its jaxpr, read Grams off the outputs.
+
+:func:`trace` turns ``model(x)`` into a jaxpr whose inputs are the model's
+parameters (``nnx.Param`` leaves, with their paths), its other state, the
+input batch and, optionally, one zero *probe* per cut point added to the
+block's output (the engine's handle on gradients there); the model's
+submodules are traced under ``jax.named_scope`` of their paths so that an
+operation without a rule is reported with the module that used it.
+
+:func:`run` evaluates it in the infinite-width limit inside one ``jax.jit``
+program and hands the output values to a reader that computes what the caller
+wants (kernels, per-cut-point summaries).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import warnings
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from isometry import cuts, validate
+from isometry.theory import algebra as A
+from isometry.theory import expectations as E
+from isometry.theory import interpret as I
+from isometry.theory import values as V
+
+__all__ = ["Run", "Traced", "cut_shapes", "resolve_cuts", "run", "theory_dtype", "trace"]
+
+Array = jax.Array
+FLUCTUATION_TOL = 0.05  # std of a dropped fluctuation (e.g. attention logits) worth a warning
+GAIN_TOL = 1e-6  # relative variance of a gain over channels where Gaussianity is lost
+
+
+def theory_dtype():
+    """float64 under ``jax_enable_x64``, else float32."""
+    return jnp.result_type(float)
+
+
+@dataclasses.dataclass(frozen=True)
+class Traced:
+    """A model's forward pass as a jaxpr over (parameters, other state, input, probes).
+
+    Attributes:
+        jaxpr, consts: the closed jaxpr's parts.
+        param_paths: the path of each parameter leaf, in input order.
+        n_rest: number of other state leaves.
+        paths: the cut points (module paths), ``()`` when none are tapped.
+        out_shapes: the shapes of the cut points' outputs.
+        probes: whether probe inputs follow the input batch.
+    """
+
+    jaxpr: object
+    consts: tuple
+    param_paths: tuple[str, ...]
+    n_rest: int
+    paths: tuple[str, ...]
+    out_shapes: tuple
+    probes: bool
+
+
+def _path(keypath) -> str:
+    parts = []
+    for k in keypath:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    while parts and parts[-1] in ("value", "raw_value"):
+        parts.pop()
+    return ".".join(parts)
+
+
+def trace(model, x, *, at=(), probes: bool = False):
+    """``(Traced, params, rest, x)`` of ``model`` on the batch ``x`` (checked and cast)."""
+    cuts.check_model(model)
+    x = cuts.as_batch(model, x)
+    paths = () if at == () else cuts.resolve(model, at)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    p_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    r_leaves = jax.tree.leaves(rest)
+    out_shapes = ()
+    if paths:
+        _, _, _, _, _, (_, out_shapes) = cuts.prepare(model, x, paths)
+    deltas = [jnp.zeros(s.shape, s.dtype) for s in out_shapes] if probes else None
+
+    def fn(params, rest, x, deltas):
+        y, rec = cuts.tapped_call(graphdef, (params, rest), paths, x, deltas, scopes=True)
+        return y, tuple(rec.outputs)
+
+    try:
+        closed = jax.make_jaxpr(fn)(params, rest, x, deltas)
+    except cuts.ProbeError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise V.TheoryError(
+            f"x of shape {x.shape} does not fit {type(model).__name__} "
+            f"({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from err
+    traced = Traced(
+        closed.jaxpr,
+        tuple(closed.consts),
+        tuple(_path(kp) for kp, _ in p_leaves),
+        len(r_leaves),
+        tuple(paths),
+        tuple(tuple(s.shape) for s in out_shapes),
+        probes,
+    )
+    return traced, [v for _, v in p_leaves], r_leaves, x
+
+
+@dataclasses.dataclass
+class Run:
+    """What a reader sees: the algebra, the output value, the cut points' values, the
+    parameters, and the tangent sources."""
+
+    alg: A.Algebra
+    output: object
+    cuts: list
+    params: list
+    x: Array
+    index: int | None
+
+
+def _override_fn(variances):
+    if variances is None:
+        return lambda p: None
+    if not isinstance(variances, dict):
+        raise TypeError(f"variances must be a dict of path pattern -> variance, got {variances!r}")
+    for k, v in variances.items():
+        if not isinstance(k, str):
+            raise TypeError(f"variances: keys are parameter path patterns, got {k!r}")
+        validate.real_array(f"variances[{k!r}]", v, minimum=0.0)
+
+    def override(p: V.Param):
+        base = p.path.split("[", 1)[0]
+        for pat, v in variances.items():
+            if fnmatch.fnmatchcase(base, pat):
+                return jnp.asarray(v, theory_dtype())
+        return None
+
+    return override
+
+
+def _input_jacobian(x, index):
+    n = math.prod(x.shape[1:])
+    eye = jnp.eye(n, dtype=x.dtype).reshape(*x.shape[1:], n)
+    return jnp.zeros((*x.shape, n), x.dtype).at[index].set(eye)
+
+
+def run(
+    model, x, read: Callable, *, at=(), variances=None, probes=False, index=None, optimize=False
+):
+    """Evaluate ``model`` on ``x`` in the limit and return ``read(Run)`` (arrays).
+
+    Args:
+        model: any ``flax.nnx.Module``, left unmodified.
+        x: the input batch ``(B, ...)``.
+        read: ``read(Run) -> pytree of arrays``, called inside the compiled program.
+        at: cut points to tap (module paths), ``()`` for none, ``None`` for the default.
+        variances: ``{path pattern: sigma^2}`` overriding variances read from parameters.
+        probes: add a zero probe at each cut point (gradients there).
+        index: follow the input Jacobian of example ``index`` (``None``: not at all).
+        optimize: compile with XLA's default optimizations (large Grams evaluated
+            once: faster runs); ``False``: backend level 0, a fraction of the compile
+            time for the small programs of typical use.
+    """
+    override = _override_fn(variances)
+    stack = cuts.is_stack(model) and at != ()
+    traced, params, rest, x = trace(model, x, at=() if stack else at, probes=probes and not stack)
+    dtype = theory_dtype()
+    if index is not None:
+        index = validate.positive_int("index", index, minimum=0)
+        if index >= x.shape[0]:
+            raise ValueError(f"index must be < the batch size {x.shape[0]}, got {index}")
+
+    def program(params, rest, x):
+        alg = A.Algebra(dtype, override, E.Expectations(dtype))
+        ctx = I.Context(alg, dtype, stack=(model.config.depth, probes) if stack else None)
+        p_vals = [
+            V.Param((path,), path, v) for path, v in zip(traced.param_paths, params, strict=True)
+        ]
+        jac = None if index is None else _input_jacobian(x, index)
+        args = [*p_vals, *(V.Det(r) for r in rest), V.Det(x, jac=jac, source="x")]
+        if traced.probes:
+            args += [
+                V.Det(jnp.zeros(s, x.dtype), zero=True, source=("probe", i))
+                for i, s in enumerate(traced.out_shapes)
+            ]
+        consts = [V.Det(jnp.asarray(c)) for c in traced.consts]
+        outs = I.evaluate(traced.jaxpr, consts, args, ctx)
+        cut_values = _stack_cuts(ctx, at) if stack else outs[1:]
+        result = read(Run(alg, outs[0], cut_values, p_vals, x, index))
+        checks = [(label, where, value) for label, where, value in ctx.checks]
+        checks += _gain_checks(alg)
+        return result, [c[2] for c in checks], [(c[0], c[1]) for c in checks]
+
+    labels = []
+
+    def compiled(params, rest, x):
+        result, values, meta = program(params, rest, x)
+        labels[:] = meta
+        return result, values
+
+    options = None if optimize else {"xla_backend_optimization_level": 0}
+    result, values = jax.jit(compiled, compiler_options=options)(params, rest, x)
+    _report(labels, values)
+    return result
+
+
+def _stack_cuts(ctx, at) -> list:
+    """The values at a stack's cut points ``"layer.l"`` (its carries)."""
+    if len(ctx.stack_outputs) != ctx.stack[0]:
+        raise V.TheoryError("the toolkit stack's scan over its layers was not found")
+    return [ctx.stack_outputs[int(p.rpartition(".")[2])] for p in at]
+
+
+def _gain_checks(alg) -> list:
+    return []
+
+
+def _report(labels, values) -> None:
+    seen = set()
+    for (label, where), v in zip(labels, values, strict=True):
+        v = float(np.asarray(v))
+        if label == "fluctuation" and v > FLUCTUATION_TOL and where not in seen:
+            seen.add(where)
+            warnings.warn(
+                f"theory: at {where} the infinite-width limit drops a fluctuation of standard "
+                f"deviation {v:.3g} (e.g. attention logits q.k/sqrt(d) with independent "
+                "query and key weights, whose limit is uniform attention): the prediction is "
+                "the limit where that fluctuation vanishes (small query/key variance, or "
+                "1/d scaling; Hron et al. 2020)",
+                stacklevel=3,
+            )
+
+
+def resolve_cuts(model, at) -> tuple[str, ...]:
+    """The cut points ``at`` of ``model`` (default :func:`isometry.cuts.blocks`), checked."""
+    cuts.check_model(model)
+    return tuple(cuts.resolve(model, at))
+
+
+def cut_shapes(model, x, paths) -> tuple:
+    """The output shapes ``(B, ...)`` of the cut points."""
+    if cuts.is_stack(model):
+        s = jax.eval_shape(model.stack().input_map, cuts.as_batch(model, x))
+        return (tuple(s.shape),) * len(paths)
+    _, _, _, _, _, (_, shapes) = cuts.prepare(model, x, paths)
+    return tuple(tuple(s.shape) for s in shapes)
