@@ -75,30 +75,21 @@ COND_CLIP = 8.0
 """``log10 kappa`` shown up to here (the series route is accurate to ~1e-10)."""
 
 
-def _grid_mean(table, key, rows, cols, row_key, col_key) -> np.ndarray:
-    """``(len(rows), len(cols))`` mean of ``table[key]`` over the rows of each cell (seeds)."""
-    out = np.full((len(rows), len(cols)), np.nan)
-    for i, r in enumerate(rows):
-        for j, c in enumerate(cols):
-            m = (table[row_key] == r) & np.isclose(table[col_key], c)
-            if m.any():
-                out[i, j] = np.mean(np.asarray(table[key], float)[m])
-    return out
-
-
-def _flag(column) -> np.ndarray:
-    """A csv boolean column (``true``/``false`` text) as floats 1/0."""
-    return np.asarray([str(v).lower() == "true" for v in column], float)
+def seed_means(run: harness.StoredRun, column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(depths (D,), sigma_w2 (W,), mean (D, W))``: ``column`` averaged over seeds, on the
+    sorted distinct depths and ``sigma_w2`` of the run's grid (booleans average to fractions)."""
+    v = run.array(column, ("depth", "sigma_w2", "seed")).mean(axis=-1)
+    depths, i = np.unique(run.coords("depth"), return_index=True)
+    sw, j = np.unique(run.coords("sigma_w2"), return_index=True)
+    return depths, sw.astype(float), v[np.ix_(i, j)]
 
 
 def compute(preset, overrides, store) -> dict:
     run = harness.stored_run(
-        "trainability", preset, overrides, store, progress=core.progress_enabled()
+        trainability.EXPERIMENT, preset, overrides, store, progress=core.progress_enabled()
     )
-    cfg, t = run.config, dict(run.table)
-    t["diverged"] = _flag(t["diverged"])
-    sw = np.asarray(sorted(set(cfg.sigma_w2)), float)
-    depths = np.asarray(sorted(set(cfg.depths)), int)
+    cfg = run.config
+    depths, sw, train_acc = seed_means(run, "train_accuracy")
     edges = _edges(sw)
     sw_th = np.linspace(max(edges[0], 0.05), edges[-1], 601)
     th = trainability.theory(cfg.activation, sw_th, cfg.sigma_b2)
@@ -106,13 +97,12 @@ def compute(preset, overrides, store) -> dict:
     x = harness.load_data(cfg.dataset).x_train[: trainability.NTK_INPUTS]
     max_depth = int(_edges(depths)[-1])
     cond = trainability.ntk_condition(cfg.activation, sw_ntk, cfg.sigma_b2, x, max_depth)
-    cell = {"rows": depths, "cols": sw, "row_key": "depth", "col_key": "sigma_w2"}
     return {
         "sigma_w2": sw,
         "depth": depths,
-        "train_accuracy": _grid_mean(t, "train_accuracy", **cell),
-        "eval_accuracy": _grid_mean(t, "eval_accuracy", **cell),
-        "diverged_fraction": _grid_mean(t, "diverged", **cell),
+        "train_accuracy": train_acc,
+        "eval_accuracy": seed_means(run, "eval_accuracy")[2],
+        "diverged_fraction": seed_means(run, "diverged")[2],
         "sigma_w2_theory": sw_th,
         "six_xi_c": 6.0 * th["xi_c"],
         "critical_sigma_w2": th["critical_sigma_w2"],

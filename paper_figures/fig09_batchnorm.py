@@ -52,7 +52,7 @@ from __future__ import annotations
 import numpy as np
 
 from isometry import batchnorm_theory, plotting
-from isometry.experiments import harness
+from isometry.experiments import batchnorm, harness
 from isometry.paper_figures import core
 
 COST = {"quick": 26.0}  # single-core CPU seconds of the quick tier (a scheduling hint)
@@ -117,26 +117,16 @@ def theory_rates(activations, batches) -> np.ndarray:
 
 def compute(preset, overrides, store, layer_batch) -> dict:
     run = harness.stored_run(
-        "batchnorm", preset, overrides, store, progress=core.progress_enabled()
+        batchnorm.EXPERIMENT, preset, overrides, store, progress=core.progress_enabled()
     )
-    cfg, t = run.config, run.table
+    cfg = run.config
     if layer_batch not in cfg.batch_sizes:
         raise ValueError(f"layer_batch must be one of {cfg.batch_sizes}, got {layer_batch}")
-    acts, bs, L, S = cfg.activations, cfg.batch_sizes, cfg.depth, cfg.seeds
-    g = np.full((len(acts), len(bs), S, L), np.nan)
-    rate = np.full((len(acts), len(bs), S), np.nan)
-    for a, b, s, l, v, r in zip(
-        t["activation"],
-        t["batch"],
-        t["seed"],
-        t["layer"],
-        t["grad_weight_sq"],
-        t["growth_rate"],
-        strict=True,
-    ):
-        ia, ib = acts.index(a), bs.index(int(b))
-        g[ia, ib, int(s), int(l) - 1] = v
-        rate[ia, ib, int(s)] = r
+    acts, bs, L = cfg.activations, cfg.batch_sizes, cfg.depth
+    # (activation, batch, seed): the grid's axes; the points' rows are the layers
+    axes = ("activation", "batch", "seed")
+    g = run.array("grad_weight_sq", axes, rows=True)
+    rate = run.array("growth_rate", axes, rows=True)[..., 0]  # one rate per point
     grid = np.round(np.geomspace(4, max(max(bs), 8), 40)).astype(int)
     fine = np.unique(np.concatenate([grid, [b for b in bs if b >= 4]]))
     return {

@@ -59,7 +59,7 @@ from __future__ import annotations
 import numpy as np
 
 from isometry import freeprob, plotting
-from isometry.experiments import harness
+from isometry.experiments import cnn_trainability, deep_cnn, harness
 from isometry.paper_figures import core
 
 COST = {"quick": 75.0}  # single-core CPU seconds of the quick tier (a scheduling hint)
@@ -114,20 +114,12 @@ THEORY_WEIGHTS = {"delta_orthogonal": "orthogonal", "gaussian": "gaussian"}
 LABELS = {"delta_orthogonal": "delta-orthogonal", "gaussian": "Gaussian"}
 
 
-def _run(name: str, preset: str, overrides, store) -> harness.StoredRun:
-    """Experiment ``name`` read back from its store (``store`` formatted with the name)."""
+def _run(experiment, preset: str, overrides, store) -> harness.StoredRun:
+    """``experiment`` read back from its store (``store`` formatted with its name)."""
     return harness.stored_run(
-        name, preset, overrides, None if store is None else store.format(name),
+        experiment, preset, overrides, None if store is None else store.format(experiment.name),
         progress=core.progress_enabled(),
     )  # fmt: skip
-
-
-def _per_seed(t, inits, depths, seeds, column) -> np.ndarray:
-    """``(I, K, S)`` array of ``column`` from a table with ``init, depth, seed`` columns."""
-    out = np.full((len(inits), len(depths), seeds), np.nan)
-    for i, d, s, v in zip(t["init"], t["depth"], t["seed"], t[column], strict=True):
-        out[inits.index(i), depths.index(int(d)), int(s)] = v
-    return out
 
 
 def theory(activation: str, q_star: float, inits, depths) -> dict[str, np.ndarray]:
@@ -143,30 +135,29 @@ def theory(activation: str, q_star: float, inits, depths) -> dict[str, np.ndarra
 
 
 def compute(spectrum, training, store) -> dict:
-    spec_run = _run("deep_cnn", *spectrum, store)
-    train_run = _run("cnn_trainability", *training, store)
+    spec_run = _run(deep_cnn.EXPERIMENT, *spectrum, store)
+    train_run = _run(cnn_trainability.EXPERIMENT, *training, store)
     spec_cfg, train_cfg = spec_run.config, train_run.config
     if spec_cfg.inits != train_cfg.inits:
         raise ValueError(f"spectrum and training inits differ: {spec_cfg.inits}, {train_cfg.inits}")
     inits = list(spec_cfg.inits)
-    spec, trained = spec_run.table, train_run.table
     sdepths = sorted(set(spec_cfg.depths))
+    # (init, depth, seed): a spectrum point (init, seed) has one row per depth, in order
     stats = {
-        f"sv2_{c}": _per_seed(spec, inits, sdepths, spec_cfg.seeds, c)
+        f"sv2_{c}": np.swapaxes(spec_run.array(c, ("init", "seed"), rows=True), 1, 2)
         for c in ("mean", "var", "max")
     }
     tdepth = np.unique(np.geomspace(1, max(sdepths), 20).round().astype(int))
     th = theory(spec_cfg.activation, spec_cfg.q_star, inits, tdepth)
-    tdepths = list(train_cfg.depths)
     return {
         "inits": np.asarray(inits),
         "spectrum_depth": np.asarray(sdepths),
         **stats,
         "theory_depth": tdepth,
         **th,
-        "train_depth": np.asarray(tdepths),
-        "train_accuracy": _per_seed(trained, inits, tdepths, train_cfg.seeds, "train_accuracy"),
-        "eval_accuracy": _per_seed(trained, inits, tdepths, train_cfg.seeds, "eval_accuracy"),
+        "train_depth": np.asarray(train_cfg.depths),
+        "train_accuracy": train_run.array("train_accuracy", ("init", "depth", "seed")),
+        "eval_accuracy": train_run.array("eval_accuracy", ("init", "depth", "seed")),
         "q_star": np.asarray(spec_cfg.q_star),
         "channels": np.asarray([spec_cfg.channels, train_cfg.channels]),
         "spectrum_size": np.asarray(spec_cfg.size),

@@ -78,27 +78,16 @@ ALPHA_STYLES = {"1": "-", "1/sqrt(L)": "--", "0": ":"}
 ALPHA_LABELS = {"1": r"$\alpha = 1$", "1/sqrt(L)": r"$\alpha = 1/\sqrt{L}$", "0": "no residual"}
 
 
-def per_seed(table: dict, tasks, variants, depths, seeds: int, column: str) -> np.ndarray:
-    """``(tasks, variants, depths, seeds)`` array of ``column`` (NaN where no row)."""
-    out = np.full((len(tasks), len(variants), len(depths), seeds), np.nan)
-    cols = ("task", "norm_position", "alpha", "depth", "seed")
-    for t, n, a, d, s, v in zip(*(table[c] for c in cols), table[column], strict=True):
-        k = (tasks.index(str(t)), variants.index(f"{n}:{a}"), depths.index(int(d)), int(s))
-        out[k] = v
-    return out
-
-
 def compute(preset, overrides, store) -> dict:
     run = harness.stored_run(
-        "transformer_trainability", preset, overrides, store, progress=core.progress_enabled()
+        tt.EXPERIMENT, preset, overrides, store, progress=core.progress_enabled()
     )
-    cfg, t = run.config, run.table
+    cfg = run.config
     tasks, depths = list(cfg.tasks), list(cfg.depths)
     variants = [f"{n}:{a}" for n, a in cfg.variant_pairs()]
-    acc = {
-        c: per_seed(t, tasks, variants, depths, cfg.seeds, c)
-        for c in ("eval_accuracy", "train_accuracy")
-    }
+    # (task, variant, depth, seed): the grid's axes (a variant is one zipped axis)
+    axes = ("task", "norm_position", "depth", "seed")
+    acc = {c: run.array(c, axes) for c in ("eval_accuracy", "train_accuracy")}
     return {
         "tasks": np.asarray(tasks),
         "variants": np.asarray(variants),
