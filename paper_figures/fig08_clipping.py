@@ -106,13 +106,6 @@ def compute(preset, overrides, store) -> dict:
 _COLORS = ("black", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
 
 
-def _fit_scale(measured, theory) -> float:
-    """``exp(mean log(measured / theory))`` over entries where both are positive and finite."""
-    m, t = np.asarray(measured, float), np.asarray(theory, float)
-    ok = (m > 0) & (t > 0) & np.isfinite(m) & np.isfinite(t)
-    return float(np.exp(np.mean(np.log(m[ok] / t[ok])))) if ok.any() else np.nan
-
-
 def _label(clip: str, acc: float) -> str:
     return f"{clip} (held-out acc. {acc:.2f})" if np.isfinite(acc) else clip
 
@@ -156,7 +149,7 @@ def plot(data, params):
     meas = np.asarray(data["grad_norm_layers_initial"])
     theory = np.asarray(data["layer_theory"])
     ax_p.plot(layer, meas, "o", ms=4, mfc="none", color="tab:blue", label="measured, step 1")
-    scale = _fit_scale(meas, theory)
+    scale = plotting.log_fit_scale(meas, theory)
     ax_p.plot(layer, scale * theory, color=plotting.THEORY_COLOR, lw=1.4,
               label="mean-field profile (scale fitted)")  # fmt: skip
     ax_p.text(
