@@ -2,7 +2,8 @@
 
 Measurement: the ``trainability`` experiment (one training run per
 ``(sigma_w2, L, seed)`` on the embedded digits); the heat map is the
-training-split accuracy after training, averaged over seeds (chance 0.1).
+training-split accuracy after training, averaged over seeds (chance 0.1),
+written in each cell.
 Theory: ``6 xi_c(sigma_w2)`` (:func:`isometry.meanfield.depth_scales`) and
 the edge of chaos ``chi1 = 1``. Runs stopped by a non-finite loss are
 marked. The ``quick`` tier trains far fewer steps than the paper, so its
@@ -19,17 +20,13 @@ and ``kappa`` grows exponentially with depth, at a rate set by the decay of
 ``1 - c^l`` (the same ``chi1`` that sets ``xi_c`` there), so the contour
 follows the left branch of ``6 xi_c``: at the quick tier (16 inputs,
 ``kappa = 600``) it sits at 0.75-0.83 of ``6 xi_c`` (depth 15 vs 19.8 at
-``sigma_w2 = 0.96``, 48 vs 60.5 at 1.38, 68 vs 82 at 1.47). Both lie at or
-inside the measured edge, which the depth grid brackets: at ``sigma_w2 =
-1.0`` depth 25 trains (accuracy 0.91) and 50 does not (0.42), against
-``6 xi_c = 22`` and the contour at 16; at 1.25, 50 trains (0.85) and 75 does
-not (0.40), against 41 and 32; at 1.5, 75 trains (0.83) and 100 only partly
-(0.48), against 95 and 83. Cells at the edge of the band are single runs
-whose outcome is sensitive to float32 rounding: a change that only reordered
-the sums in the weight gradients (relative difference about 1e-6) moved four
-of the 50 cells by 0.07-0.29, all at the band's edge at depths 75-100
-(``sigma_w2 = 1.5``, depth 100: 0.19 before); the others moved by at most
-0.04. In the chaotic phase the NTK's
+``sigma_w2 = 0.96``, 48 vs 60.5 at 1.38, 68 vs 82 at 1.47). Compare both
+with the measured edge, which the depth grid brackets (the accuracies are
+written in the cells). Cells at the edge of the band are single runs whose
+outcome is sensitive to float32 rounding: a change that only reorders the
+sums in the weight gradients (relative difference about 1e-6) can move them
+by tenths, while cells inside or far outside the band hardly move. In the
+chaotic phase the NTK's
 diagonal grows like ``chi1^l`` while its off-diagonal entries stay bounded:
 it tends to a multiple of the identity, ``kappa -> 1`` (Xiao et al. 2020:
 such networks can fit the training set but do not generalize), so the NTK
@@ -165,6 +162,10 @@ def _accuracy_panel(fig, ax, data) -> None:
     xe, ye = _edges(sw), _edges(depth)
     im = ax.pcolormesh(xe, ye, acc, cmap="viridis", vmin=0.0, vmax=1.0, shading="flat")
     fig.colorbar(im, ax=ax, label="training-set accuracy after training (chance 0.1)")
+    for i, j in zip(*np.nonzero(np.isfinite(acc)), strict=True):  # the numbers, from the data
+        y = ye[i] + 0.72 * (ye[i + 1] - ye[i])  # above a divergence marker at the centre
+        ax.text(sw[j], y, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=6.5,
+                color="white" if acc[i, j] < 0.6 else "black")  # fmt: skip
     _theory_lines(ax, data)
     div = np.asarray(data["diverged_fraction"])
     ii, jj = np.nonzero(div > 0)

@@ -29,18 +29,14 @@ Where measurement and theory part, and why: at ``B = 4`` (and less at
 factor carries ``1/||G h||^2 ~ 1/chi^2_{B-1}``, whose variance is infinite
 for ``B <= 5``; the width-``N`` average of such factors converges to its mean
 slowly and its logarithm (the geometric-mean rate) is biased low, so the
-wide-limit assumption fails there at any practical width (at ``N = 512``,
-``L = 32``, linear: 1.99 against 2; at the quick tier relu 2.75 +- 0.03 and
-tanh 1.83 +- 0.05 against 3.08 and 2.13). From ``B = 6`` on the measured
-rates follow the theory (quick tier, mean +- s.e. over 4 seeds: relu 1.986,
-1.773, 1.627, 1.526, 1.491 against 2.004, 1.788, 1.590, 1.522, 1.493 at
-``B = 6, 8, 16, 32, 64``; tanh 1.507, 1.347, 1.228, 1.210, 1.201 against
-1.483, 1.359, 1.246, 1.208, 1.192; linear 1.336, 1.176, 1.076, 1.030, 1.016
-against 1.333, 1.2, 1.077, 1.034, 1.016): within 2.7 standard errors except
-relu at ``B = 16`` (2.3% high, 4 s.e.), deviations of the size of the
-finite-width (O(1/N)) corrections. In the left panel the linear network at
-``B = 8`` falls below ``lambda^(L - l)`` over the first few layers (its rate
-1.176 +- 0.009 against 1.2); this finite-size effect is not explained here.
+wide-limit assumption fails there at any practical width (at ``B = 4`` the
+theory gives 3.08 for relu and 2.13 for tanh; the measured rates sit well
+below). From ``B = 6`` on the measured rates (mean +- s.e. over seeds, the
+right panel) follow the theory within a few standard errors, deviations of
+the size of the finite-width (O(1/N)) corrections. In the left panel the
+linear network at ``B = 8`` falls below ``lambda^(L - l)`` over the first
+few layers (the theory's rate there is 1.2); this finite-size effect is not
+explained here.
 
 Quick sizes (``L = 16``, ``N = 256``, 4 seeds, ``B = 4..64``) are smaller
 than the paper's; the full tier uses ``L = 50``, ``N = 256``, 8 seeds and

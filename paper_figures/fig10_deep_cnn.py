@@ -14,17 +14,14 @@ criticality the mean is 1 for both; the variance grows like
 ``L (mu2/mu1^2 - 1 - s1)`` with ``s1 = 0`` (orthogonal) against ``s1 = -1``
 (Gaussian): about eight times faster at ``q* = 0.25``. The input lies on the
 sphere that puts the first pre-activation at ``q*``
-(:func:`isometry.jacobian.sphere_inputs` with the critical variances); with
-an input of mean square ``q*`` instead (before this was fixed) ``h^1`` sat
-at 0.36 and the measured mean sat near 0.85 from depth 2 on. Now the
-delta-orthogonal mean is 1.010 +- 0.012, 1.031 +- 0.029, 1.055 +- 0.039,
-1.16 +- 0.09, 1.07 +- 0.12, 1.25 +- 0.30 at depths 2-64 (mean +- s.e. over
-4 seeds): on the theory line within two standard errors. The Gaussian
-CNN's per-network mean is a product of per-layer factors that fluctuate at
-finite ``C``, so across seeds it is roughly log-normal, with a median below 1
-and a mean carried by rare large seeds: 0.96 +- 0.05 at depth 2, 0.69 +- 0.08
-at depth 16, 1.65 +- 0.81 at depth 64. Four seeds cannot resolve its mean
-beyond depth ~8; the dots show each seed.
+(:func:`isometry.jacobian.sphere_inputs` with the critical variances; an
+input of mean square ``q*`` instead puts ``h^1`` at 0.36 and the mean of
+``s^2`` below 1 from depth 2 on), so the delta-orthogonal mean lies on the
+theory line. The Gaussian CNN's per-network mean is a product of per-layer
+factors that fluctuate at finite ``C``, so across seeds it is roughly
+log-normal, with a median below 1 and a mean carried by rare large seeds;
+four seeds cannot resolve its mean beyond a few layers, and the dots show
+each seed.
 
 Right panel (experiment ``cnn_trainability``): held-out accuracy (filled,
 solid) and training accuracy (open, dashed) on the embedded 8 x 8 digits
@@ -35,10 +32,9 @@ of the last feature map; dotted: chance (0.1).
 Quick tier, and how it differs from the paper (MNIST/CIFAR-10, up to 10,000
 layers, ``C`` up to 256, global average pooling, long training): spectra of
 ``C = 16`` networks on ``4 x 4`` inputs, 4 seeds, depths 2-64, where the
-measured variance and maximum follow the theory lines at depths 2-4 and then
-part from them in opposite directions: delta-orthogonal above (variance 1.36,
-3.8, 6.9 against 1.10, 2.2, 4.4 at depths 8, 16, 32), Gaussian below (7.1,
-8.4, 32 against 9.1, 18, 36), and both scatter widely at depth 64. The
+measured variance and maximum follow the theory lines at the smallest depths
+and then part from them in opposite directions: delta-orthogonal above,
+Gaussian below, and both scatter widely at depth 64. The
 free-probability lines are the wide limit; here ``L/C`` reaches 1-4, where
 finite-width corrections of order ``L/C`` to the spectrum's moments are not
 small (Hanin & Nica 2019), and the 4-seed averages of these heavy-tailed
@@ -46,10 +42,9 @@ statistics are noisy. Training of ``C = 8``
 networks for 200 steps at depths 4, 16, 64 with one seed, on images scaled
 so that both networks' first pre-activations start at ``q*``
 (:func:`isometry.experiments.cnn_trainability.input_scale`). The two inits
-tie up to depth 16 (held-out 94% and 93% delta-orthogonal, 96% and 92%
-Gaussian); at depth 64 delta-orthogonal keeps 91% held-out accuracy and the
-Gaussian CNN drops to 84% (before the input scaling: 93% and 79%): the trend
-of the paper, at depths 100 times smaller, not its failure to train. The full
+tie at the smaller depths and the Gaussian CNN falls behind at depth 64 (the
+right panel): the trend of the paper, at depths 100 times smaller, not its
+failure to train. The full
 tier (depths to 512 and 1,024, longer training, more seeds) is meant for an
 accelerator.
 """

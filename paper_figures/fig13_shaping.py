@@ -90,7 +90,8 @@ def plot(data, params):
     depth = np.asarray(data["depth"])
     for v, acc, div in zip(data["variants"], data["eval_accuracy"], data["diverged"], strict=True):
         v = str(v)
-        ax.plot(depth, acc, "o-", color=COLORS[v], label=LABELS[v])
+        last = f": {acc[-1]:.2f} at $L = {depth[-1]}$" if np.isfinite(acc[-1]) else ""
+        ax.plot(depth, acc, "o-", color=COLORS[v], label=LABELS[v] + last)
         bad = np.asarray(div) > 0
         if bad.any():
             ax.plot(depth[bad], np.asarray(acc)[bad], "x", color="black", ms=9, mew=2)
