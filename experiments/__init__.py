@@ -6,18 +6,24 @@ Every module ``experiments/<name>.py`` defines
   ``--set key=value`` parses against it);
 * ``PRESETS = {"quick": Config(...), "full": Config(...)}``: ``quick`` runs in
   well under a minute on a laptop CPU, ``full`` reproduces the paper;
+* ``grid(config) -> sweep.Grid``: the points of the sweep (its axes name the
+  parameters a figure reads the results along);
 * ``run(config, out, *, per_device=4, optimize=True, progress=True) -> Path``: the sweep,
   written to the results store ``out`` (:class:`isometry.sweep.Store`),
   returning the aggregate csv;
-* ``EXPERIMENT = Experiment(name, Config, PRESETS, run, summary)``.
+* ``EXPERIMENT = Experiment(name, Config, PRESETS, run, summary, grid=grid)``.
 
-Modules are discovered, so a new study is one new module: no list to edit.
-Modules whose name starts with ``_`` and the support modules in
+Modules are discovered by name here (:func:`get`, the one place that imports
+an experiment by its name), so a new study is one new module: no list to
+edit. Modules whose name starts with ``_`` and the support modules in
 :data:`SUPPORT` (``harness``: data, training runs, sweeps of runs, results
 stores and :func:`~isometry.experiments.harness.stored_run`, shared by the
 studies and the figures) are not experiments.
 Use :func:`names`, :func:`get`, :func:`config` and :func:`run`; the
-``isometry run NAME --preset quick --set key=value`` command wraps them.
+``isometry run NAME --preset quick --set key=value`` command wraps them. Code
+that holds an :class:`Experiment` (a figure: ``trainability.EXPERIMENT``) uses
+its :meth:`Experiment.preset_config` and :meth:`Experiment.run_preset`, and
+:func:`~isometry.experiments.harness.stored_run` reads it back on its grid.
 """
 
 from __future__ import annotations
@@ -41,18 +47,52 @@ SUPPORT = frozenset({"harness"})
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
-    """A registered study: its config type, presets and run function."""
+    """A registered study: its config type, presets, run function and grid.
+
+    ``grid(config)`` is the :class:`isometry.sweep.Grid` that ``run`` sweeps:
+    its points are the store's points, its axes those of the arrays a figure
+    reads back (:meth:`isometry.experiments.harness.StoredRun.array`).
+    """
 
     name: str
     config: type
     presets: Mapping[str, Any]
     run: Callable[..., Path]
     summary: str = ""
+    grid: Callable[[Any], sweep.Grid] = dataclasses.field(kw_only=True)
 
     def __post_init__(self):
         missing = [p for p in PRESET_NAMES if p not in self.presets]
         if missing:
             raise ValueError(f"experiment {self.name!r} lacks presets {missing}")
+
+    def preset_config(self, preset: str = "quick", overrides: Sequence[str] = ()):
+        """The config at ``preset`` with ``key=value`` overrides applied (``ValueError`` for an
+        unknown preset or a bad override)."""
+        if preset not in self.presets:
+            raise ValueError(f"preset must be one of {sorted(self.presets)}, got {preset!r}")
+        return sweep.apply_overrides(
+            self.presets[preset], overrides, name=f"experiment {self.name!r}"
+        )
+
+    def run_preset(
+        self,
+        preset: str = "quick",
+        overrides: Sequence[str] = (),
+        out: str | Path | None = None,
+        **options,
+    ) -> Path:
+        """Run at ``preset`` with ``overrides`` into ``out`` (default
+        ``results/<name>/<preset>``); the csv path.
+
+        ``options`` go to the run function; ``optimize`` defaults to
+        ``preset == "full"`` (quick sweeps are dominated by compilation, see
+        :func:`isometry.sweep.map_sharded`).
+        """
+        cfg = self.preset_config(preset, overrides)
+        options.setdefault("optimize", preset == "full")
+        out = Path("results") / self.name / preset if out is None else Path(out)
+        return self.run(cfg, out, **options)
 
 
 def names() -> list[str]:
@@ -82,10 +122,7 @@ def get(name: str) -> Experiment:
 
 def config(name: str, preset: str = "quick", overrides: Sequence[str] = ()):
     """The config of experiment ``name`` at ``preset`` with ``key=value`` overrides applied."""
-    exp = get(name)
-    if preset not in exp.presets:
-        raise ValueError(f"preset must be one of {sorted(exp.presets)}, got {preset!r}")
-    return sweep.apply_overrides(exp.presets[preset], overrides, name=f"experiment {name!r}")
+    return get(name).preset_config(preset, overrides)
 
 
 def run(
@@ -97,11 +134,7 @@ def run(
 ) -> Path:
     """Run experiment ``name`` into ``out`` (default ``results/<name>/<preset>``); the csv path.
 
-    ``options`` go to the experiment's run function; ``optimize`` defaults to
-    ``preset == "full"`` (quick sweeps are dominated by compilation, see
-    :func:`isometry.sweep.map_sharded`).
+    :meth:`Experiment.run_preset` of :func:`get` ``(name)``: ``options`` go to
+    the experiment's run function; ``optimize`` defaults to ``preset == "full"``.
     """
-    cfg = config(name, preset, overrides)
-    options.setdefault("optimize", preset == "full")
-    out = Path("results") / name / preset if out is None else Path(out)
-    return get(name).run(cfg, out, **options)
+    return get(name).run_preset(preset, overrides, out, **options)

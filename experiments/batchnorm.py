@@ -126,5 +126,10 @@ def run(
 
 
 EXPERIMENT = Experiment(
-    "batchnorm", Config, PRESETS, run, "gradient growth per layer vs batch size (batch norm)"
+    "batchnorm",
+    Config,
+    PRESETS,
+    run,
+    "gradient growth per layer vs batch size (batch norm)",
+    grid=grid,
 )

@@ -192,4 +192,5 @@ EXPERIMENT = Experiment(
     PRESETS,
     run,
     "exploding gradients: training without and with global-norm, value and adaptive clipping",
+    grid=grid,
 )

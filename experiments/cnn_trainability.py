@@ -340,4 +340,5 @@ EXPERIMENT = Experiment(
     PRESETS,
     run,
     "delta-orthogonal vs Gaussian CNNs: accuracy after training vs depth",
+    grid=grid,
 )

@@ -165,5 +165,10 @@ def run(
 
 
 EXPERIMENT = Experiment(
-    "deep_cnn", Config, PRESETS, run, "delta-orthogonal vs Gaussian CNNs: Jacobian spectra vs depth"
+    "deep_cnn",
+    Config,
+    PRESETS,
+    run,
+    "delta-orthogonal vs Gaussian CNNs: Jacobian spectra vs depth",
+    grid=grid,
 )

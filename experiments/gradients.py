@@ -290,5 +290,10 @@ def run(
 
 
 EXPERIMENT = Experiment(
-    "gradients", Config, PRESETS, run, "per-layer gradient norms: activations x inits x techniques"
+    "gradients",
+    Config,
+    PRESETS,
+    run,
+    "per-layer gradient norms: activations x inits x techniques",
+    grid=grid,
 )

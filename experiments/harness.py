@@ -29,7 +29,11 @@ seed or learning rate at one depth) load the compiled step instead of
 compiling it again.
 
 Figures run and read every experiment the same way, with :func:`stored_run`
-(into a lasting store, or a temporary one from :func:`results_dir`).
+(into a lasting store, or a temporary one from :func:`results_dir`): the
+figure passes the study's :class:`~isometry.experiments.Experiment` (no lookup
+by name here, so this module imports no experiment), and reads the result on
+the experiment's grid, ``run.array("train_accuracy", ("depth", "sigma_w2",
+"seed"))``, typed as the point records hold it (:class:`StoredRun`).
 """
 
 from __future__ import annotations
@@ -386,44 +390,131 @@ def figure_tiers(name: str, tiny_overrides: Sequence[str]) -> dict[str, dict]:
 
 @dataclasses.dataclass(frozen=True)
 class StoredRun:
-    """A finished experiment read back: config, grid points, aggregate table, point arrays."""
+    """A finished experiment read back on its grid: config, grid, typed rows, point arrays.
+
+    ``rows[i]`` are the table rows ``{**point, **row}`` of the ``i``-th point of
+    ``grid`` (in grid order), as the store's point records hold them (numbers,
+    booleans, text; no csv round trip); an unfinished point has none.
+    :meth:`array` lays a column out on the grid's axes, :meth:`arrays` gives a
+    point's stored arrays.
+    """
 
     config: object
-    points: list[dict]
-    table: dict[str, np.ndarray]
+    grid: sweep.Grid
+    rows: tuple[tuple[dict, ...], ...]
     point_arrays: dict[str, dict[str, np.ndarray]]
+
+    @classmethod
+    def read(cls, store: sweep.Store, grid: sweep.Grid) -> StoredRun:
+        """The finished points of ``grid`` in ``store``, read back (arrays loaded)."""
+        points = grid.points()
+        rows = tuple(
+            tuple({**p, **r} for r in store.read(p)["rows"]) if store.done(p) else ()
+            for p in points
+        )
+        arrays = {sweep.point_id(p): store.arrays(p) for p in points}
+        return cls(store.config, grid, rows, arrays)
+
+    @property
+    def points(self) -> list[dict]:
+        """The grid's points, in grid order."""
+        return self.grid.points()
+
+    @property
+    def table(self) -> dict[str, np.ndarray]:
+        """Every row as typed columns ``{name: (n_rows,)}``: the aggregate table
+        (:func:`isometry.sweep.load_table`) with :func:`isometry.sweep.typed_column` types."""
+        flat = [r for rows in self.rows for r in rows]
+        cols = list(dict.fromkeys(k for r in flat for k in r))
+        return {c: sweep.typed_column([r.get(c) for r in flat]) for c in cols}
+
+    def coords(self, name: str) -> tuple:
+        """The values of grid parameter ``name`` along its axis (``KeyError`` if none)."""
+        return self.grid.values(name)
+
+    def axis(self, name: str) -> int:
+        """The axis of grid parameter ``name`` in the arrays of :meth:`array`."""
+        return self.grid.axis(name)
+
+    def array(self, column: str, axes: Sequence[str] = (), *, rows: bool = False) -> np.ndarray:
+        """``column`` laid out on the grid, typed (:func:`isometry.sweep.typed_column`).
+
+        Shape ``grid.shape`` (one axis per grid block, :attr:`isometry.sweep.Grid.shape`),
+        one value per point; ``rows=True`` adds a last axis over each point's rows
+        (e.g. one per layer), ``grid.shape + (R,)`` for the most rows ``R`` of a
+        point. A missing value (an unfinished point, a shorter point, a row
+        without ``column``) is NaN (numbers), ``None`` otherwise. ``axes``: the
+        grid's parameters in the order wanted, one naming each axis (e.g.
+        ``("depth", "sigma_w2", "seed")``); the rows' axis stays last. The result
+        is C-contiguous, so a reduction over its last axis adds in the order a
+        1-D reduction would. ``ValueError`` if a point has several rows and
+        ``rows`` is false.
+        """
+        if not rows and any(len(r) > 1 for r in self.rows):
+            raise ValueError(
+                f"the points of this run have several rows each; read {column!r} with rows=True"
+            )
+        width = max((len(r) for r in self.rows), default=0) if rows else 1
+        cells = [
+            [r[k].get(column) if k < len(r) else None for k in range(width)] for r in self.rows
+        ]
+        shape = self.grid.shape + ((width,) if rows else ())
+        values = sweep.typed_column([v for c in cells for v in c]).reshape(shape)
+        if axes:
+            order = self._order(axes)
+            values = values.transpose(order + ([len(order)] if rows else []))
+        return np.ascontiguousarray(values)
 
     def arrays(self, point: dict) -> dict[str, np.ndarray]:
         """The arrays stored with ``point`` (empty if none)."""
         return self.point_arrays.get(sweep.point_id(point), {})
 
+    def stack(self, name: str, length: int, axes: Sequence[str] = ()) -> np.ndarray:
+        """The stored 1-D array ``name`` of every point on the grid: ``grid.shape + (length,)``
+        float64, each cut to ``length`` and padded with NaN (a run that stopped early; a point
+        without it is all NaN). ``axes`` as in :meth:`array`."""
+        out = np.full((len(self.rows), length), np.nan)
+        for i, p in enumerate(self.points):
+            a = self.arrays(p).get(name)
+            if a is not None:
+                a = np.asarray(a)[:length]
+                out[i, : a.size] = a
+        out = out.reshape((*self.grid.shape, length))
+        if axes:
+            out = out.transpose([*self._order(axes), len(self.grid.shape)])
+        return np.ascontiguousarray(out)
+
+    def _order(self, axes: Sequence[str]) -> list[int]:
+        """The grid axes named by ``axes`` (one parameter per axis), in that order."""
+        order = [self.axis(a) for a in axes]
+        if sorted(order) != list(range(len(self.grid.shape))):
+            raise ValueError(
+                f"axes must name each grid axis once, got {tuple(axes)} for the parameters "
+                f"{self.grid.names}"
+            )
+        return order
+
 
 def stored_run(
-    name: str,
+    experiment,
     preset: str = "quick",
     overrides: Sequence[str] = (),
     store: str | Path | None = None,
     *,
     progress: bool = False,
 ) -> StoredRun:
-    """Run experiment ``name`` at ``preset`` with ``overrides`` into ``store``; read it back.
+    """Run ``experiment`` at ``preset`` with ``overrides`` into ``store``; read it back.
 
-    The one way figures fetch an experiment's results. ``store``: the results
-    directory (a finished store is read, an interrupted one resumed; one
-    holding another configuration is refused,
+    The one way figures fetch an experiment's results: ``experiment`` is the
+    study's :class:`~isometry.experiments.Experiment` (``trainability.EXPERIMENT``),
+    run by its :meth:`~isometry.experiments.Experiment.run_preset` (``optimize``
+    only for ``full``) and read on its grid (:meth:`StoredRun.read`). ``store``:
+    the results directory (a finished store is read, an interrupted one resumed;
+    one holding another configuration is refused,
     :class:`isometry.sweep.ConfigMismatchError`), or ``None`` for a temporary
-    directory removed after reading (:func:`results_dir`). Runs as
-    :func:`isometry.experiments.run` does (``optimize`` only for ``full``).
+    directory removed after reading (:func:`results_dir`).
     """
-    import importlib
-
-    from isometry import experiments
-
-    cfg = experiments.config(name, preset, overrides)
-    grid = importlib.import_module(f"isometry.experiments.{name}").grid
+    cfg = experiment.preset_config(preset, overrides)
     with results_dir(store) as out:
-        csv = experiments.run(name, preset, overrides, out, progress=progress)
-        st = sweep.Store(out, name, cfg)
-        points = grid(cfg).points()
-        arrays = {sweep.point_id(p): st.arrays(p) for p in points}
-        return StoredRun(cfg, points, sweep.load_table(csv), arrays)
+        experiment.run_preset(preset, overrides, out, progress=progress)
+        return StoredRun.read(sweep.Store(out, experiment.name, cfg), experiment.grid(cfg))

@@ -258,4 +258,5 @@ EXPERIMENT = Experiment(
     PRESETS,
     run,
     "orthogonal vs Gaussian at criticality: loss curves and steps-to-accuracy vs depth",
+    grid=grid,
 )

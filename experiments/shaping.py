@@ -231,4 +231,5 @@ EXPERIMENT = Experiment(
     PRESETS,
     run,
     "held-out accuracy vs depth: DKS/TAT vanilla nets vs edge of chaos vs ResNet+BN",
+    grid=grid,
 )

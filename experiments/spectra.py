@@ -236,20 +236,19 @@ def run(
 
 def run_cases(
     cases, depths, width: int, seeds: int, root, *, preset: str = "quick", progress: bool = False
-) -> dict:
+) -> dict[tuple[str, str], harness.StoredRun]:
     """Run the sweep for ``cases`` ``(activation, weights, q*)``: one store per activation/weights.
 
     Each group's ``q*`` values share one sweep, in
     ``root/<activation>_<weights>_<fingerprint>`` (resumable; a changed
     configuration gets a new directory), computed in float32. Returns
-    ``{(activation, weights): (config, store directory)}``; read the table with
-    :func:`isometry.sweep.load_table` on ``<dir>/results.csv`` and the spectra
-    with :meth:`isometry.sweep.Store.arrays`. The groups' programs differ only in
-    data (the activation is traced), so in :func:`harness.compile_cache` one
-    compiles per weights and shapes.
+    ``{(activation, weights): run}``, each read back on its grid
+    (:func:`isometry.experiments.harness.stored_run`: the table's columns per
+    point and depth with ``run.array(column, rows=True)``, the spectra with
+    ``run.arrays(point)``). The groups' programs differ only in data (the
+    activation is traced), so in :func:`harness.compile_cache` one compiles per
+    weights and shapes.
     """
-    from isometry import experiments
-
     groups: dict[tuple[str, str], list[float]] = {}
     for act, w, q in cases:
         groups.setdefault((act, w), []).append(float(q))
@@ -264,14 +263,20 @@ def run_cases(
                 f"width={width}",
                 f"seeds={seeds}",
             ]
-            cfg = experiments.config("spectra", preset, over)
+            cfg = EXPERIMENT.preset_config(preset, over)
             out = Path(root) / f"{act}_{w}_{sweep.fingerprint('spectra', cfg)[:10]}"
             with jax.enable_x64(False):
-                experiments.run("spectra", preset, over, out, progress=progress)
-            runs[(act, w)] = (cfg, out)
+                runs[(act, w)] = harness.stored_run(
+                    EXPERIMENT, preset, over, out, progress=progress
+                )
     return runs
 
 
 EXPERIMENT = Experiment(
-    "spectra", Config, PRESETS, run, "Jacobian spectra, empirical and free-probability theory"
+    "spectra",
+    Config,
+    PRESETS,
+    run,
+    "Jacobian spectra, empirical and free-probability theory",
+    grid=grid,
 )

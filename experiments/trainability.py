@@ -214,4 +214,5 @@ EXPERIMENT = Experiment(
     PRESETS,
     run,
     "training accuracy over (sigma_w2, depth) for tanh; the 6 xi_c trainable-depth bound",
+    grid=grid,
 )

@@ -306,4 +306,5 @@ def run(
 EXPERIMENT = Experiment(
     "transformer_signal", Config, PRESETS, run,
     "transformers at init: token cosine/norm, Jacobians, Q/K/V/MLP gradients vs depth",
+    grid=grid,
 )  # fmt: skip

@@ -271,4 +271,5 @@ EXPERIMENT = Experiment(
     PRESETS,
     run,
     "transformers: held-out accuracy after a fixed budget vs depth, LN placement x branch scale",
+    grid=grid,
 )

@@ -54,6 +54,7 @@ __all__ = [
     "batch_jacobian",
     "dense_layer",
     "jacobian",
+    "pair_on_sphere",
     "push_tangents",
     "random_layer",
     "random_network_jacobians",
@@ -468,6 +469,34 @@ def sphere_inputs(
     n = math.prod(shape[batch_ndim:])
     m = (q_star - sigma_b2) / sigma_w2
     return x * jnp.sqrt(n * m) / jnp.sqrt(jnp.sum(x * x, axis=axes, keepdims=True))
+
+
+def pair_on_sphere(key: Array, width: int, c0, mean_square, dtype=None) -> Array:
+    """Two inputs ``(2, N)`` of cosine exactly ``c0``, each of mean square ``mean_square``.
+
+    The correlation-propagation experiment of Poole et al. 2016 and Schoenholz
+    et al. 2017 (two inputs through one random network; ``c^l`` of their
+    pre-activations decays over ``xi_c`` layers): with ``z_1, z_2 ~ N(0, I_N)``,
+
+        a = z_1 / ||z_1||,   b = unit(z_2 - <z_2, a> a),
+        x_1 = sqrt(N m) a,   x_2 = sqrt(N m) (c0 a + sqrt(1 - c0^2) b),
+
+    so ``<x_1, x_2> / (||x_1|| ||x_2||) = c0`` and ``||x_i||^2 / N = m`` exactly
+    (up to rounding). ``m = (q* - sigma_b2) / sigma_w2`` puts the first
+    pre-activations at ``q*`` (:func:`sphere_inputs`). ``c0`` in ``[-1, 1]`` and
+    ``mean_square > 0`` may be traced (a ``vmap`` over them); ``dtype`` defaults
+    to JAX's float type.
+    """
+    validate.prng_key("key", key)
+    width = validate.positive_int("width", width, 2)
+    validate.real_array("c0", c0, minimum=-1.0, maximum=1.0)
+    validate.real_array("mean_square", mean_square, minimum=0.0, strict=True)
+    dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
+    z = jax.random.normal(key, (2, width), dtype)
+    a = z[0] / jnp.linalg.norm(z[0])
+    b = z[1] - jnp.dot(z[1], a) * a
+    b = c0 * a + jnp.sqrt(1.0 - c0 * c0) * b / jnp.linalg.norm(b)
+    return jnp.stack([a, b]) * jnp.sqrt(width * mean_square)
 
 
 def _model_sphere(model, dtype):

@@ -19,7 +19,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 __all__ = [
+    "THEORY_COLOR",
     "depth_scales_figure",
+    "log_fit_scale",
     "phase_diagram_figure",
     "save",
     "signal_forward_figure",
@@ -183,8 +185,10 @@ def _signal_columns(runs):
     return acts
 
 
-def _log_fit_scale(measured, theory) -> float:
-    """``exp(mean(log(measured / theory)))`` over entries where both are positive and finite."""
+def log_fit_scale(measured, theory) -> float:
+    """The factor that lays a theory curve known up to scale over a measurement:
+    ``exp(mean(log(measured / theory)))`` over the entries where both are positive and
+    finite (NaN where none is). ``measured`` and ``theory`` have one shape."""
     m, t = np.asarray(measured, float), np.asarray(theory, float)
     ok = (m > 0) & (t > 0) & np.isfinite(m) & np.isfinite(t)
     return float(np.exp(np.mean(np.log(m[ok] / t[ok])))) if ok.any() else np.nan
@@ -223,7 +227,7 @@ def signal_gradients_figure(runs: list[dict], title: str = ""):
                 if th is not None:
                     ax.plot(
                         layers,
-                        np.asarray(th, float) * _log_fit_scale(g, th),
+                        np.asarray(th, float) * log_fit_scale(g, th),
                         "--",
                         lw=1.2,
                         color=color,

@@ -105,6 +105,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from isometry import gaussian as gs
@@ -120,6 +121,7 @@ __all__ = [
     "as_stack",
     "backward",
     "channel_stats",
+    "fit_decay_length",
     "forward",
     "gradient_profile",
     "input_statistics",
@@ -666,6 +668,46 @@ def pair_inputs(key: Array, batch: int, width: int, correlation: float = 0.5) ->
     z = jax.random.normal(key, (batch // 2, 2, width))
     u = jnp.stack([z[:, 0], correlation * z[:, 0] + math.sqrt(1.0 - correlation**2) * z[:, 1]], 1)
     return u.reshape(batch, width)
+
+
+def fit_decay_length(
+    c, c_star, floor=1e-9, *, ceiling: float = 1e-2, min_layers: int = 6
+) -> np.ndarray:
+    """Decay length ``xi`` of ``|c^l - c*| ~ exp(-l / xi)``: ``(...,)`` from ``c (..., L)``.
+
+    ``c[..., l - 1]`` is the cosine of two signals at layer ``l`` (e.g. of the
+    pre-activations of :func:`isometry.jacobian.pair_on_sphere` inputs) and
+    ``c_star`` (broadcast against ``c[..., 0]``) its fixed point. A least-squares
+    line
+
+        log |c^l - c*| = a - l / xi
+
+    through the layers with ``floor < |c^l - c*| < ceiling`` (past the nonlinear
+    transient, above the rounding floor; ``floor`` broadcasts like ``c_star``),
+    as Schoenholz et al. 2017 measure ``xi_c``. NaN where fewer than
+    ``min_layers`` layers qualify or the distance does not fall (slope ``>= 0``);
+    NaN entries of ``c`` never qualify. NumPy, float64.
+    """
+    validate.real_array("floor", floor, minimum=0.0)
+    validate.real_array("ceiling", ceiling, minimum=0.0, strict=True)
+    min_layers = validate.positive_int("min_layers", min_layers, 2)
+    if np.any(np.asarray(floor) >= ceiling):
+        raise ValueError(f"floor must be below ceiling ({ceiling}), got {floor}")
+    c = np.asarray(c, np.float64)
+    if c.ndim < 1 or c.shape[-1] < 1:
+        raise ValueError(f"c must have a last axis over layers, got shape {c.shape}")
+    dist = np.abs(c - np.asarray(c_star)[..., None])
+    layers = np.arange(1, c.shape[-1] + 1, dtype=float)
+    with np.errstate(invalid="ignore"):
+        use = (dist < ceiling) & (dist > np.asarray(floor)[..., None])
+    n = use.sum(-1)
+    logd = np.log(np.where(use, dist, 1.0))
+    lbar = (layers * use).sum(-1) / np.maximum(n, 1)
+    ybar = (logd * use).sum(-1) / np.maximum(n, 1)
+    dl = (layers - lbar[..., None]) * use
+    slope = (dl * (logd - ybar[..., None])).sum(-1) / np.maximum((dl * dl).sum(-1), 1e-300)
+    fit = (n >= min_layers) & (slope < 0)
+    return np.where(fit, -1.0 / np.where(slope < 0, slope, -1.0), np.nan)
 
 
 def measure_with_theory(model, u: Array, *, key: Array) -> dict[str, Array]:

@@ -14,8 +14,10 @@ Modules are discovered (ordered by ``NN``), so a new figure is one new module.
 ``isometry figures [NAMES...] --tier quick|full`` and ``python -m isometry.paper_figures``
 regenerate them (see :func:`isometry.paper_figures.core.make`).
 
-A ``compute`` that runs experiments passes ``progress=core.progress_enabled()`` to
-``experiments.run`` (or ``stored_run``), so ``isometry figures`` shows their points.
+A ``compute`` that runs an experiment passes its ``EXPERIMENT`` to
+``experiments.harness.stored_run`` with ``progress=core.progress_enabled()``, so
+``isometry figures`` shows its points, and reads the results on the experiment's grid
+(``run.array(column, axes)``).
 """
 
 import pkgutil

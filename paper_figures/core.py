@@ -5,8 +5,9 @@ writes ``<out>/<name>.png`` and ``.pdf``. With ``progress=True`` it reports
 each stage (cache read, compute, plot) on stderr, and the figure's
 experiments report their points: a figure module reads
 :func:`progress_enabled` inside ``compute`` and passes it on, e.g.
-``experiments.run(name, preset, overrides, out=out, progress=core.progress_enabled())``
-or ``stored_run(name, preset, overrides, store, progress=core.progress_enabled())``.
+``harness.stored_run(trainability.EXPERIMENT, preset, overrides, store,
+progress=core.progress_enabled())``. Figures are loaded by name here
+(:func:`load_module`, the one place that imports a figure module by its name).
 """
 
 from __future__ import annotations

@@ -5,13 +5,14 @@ of the slope of the length map at ``q*``, ``1/xi_c = -log chi_c`` with
 ``chi_c = sigma_w2 E[phi'(u_1) phi'(u_2)]`` at ``c*``.
 
 Measurement (markers, mean and standard error over seeds), as Schoenholz et
-al. 2017 did it: two inputs of cosine 0.5 on the ``q*`` sphere propagated
-through sampled width-``N`` tanh networks (:func:`isometry.jacobian.dense_layer`,
-one compiled function ``vmap``-ped over seeds and ``sigma_w2``); per layer the
-cosine ``c^l`` of the two pre-activations ``h^l``; per network a least-squares
-fit of ``log |c^l - c*| = a - l / xi_c`` over the layers where the distance
-lies between 1e-2 (past the nonlinear transient) and 1e-9 (at least 6
-layers).
+al. 2017 did it: two inputs of cosine 0.5 on the ``q*`` sphere
+(:func:`isometry.jacobian.pair_on_sphere`) propagated through sampled
+width-``N`` tanh networks (:func:`isometry.jacobian.dense_layer`, one compiled
+function ``vmap``-ped over seeds and ``sigma_w2``); per layer the cosine ``c^l``
+of the two pre-activations ``h^l``; per network a least-squares fit of
+``log |c^l - c*| = a - l / xi_c`` over the layers where the distance lies
+between 1e-2 (past the nonlinear transient) and 1e-9 (at least 6 layers;
+:func:`isometry.signal.fit_decay_length`).
 
 Finite width (dashed line). In the ordered phase (``c* = 1``) ``1 - c^l``
 is the squared distance of two collapsing signals, multiplied per layer by
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from isometry import gaussian, jacobian, meanfield, plotting
+from isometry import gaussian, jacobian, meanfield, plotting, signal
 
 KEYS = (
     "sigma_w2", "xi_q", "xi_c", "xi_c_width", "critical_sigma_w2", "sigma_w2_net", "xi_c_net",
@@ -63,16 +64,6 @@ TIERS = {
 DEMO = (1.3, 2.5)
 
 ORDERED_FLOOR = 1e-9
-TRANSIENT = 1e-2
-
-
-def pair_on_sphere(key, width: int, c0, mean_square):
-    """Two inputs ``(2, N)`` of cosine exactly ``c0``, each of mean square ``mean_square``."""
-    z = jax.random.normal(key, (2, width))
-    a = z[0] / jnp.linalg.norm(z[0])
-    b = z[1] - jnp.dot(z[1], a) * a
-    b = c0 * a + jnp.sqrt(1.0 - c0 * c0) * b / jnp.linalg.norm(b)
-    return jnp.stack([a, b]) * jnp.sqrt(width * mean_square)
 
 
 def network_correlations(key, sigma_w2, sigma_b2, q_star, c0, width: int, depth: int):
@@ -85,7 +76,7 @@ def network_correlations(key, sigma_w2, sigma_b2, q_star, c0, width: int, depth:
     """
     k_x, k_w = jax.random.split(key)
     affine = jacobian.dense_layer("linear", "gaussian", sigma_w2, sigma_b2)
-    x0 = pair_on_sphere(k_x, width, c0, (q_star - sigma_b2) / sigma_w2)
+    x0 = jacobian.pair_on_sphere(k_x, width, c0, (q_star - sigma_b2) / sigma_w2)
 
     def body(x, k):
         h = affine(k, x)
@@ -93,25 +84,6 @@ def network_correlations(key, sigma_w2, sigma_b2, q_star, c0, width: int, depth:
         return jnp.tanh(h), c
 
     return lax.scan(body, x0, jacobian.random_params(k_w, depth))[1]
-
-
-def fit_decay_length(c, c_star, floor) -> np.ndarray:
-    """Decay length of ``|c^l - c*|``: ``(...,)`` from ``c (..., depth)``; NaN without a fit.
-
-    Least squares of ``log |c^l - c*|`` against ``l`` over the layers with
-    ``floor < |c^l - c*| < 1e-2`` (at least 6 of them, slope < 0).
-    """
-    c = np.asarray(c, np.float64)
-    dist = np.abs(c - np.asarray(c_star)[..., None])
-    layers = np.arange(1, c.shape[-1] + 1, dtype=float)
-    use = (dist < TRANSIENT) & (dist > np.asarray(floor)[..., None])
-    n = use.sum(-1)
-    logd = np.log(np.where(use, dist, 1.0))
-    lbar = (layers * use).sum(-1) / np.maximum(n, 1)
-    ybar = (logd * use).sum(-1) / np.maximum(n, 1)
-    dl = (layers - lbar[..., None]) * use
-    slope = (dl * (logd - ybar[..., None])).sum(-1) / np.maximum((dl * dl).sum(-1), 1e-300)
-    return np.where((n >= 6) & (slope < 0), -1.0 / np.where(slope < 0, slope, -1.0), np.nan)
 
 
 def sampled_correlations(sigma_w2, sigma_b2, q_star, c0, width, depth, seeds, seed=0):
@@ -144,7 +116,7 @@ def measure_xi_c(sigma_w2, sigma_b2, width, depth, seeds, seed=0) -> np.ndarray:
     if np.any(chi1 >= 1.0):
         raise ValueError("measure_xi_c: sigma_w2 must lie in the ordered phase (chi1 < 1)")
     c = sampled_correlations(sigma_w2, sigma_b2, q, 0.5, width, depth, seeds, seed)
-    return fit_decay_length(c, np.ones(np.shape(sigma_w2)), ORDERED_FLOOR)
+    return signal.fit_decay_length(c, np.ones(np.shape(sigma_w2)), ORDERED_FLOOR)
 
 
 def xi_c_finite_width(sigma_w2, sigma_b2, width, q_star=None) -> np.ndarray:
@@ -180,7 +152,7 @@ def _compute(sigma_w2, sigma_b2, net) -> dict:
         "xi_c_width": xi_c_finite_width(sw, sigma_b2, width, np.asarray(d.q_star[:, 0])),
         "critical_sigma_w2": np.asarray(d.critical_sigma_w2),
         "sigma_w2_net": sw_net,
-        "xi_c_net": fit_decay_length(c[:, :points], 1.0, ORDERED_FLOOR)
+        "xi_c_net": signal.fit_decay_length(c[:, :points], 1.0, ORDERED_FLOOR)
         if points
         else empty[..., 0],
         "demo_sigma_w2": demo,

@@ -2,7 +2,8 @@
 
 Measurement: the ``trainability`` experiment (one training run per
 ``(sigma_w2, L, seed)`` on the embedded digits); the heat map is the
-training-split accuracy after training, averaged over seeds (chance 0.1).
+training-split accuracy after training, averaged over seeds (chance 0.1),
+written in each cell.
 Theory: ``6 xi_c(sigma_w2)`` (:func:`isometry.meanfield.depth_scales`) and
 the edge of chaos ``chi1 = 1``. Runs stopped by a non-finite loss are
 marked. The ``quick`` tier trains far fewer steps than the paper, so its
@@ -19,17 +20,13 @@ and ``kappa`` grows exponentially with depth, at a rate set by the decay of
 ``1 - c^l`` (the same ``chi1`` that sets ``xi_c`` there), so the contour
 follows the left branch of ``6 xi_c``: at the quick tier (16 inputs,
 ``kappa = 600``) it sits at 0.75-0.83 of ``6 xi_c`` (depth 15 vs 19.8 at
-``sigma_w2 = 0.96``, 48 vs 60.5 at 1.38, 68 vs 82 at 1.47). Both lie at or
-inside the measured edge, which the depth grid brackets: at ``sigma_w2 =
-1.0`` depth 25 trains (accuracy 0.91) and 50 does not (0.42), against
-``6 xi_c = 22`` and the contour at 16; at 1.25, 50 trains (0.85) and 75 does
-not (0.40), against 41 and 32; at 1.5, 75 trains (0.83) and 100 only partly
-(0.48), against 95 and 83. Cells at the edge of the band are single runs
-whose outcome is sensitive to float32 rounding: a change that only reordered
-the sums in the weight gradients (relative difference about 1e-6) moved four
-of the 50 cells by 0.07-0.29, all at the band's edge at depths 75-100
-(``sigma_w2 = 1.5``, depth 100: 0.19 before); the others moved by at most
-0.04. In the chaotic phase the NTK's
+``sigma_w2 = 0.96``, 48 vs 60.5 at 1.38, 68 vs 82 at 1.47). Compare both
+with the measured edge, which the depth grid brackets (the accuracies are
+written in the cells). Cells at the edge of the band are single runs whose
+outcome is sensitive to float32 rounding: a change that only reorders the
+sums in the weight gradients (relative difference about 1e-6) can move them
+by tenths, while cells inside or far outside the band hardly move. In the
+chaotic phase the NTK's
 diagonal grows like ``chi1^l`` while its off-diagonal entries stay bounded:
 it tends to a multiple of the identity, ``kappa -> 1`` (Xiao et al. 2020:
 such networks can fit the training set but do not generalize), so the NTK
@@ -75,30 +72,21 @@ COND_CLIP = 8.0
 """``log10 kappa`` shown up to here (the series route is accurate to ~1e-10)."""
 
 
-def _grid_mean(table, key, rows, cols, row_key, col_key) -> np.ndarray:
-    """``(len(rows), len(cols))`` mean of ``table[key]`` over the rows of each cell (seeds)."""
-    out = np.full((len(rows), len(cols)), np.nan)
-    for i, r in enumerate(rows):
-        for j, c in enumerate(cols):
-            m = (table[row_key] == r) & np.isclose(table[col_key], c)
-            if m.any():
-                out[i, j] = np.mean(np.asarray(table[key], float)[m])
-    return out
-
-
-def _flag(column) -> np.ndarray:
-    """A csv boolean column (``true``/``false`` text) as floats 1/0."""
-    return np.asarray([str(v).lower() == "true" for v in column], float)
+def seed_means(run: harness.StoredRun, column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(depths (D,), sigma_w2 (W,), mean (D, W))``: ``column`` averaged over seeds, on the
+    sorted distinct depths and ``sigma_w2`` of the run's grid (booleans average to fractions)."""
+    v = run.array(column, ("depth", "sigma_w2", "seed")).mean(axis=-1)
+    depths, i = np.unique(run.coords("depth"), return_index=True)
+    sw, j = np.unique(run.coords("sigma_w2"), return_index=True)
+    return depths, sw.astype(float), v[np.ix_(i, j)]
 
 
 def compute(preset, overrides, store) -> dict:
     run = harness.stored_run(
-        "trainability", preset, overrides, store, progress=core.progress_enabled()
+        trainability.EXPERIMENT, preset, overrides, store, progress=core.progress_enabled()
     )
-    cfg, t = run.config, dict(run.table)
-    t["diverged"] = _flag(t["diverged"])
-    sw = np.asarray(sorted(set(cfg.sigma_w2)), float)
-    depths = np.asarray(sorted(set(cfg.depths)), int)
+    cfg = run.config
+    depths, sw, train_acc = seed_means(run, "train_accuracy")
     edges = _edges(sw)
     sw_th = np.linspace(max(edges[0], 0.05), edges[-1], 601)
     th = trainability.theory(cfg.activation, sw_th, cfg.sigma_b2)
@@ -106,13 +94,12 @@ def compute(preset, overrides, store) -> dict:
     x = harness.load_data(cfg.dataset).x_train[: trainability.NTK_INPUTS]
     max_depth = int(_edges(depths)[-1])
     cond = trainability.ntk_condition(cfg.activation, sw_ntk, cfg.sigma_b2, x, max_depth)
-    cell = {"rows": depths, "cols": sw, "row_key": "depth", "col_key": "sigma_w2"}
     return {
         "sigma_w2": sw,
         "depth": depths,
-        "train_accuracy": _grid_mean(t, "train_accuracy", **cell),
-        "eval_accuracy": _grid_mean(t, "eval_accuracy", **cell),
-        "diverged_fraction": _grid_mean(t, "diverged", **cell),
+        "train_accuracy": train_acc,
+        "eval_accuracy": seed_means(run, "eval_accuracy")[2],
+        "diverged_fraction": seed_means(run, "diverged")[2],
         "sigma_w2_theory": sw_th,
         "six_xi_c": 6.0 * th["xi_c"],
         "critical_sigma_w2": th["critical_sigma_w2"],
@@ -175,6 +162,10 @@ def _accuracy_panel(fig, ax, data) -> None:
     xe, ye = _edges(sw), _edges(depth)
     im = ax.pcolormesh(xe, ye, acc, cmap="viridis", vmin=0.0, vmax=1.0, shading="flat")
     fig.colorbar(im, ax=ax, label="training-set accuracy after training (chance 0.1)")
+    for i, j in zip(*np.nonzero(np.isfinite(acc)), strict=True):  # the numbers, from the data
+        y = ye[i] + 0.72 * (ye[i + 1] - ye[i])  # above a divergence marker at the centre
+        ax.text(sw[j], y, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=6.5,
+                color="white" if acc[i, j] < 0.6 else "black")  # fmt: skip
     _theory_lines(ax, data)
     div = np.asarray(data["diverged_fraction"])
     ii, jj = np.nonzero(div > 0)

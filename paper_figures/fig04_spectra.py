@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from isometry import freeprob, plotting, sweep
+from isometry import freeprob, plotting
 from isometry.experiments import harness
 from isometry.experiments import spectra as spectra_experiment
 from isometry.paper_figures import core
@@ -97,13 +97,12 @@ def _measure(panels, depths, width, seeds, root: Path) -> np.ndarray:
     histogram above ``1e-4``, far above float32 rounding).
     """
     found = {}
-    for (act, w), (cfg, out) in spectra_experiment.run_cases(
+    for run in spectra_experiment.run_cases(
         panels, depths, width, seeds, root, progress=core.progress_enabled()
-    ).items():
-        store = sweep.Store(out, "spectra", cfg)
-        for p in spectra_experiment.grid(cfg).points():
-            found.setdefault((act, w, float(p["q_star"])), []).append(
-                store.arrays(p)["sq_singular_values"]
+    ).values():
+        for p in run.points:
+            found.setdefault((p["activation"], p["weights"], float(p["q_star"])), []).append(
+                run.arrays(p)["sq_singular_values"]
             )
     lam = [np.stack(found[(a, w, float(q))], axis=1) for a, w, q in panels]  # (K, S, N)
     return np.stack([x.reshape(x.shape[0], -1) for x in lam]).astype(np.float64)

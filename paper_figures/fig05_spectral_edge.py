@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from isometry import freeprob, plotting, sweep
+from isometry import freeprob, plotting
 from isometry.experiments import harness
 from isometry.experiments import spectra as spectra_experiment
 from isometry.paper_figures import core
@@ -86,25 +86,20 @@ def _measure(cases, depths, width, seeds, root: Path) -> list[dict]:
     """Per case: the ``spectra`` table's ``max`` and ``var`` per depth, ``(seeds, K)`` each.
 
     One sweep per (activation, weights) over its ``q*`` values, into
-    ``root/<activation>_<weights>_<fingerprint>`` (float32).
+    ``root/<activation>_<weights>_<fingerprint>`` (float32), read on its grid
+    ``(activation, weights, q_star, seed)`` with a row per depth.
     """
     runs = spectra_experiment.run_cases(
         cases, depths, width, seeds, root, progress=core.progress_enabled()
     )
-    tables = {k: sweep.load_table(out / "results.csv") for k, (_, out) in runs.items()}
     found = []
     for act, w, q in cases:
-        t = tables[(act, w)]
-        rows = np.isclose(t["q_star"], q, rtol=1e-12)
-        out = {}
-        for key in ("max", "var"):
-            vals = np.full((seeds, len(depths)), np.nan)
-            for s in range(seeds):
-                for k, d in enumerate(depths):
-                    hit = rows & (t["seed"] == s) & (t["depth"] == d)
-                    vals[s, k] = t[key][hit][0]
-            out[key] = vals
-        found.append(out)
+        run = runs[(act, w)]
+        axes = ("q_star", "seed", "activation", "weights")
+        iq = int(np.flatnonzero(np.isclose(run.coords("q_star"), q, rtol=1e-12))[0])
+        row_depths = list(run.array("depth", axes, rows=True)[iq, 0, 0, 0])
+        k = [row_depths.index(d) for d in depths]
+        found.append({c: run.array(c, axes, rows=True)[iq, :, 0, 0][:, k] for c in ("max", "var")})
     return found
 
 

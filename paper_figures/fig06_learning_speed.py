@@ -52,49 +52,26 @@ TIERS = harness.figure_tiers(
 )
 
 
-def _padded(arrays: list[np.ndarray], length: int) -> np.ndarray:
-    """Stack 1-D arrays, padding each with NaN to ``length`` (runs that stopped early)."""
-    out = np.full((len(arrays), length), np.nan)
-    for i, a in enumerate(arrays):
-        out[i, : a.size] = a
-    return out
-
-
 def compute(preset, overrides, store) -> dict:
     run = harness.stored_run(
-        "learning_speed", preset, overrides, store, progress=core.progress_enabled()
+        ls.EXPERIMENT, preset, overrides, store, progress=core.progress_enabled()
     )
-    cfg, t = run.config, run.table
-    S, I, D, R = len(cfg.settings), len(cfg.inits), len(cfg.depths), cfg.seeds
+    cfg = run.config
     depths = np.asarray(cfg.depths, int)
-    t_acc = np.full((S, I, D, R), np.nan)
-    jac = np.full((S, I, D, R), np.nan)
-    jac_mean = np.full((S, I, D, R), np.nan)
-    jac_th = np.full((S, I, D), np.nan)
-    for k in range(len(t["setting"])):
-        s = cfg.settings.index(str(t["setting"][k]))
-        i = cfg.inits.index(str(t["init"][k]))
-        d = int(np.flatnonzero(depths == t["depth"][k])[0])
-        r = int(t["seed"][k])
-        t_acc[s, i, d, r] = t["steps_to_accuracy"][k]
-        jac[s, i, d, r] = t["jac_sv2_var"][k]
-        jac_mean[s, i, d, r] = t["jac_sv2_mean"][k]
-        jac_th[s, i, d] = t["jac_var_theory"][k]
+    # (setting, init, depth, seed), the grid's axes
+    t_acc, jac, jac_mean = (
+        run.array(c).astype(float) for c in ("steps_to_accuracy", "jac_sv2_var", "jac_sv2_mean")
+    )
+    jac_th = run.array("jac_var_theory").astype(float)[..., -1]  # theory: the same for each seed
     deepest = int(depths.max())
     tc = cfg.train
     n_eval = tc.steps // tc.eval_every + 1 if tc.eval_every else 2
     n_log = tc.steps // tc.log_every
-    eval_loss = np.full((S, I, R, n_eval), np.nan)
-    loss = np.full((S, I, R, n_log), np.nan)
     eval_step = np.arange(n_eval) * tc.eval_every
     step = (np.arange(n_log) + 1) * tc.log_every
-    for p in run.points:
-        if p["depth"] != deepest:
-            continue
-        a = run.arrays(p)
-        s, i, r = cfg.settings.index(p["setting"]), cfg.inits.index(p["init"]), p["seed"]
-        eval_loss[s, i, r] = _padded([a["eval_loss"][:n_eval]], n_eval)[0]
-        loss[s, i, r] = _padded([a["loss"][:n_log]], n_log)[0]
+    at = int(np.flatnonzero(depths == deepest)[0])  # curves of the deepest networks
+    eval_loss = run.stack("eval_loss", n_eval, ("setting", "init", "seed", "depth"))[..., at, :]
+    loss = run.stack("loss", n_log, ("setting", "init", "seed", "depth"))[..., at, :]
     crit = [ls.critical_setting(s) for s in cfg.settings]
     return {
         "settings": np.asarray(cfg.settings),

@@ -99,31 +99,17 @@ def theory_curves(cfg, activation: str, technique: str) -> np.ndarray:
 
 def compute(preset, overrides, store) -> dict:
     run = harness.stored_run(
-        "gradients", preset, overrides, store, progress=core.progress_enabled()
+        gradients.EXPERIMENT, preset, overrides, store, progress=core.progress_enabled()
     )
-    cfg, t = run.config, run.table
+    cfg = run.config
     acts, inits, techs = cfg.activations, cfg.inits, cfg.techniques
-    L, S = cfg.depth, cfg.seeds
-    g = np.full((len(acts), len(inits), len(techs), S, L), np.nan)
-    index = {
-        (a, i, tq, int(s), int(l)): v
-        for a, i, tq, s, l, v in zip(
-            t["activation"],
-            t["init"],
-            t["technique"],
-            t["seed"],
-            t["layer"],
-            t["grad_preact_sq"],
-            strict=True,
-        )
-    }
+    L = cfg.depth
+    # (activation, init, technique, seed, layer): the grid's axes, then the point's rows
+    g = run.array("grad_preact_sq", ("activation", "init", "technique", "seed"), rows=True)
     theory = np.full((len(acts), len(inits), len(techs), L), np.nan)
     for ia, a in enumerate(acts):
         for it, tq in enumerate(techs):
             theory[ia, :, it] = theory_curves(cfg, a, tq)
-            for ii, i in enumerate(inits):
-                for s in range(S):
-                    g[ia, ii, it, s] = [index[(a, i, tq, s, l + 1)] for l in range(L)]
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.exp(np.mean(np.log(g / g[..., -1:]), axis=-2))
     return {

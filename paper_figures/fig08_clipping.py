@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from isometry import gaussian, meanfield, plotting, signal
-from isometry.experiments import harness
+from isometry.experiments import clipping, harness
 from isometry.paper_figures import core
 
 KEYS = (
@@ -65,24 +65,21 @@ def layer_profile(activation, sigma_w2, sigma_b2, q1, depth) -> np.ndarray:
 
 
 def compute(preset, overrides, store) -> dict:
-    run = harness.stored_run("clipping", preset, overrides, store, progress=core.progress_enabled())
-    cfg, t = run.config, run.table
-    C, R, T = len(cfg.clips), cfg.seeds, cfg.train.steps // cfg.train.log_every
-    out = {k: np.full((C, R, T), np.nan) for k in ("loss", "grad_norm", "grad_norm_clipped")}
-    diverged = np.full((C, R), np.nan)
-    train_acc, eval_acc = np.full((C, R), np.nan), np.full((C, R), np.nan)
+    run = harness.stored_run(
+        clipping.EXPERIMENT, preset, overrides, store, progress=core.progress_enabled()
+    )
+    cfg = run.config
+    T = cfg.train.steps // cfg.train.log_every
+    # (clip, seed): the grid's axes; curves along a last axis of T logged steps
+    out = {k: run.stack(k, T) for k in ("loss", "grad_norm", "grad_norm_clipped")}
     layers0 = np.full((cfg.depth,), np.nan)
-    for p in run.points:
+    for p in run.points:  # the first seed-0 run that logged a step (not all NaN)
         a = run.arrays(p)
-        c, r = cfg.clips.index(p["clip"]), p["seed"]
-        for k in out:
-            out[k][c, r, : a[k].size] = a[k][:T]
-        if r == 0 and a["grad_norm_layers"].shape[0] and np.isnan(layers0).all():
+        if p["seed"] == 0 and a["grad_norm_layers"].shape[0] and np.isnan(layers0).all():
             layers0 = a["grad_norm_layers"][0]
-    for k in range(len(t["clip"])):
-        c, r = cfg.clips.index(str(t["clip"][k])), int(t["seed"][k])
-        diverged[c, r] = t["diverged_step"][k]
-        train_acc[c, r], eval_acc[c, r] = t["train_accuracy"][k], t["eval_accuracy"][k]
+    diverged, train_acc, eval_acc = (
+        run.array(c).astype(float) for c in ("diverged_step", "train_accuracy", "eval_accuracy")
+    )
     ds = harness.load_data(cfg.dataset)
     q1 = cfg.sigma_w2 * float(np.mean(np.square(ds.x_train, dtype=np.float64))) + cfg.sigma_b2
     return {
@@ -97,7 +94,7 @@ def compute(preset, overrides, store) -> dict:
         ),
         "train_accuracy": train_acc,
         "eval_accuracy": eval_acc,
-        "chi1": np.asarray(float(t["chi1"][0])),
+        "chi1": np.asarray(float(run.array("chi1").flat[0])),
         "depth": np.asarray(cfg.depth),
         "sigma_w2": np.asarray(cfg.sigma_w2),
         "width": np.asarray(cfg.width),
@@ -107,13 +104,6 @@ def compute(preset, overrides, store) -> dict:
 
 
 _COLORS = ("black", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
-
-
-def _fit_scale(measured, theory) -> float:
-    """``exp(mean log(measured / theory))`` over entries where both are positive and finite."""
-    m, t = np.asarray(measured, float), np.asarray(theory, float)
-    ok = (m > 0) & (t > 0) & np.isfinite(m) & np.isfinite(t)
-    return float(np.exp(np.mean(np.log(m[ok] / t[ok])))) if ok.any() else np.nan
 
 
 def _label(clip: str, acc: float) -> str:
@@ -159,7 +149,7 @@ def plot(data, params):
     meas = np.asarray(data["grad_norm_layers_initial"])
     theory = np.asarray(data["layer_theory"])
     ax_p.plot(layer, meas, "o", ms=4, mfc="none", color="tab:blue", label="measured, step 1")
-    scale = _fit_scale(meas, theory)
+    scale = plotting.log_fit_scale(meas, theory)
     ax_p.plot(layer, scale * theory, color=plotting.THEORY_COLOR, lw=1.4,
               label="mean-field profile (scale fitted)")  # fmt: skip
     ax_p.text(

@@ -29,18 +29,14 @@ Where measurement and theory part, and why: at ``B = 4`` (and less at
 factor carries ``1/||G h||^2 ~ 1/chi^2_{B-1}``, whose variance is infinite
 for ``B <= 5``; the width-``N`` average of such factors converges to its mean
 slowly and its logarithm (the geometric-mean rate) is biased low, so the
-wide-limit assumption fails there at any practical width (at ``N = 512``,
-``L = 32``, linear: 1.99 against 2; at the quick tier relu 2.75 +- 0.03 and
-tanh 1.83 +- 0.05 against 3.08 and 2.13). From ``B = 6`` on the measured
-rates follow the theory (quick tier, mean +- s.e. over 4 seeds: relu 1.986,
-1.773, 1.627, 1.526, 1.491 against 2.004, 1.788, 1.590, 1.522, 1.493 at
-``B = 6, 8, 16, 32, 64``; tanh 1.507, 1.347, 1.228, 1.210, 1.201 against
-1.483, 1.359, 1.246, 1.208, 1.192; linear 1.336, 1.176, 1.076, 1.030, 1.016
-against 1.333, 1.2, 1.077, 1.034, 1.016): within 2.7 standard errors except
-relu at ``B = 16`` (2.3% high, 4 s.e.), deviations of the size of the
-finite-width (O(1/N)) corrections. In the left panel the linear network at
-``B = 8`` falls below ``lambda^(L - l)`` over the first few layers (its rate
-1.176 +- 0.009 against 1.2); this finite-size effect is not explained here.
+wide-limit assumption fails there at any practical width (at ``B = 4`` the
+theory gives 3.08 for relu and 2.13 for tanh; the measured rates sit well
+below). From ``B = 6`` on the measured rates (mean +- s.e. over seeds, the
+right panel) follow the theory within a few standard errors, deviations of
+the size of the finite-width (O(1/N)) corrections. In the left panel the
+linear network at ``B = 8`` falls below ``lambda^(L - l)`` over the first
+few layers (the theory's rate there is 1.2); this finite-size effect is not
+explained here.
 
 Quick sizes (``L = 16``, ``N = 256``, 4 seeds, ``B = 4..64``) are smaller
 than the paper's; the full tier uses ``L = 50``, ``N = 256``, 8 seeds and
@@ -52,7 +48,7 @@ from __future__ import annotations
 import numpy as np
 
 from isometry import batchnorm_theory, plotting
-from isometry.experiments import harness
+from isometry.experiments import batchnorm, harness
 from isometry.paper_figures import core
 
 COST = {"quick": 26.0}  # single-core CPU seconds of the quick tier (a scheduling hint)
@@ -117,26 +113,16 @@ def theory_rates(activations, batches) -> np.ndarray:
 
 def compute(preset, overrides, store, layer_batch) -> dict:
     run = harness.stored_run(
-        "batchnorm", preset, overrides, store, progress=core.progress_enabled()
+        batchnorm.EXPERIMENT, preset, overrides, store, progress=core.progress_enabled()
     )
-    cfg, t = run.config, run.table
+    cfg = run.config
     if layer_batch not in cfg.batch_sizes:
         raise ValueError(f"layer_batch must be one of {cfg.batch_sizes}, got {layer_batch}")
-    acts, bs, L, S = cfg.activations, cfg.batch_sizes, cfg.depth, cfg.seeds
-    g = np.full((len(acts), len(bs), S, L), np.nan)
-    rate = np.full((len(acts), len(bs), S), np.nan)
-    for a, b, s, l, v, r in zip(
-        t["activation"],
-        t["batch"],
-        t["seed"],
-        t["layer"],
-        t["grad_weight_sq"],
-        t["growth_rate"],
-        strict=True,
-    ):
-        ia, ib = acts.index(a), bs.index(int(b))
-        g[ia, ib, int(s), int(l) - 1] = v
-        rate[ia, ib, int(s)] = r
+    acts, bs, L = cfg.activations, cfg.batch_sizes, cfg.depth
+    # (activation, batch, seed): the grid's axes; the points' rows are the layers
+    axes = ("activation", "batch", "seed")
+    g = run.array("grad_weight_sq", axes, rows=True)
+    rate = run.array("growth_rate", axes, rows=True)[..., 0]  # one rate per point
     grid = np.round(np.geomspace(4, max(max(bs), 8), 40)).astype(int)
     fine = np.unique(np.concatenate([grid, [b for b in bs if b >= 4]]))
     return {

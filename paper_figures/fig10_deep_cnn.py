@@ -14,17 +14,14 @@ criticality the mean is 1 for both; the variance grows like
 ``L (mu2/mu1^2 - 1 - s1)`` with ``s1 = 0`` (orthogonal) against ``s1 = -1``
 (Gaussian): about eight times faster at ``q* = 0.25``. The input lies on the
 sphere that puts the first pre-activation at ``q*``
-(:func:`isometry.jacobian.sphere_inputs` with the critical variances); with
-an input of mean square ``q*`` instead (before this was fixed) ``h^1`` sat
-at 0.36 and the measured mean sat near 0.85 from depth 2 on. Now the
-delta-orthogonal mean is 1.010 +- 0.012, 1.031 +- 0.029, 1.055 +- 0.039,
-1.16 +- 0.09, 1.07 +- 0.12, 1.25 +- 0.30 at depths 2-64 (mean +- s.e. over
-4 seeds): on the theory line within two standard errors. The Gaussian
-CNN's per-network mean is a product of per-layer factors that fluctuate at
-finite ``C``, so across seeds it is roughly log-normal, with a median below 1
-and a mean carried by rare large seeds: 0.96 +- 0.05 at depth 2, 0.69 +- 0.08
-at depth 16, 1.65 +- 0.81 at depth 64. Four seeds cannot resolve its mean
-beyond depth ~8; the dots show each seed.
+(:func:`isometry.jacobian.sphere_inputs` with the critical variances; an
+input of mean square ``q*`` instead puts ``h^1`` at 0.36 and the mean of
+``s^2`` below 1 from depth 2 on), so the delta-orthogonal mean lies on the
+theory line. The Gaussian CNN's per-network mean is a product of per-layer
+factors that fluctuate at finite ``C``, so across seeds it is roughly
+log-normal, with a median below 1 and a mean carried by rare large seeds;
+four seeds cannot resolve its mean beyond a few layers, and the dots show
+each seed.
 
 Right panel (experiment ``cnn_trainability``): held-out accuracy (filled,
 solid) and training accuracy (open, dashed) on the embedded 8 x 8 digits
@@ -35,10 +32,9 @@ of the last feature map; dotted: chance (0.1).
 Quick tier, and how it differs from the paper (MNIST/CIFAR-10, up to 10,000
 layers, ``C`` up to 256, global average pooling, long training): spectra of
 ``C = 16`` networks on ``4 x 4`` inputs, 4 seeds, depths 2-64, where the
-measured variance and maximum follow the theory lines at depths 2-4 and then
-part from them in opposite directions: delta-orthogonal above (variance 1.36,
-3.8, 6.9 against 1.10, 2.2, 4.4 at depths 8, 16, 32), Gaussian below (7.1,
-8.4, 32 against 9.1, 18, 36), and both scatter widely at depth 64. The
+measured variance and maximum follow the theory lines at the smallest depths
+and then part from them in opposite directions: delta-orthogonal above,
+Gaussian below, and both scatter widely at depth 64. The
 free-probability lines are the wide limit; here ``L/C`` reaches 1-4, where
 finite-width corrections of order ``L/C`` to the spectrum's moments are not
 small (Hanin & Nica 2019), and the 4-seed averages of these heavy-tailed
@@ -46,10 +42,9 @@ statistics are noisy. Training of ``C = 8``
 networks for 200 steps at depths 4, 16, 64 with one seed, on images scaled
 so that both networks' first pre-activations start at ``q*``
 (:func:`isometry.experiments.cnn_trainability.input_scale`). The two inits
-tie up to depth 16 (held-out 94% and 93% delta-orthogonal, 96% and 92%
-Gaussian); at depth 64 delta-orthogonal keeps 91% held-out accuracy and the
-Gaussian CNN drops to 84% (before the input scaling: 93% and 79%): the trend
-of the paper, at depths 100 times smaller, not its failure to train. The full
+tie at the smaller depths and the Gaussian CNN falls behind at depth 64 (the
+right panel): the trend of the paper, at depths 100 times smaller, not its
+failure to train. The full
 tier (depths to 512 and 1,024, longer training, more seeds) is meant for an
 accelerator.
 """
@@ -59,7 +54,7 @@ from __future__ import annotations
 import numpy as np
 
 from isometry import freeprob, plotting
-from isometry.experiments import harness
+from isometry.experiments import cnn_trainability, deep_cnn, harness
 from isometry.paper_figures import core
 
 COST = {"quick": 75.0}  # single-core CPU seconds of the quick tier (a scheduling hint)
@@ -114,20 +109,12 @@ THEORY_WEIGHTS = {"delta_orthogonal": "orthogonal", "gaussian": "gaussian"}
 LABELS = {"delta_orthogonal": "delta-orthogonal", "gaussian": "Gaussian"}
 
 
-def _run(name: str, preset: str, overrides, store) -> harness.StoredRun:
-    """Experiment ``name`` read back from its store (``store`` formatted with the name)."""
+def _run(experiment, preset: str, overrides, store) -> harness.StoredRun:
+    """``experiment`` read back from its store (``store`` formatted with its name)."""
     return harness.stored_run(
-        name, preset, overrides, None if store is None else store.format(name),
+        experiment, preset, overrides, None if store is None else store.format(experiment.name),
         progress=core.progress_enabled(),
     )  # fmt: skip
-
-
-def _per_seed(t, inits, depths, seeds, column) -> np.ndarray:
-    """``(I, K, S)`` array of ``column`` from a table with ``init, depth, seed`` columns."""
-    out = np.full((len(inits), len(depths), seeds), np.nan)
-    for i, d, s, v in zip(t["init"], t["depth"], t["seed"], t[column], strict=True):
-        out[inits.index(i), depths.index(int(d)), int(s)] = v
-    return out
 
 
 def theory(activation: str, q_star: float, inits, depths) -> dict[str, np.ndarray]:
@@ -143,30 +130,29 @@ def theory(activation: str, q_star: float, inits, depths) -> dict[str, np.ndarra
 
 
 def compute(spectrum, training, store) -> dict:
-    spec_run = _run("deep_cnn", *spectrum, store)
-    train_run = _run("cnn_trainability", *training, store)
+    spec_run = _run(deep_cnn.EXPERIMENT, *spectrum, store)
+    train_run = _run(cnn_trainability.EXPERIMENT, *training, store)
     spec_cfg, train_cfg = spec_run.config, train_run.config
     if spec_cfg.inits != train_cfg.inits:
         raise ValueError(f"spectrum and training inits differ: {spec_cfg.inits}, {train_cfg.inits}")
     inits = list(spec_cfg.inits)
-    spec, trained = spec_run.table, train_run.table
     sdepths = sorted(set(spec_cfg.depths))
+    # (init, depth, seed): a spectrum point (init, seed) has one row per depth, in order
     stats = {
-        f"sv2_{c}": _per_seed(spec, inits, sdepths, spec_cfg.seeds, c)
+        f"sv2_{c}": np.swapaxes(spec_run.array(c, ("init", "seed"), rows=True), 1, 2)
         for c in ("mean", "var", "max")
     }
     tdepth = np.unique(np.geomspace(1, max(sdepths), 20).round().astype(int))
     th = theory(spec_cfg.activation, spec_cfg.q_star, inits, tdepth)
-    tdepths = list(train_cfg.depths)
     return {
         "inits": np.asarray(inits),
         "spectrum_depth": np.asarray(sdepths),
         **stats,
         "theory_depth": tdepth,
         **th,
-        "train_depth": np.asarray(tdepths),
-        "train_accuracy": _per_seed(trained, inits, tdepths, train_cfg.seeds, "train_accuracy"),
-        "eval_accuracy": _per_seed(trained, inits, tdepths, train_cfg.seeds, "eval_accuracy"),
+        "train_depth": np.asarray(train_cfg.depths),
+        "train_accuracy": train_run.array("train_accuracy", ("init", "depth", "seed")),
+        "eval_accuracy": train_run.array("eval_accuracy", ("init", "depth", "seed")),
         "q_star": np.asarray(spec_cfg.q_star),
         "channels": np.asarray([spec_cfg.channels, train_cfg.channels]),
         "spectrum_size": np.asarray(spec_cfg.size),

@@ -99,34 +99,39 @@ def _theory(cfg, pos: str, alpha: str) -> np.ndarray:
     return np.stack([np.asarray(vals[s], np.float64) for s in STATS])
 
 
-def compute(preset, overrides, store) -> dict:
-    run = harness.stored_run(
-        "transformer_signal", preset, overrides, store, progress=core.progress_enabled()
-    )
-    cfg, t = run.config, run.table
-    P, A, L, S = len(cfg.norm_positions), len(cfg.alphas), cfg.depth, cfg.seeds
-    meas = np.full((P, A, len(STATS), S, L), np.nan)
-    blown = np.zeros((P, A, S), bool)
-    ip = {p: i for i, p in enumerate(cfg.norm_positions)}
-    ia = {a: i for i, a in enumerate(cfg.alphas)}
-    for k in range(len(t["block"])):
-        i, j = ip[str(t["norm_position"][k])], ia[str(t["alpha"][k])]
-        s, b = int(t["seed"][k]), int(t["block"][k]) - 1
-        row = {
-            "collapse": 1.0 - float(t["cosine"][k]),
-            "norm": t["norm"][k],
-            "jacobian_sq": t["jacobian_sq"][k],
-            "update": cfg.depth * float(t["update"][k]),
-            "qk_value": float(t["grad_query"][k]) / float(t["grad_value"][k]),
-            "grad_value": t["grad_value"][k],
-        }
-        # float32 overflows near 1e38: statistics of a stream past 1e30 are not measurements,
-        # nor are the gradients of a network whose stream got there (see blown below)
-        ok = np.isfinite(float(t["norm"][k])) and float(t["norm"][k]) < 1e30
-        meas[i, j, :, s, b] = [float(row[x]) if ok else np.nan for x in STATS]
-        blown[i, j, s] |= not ok
+def measured_stats(run: harness.StoredRun, depth: int) -> np.ndarray:
+    """``(P, A, len(STATS), S, L)``: each statistic of :data:`STATS` per (norm position,
+    alpha, seed, block) from the run's table; NaN where the stream passed ``1e30``.
+
+    float32 overflows near 1e38: statistics of a stream past 1e30 are not
+    measurements, nor are the gradients of a network whose stream got there.
+    """
+    axes = ("norm_position", "alpha", "seed")
+    col = {c: run.array(c, axes, rows=True).astype(float) for c in (
+        "cosine", "norm", "jacobian_sq", "update", "grad_query", "grad_value")}  # fmt: skip
+    row = {
+        "collapse": 1.0 - col["cosine"],
+        "norm": col["norm"],
+        "jacobian_sq": col["jacobian_sq"],
+        "update": depth * col["update"],
+        "qk_value": col["grad_query"] / col["grad_value"],
+        "grad_value": col["grad_value"],
+    }
+    ok = np.isfinite(col["norm"]) & (col["norm"] < 1e30)
+    meas = np.stack([np.where(ok, row[x], np.nan) for x in STATS], axis=2)
+    blown = ~ok.all(axis=-1)  # (P, A, S)
     for x in ("qk_value", "grad_value"):
         meas[:, :, STATS.index(x)][blown] = np.nan
+    return meas
+
+
+def compute(preset, overrides, store) -> dict:
+    run = harness.stored_run(
+        transformer_signal.EXPERIMENT, preset, overrides, store, progress=core.progress_enabled()
+    )
+    cfg, L = run.config, run.config.depth
+    with np.errstate(divide="ignore", invalid="ignore"):
+        meas = measured_stats(run, cfg.depth)
     theory = np.stack(
         [np.stack([_theory(cfg, p, a) for a in cfg.alphas]) for p in cfg.norm_positions]
     )

@@ -57,16 +57,15 @@ COLORS = {
 
 
 def compute(preset, overrides, store) -> dict:
-    run = harness.stored_run("shaping", preset, overrides, store, progress=core.progress_enabled())
-    cfg, t = run.config, run.table
-    depths = np.asarray(sorted(set(cfg.depths)), int)
-    acc = np.full((len(cfg.variants), depths.size), np.nan)
-    div = np.zeros_like(acc)
-    for i, v in enumerate(cfg.variants):
-        for j, d in enumerate(depths):
-            m = (t["variant"] == v) & (t["depth"] == d)
-            acc[i, j] = np.mean(np.asarray(t["eval_accuracy"], float)[m])
-            div[i, j] = np.mean([str(x).lower() == "true" for x in t["diverged"][m]])
+    run = harness.stored_run(
+        shaping.EXPERIMENT, preset, overrides, store, progress=core.progress_enabled()
+    )
+    cfg = run.config
+    # (variant, depth): means over seeds, on the sorted distinct depths
+    depths, k = np.unique(run.coords("depth"), return_index=True)
+    axes = ("variant", "depth", "seed")
+    acc = run.array("eval_accuracy", axes).astype(float).mean(axis=-1)[:, k]
+    div = run.array("diverged", axes).mean(axis=-1)[:, k]  # the fraction of runs stopped
     th = shaping.theory(cfg, int(depths[-1]))
     drawn = [v for v in cfg.variants if v in th]
     return {
@@ -91,7 +90,8 @@ def plot(data, params):
     depth = np.asarray(data["depth"])
     for v, acc, div in zip(data["variants"], data["eval_accuracy"], data["diverged"], strict=True):
         v = str(v)
-        ax.plot(depth, acc, "o-", color=COLORS[v], label=LABELS[v])
+        last = f": {acc[-1]:.2f} at $L = {depth[-1]}$" if np.isfinite(acc[-1]) else ""
+        ax.plot(depth, acc, "o-", color=COLORS[v], label=LABELS[v] + last)
         bad = np.asarray(div) > 0
         if bad.any():
             ax.plot(depth[bad], np.asarray(acc)[bad], "x", color="black", ms=9, mew=2)

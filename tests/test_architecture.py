@@ -10,6 +10,11 @@
   package ``__init__`` importing its own submodules (to re-export them) is no
   cycle with them.
 * No function (or method) in ``isometry/`` is longer than 80 lines.
+* Modules are imported by name (``importlib``) only where they are discovered:
+  experiments in ``isometry.experiments``, figures in
+  ``isometry.paper_figures.core``, a user's model in ``isometry.probe``; and
+  the experiment harness imports no experiment (a figure hands it the one it
+  runs).
 """
 
 from __future__ import annotations
@@ -245,3 +250,29 @@ RULES = {
 def test_whole_tree(rule):
     found = RULES[rule]()
     assert not found, f"{rule}:\n" + "\n".join(found)
+
+
+IMPORT_BY_NAME = {"isometry.experiments", "isometry.paper_figures.core", "isometry.probe"}
+"""The modules that may import modules by name: where experiments, figures and a user's model
+factory are discovered."""
+
+
+def _uses_importlib(tree: ast.Module) -> bool:
+    """Whether ``tree`` imports ``importlib`` (or a submodule of it) anywhere."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        else:
+            continue
+        if any(n.partition(".")[0] == "importlib" for n in names):
+            return True
+    return False
+
+
+def test_modules_are_imported_by_name_only_where_they_are_discovered():
+    found = sorted(m for m, (_, tree) in SOURCES.items() if _uses_importlib(tree))
+    assert set(found) <= IMPORT_BY_NAME, found
+    harness = _imports("isometry.experiments.harness", SOURCES["isometry.experiments.harness"][1])
+    assert not {m for m in harness if m.startswith("isometry.experiments")}, harness

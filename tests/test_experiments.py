@@ -6,13 +6,15 @@ under ``-m slow``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from isometry import cli, experiments, sweep
-from isometry.experiments import transformer_trainability
+from isometry.experiments import harness, transformer_trainability
 
 TINY = {
     "spectra": ["activations=tanh", "q_stars=0.25", "depths=1,3", "width=16", "seeds=2"],
@@ -284,3 +286,90 @@ def test_gradients_stored_numbers_are_those_of_measure_function(tmp_path):
         rows = t["init"] == init
         for k in ("grad_preact_sq", "grad_weight_sq", "q"):
             np.testing.assert_allclose(t[k][rows], out[k], rtol=1e-6, err_msg=f"{init} {k}")
+
+
+# --------------------------------------------------------------------------- #
+# Reading a run back on its grid (harness.stored_run, StoredRun).
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    a: tuple[int, ...] = (1, 2)
+    pairs: tuple[str, ...] = ("p:1", "q:2", "r:3")
+    seeds: int = 2
+    layers: int = 3
+
+
+def _grid(cfg: _Cfg) -> sweep.Grid:
+    names, alphas = zip(*(v.split(":") for v in cfg.pairs), strict=True)
+    return (
+        sweep.product(a=cfg.a)
+        * sweep.zipped(name=names, alpha=alphas)
+        * sweep.product(seed=range(cfg.seeds))
+    )
+
+
+def _row(p, layer):
+    value = 100 * p["a"] + 10 * int(p["alpha"]) + p["seed"] + 0.5 * layer
+    return {"layer": layer, "value": value, "stopped": p["seed"] == 1, "step": None}
+
+
+def _run(cfg, out, *, per_device=4, optimize=True, progress=True):
+    store = sweep.Store(out, "toy", cfg)
+    return sweep.run_partitioned(
+        store,
+        _grid(cfg),
+        lambda p: {"rows": [_row(p, l) for l in range(1, cfg.layers + 1)],
+                   "arrays": {"curve": np.arange(p["a"] + p["seed"], dtype=float)}},
+        progress=progress,
+    )  # fmt: skip
+
+
+TOY = experiments.Experiment(
+    "toy", _Cfg, {"quick": _Cfg(), "full": _Cfg(seeds=3)}, _run, grid=_grid
+)
+
+
+def test_stored_run_reads_typed_arrays_on_the_grid(tmp_path):
+    run = harness.stored_run(TOY, "quick", ["layers=1"], tmp_path / "s")
+    assert run.config == _Cfg(layers=1) and run.grid.shape == (2, 3, 2)
+    assert run.coords("alpha") == ("1", "2", "3") and run.axis("name") == 1
+    v = run.array("value")  # one row per point: the grid's shape
+    assert v.shape == (2, 3, 2) and v.dtype == np.float64
+    assert v[1, 2, 0] == 100 * 2 + 10 * 3 + 0 + 0.5
+    stopped = run.array("stopped")
+    assert stopped.dtype == bool and stopped[..., 1].all() and not stopped[..., 0].any()
+    assert np.isnan(run.array("step")).all()  # None in every record: NaN
+    # axes named by the grid's parameters (a zipped axis by any of its names)
+    w = run.array("value", ("seed", "a", "alpha"))
+    assert w.shape == (2, 2, 3) and w.flags.c_contiguous
+    np.testing.assert_array_equal(w, np.moveaxis(v, 2, 0))
+    with pytest.raises(ValueError, match="axes must name each grid axis once"):
+        run.array("value", ("a", "name", "alpha"))
+    # the points' stored arrays, cut and padded with NaN to one length
+    c = run.stack("curve", 3)
+    assert c.shape == (2, 3, 2, 3)
+    np.testing.assert_array_equal(c[0, 0, 1], [0.0, 1.0, np.nan])
+    np.testing.assert_array_equal(c[1, 1, 1], [0.0, 1.0, 2.0])
+    # the aggregate table, typed
+    assert run.table["stopped"].dtype == bool and len(run.table["value"]) == 12
+
+
+def test_stored_run_rows_per_point(tmp_path):
+    run = harness.stored_run(TOY, "quick", (), tmp_path / "s")
+    with pytest.raises(ValueError, match="several rows each; read 'value' with rows=True"):
+        run.array("value")
+    v = run.array("value", ("seed", "a", "name"), rows=True)  # rows stay last
+    assert v.shape == (2, 2, 3, 3)
+    np.testing.assert_array_equal(v[1, 0, 2], 100 + 30 + 1 + 0.5 * np.arange(1, 4))
+    np.testing.assert_array_equal(run.array("layer", rows=True)[0, 0, 0], [1, 2, 3])
+    # a point without results reads as NaN (a store read before its sweep finished)
+    store = sweep.Store(tmp_path / "s", "toy", run.config)
+    store.path(run.points[0]).unlink()
+    partial = harness.StoredRun.read(store, run.grid)
+    assert np.isnan(partial.array("value", rows=True)[0, 0, 0]).all()
+    assert partial.array("stopped", rows=True).dtype == np.float64  # bool with gaps: 1, 0, NaN
+    # the temporary store (None) is removed after reading; the results stay
+    tmp = harness.stored_run(TOY, "quick", ("seeds=1",))
+    assert tmp.array("value", rows=True).shape == (2, 3, 1, 3) and tmp.arrays(tmp.points[0])

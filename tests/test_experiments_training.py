@@ -206,7 +206,7 @@ def test_trainability_shallow_critical_trains_deep_ordered_does_not(tmp_path, mo
 
 @pytest.mark.slow
 def test_quick_trainability_band_is_bounded_by_six_xi_c(tmp_path):
-    run = harness.stored_run("trainability", "quick", store=tmp_path)
+    run = harness.stored_run(trainability.EXPERIMENT, "quick", store=tmp_path)
     cfg, t = run.config, run.table
     th = trainability.theory(cfg.activation, t["sigma_w2"], cfg.sigma_b2)
     bound, acc = 6 * th["xi_c"], t["train_accuracy"]
@@ -222,7 +222,7 @@ def test_quick_trainability_band_is_bounded_by_six_xi_c(tmp_path):
 
 @pytest.mark.slow
 def test_quick_learning_speed_isometric_network_is_fast_at_every_depth(tmp_path):
-    run = harness.stored_run("learning_speed", "quick", store=tmp_path)
+    run = harness.stored_run(learning_speed.EXPERIMENT, "quick", store=tmp_path)
     t = run.table
     steps = {}
     for s, i, d, v in zip(t["setting"], t["init"], t["depth"], t["steps_to_accuracy"],
@@ -240,9 +240,9 @@ def test_quick_learning_speed_isometric_network_is_fast_at_every_depth(tmp_path)
 
 @pytest.mark.slow
 def test_quick_clipping_every_rule_trains_where_plain_sgd_diverges(tmp_path):
-    run = harness.stored_run("clipping", "quick", store=tmp_path)
+    run = harness.stored_run(clipping.EXPERIMENT, "quick", store=tmp_path)
     t = run.table
-    div = dict(zip(t["clip"], _flags(t["diverged"]), strict=True))
+    div = dict(zip(t["clip"], t["diverged"], strict=True))
     acc = dict(zip(t["clip"], t["eval_accuracy"], strict=True))
     assert div.pop("none")
     assert not any(div.values())

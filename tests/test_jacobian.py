@@ -257,6 +257,25 @@ def test_sphere_inputs_put_the_first_preactivation_at_q_star():
         jac.sphere_inputs(jax.random.key(0), (N,), q, batch_ndim=1)
 
 
+def test_pair_on_sphere_has_the_requested_cosine_and_mean_square():
+    for c0, m in ((0.5, 0.3), (-0.9, 2.0), (1.0, 1.0), (0.0, 1e-3)):
+        x = jac.pair_on_sphere(jax.random.key(4), 64, c0, m)
+        assert x.shape == (2, 64) and x.dtype == jnp.float64
+        np.testing.assert_allclose(jnp.sum(x**2, axis=1) / 64, m, rtol=1e-13)
+        cos = jnp.dot(x[0], x[1]) / jnp.sqrt(jnp.sum(x[0] ** 2) * jnp.sum(x[1] ** 2))
+        assert float(cos) == pytest.approx(c0, abs=1e-13)
+    # traced cosine and mean square (a vmap, as a sweep over sigma_w2 uses it) equal single calls
+    cs, ms = jnp.asarray([0.1, 0.95]), jnp.asarray([0.5, 1.5])
+    many = jax.vmap(lambda c, m: jac.pair_on_sphere(jax.random.key(5), 16, c, m))(cs, ms)
+    for i in range(2):
+        one = jac.pair_on_sphere(jax.random.key(5), 16, float(cs[i]), float(ms[i]))
+        np.testing.assert_allclose(many[i], one, rtol=1e-13, atol=1e-15)
+    # the pair's direction is random: another key, another first input
+    other = jac.pair_on_sphere(jax.random.key(6), 16, 0.1, 0.5)
+    assert not np.allclose(other[0], many[0, 0])
+    assert jac.pair_on_sphere(jax.random.key(4), 8, 0.5, 1.0, dtype="float32").dtype == jnp.float32
+
+
 @pytest.mark.parametrize("weights", ["gaussian", "orthogonal"])
 def test_dense_layer_traced_variances_and_random_layer(weights):
     N = 16

@@ -522,3 +522,49 @@ def test_residual_relu_finite_width_sweep(width, depth, init, alpha):
     """Widths 128..1536, depths 8..32, 8 seeds: each within its seed error."""
     growth, (th_fin, _) = residual_growth(width, depth, 8, 16, init=init, alpha=alpha)
     check_growth(growth, th_fin)
+
+
+# --------------------------------------------------------------------------- #
+# The decay length of a correlation (Schoenholz et al. 2017's measured xi_c).
+# --------------------------------------------------------------------------- #
+
+
+def test_fit_decay_length_recovers_an_exact_exponential():
+    layers = np.arange(1, 101)
+    c = 1.0 - 0.3 * np.exp(-layers / 7.5)
+    np.testing.assert_allclose(signal.fit_decay_length(c, 1.0), 7.5, rtol=1e-9)
+    # any fixed point, from above or below, and batched (..., L) with c* per row
+    c2 = np.stack([0.4 + 0.2 * np.exp(-layers / 3.0), 0.4 - 0.2 * np.exp(-layers / 11.0)])
+    np.testing.assert_allclose(signal.fit_decay_length(c2, [0.4, 0.4]), [3.0, 11.0], rtol=1e-9)
+
+
+def test_fit_decay_length_recovers_a_noisy_exponential():
+    """``log |c^l - c*| = log 0.3 - l / xi + e_l``, ``e_l ~ N(0, s^2)`` i.i.d.: least squares
+    over the ``n`` layers in the window gives a slope of standard deviation
+    ``s / sqrt(S_ll)`` (``S_ll = sum (l - mean l)^2``), so ``xi = -1/slope`` has standard
+    deviation ``xi^2 s / sqrt(S_ll)`` to first order (its bias, ``xi^3 s^2 / S_ll``, is
+    below 1e-4 here). The mean of R fits lies within 4 of its standard errors; the spread
+    of the fits matches the derived one within 20% (R = 400: 3.5 standard errors of a
+    standard deviation)."""
+    rng = np.random.default_rng(0)
+    layers = np.arange(1, 121)
+    xi, s, R = np.array([4.0, 7.5, 12.0]), 0.05, 400
+    e = rng.normal(0.0, s, (R, xi.size, layers.size))
+    c = 1.0 - 0.3 * np.exp(-layers / xi[:, None] + e)
+    fit = signal.fit_decay_length(c, 1.0)
+    assert fit.shape == (R, xi.size) and np.all(np.isfinite(fit))
+    d = 0.3 * np.exp(-layers / xi[:, None])  # the window of the noise-free distance
+    use = (d < 1e-2) & (d > 1e-9)
+    s_ll = np.array([np.sum((layers[u] - layers[u].mean()) ** 2) for u in use])
+    sd = xi**2 * s / np.sqrt(s_ll)
+    np.testing.assert_array_less(np.abs(fit.mean(0) - xi), 4 * sd / np.sqrt(R))
+    np.testing.assert_allclose(fit.std(0, ddof=1), sd, rtol=0.2)
+
+
+def test_fit_decay_length_without_a_decay_is_nan():
+    layers = np.arange(1, 41)
+    few = 1.0 - 0.3 * np.exp(-layers / 0.25)  # 4 layers in the window (1e-9, 1e-2)
+    grows = 1.0 - 1e-8 * np.exp(layers / 5.0)  # moves away from c*
+    c = np.stack([few, grows, np.full(40, np.nan)])
+    assert np.all(np.isnan(signal.fit_decay_length(c, 1.0)))
+    np.testing.assert_allclose(signal.fit_decay_length(few, 1.0, min_layers=4), 0.25)

@@ -52,6 +52,37 @@ def test_grid_product_zip_and_order():
         sweep.product(a=[])
 
 
+def test_grid_shape_axes_and_values():
+    g = sweep.product(a=[1, 2]) * sweep.zipped(s=[0.1, 0.2, 0.3], t=["x", "y", "z"])
+    assert g.shape == (2, 3) and len(g) == 6
+    assert (g.axis("a"), g.axis("s"), g.axis("t")) == (0, 1, 1)
+    assert g.values("t") == ("x", "y", "z") and g.values("a") == (1, 2)
+    # the points in order fill the shape in C order
+    pts = np.asarray([p["s"] for p in g.points()]).reshape(g.shape)
+    np.testing.assert_array_equal(pts, [[0.1, 0.2, 0.3]] * 2)
+    with pytest.raises(KeyError, match="no grid parameter 'b'; parameters: a, s, t"):
+        g.axis("b")
+
+
+def test_typed_column_reads_record_values_without_text():
+    """Values as point records hold them (JSON: NaN as None, infinities as text)."""
+    cases = [
+        ([True, False], np.array([True, False]), bool),
+        ([True, None], np.array([1.0, np.nan]), np.float64),
+        ([3, 4], np.array([3, 4]), np.int64),
+        ([3, None], np.array([3.0, np.nan]), np.float64),
+        ([0.5, "inf", "-inf", None, 2], np.array([0.5, np.inf, -np.inf, np.nan, 2.0]), np.float64),
+        (["a", "bc"], np.array(["a", "bc"]), np.str_),
+    ]
+    for values, want, dtype in cases:
+        got = sweep.typed_column(values)
+        assert got.dtype.type is np.dtype(dtype).type, (values, got.dtype)
+        np.testing.assert_array_equal(got, want)
+    mixed = sweep.typed_column([[1, 2], "x", None])
+    assert mixed.dtype == object and mixed[0] == [1, 2] and mixed[2] is None
+    assert sweep.typed_column([]).shape == (0,)
+
+
 def test_point_id_stable_and_numpy_agnostic():
     p = {"a": 1, "b": 0.5}
     assert sweep.point_id(p) == sweep.point_id({"b": 0.5, "a": 1})
@@ -157,6 +188,28 @@ def test_partitioned_rows_and_arrays(tmp_path):
     t = sweep.load_table(sweep.run_partitioned(store, grid, fn, progress=False))
     assert list(t["depth"]) == [1, 2, 2, 3, 3, 3]
     np.testing.assert_array_equal(store.arrays({"depth": 3})["w"], [0, 1, 2])
+
+
+def test_typed_columns_equal_the_csv_columns(tmp_path):
+    """The point records read typed hold the numbers the aggregate csv holds (a boolean
+    stays a boolean instead of the text ``true``)."""
+    store = sweep.Store(tmp_path / "t", "runs", Cfg())
+    grid = sweep.product(k=[0, 1, 2])
+
+    def fn(p):
+        k = p["k"]
+        return {"x": 0.1 * k, "n": k, "flag": k == 1, "stop": None if k else 3,
+                "big": float("inf") if k == 2 else 1e300, "name": f"r{k}"}  # fmt: skip
+
+    csv = sweep.load_table(sweep.run_partitioned(store, grid, fn, progress=False))
+    rows = [{**p, **store.read(p)["rows"][0]} for p in grid.points()]
+    for col in ("k", "x", "n", "stop", "big"):
+        typed = sweep.typed_column([r[col] for r in rows])
+        assert typed.dtype == csv[col].dtype
+        np.testing.assert_array_equal(typed, csv[col])
+    np.testing.assert_array_equal(sweep.typed_column([r["flag"] for r in rows]), [0, 1, 0])
+    assert list(csv["flag"]) == ["false", "true", "false"]  # the csv's text
+    assert list(sweep.typed_column([r["name"] for r in rows])) == list(csv["name"])
 
 
 def test_progress_line():

@@ -32,7 +32,9 @@ Every file is written atomically (:mod:`isometry.atomic`); a point counts as
 finished when its ``.json`` exists and verifies (it holds the SHA-256 of its own
 content and of its ``.npz``); a damaged point is named and computed again.
 :func:`load_table` reads ``results.csv`` into columns
-(``pandas.DataFrame(load_table(path))`` if pandas is at hand).
+(``pandas.DataFrame(load_table(path))`` if pandas is at hand);
+:func:`typed_column` turns the values of one column of the point records
+(:meth:`Store.read`) into one typed array without the text round trip.
 
 Several hosts: call :func:`initialize` first (``jax.distributed``; SLURM and
 Open MPI are detected, or pass ``coordinator_address``, ``num_processes``,
@@ -92,7 +94,7 @@ from isometry.sweep.overrides import apply_overrides, parse_overrides
 from isometry.sweep.progress import Progress
 from isometry.sweep.run import compiler_options, map_sharded, run_partitioned, run_vectorized
 from isometry.sweep.store import STORE_FORMAT as STORE_FORMAT
-from isometry.sweep.store import ConfigMismatchError, Store, load_table
+from isometry.sweep.store import ConfigMismatchError, Store, load_table, typed_column
 
 __all__ = [
     "ConfigMismatchError",
@@ -112,5 +114,6 @@ __all__ = [
     "product",
     "run_partitioned",
     "run_vectorized",
+    "typed_column",
     "zipped",
 ]

@@ -86,6 +86,26 @@ class Grid:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.points())
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One axis per block (a zipped block is one axis), its length: :meth:`points` in C
+        order fill an array of this shape."""
+        return tuple(len(rows) for _, rows in self.blocks)
+
+    def axis(self, name: str) -> int:
+        """The axis of parameter ``name`` (its block's position); ``KeyError`` naming the
+        parameters otherwise."""
+        for i, (names, _) in enumerate(self.blocks):
+            if name in names:
+                return i
+        raise KeyError(f"no grid parameter {name!r}; parameters: {', '.join(self.names)}")
+
+    def values(self, name: str) -> tuple:
+        """The values of parameter ``name`` along its axis (:meth:`axis`), in grid order."""
+        names, rows = self.blocks[self.axis(name)]
+        k = names.index(name)
+        return tuple(row[k] for row in rows)
+
 
 def product(**axes: Iterable) -> Grid:
     """The product grid of parameter lists: ``product(a=[1, 2], b=[3, 4])`` has 4 points."""

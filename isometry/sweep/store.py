@@ -2,7 +2,8 @@
 
 See the package docstring (:mod:`isometry.sweep`) for the layout. A
 :class:`Store` refuses a directory holding another study or configuration
-(:class:`ConfigMismatchError`); :func:`load_table` reads the aggregate csv.
+(:class:`ConfigMismatchError`); :func:`load_table` reads the aggregate csv,
+:func:`typed_column` a column of the point records as one typed array.
 
 Each point's ``.json`` carries the SHA-256 of its own content and of its
 ``.npz``; a point counts as finished only when both verify
@@ -30,7 +31,7 @@ import numpy as np
 from isometry import atomic
 from isometry.sweep.grid import config_dict, fingerprint, plain_value, point_id
 
-__all__ = ["STORE_FORMAT", "ConfigMismatchError", "Store", "load_table"]
+__all__ = ["STORE_FORMAT", "ConfigMismatchError", "Store", "load_table", "typed_column"]
 
 STORE_FORMAT = 1
 
@@ -266,6 +267,49 @@ def _column(values: list[str]) -> np.ndarray:
         except (ValueError, TypeError):
             continue
     return np.asarray(values, dtype=object)
+
+
+_NON_FINITE = {"inf": np.inf, "-inf": -np.inf, "nan": np.nan}
+"""Text that :func:`isometry.atomic.jsonable` writes for non-finite floats (NaN is ``None``)."""
+
+
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def typed_column(values: Sequence) -> np.ndarray:
+    """One column of point-record values (``None`` where a row has none) as a typed array.
+
+    The values as :meth:`Store.read` gives them (JSON: non-finite floats are
+    ``"inf"``, ``"-inf"`` or ``None``), shape ``(n,)``:
+
+    * only booleans: ``bool``;
+    * only integers: ``int64``;
+    * numbers with ``None`` or non-finite text: ``float64`` (``None`` is NaN);
+    * booleans with ``None``: ``float64`` (1, 0, NaN);
+    * only text: ``str``; anything else (lists, mixtures): ``object``.
+
+    The same numbers :func:`load_table` reads from the csv, without the text
+    round trip (a boolean stays a boolean).
+    """
+    vals = list(values)
+    present = [v for v in vals if v is not None]
+    if present and all(isinstance(v, bool) for v in present):
+        if len(present) == len(vals):
+            return np.asarray(vals, dtype=bool)
+        return np.asarray([np.nan if v is None else float(v) for v in vals])
+    numeric = [v for v in present if not (isinstance(v, str) and v in _NON_FINITE)]
+    if all(_number(v) for v in numeric):
+        if vals and len(numeric) == len(vals) and all(isinstance(v, int) for v in numeric):
+            return np.asarray(vals, dtype=np.int64)
+        floats = [np.nan if v is None else _NON_FINITE.get(v, v) if isinstance(v, str) else v
+                  for v in vals]  # fmt: skip
+        return np.asarray(floats, dtype=np.float64)
+    if all(isinstance(v, str) for v in vals):
+        return np.asarray(vals, dtype=str)
+    out = np.empty(len(vals), dtype=object)
+    out[:] = vals
+    return out
 
 
 def load_table(path: str | os.PathLike) -> dict[str, np.ndarray]:
