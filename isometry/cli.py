@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 __all__ = ["main"]
@@ -278,52 +279,26 @@ def _measure_spectra(args, net, depths):
     return lam, eps
 
 
-def _spectrum_theory(act, weights, q, sw, sb, depths, pooled, eps, method, points):
-    """The free-probability law per depth beside the pooled measurement ``(K, M)``.
+def _spectrum_theory(args, resolved, depths, pooled, eps):
+    """:func:`isometry.spectra.compare_to_laws` of the pooled measurement ``(K, M)``; its
+    warnings (``q*`` off the length fixed point) printed as they come."""
+    from isometry import spectra
 
-    Returns the per-depth records (:func:`_theory_entry`) and the floor they share.
-    """
-    from isometry import freeprob, meanfield, spectra
-
-    q_next = float(meanfield.q_map(act, q, sw, sb))
-    if abs(q_next - q) > 1e-4 * q:  # float32 q-map: ~1e-6
-        print(
-            f"[spectrum] warning: q*={q:.6g} is not the length fixed point of "
-            f"(sigma_w2, sigma_b2) (the q-map gives {q_next:.6g}); the theory assumes "
-            "q^l = q* at every layer",
-            flush=True,
-        )
+    act, init, sw, sb, q = resolved
     t1 = time.perf_counter()
-    edge = max(float(freeprob.max_eigenvalue(act, q, d, weights, sw)) for d in depths)
-    floor = spectra.resolution_floor(eps, method, max(float(pooled.max()), edge))
-    theory = []
-    for d, lam in zip(depths, pooled, strict=True):
-        law = freeprob.sample_spectral_law(act, q, d, weights, lam, floor, sw, points=points)
-        # Measured values within 1e-6 (relative, in s) of an atom count as it.
-        dist = spectra.distance_to_law(lam, law, atom_window=2e-6)
-        theory.append(_theory_entry(law, dist, freeprob.jacobian_moments(act, q, d, weights, sw)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = _print_warning
+        comparison = spectra.compare_to_laws(
+            act, init.ensemble, q, sw, sb, depths, pooled, eps, method=args.method,
+            points=args.theory_points,
+        )  # fmt: skip
     print(f"[spectrum] theory in {time.perf_counter() - t1:.2f} s", flush=True)
-    return theory, floor
+    return comparison
 
 
-def _theory_entry(law, dist, moments) -> dict:
-    """One depth's record: the law in the singular values ``s``, its distance to the sample."""
-    s, density, atoms = law.in_singular_values()
-    return {
-        "s": s,
-        "density": density,
-        "atom_at_zero": law.atom_at_zero,
-        "atom_locations": atoms,
-        "atom_masses": law.atom_masses,
-        "edge": law.edge,
-        "floor": law.floor,
-        "cdf": law.cdf(law.grid),
-        "ks": dist.ks,
-        "below_floor": dist.below_floor,
-        "measured_below_floor": dist.measured_below_floor,
-        "mean": float(moments.mean),
-        "var": float(moments.variance),
-    }
+def _print_warning(message, *_, **__) -> None:
+    print(f"[spectrum] warning: {message}", flush=True)
 
 
 def _run_spectrum(args) -> int:
@@ -338,7 +313,7 @@ def _run_spectrum(args) -> int:
         activation=args.activation, weights=args.init, sigma_w2=args.sigma_w2,
         sigma_b2=args.sigma_b2, q_star=args.q_star, width=args.width, depth=max(args.depths),
     )  # fmt: skip
-    act, init, sw, sb, q = net.resolved()
+    act, init, sw, sb, q = resolved = net.resolved()
     print(
         f"[spectrum] {act.name}, {init.name} weights, sigma_w2={sw:.6g}, sigma_b2={sb:.6g}, "
         f"q*={q:.6g}, width {args.width}, depths {depths}, {args.seeds} seeds ...",
@@ -349,10 +324,9 @@ def _run_spectrum(args) -> int:
     pooled = np.moveaxis(lam, 2, 0).reshape(len(depths), -1)
     theory, arrays, record = None, {}, {}
     if args.theory:
-        theory, floor = _spectrum_theory(
-            act, init.ensemble, q, sw, sb, depths, pooled, eps, args.method, args.theory_points
-        )
-        arrays, record = _theory_records(theory)
+        comparison = _spectrum_theory(args, resolved, depths, pooled, eps)
+        theory, floor = [law.as_dict() for law in comparison.laws], comparison.floor
+        arrays, record = comparison.as_arrays(), comparison.as_record()
     stats = {k: np.asarray(v).tolist() for k, v in spectra.summary(pooled).items()}
     hists = [spectra.histogram_density(np.sqrt(p), bins=80) for p in pooled]
     meta = {"activation": act.name, "init": init.name, "sigma_w2": sw, "sigma_b2": sb,
@@ -398,52 +372,6 @@ def _print_spectrum(depths, stats, theory, paths) -> None:
         )
     for p in paths:
         print(f"[spectrum] wrote {p}")
-
-
-def _theory_records(theory):
-    """The theory per depth as npz arrays (padded with NaN) and a json record."""
-    import numpy as np
-
-    K = len(theory)
-    G = max(th["s"].size for th in theory)
-    A = max(1, max(th["atom_locations"].size for th in theory))
-    pad = np.full((K, G), np.nan)
-    s, dens, cdf = pad.copy(), pad.copy(), pad.copy()
-    locs, masses = np.full((K, A), np.nan), np.full((K, A), np.nan)
-    for i, th in enumerate(theory):
-        s[i, : th["s"].size] = th["s"]
-        dens[i, : th["s"].size] = th["density"]
-        cdf[i, : th["s"].size] = th["cdf"]
-        locs[i, : th["atom_locations"].size] = th["atom_locations"]
-        masses[i, : th["atom_masses"].size] = th["atom_masses"]
-    scalars = (
-        "ks", "atom_at_zero", "below_floor", "measured_below_floor", "floor", "edge", "mean", "var"
-    )  # fmt: skip
-    arrays = {
-        "theory_s": s,
-        "theory_density": dens,
-        "theory_cdf": cdf,
-        "theory_atom_locations": locs,
-        "theory_atom_masses": masses,
-        **{f"theory_{k}": np.asarray([th[k] for th in theory]) for k in scalars},
-    }
-    record = {
-        "theory": {
-            "distance": "Kolmogorov-Smirnov, sup |F_measured - F_theory| over s^2 >= floor "
-            "(the mass below the floor compared as one number)",
-            "per_depth": [
-                {
-                    **{k: float(th[k]) for k in scalars},
-                    "atoms": [
-                        [float(a), float(m)]
-                        for a, m in zip(th["atom_locations"], th["atom_masses"], strict=True)
-                    ],
-                }
-                for th in theory
-            ],
-        }
-    }
-    return arrays, record
 
 
 # ------------------------------------------------------------------------------ train
