@@ -47,7 +47,7 @@ def test_spectrum_theory_outputs(tmp_path, capsys):
 def test_spectrum_theory_points_validated(tmp_path, capsys):
     args = ["spectrum", "--theory", "--theory-points", "2", "--out", str(tmp_path)]
     assert cli.main(args) == 2
-    assert "theory-points must be >= 8" in capsys.readouterr().err
+    assert "--theory-points: must be >= 8, got 2" in capsys.readouterr().err
 
 
 def test_spectrum_without_theory(tmp_path, capsys):
