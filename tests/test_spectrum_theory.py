@@ -70,8 +70,8 @@ def test_spectrum_without_theory(tmp_path, capsys):
 # Hard-tanh, orthogonal weights, q* = 0.25 at its critical point (sigma_w2, sigma_b2).
 _HARD_TANH = ("hard_tanh", "orthogonal", 0.25, 1.0476692262714444, 0.008895447841074811)
 # What the command computed for `_sample()` before the comparison moved into the library
-# (isometry.cli at 9698db7, its _spectrum_theory with 40 theory points, float64, XLA's
-# default optimization). Both are bitwise equal at either optimization level; the levels
+# (the command's own _spectrum_theory, with 40 theory points, float64, XLA's
+# default optimization). Old and new code are bitwise equal at either optimization level; levels
 # differ by about 1e-9 (relative) in the law's grid and its KS distance, hence rel=1e-7.
 _BEFORE = {
     "floor": 5.939873558764492e-26,
