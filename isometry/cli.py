@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 __all__ = ["main"]
 
@@ -26,13 +29,27 @@ def _ints(text: str) -> list[int]:
         ) from err
 
 
-def _grid(text: str) -> tuple[float, float, int]:
-    """``lo:hi:n`` -> an inclusive linear grid."""
+class _Grid(NamedTuple):
+    """An inclusive linear grid ``lo:hi:n`` (``np.linspace(lo, hi, n)``), shown as typed."""
+
+    lo: float
+    hi: float
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.lo:g}:{self.hi:g}:{self.n}"
+
+
+def _grid(text: str) -> _Grid:
+    """``lo:hi:n`` -> an inclusive linear grid of ``n >= 1`` points."""
     try:
         lo, hi, n = text.split(":")
-        return float(lo), float(hi), int(n)
+        grid = _Grid(float(lo), float(hi), int(n))
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected LO:HI:N, got {text!r}") from err
+    if grid.n < 1:
+        raise argparse.ArgumentTypeError(f"expected LO:HI:N with N >= 1 points, got {text!r}")
+    return grid
 
 
 def _x64(args) -> None:
@@ -40,6 +57,50 @@ def _x64(args) -> None:
 
     if getattr(args, "x64", False):
         jax.config.update("jax_enable_x64", True)
+
+
+class _UsageError(Exception):
+    """A command line that does not parse: printed as one line, exit code 2 (:func:`main`)."""
+
+
+def _shown_default(value) -> str | None:
+    """A flag's default as it would be typed (``0.5:5:181``, ``2,8,32,128``), or None for
+    none (None, False, an empty list)."""
+    if value is None or value is False or value == [] or value is argparse.SUPPRESS:
+        return None
+    if isinstance(value, list | tuple) and not isinstance(value, _Grid):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+class _Parser(argparse.ArgumentParser):
+    """The command's parsers: no prefix abbreviations (``--sigma-w`` is not taken for
+    ``--sigma-w2``), every flag's default in ``--help``, usage errors raised as
+    :class:`_UsageError`. Records ``flag_of`` (destination -> flag) and ``commands``
+    (subcommand -> parser; subcommands' parsers are ``_Parser`` too)."""
+
+    def __init__(self, *args, **kwargs):
+        self.flag_of: dict[str, str] = {}
+        self.commands: dict[str, _Parser] = {}
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.option_strings:
+            self.flag_of.setdefault(action.dest, action.option_strings[-1])
+            shown = _shown_default(action.default)
+            if shown is not None and "%(default)" not in (action.help or ""):
+                shown = shown.replace("%", "%%")
+                action.help = f"{action.help or ''} (default: {shown})".lstrip()
+        return action
+
+    def add_subparsers(self, **kwargs):
+        action = super().add_subparsers(**kwargs)
+        self.commands = action.choices
+        return action
+
+    def error(self, message):
+        raise _UsageError(f"{self.prog}: error: {message}")
 
 
 # ----------------------------------------------------------------------------- info
@@ -71,9 +132,9 @@ def _add_phase_diagram(sub):
         "phase-diagram",
         help="order-to-chaos phase diagram (chi1, q*, c*, xi_q, xi_c) with the critical line",
     )
-    p.add_argument("--activation", default="tanh", help="activation name (default tanh)")
-    p.add_argument("--sigma-w2", type=_grid, default=(0.5, 5.0, 181), metavar="LO:HI:N")
-    p.add_argument("--sigma-b2", type=_grid, default=(0.0, 2.0, 81), metavar="LO:HI:N")
+    p.add_argument("--activation", default="tanh", help="activation name")
+    p.add_argument("--sigma-w2", type=_grid, default=_Grid(0.5, 5.0, 181), metavar="LO:HI:N")
+    p.add_argument("--sigma-b2", type=_grid, default=_Grid(0.0, 2.0, 81), metavar="LO:HI:N")
     p.add_argument("--out", type=Path, default=Path("results/phase_diagram"))
     p.add_argument("--x64", action="store_true", help="float64 (slower, 1e-11 accurate)")
     p.set_defaults(run=_run_phase_diagram)
@@ -86,8 +147,8 @@ def _run_phase_diagram(args) -> int:
     from isometry import activations, atomic, meanfield, plotting
 
     act = activations.get(args.activation)
-    sw = np.linspace(*args.sigma_w2[:2], args.sigma_w2[2])
-    sb = np.linspace(*args.sigma_b2[:2], args.sigma_b2[2])
+    sw = np.linspace(*args.sigma_w2)
+    sb = np.linspace(*args.sigma_b2)
     print(f"[phase-diagram] {act.name}: {sw.size} x {sb.size} grid ...", flush=True)
     t0 = time.perf_counter()
     d = meanfield.phase_diagram(act, sw, sb)
@@ -227,7 +288,7 @@ def _add_spectrum(sub):
         "spectrum",
         help="empirical Jacobian singular-value densities of random deep networks, per depth",
     )
-    p.add_argument("--activation", default="tanh", help="activation name (default tanh)")
+    p.add_argument("--activation", default="tanh", help="activation name")
     p.add_argument("--init", default="orthogonal", help="gaussian, orthogonal, he, xavier, ...")
     p.add_argument("--q-star", type=float, default=None, help="critical point for this q*")
     p.add_argument("--sigma-w2", type=float, default=None, help="for gaussian/orthogonal init")
@@ -253,11 +314,11 @@ def _add_spectrum(sub):
 
 def _check_spectrum_args(args) -> None:
     if not args.depths:
-        raise ValueError("depths must list at least one depth")
+        raise ValueError("--depths: must list at least one depth")
     if min(args.depths) < 1:
-        raise ValueError(f"depths must be >= 1, got {args.depths}")
+        raise ValueError(f"--depths: must be >= 1, got {args.depths}")
     if args.theory_points < 8:
-        raise ValueError(f"theory-points must be >= 8, got {args.theory_points}")
+        raise ValueError(f"--theory-points: must be >= 8, got {args.theory_points}")
 
 
 def _measure_spectra(args, net, depths):
@@ -278,52 +339,26 @@ def _measure_spectra(args, net, depths):
     return lam, eps
 
 
-def _spectrum_theory(act, weights, q, sw, sb, depths, pooled, eps, method, points):
-    """The free-probability law per depth beside the pooled measurement ``(K, M)``.
+def _spectrum_theory(args, resolved, depths, pooled, eps):
+    """:func:`isometry.spectra.compare_to_laws` of the pooled measurement ``(K, M)``; its
+    warnings (``q*`` off the length fixed point) printed as they come."""
+    from isometry import spectra
 
-    Returns the per-depth records (:func:`_theory_entry`) and the floor they share.
-    """
-    from isometry import freeprob, meanfield, spectra
-
-    q_next = float(meanfield.q_map(act, q, sw, sb))
-    if abs(q_next - q) > 1e-4 * q:  # float32 q-map: ~1e-6
-        print(
-            f"[spectrum] warning: q*={q:.6g} is not the length fixed point of "
-            f"(sigma_w2, sigma_b2) (the q-map gives {q_next:.6g}); the theory assumes "
-            "q^l = q* at every layer",
-            flush=True,
-        )
+    act, init, sw, sb, q = resolved
     t1 = time.perf_counter()
-    edge = max(float(freeprob.max_eigenvalue(act, q, d, weights, sw)) for d in depths)
-    floor = spectra.resolution_floor(eps, method, max(float(pooled.max()), edge))
-    theory = []
-    for d, lam in zip(depths, pooled, strict=True):
-        law = freeprob.sample_spectral_law(act, q, d, weights, lam, floor, sw, points=points)
-        # Measured values within 1e-6 (relative, in s) of an atom count as it.
-        dist = spectra.distance_to_law(lam, law, atom_window=2e-6)
-        theory.append(_theory_entry(law, dist, freeprob.jacobian_moments(act, q, d, weights, sw)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = _print_warning
+        comparison = spectra.compare_to_laws(
+            act, init.ensemble, q, sw, sb, depths, pooled, eps, method=args.method,
+            points=args.theory_points,
+        )  # fmt: skip
     print(f"[spectrum] theory in {time.perf_counter() - t1:.2f} s", flush=True)
-    return theory, floor
+    return comparison
 
 
-def _theory_entry(law, dist, moments) -> dict:
-    """One depth's record: the law in the singular values ``s``, its distance to the sample."""
-    s, density, atoms = law.in_singular_values()
-    return {
-        "s": s,
-        "density": density,
-        "atom_at_zero": law.atom_at_zero,
-        "atom_locations": atoms,
-        "atom_masses": law.atom_masses,
-        "edge": law.edge,
-        "floor": law.floor,
-        "cdf": law.cdf(law.grid),
-        "ks": dist.ks,
-        "below_floor": dist.below_floor,
-        "measured_below_floor": dist.measured_below_floor,
-        "mean": float(moments.mean),
-        "var": float(moments.variance),
-    }
+def _print_warning(message, *_, **__) -> None:
+    print(f"[spectrum] warning: {message}", flush=True)
 
 
 def _run_spectrum(args) -> int:
@@ -338,7 +373,7 @@ def _run_spectrum(args) -> int:
         activation=args.activation, weights=args.init, sigma_w2=args.sigma_w2,
         sigma_b2=args.sigma_b2, q_star=args.q_star, width=args.width, depth=max(args.depths),
     )  # fmt: skip
-    act, init, sw, sb, q = net.resolved()
+    act, init, sw, sb, q = resolved = net.resolved()
     print(
         f"[spectrum] {act.name}, {init.name} weights, sigma_w2={sw:.6g}, sigma_b2={sb:.6g}, "
         f"q*={q:.6g}, width {args.width}, depths {depths}, {args.seeds} seeds ...",
@@ -349,10 +384,9 @@ def _run_spectrum(args) -> int:
     pooled = np.moveaxis(lam, 2, 0).reshape(len(depths), -1)
     theory, arrays, record = None, {}, {}
     if args.theory:
-        theory, floor = _spectrum_theory(
-            act, init.ensemble, q, sw, sb, depths, pooled, eps, args.method, args.theory_points
-        )
-        arrays, record = _theory_records(theory)
+        comparison = _spectrum_theory(args, resolved, depths, pooled, eps)
+        theory, floor = [law.as_dict() for law in comparison.laws], comparison.floor
+        arrays, record = comparison.as_arrays(), comparison.as_record()
     stats = {k: np.asarray(v).tolist() for k, v in spectra.summary(pooled).items()}
     hists = [spectra.histogram_density(np.sqrt(p), bins=80) for p in pooled]
     meta = {"activation": act.name, "init": init.name, "sigma_w2": sw, "sigma_b2": sb,
@@ -398,52 +432,6 @@ def _print_spectrum(depths, stats, theory, paths) -> None:
         )
     for p in paths:
         print(f"[spectrum] wrote {p}")
-
-
-def _theory_records(theory):
-    """The theory per depth as npz arrays (padded with NaN) and a json record."""
-    import numpy as np
-
-    K = len(theory)
-    G = max(th["s"].size for th in theory)
-    A = max(1, max(th["atom_locations"].size for th in theory))
-    pad = np.full((K, G), np.nan)
-    s, dens, cdf = pad.copy(), pad.copy(), pad.copy()
-    locs, masses = np.full((K, A), np.nan), np.full((K, A), np.nan)
-    for i, th in enumerate(theory):
-        s[i, : th["s"].size] = th["s"]
-        dens[i, : th["s"].size] = th["density"]
-        cdf[i, : th["s"].size] = th["cdf"]
-        locs[i, : th["atom_locations"].size] = th["atom_locations"]
-        masses[i, : th["atom_masses"].size] = th["atom_masses"]
-    scalars = (
-        "ks", "atom_at_zero", "below_floor", "measured_below_floor", "floor", "edge", "mean", "var"
-    )  # fmt: skip
-    arrays = {
-        "theory_s": s,
-        "theory_density": dens,
-        "theory_cdf": cdf,
-        "theory_atom_locations": locs,
-        "theory_atom_masses": masses,
-        **{f"theory_{k}": np.asarray([th[k] for th in theory]) for k in scalars},
-    }
-    record = {
-        "theory": {
-            "distance": "Kolmogorov-Smirnov, sup |F_measured - F_theory| over s^2 >= floor "
-            "(the mass below the floor compared as one number)",
-            "per_depth": [
-                {
-                    **{k: float(th[k]) for k in scalars},
-                    "atoms": [
-                        [float(a), float(m)]
-                        for a, m in zip(th["atom_locations"], th["atom_masses"], strict=True)
-                    ],
-                }
-                for th in theory
-            ],
-        }
-    }
-    return arrays, record
 
 
 # ------------------------------------------------------------------------------ train
@@ -586,7 +574,7 @@ def _run_figures(args) -> int:
         core.load_module(n)  # unknown names fail before any work starts
     jobs = core.default_jobs() if args.jobs is None else args.jobs
     if jobs < 1:
-        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+        raise ValueError(f"--jobs: must be >= 1, got {jobs}")
     jobs = min(jobs, len(names))
     t0 = time.perf_counter()
     print(f"[figures] {len(names)} figure(s) at the {args.tier} tier, {jobs} at a time", flush=True)
@@ -629,7 +617,7 @@ def _add_run(sub):
 
 
 def _run_run(args) -> int:
-    from isometry import experiments, sweep
+    from isometry import experiments, sweep, validate
 
     if args.list:
         for name in experiments.names():
@@ -641,6 +629,7 @@ def _run_run(args) -> int:
         return 0
     if not args.experiment:
         raise ValueError("name an experiment (isometry run --list shows them)")
+    validate.positive_int("per_device", args.per_device)  # before any progress is printed
     experiments.config(args.experiment, args.preset, args.overrides)  # bad --set fails first
     pi, pc = sweep.initialize(args.coordinator, args.num_processes, args.process_id)
     out = args.out or Path("results") / args.experiment / args.preset
@@ -724,7 +713,7 @@ COMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="isometry",
         description="Dynamical isometry: mean-field and free-probability theory, measured.",
         epilog="Errors are one line and a non-zero exit code; --debug (or ISOMETRY_DEBUG=1) "
@@ -785,15 +774,71 @@ def _check_out(out) -> None:
         raise PermissionError(13, "--out is not writable", str(out))
 
 
+def _unknown(prog: str, extra: list[str], parsers: list[_Parser]) -> str:
+    """One line naming the unknown flags among ``extra`` (what no parser took), each with
+    the flag of that destination (``--learning-rate``: ``--lr``) or the closest flag of
+    ``parsers`` (difflib) when there is one; else the unexpected arguments."""
+    given = [t.split("=", 1)[0] for t in extra if t.startswith("-") and len(t) > 1]
+    if not given:
+        return f"{prog}: error: unexpected argument(s) {' '.join(extra)} (see {prog} --help)"
+    flag_of = {k: v for p in reversed(parsers) for k, v in p.flag_of.items()}
+    parts = []
+    for flag in dict.fromkeys(given):
+        same = flag_of.get(flag.lstrip("-").replace("-", "_"))
+        close = [same] if same else difflib.get_close_matches(flag, flag_of.values(), 1, 0.75)
+        hint = f"did you mean {close[0]}?" if close else f"see {prog} --help"
+        if close == [flag]:  # a flag of the top-level parser after the command
+            hint = f"{flag} goes before the command"
+        parts.append(f"unknown flag {flag} ({hint})")
+    return f"{prog}: {'; '.join(parts)}"
+
+
+def _parse(parser: _Parser, argv: list[str]):
+    """The parsed arguments; an unknown flag is reported by its subcommand (:func:`_unknown`)."""
+    args, extra = parser.parse_known_args(_join_negative_values(argv))
+    if extra:
+        command = parser.commands.get(args.command)
+        prog = command.prog if command else parser.prog
+        raise _UsageError(_unknown(prog, extra, [command or parser, parser]))
+    return args
+
+
+# Library parameters that a flag of another name sets (other flags set the parameter named
+# like their destination: --width sets width, --lr sets learning_rate).
+_PARAMETER_FLAGS = {
+    "sigma_w2_grid": "sigma_w2",  # meanfield.phase_diagram
+    "sigma_b2_grid": "sigma_b2",
+    "n_seeds": "seeds",  # jacobian.random_network_spectra
+    "n_inputs": "inputs",
+    "points": "theory_points",  # spectra.compare_to_laws
+}
+# "name must ..." or "SomeConfig: name must ..." (isometry.validate's messages).
+_ABOUT_PARAMETER = re.compile(r"(?:[A-Z]\w*: )?([a-z]\w*) (must .*)", re.S)
+
+
+def _in_flags(text: str, command: _Parser | None) -> str:
+    """A library's message about a parameter that a flag sets, as one about the flag:
+    ``sigma_w2_grid must be > 0.0, ...`` -> ``--sigma-w2: must be > 0.0, ...``. (A value
+    read from a ``--config`` file keeps its name: its message starts with the file's.)"""
+    m = _ABOUT_PARAMETER.fullmatch(text)
+    flag = command.flag_of.get(_PARAMETER_FLAGS.get(m[1], m[1])) if m and command else None
+    return f"{flag}: {m[2]}" if flag else text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; an error is one line on stderr and a non-zero exit code.
 
     Exit codes: 0 success, 2 bad arguments or files, 3 a run stopped on NaN/inf,
     130 interrupted. ``--debug`` or ``ISOMETRY_DEBUG=1`` re-raises (traceback).
+    Flags are never abbreviated; an unknown flag is named with the closest valid one.
     """
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(_join_negative_values(argv))
+    try:
+        args = _parse(parser, argv)
+    except _UsageError as err:
+        print(err, file=sys.stderr)
+        return 2
     if not getattr(args, "run", None):
         parser.print_help()
         return 0
@@ -809,7 +854,10 @@ def main(argv: list[str] | None = None) -> int:
     except tuple(e for kinds, _ in _ERRORS for e in kinds) as err:
         if debug:
             raise
-        print(f"isometry {args.command}: error: {_message(err)}", file=sys.stderr)
+        text = _message(err)
+        if isinstance(err, ValueError | TypeError):
+            text = _in_flags(text, parser.commands.get(args.command))
+        print(f"isometry {args.command}: error: {text}", file=sys.stderr)
         return next(code for kinds, code in _ERRORS if isinstance(err, kinds))
 
 

@@ -174,17 +174,45 @@ def ntk(act: Activation | str, x, depth: int, sigma_w2, sigma_b2, **options) -> 
 
 
 def condition_number(kernel) -> Array:
-    """``lambda_max / lambda_min`` of symmetric kernels ``(..., n, n)`` -> ``(...)``.
+    """``kappa = lambda_max / lambda_min`` of symmetric kernels ``(..., n, n)`` -> ``(...)``.
 
-    ``inf`` where the smallest eigenvalue is not positive (a singular kernel, or
-    one whose smallest eigenvalue is below rounding).
+    ``inf`` only for a singular symmetric kernel: where the smallest eigenvalue
+    is not positive (exactly singular, or positive semi-definite with its
+    smallest eigenvalue below rounding). A kernel with NaN or inf entries, or
+    one that is not symmetric (``max |K - K^T| > sqrt(eps) max |K|`` for some
+    matrix, ``eps`` of its dtype: the eigenvalue solver reads one triangle only),
+    raises ``ValueError``; the checks run on concrete values only, so the
+    function stays jittable (under ``jit`` such a kernel gives a meaningless
+    number or ``inf``).
     """
     k = jnp.asarray(kernel)
-    if validate.is_concrete(k) and (k.ndim < 2 or k.shape[-1] != k.shape[-2]):
-        raise ValueError(f"kernel must be (..., n, n), got shape {k.shape}")
+    if validate.is_concrete(k):
+        _check_kernel(k)
     lam = jnp.linalg.eigvalsh(k)
     lo, hi = lam[..., 0], lam[..., -1]
     return jnp.where(lo > 0, hi / jnp.where(lo > 0, lo, 1.0), jnp.inf)
+
+
+def _check_kernel(k) -> None:
+    """A concrete kernel stack ``(..., n, n)``: square, finite, symmetric to ``sqrt(eps)``."""
+    if k.ndim < 2 or k.shape[-1] != k.shape[-2] or k.shape[-1] < 1:
+        raise ValueError(f"kernel must be (..., n, n) with n >= 1, got shape {k.shape}")
+    validate.finite_values("kernel", k)
+    a = np.asarray(k)
+    a = a if np.issubdtype(a.dtype, np.floating) else a.astype(np.float64)
+    tol = float(np.sqrt(np.finfo(a.dtype).eps))
+    asym = np.max(np.abs(a - np.swapaxes(a, -1, -2)), axis=(-2, -1))
+    scale = np.max(np.abs(a), axis=(-2, -1))
+    bad = asym > tol * scale
+    if np.any(bad):
+        i = np.unravel_index(
+            np.argmax(np.where(bad, asym, 0.0) / np.where(bad, scale, 1.0)), bad.shape
+        )
+        raise ValueError(
+            f"kernel must be symmetric: max |K - K^T| = {float(asym[i]):.3g} is above "
+            f"{tol:.2g} x max |K| = {float(scale[i]):.3g}"
+            + (f" (matrix {tuple(int(j) for j in i)})" if i else "")
+        )
 
 
 # --------------------------------------------------------------------------- #

@@ -87,6 +87,7 @@ from isometry.activations import Activation
 __all__ = [
     "DKS_ACTIVATIONS",
     "LOCAL_KEYS",
+    "NORMALIZED_TOLERANCE",
     "TAT_ACTIVATIONS",
     "TOLERANCE",
     "ShapedActivation",
@@ -332,8 +333,8 @@ def local_maps(
 
         Q1 = Q(1) = E[phi(z)^2],  Q_slope = Q'(1) (autodiff of meanfield.q_map_slope),
         mean = E[phi(z)] (C(0) = mean^2 / Q(1)),  C_slope = C'(1) = E[phi'(z)^2] / Q(1),
-        C_curv = C''(1) = E[phi''(z)^2] / Q(1),  Cf0 = C_f(0) (needs ``depth``:
-        meanfield.iterate_c_map ``depth`` times from 0).
+        C_curv = C''(1) = E[phi''(z)^2] / Q(1),  Cf0 = C_f(0) (needs ``depth`` and a
+        normalized activation: :func:`compound_c_map` at 0).
 
     Every expectation is the toolkit's quadrature (:mod:`isometry.gaussian`);
     only the keys asked for are computed (each compiles for a new activation).
@@ -360,16 +361,43 @@ def local_maps(
         return {k: terms[k]() for k in keys}
 
 
+NORMALIZED_TOLERANCE = 1e-6
+"""Largest ``|Q(1) - 1|`` of an activation taken as normalized by :func:`compound_c_map`."""
+
+
 def compound_c_map(act: Activation | str, c, depth: int) -> jax.Array:
     """``C_f(c) = C^L(c)``: :func:`isometry.meanfield.iterate_c_map` of ``depth`` layers at
     ``q = 1``, ``sigma_w2 = 1``, no bias (float64). ``c`` any shape; returns ``c``'s shape.
 
-    For a shaped activation (``Q(1) = 1``) this is the compound C-map of Martens et al. 2021.
+    The compound C-map of Martens et al. 2021 (arXiv 2110.01765, section 3) holds
+    the length at ``q = 1``, so the activation must be normalized, ``Q(1) =
+    E[phi(z)^2] = 1`` (within :data:`NORMALIZED_TOLERANCE`), as the activations
+    of :func:`dks` and :func:`tat` are.
+
+    Raises:
+        ValueError: ``Q(1) != 1`` (an unshaped activation such as ``"tanh"``: its
+            Q-map does not fix 1, the layers' length drifts away from 1 and ``C^L``
+            at ``q = 1`` is not its network's compound map).
     """
+    act = activations.get(act)
     depth = validate.positive_int("depth", depth)
     with jax.enable_x64(True):
+        _check_normalized(act)
         c = jnp.asarray(c, jnp.float64)
         return meanfield.iterate_c_map(act, c, 1.0, 1.0, 0.0, depth)[-1]
+
+
+def _check_normalized(act: Activation) -> None:
+    """``Q(1) = E[phi(z)^2]`` is 1 (where concrete), else a ``ValueError`` saying how to shape."""
+    q1 = gaussian.second_moment(act, jnp.asarray(1.0, jnp.float64))
+    if not validate.is_concrete(q1) or abs(float(q1) - 1.0) <= NORMALIZED_TOLERANCE:
+        return
+    raise ValueError(
+        f"compound_c_map: activation {act.name!r} is not normalized: its Q-map does not fix 1 "
+        f"(Q(1) = E[phi(z)^2] = {float(q1):.6g}), so the compound C-map at q = 1 is not its "
+        f"network's; use a shaped activation, shaping.dks({act.name!r}, depth) or "
+        f"shaping.tat({act.name!r}, depth), or one with E[phi(z)^2] = 1"
+    )
 
 
 def _checked(act: ShapedActivation, transform: Transform, conditions) -> ShapedActivation:

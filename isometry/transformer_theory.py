@@ -76,6 +76,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from isometry import gaussian as gs
@@ -404,10 +405,16 @@ def profile(config: networks.TransformerConfig, G0: Array, seq_len: int, Gamma_L
         seq_len: ``T >= 2``.
         Gamma_L: the gradient Gram ``g_a . g_b`` at the top (default the
             identity: independent unit gradients per token, e.g. a random
-            projection of every token).
+            projection of every token), ``(n, n)``.
 
     Returns:
         a :class:`Profile` (assumptions: the module docstring).
+
+    Raises:
+        ValueError: ``G0`` not square, with NaN/inf entries or a diagonal entry
+            ``<= 0`` (a zero token has no cosine: the profile would be NaN
+            everywhere); ``Gamma_L`` not ``(n, n)`` or not finite. The values are
+            checked where concrete (not under ``jit``).
     """
     if not isinstance(config, networks.TransformerConfig):
         raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
@@ -416,13 +423,32 @@ def profile(config: networks.TransformerConfig, G0: Array, seq_len: int, Gamma_L
         raise ValueError(f"G0 must be a square (n, n) Gram matrix, got shape {G0.shape}")
     n = G0.shape[0]
     seq_len = _check_seq_len(seq_len, n)
+    _check_gram(G0)
     Gamma_L = jnp.eye(n, dtype=G0.dtype) if Gamma_L is None else jnp.asarray(Gamma_L, G0.dtype)
+    if Gamma_L.shape != (n, n):
+        raise ValueError(f"Gamma_L must have the shape of G0 {(n, n)}, got {Gamma_L.shape}")
+    validate.finite_values("Gamma_L", Gamma_L)
     sw, sb = config.variances()
     alpha = config.branch_scale if config.residual else 1.0
     nums = jnp.asarray([sw, sb, alpha, config.value_sigma_w2, config.qk_sigma_w2], G0.dtype)
     pos = config.norm_position
     flags = jnp.asarray([pos == "pre", pos == "post", config.residual])
     return _profile(config.act, config.causal, config.depth, seq_len, G0, Gamma_L, nums, flags)
+
+
+def _check_gram(G0) -> None:
+    """A concrete input Gram is finite with a positive diagonal: ``G0[i, i] = |x_i|^2 / N > 0``."""
+    if not validate.is_concrete(G0):
+        return
+    validate.finite_values("G0", G0)
+    diag = np.diagonal(np.asarray(G0))
+    bad = np.flatnonzero(~(diag > 0))
+    if bad.size:
+        raise ValueError(
+            "G0 must be a Gram matrix with a positive diagonal (every token a nonzero vector), "
+            f"got G0[i, i] = {diag[bad[:4]].tolist()} at i = {bad[:4].tolist()}"
+            + (f" ({bad.size} in all)" if bad.size > 4 else "")
+        )
 
 
 def _profile_recursion(act, causal, depth, seq_len, G0, Gamma_L, nums, flags) -> Profile:

@@ -23,7 +23,7 @@ import pytest
 
 jax.config.update("jax_enable_x64", True)
 
-from isometry import activations, freeprob, gaussian, meanfield  # noqa: E402
+from isometry import activations, freeprob, gaussian, initializers, meanfield  # noqa: E402
 
 # --------------------------------------------------------------------------- #
 # Helpers.
@@ -66,7 +66,7 @@ _FLOOR = 1e-100
 
 def _log_nodes(lo, hi, panels, smooth_ends, breaks=()):
     """Nodes and weights in ``lambda`` for integrating over ``[lo, hi]`` in ``log lambda``."""
-    pts = [np.log(lo), *sorted(np.log(b) for b in breaks if lo < b < hi), np.log(hi)]
+    pts = [np.log(lo), *sorted({np.log(b) for b in breaks if lo < b < hi}), np.log(hi)]
     xs, ws, ids = [], [], []
     span = pts[-1] - pts[0]
     for i, (a, b) in enumerate(itertools.pairwise(pts)):
@@ -122,6 +122,26 @@ def _support_edges(act, q, depth, weights, sigma_w2, lam, dens, scale=None):
     return tuple(out)
 
 
+def _singular_points(act, q, depth, weights, sigma_w2=None):
+    """``(sigma_w2 a)^L`` for the atoms ``a`` of ``d`` (mass ``p_a > 0``), orthogonal weights.
+
+    There ``J J^T`` has an atom of mass ``1 - L (1 - p_a)`` while that is positive; at the
+    threshold ``L (1 - p_a) = 1`` (PReLU, SELU: ``p_a = 1/2`` at ``L = 2``) it has no atom
+    but a density that diverges like ``|lambda - (sigma_w2 a)^L|^(-1/2)`` on one side
+    (measured: ``rho sqrt(lambda - lambda_a) -> 0.431`` for SELU at ``q* = 1/64``, 1.440 and
+    0.090 at the two ends of PReLU's support). The rule must have a break exactly there:
+    a Gauss panel straddling it (SELU: mass 0.978) or a break put near it by the threshold
+    search of :func:`_support_edges` (PReLU: 7e-5 below its lower edge, mass 1.000058)
+    misses the mass of the divergence.
+    """
+    if weights != "orthogonal":
+        return ()
+    if sigma_w2 is None:
+        sigma_w2 = float(initializers.critical_variances(act, q).sigma_w2)
+    law = freeprob.d2_law(act, q)
+    return tuple(float((sigma_w2 * a) ** depth) for a, p in law.atoms if p > 0)
+
+
 def _density_parts(act, q, depth, weights, sigma_w2=None):
     """The continuous part on log grids (top and deep ranges) and the extrapolated tail.
 
@@ -133,7 +153,10 @@ def _density_parts(act, q, depth, weights, sigma_w2=None):
     """
     edge = freeprob.max_eigenvalue(act, q, depth, weights, sigma_w2)
     probe = freeprob.spectral_density(act, q, depth, weights, [edge], sigma_w2)
-    breaks = tuple(np.asarray(probe.atom_locations))
+    breaks = (
+        *np.asarray(probe.atom_locations).tolist(),
+        *_singular_points(act, q, depth, weights, sigma_w2),
+    )
     split, floor = _SPLIT * edge, _FLOOR * edge
     lam_top, w_top, id_top = _log_nodes(split, edge, 100, True, breaks)
     top = freeprob.spectral_density(act, q, depth, weights, lam_top, sigma_w2)
@@ -272,6 +295,9 @@ def test_moments_closed_form_off_criticality():
 _FAST = [
     ("relu", "gaussian", 1.0, 3),
     ("hard_tanh", "orthogonal", 0.25, 8),
+    # L (1 - p_a) = 1: no atom, inverse-square-root divergences at both ends of the support
+    # (:func:`_singular_points`; the catalog's SELU case has one inside the support).
+    ("prelu", "orthogonal", 1 / 64, 2),
 ]
 # Smooth laws with orthogonal weights reach the bottom of the law of d, where the
 # solver falls back to the cell law (20-200 s each on two CPU cores).

@@ -287,6 +287,28 @@ def test_bad_method():
         kernels.condition_number(np.ones(3))
 
 
+def test_condition_number_refuses_nan_and_non_symmetric_kernels():
+    """A NaN kernel gave inf, as a singular one does, and a non-symmetric one the condition
+    number of its lower triangle's symmetric matrix; inf is kept for singular symmetric
+    kernels (``test_condition_number_closed_form``). Symmetric means within sqrt(eps) of the
+    kernel's scale: rounding of a computed kernel passes."""
+    k = np.eye(4) + 0.5
+    with pytest.raises(ValueError, match="kernel must be finite: 1 of 16 entries are NaN"):
+        kernels.condition_number(np.where(np.arange(16).reshape(4, 4) == 6, np.nan, k))
+    with pytest.raises(ValueError, match="kernel must be finite"):
+        kernels.condition_number(np.stack([k, np.full((4, 4), np.inf)]))
+    skew = k.copy()
+    skew[0, 3] += 1e-3
+    with pytest.raises(ValueError, match=r"kernel must be symmetric: max \|K - K\^T\| = 0.001"):
+        kernels.condition_number(skew)
+    with pytest.raises(ValueError, match=r"symmetric: .* \(matrix \(1,\)\)"):
+        kernels.condition_number(np.stack([k, skew]))
+    rounded = k + 1e-12 * np.triu(np.ones((4, 4)), 1)
+    assert float(kernels.condition_number(rounded)) == pytest.approx(3.0, rel=1e-9)
+    # Under jit the values are not known: no check, the documented meaningless number.
+    assert np.isfinite(float(jax.jit(kernels.condition_number)(skew)))
+
+
 @pytest.mark.slow  # a compile of its own; the figure's theory runs the same vmap
 def test_jittable_and_vmappable_over_variances():
     x = _inputs(3, 4)

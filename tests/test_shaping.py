@@ -149,6 +149,19 @@ def test_bad_input_is_a_clear_error(call, match):
         call()
 
 
+def test_compound_c_map_refuses_an_unshaped_activation(tat_leaky):
+    """It holds the length at q = 1: for tanh (Q(1) = 0.394) it silently iterated the
+    correlation map of a network whose length drifts. A normalized activation passes."""
+    with pytest.raises(
+        ValueError,
+        match=r"'tanh' is not normalized: its Q-map does not fix 1 "
+        r"\(Q\(1\) = E\[phi\(z\)\^2\] = 0.394.*shaping.dks\('tanh', depth\)",
+    ):
+        shaping.compound_c_map("tanh", 0.5, 3)
+    assert float(shaping.compound_c_map("linear", 0.3, 4)) == pytest.approx(0.3, abs=1e-12)
+    assert float(shaping.compound_c_map(tat_leaky, 0.0, 20)) == pytest.approx(0.9, abs=1e-8)
+
+
 @pytest.mark.slow  # compiles a solver for one more activation; bad input is tested by default
 def test_no_solution_is_an_error_not_a_silent_activation():
     # A linear custom activation: C'(1) = 1 whatever (alpha, beta), so no DKS transform exists.

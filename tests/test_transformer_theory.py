@@ -106,6 +106,35 @@ def test_bad_input():
         tt.collapse_depth(jnp.ones(3), eps=0.0)
 
 
+_CFG = networks.TransformerConfig(depth=2, width=64)
+_BAD_GRAMS = [
+    ("nan", "G0 must be finite: 1 of 16 entries are NaN", [(0, 1)], np.nan),
+    ("zero token", r"positive diagonal .* got G0\[i, i\] = \[0.0\] at i = \[2\]", [(2, 2)], 0.0),
+    ("negative", r"positive diagonal .* got G0\[i, i\] = \[-1.0\] at i = \[0\]", [(0, 0)], -1.0),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "match", "at", "value"), _BAD_GRAMS, ids=[b[0] for b in _BAD_GRAMS]
+)
+def test_profile_refuses_a_gram_that_gives_nan(what, match, at, value):
+    """A NaN input Gram, or a token of zero (or negative) squared norm, made the profile NaN
+    everywhere (a zero token has no cosine); now a ValueError naming ``G0``."""
+    G0 = np.array(_exchangeable(4, 1.0, 0.3))
+    for i, j in at:
+        G0[i, j] = value
+    with pytest.raises(ValueError, match=match):
+        tt.profile(_CFG, G0, seq_len=4)
+
+
+def test_profile_refuses_a_bad_top_gradient_gram():
+    G0 = _exchangeable(4, 1.0, 0.3)
+    with pytest.raises(ValueError, match=r"Gamma_L must have the shape of G0 \(4, 4\)"):
+        tt.profile(_CFG, G0, seq_len=4, Gamma_L=jnp.eye(3))
+    with pytest.raises(ValueError, match="Gamma_L must be finite"):
+        tt.profile(_CFG, G0, seq_len=4, Gamma_L=jnp.full((4, 4), jnp.inf))
+
+
 def _check_within(measured, theory, z=5.0):
     """Seed mean within ``z`` standard errors (from the seed spread) of the theory."""
     m = np.asarray(measured)
