@@ -41,13 +41,13 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from isometry import cuts, validate
+from isometry import validate
 from isometry.theory import engine
 from isometry.theory.algebra import Kind
 from isometry.theory.profile import Profile, read_profile
 from isometry.theory.values import TheoryError
 
-__all__ = ["PARAMETERIZATIONS", "Profile", "TheoryError", "nngp", "ntk", "profile"]
+__all__ = ["PARAMETERIZATIONS", "Profile", "TheoryError", "grams", "nngp", "ntk", "profile"]
 
 PARAMETERIZATIONS = ("standard", "ntk")
 
@@ -119,6 +119,30 @@ def ntk(model, x, parameterization: str = "standard", *, variances: dict | None 
     return _check_finite("ntk", engine.run(model, x, read, variances=variances))
 
 
+def grams(model, x, at=None, *, variances: dict | None = None) -> list:
+    """The forward Gram of every cut point's output, in the infinite-width limit.
+
+    For cut point ``l`` with output ``y^l (B, *pos, C)``: ``G^l[(a, p), (b, q)] =
+    lim (1/C) sum_c y^l[a, p, c] y^l[b, q, c]``, shape ``(B, *pos, B, *pos)`` (the
+    token Gram of a transformer, the pixel Gram of a CNN). ``at``, ``variances`` as
+    :func:`profile`.
+    """
+    paths = engine.resolve_cuts(model, at)
+
+    def read(run):
+        return [run.alg.gram(v, v) for v in _fields(run.cuts)]
+
+    return [_check_finite("grams", G) for G in engine.run(model, x, read, at=paths,
+                                                             variances=variances)]  # fmt: skip
+
+
+def _fields(values) -> list:
+    for v in values:
+        if not hasattr(v, "width"):
+            raise TheoryError("a cut point whose output does not depend on the parameters")
+    return list(values)
+
+
 def profile(
     model,
     x,
@@ -147,7 +171,7 @@ def profile(
             is one more tangent Gram per cut point.
     """
     paths = engine.resolve_cuts(model, at)
-    depth = model.config.depth if cuts.is_stack(model) else None
+    depth = model.config.depth if engine.is_stack(model) else None
 
     def read(run):
         return read_profile(run, paths, gradients=gradients, jacobian=jacobian, depth=depth)

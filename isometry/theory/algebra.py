@@ -132,7 +132,7 @@ class Algebra:
         """``mean(a)`` over the width, shape ``a.struct``; ``None`` when structurally zero."""
         if a.zero_mean:
             return None
-        key = id(a)
+        key = a
         if key not in self._mean:
             self._mean[key] = self._mean_of(a)
         return self._mean[key]
@@ -178,7 +178,7 @@ class Algebra:
         return self._cross(a, b, tuple(kinds))
 
     def _cross(self, a, b, kinds):
-        key = (id(a), id(b), kinds)
+        key = (a, b, kinds)  # the nodes themselves: kept alive, so no id is reused
         if key not in self._gram:
             self._gram[key] = jnp.asarray(self._cross_of(a, b, kinds), self.dtype)
         return self._gram[key]

@@ -25,13 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from isometry import cuts, validate
+from isometry import cuts, networks, validate
 from isometry.theory import algebra as A
 from isometry.theory import expectations as E
 from isometry.theory import interpret as I
 from isometry.theory import values as V
 
-__all__ = ["Run", "Traced", "cut_shapes", "resolve_cuts", "run", "theory_dtype", "trace"]
+__all__ = [
+    "Run", "Traced", "cut_shapes", "is_stack", "resolve_cuts", "run", "theory_dtype", "trace",
+]  # fmt: skip
 
 Array = jax.Array
 FLUCTUATION_TOL = 0.05  # std of a dropped fluctuation (e.g. attention logits) worth a warning
@@ -66,16 +68,27 @@ class Traced:
 
 
 def _path(keypath) -> str:
+    """``"blocks.0.mlp.kernel"`` of a parameter leaf's key path (the variable's own value
+    attribute dropped)."""
+    keys = list(keypath)
+    while (
+        keys
+        and isinstance(keys[-1], jax.tree_util.GetAttrKey)
+        and keys[-1].name
+        in (
+            "value",
+            "raw_value",
+        )
+    ):
+        keys.pop()
     parts = []
-    for k in keypath:
+    for k in keys:
         for attr in ("key", "name", "idx"):
             if hasattr(k, attr):
                 parts.append(str(getattr(k, attr)))
                 break
         else:
             parts.append(str(k))
-    while parts and parts[-1] in ("value", "raw_value"):
-        parts.pop()
     return ".".join(parts)
 
 
@@ -174,7 +187,7 @@ def run(
             time for the small programs of typical use.
     """
     override = _override_fn(variances)
-    stack = cuts.is_stack(model) and at != ()
+    stack = is_stack(model) and at != ()
     traced, params, rest, x = trace(model, x, at=() if stack else at, probes=probes and not stack)
     dtype = theory_dtype()
     if index is not None:
@@ -243,15 +256,29 @@ def _report(labels, values) -> None:
             )
 
 
+def is_stack(model) -> bool:
+    """A toolkit scanned stack (``networks.MLP``, ``ConvNet``, ``Transformer``): its cut
+    points are its layers ``"layer.0"`` .. ``"layer.{L-1}"``, the carries of its scan."""
+    return cuts.is_stack(model) or isinstance(model, networks.Transformer)
+
+
 def resolve_cuts(model, at) -> tuple[str, ...]:
     """The cut points ``at`` of ``model`` (default :func:`isometry.cuts.blocks`), checked."""
     cuts.check_model(model)
-    return tuple(cuts.resolve(model, at))
+    if not is_stack(model) or cuts.is_stack(model):
+        return tuple(cuts.resolve(model, at))
+    layers = [f"layer.{l}" for l in range(model.config.depth)]
+    paths = tuple(layers) if at is None else ((at,) if isinstance(at, str) else tuple(at))
+    bad = [p for p in paths if p not in layers]
+    if bad or not paths:
+        raise cuts.ProbeError(f"at: {bad or paths} are not layers of the Transformer; "
+                              f"available: {', '.join(layers)}")  # fmt: skip
+    return paths
 
 
 def cut_shapes(model, x, paths) -> tuple:
     """The output shapes ``(B, ...)`` of the cut points."""
-    if cuts.is_stack(model):
+    if is_stack(model):
         s = jax.eval_shape(model.stack().input_map, cuts.as_batch(model, x))
         return (tuple(s.shape),) * len(paths)
     _, _, _, _, _, (_, shapes) = cuts.prepare(model, x, paths)
