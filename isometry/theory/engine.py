@@ -187,6 +187,7 @@ def run(
             time for the small programs of typical use.
     """
     override = _override_fn(variances)
+    _check_finite_inputs(model, x)
     stack = is_stack(model) and at != ()
     traced, params, rest, x = trace(model, x, at=() if stack else at, probes=probes and not stack)
     dtype = theory_dtype()
@@ -195,21 +196,21 @@ def run(
         if index >= x.shape[0]:
             raise ValueError(f"index must be < the batch size {x.shape[0]}, got {index}")
 
-    def program(params, rest, x):
+    def program(params, x):
         alg = A.Algebra(dtype, override, E.Expectations(dtype))
         ctx = I.Context(alg, dtype, stack=(model.config.depth, probes) if stack else None)
         p_vals = [
             V.Param((path,), path, v) for path, v in zip(traced.param_paths, params, strict=True)
         ]
         jac = None if index is None else _input_jacobian(x, index)
-        args = [*p_vals, *(V.Det(r) for r in rest), V.Det(x, jac=jac, source="x")]
+        args = [*p_vals, *(V.Det(_constant(r)) for r in rest), V.Det(x, jac=jac, source="x")]
         if traced.probes:
             args += [
                 V.Det(jnp.zeros(s, x.dtype), zero=True, source=("probe", i))
                 for i, s in enumerate(traced.out_shapes)
             ]
         consts = [V.Det(jnp.asarray(c)) for c in traced.consts]
-        outs = I.evaluate(traced.jaxpr, consts, args, ctx)
+        outs = [I.used(o) for o in I.evaluate(traced.jaxpr, consts, args, ctx)]
         cut_values = _stack_cuts(ctx, at) if stack else outs[1:]
         result = read(Run(alg, outs[0], cut_values, p_vals, x, index))
         checks = [(label, where, value) for label, where, value in ctx.checks]
@@ -218,15 +219,32 @@ def run(
 
     labels = []
 
-    def compiled(params, rest, x):
-        result, values, meta = program(params, rest, x)
+    def compiled(params, x):  # buffers (batch statistics, ...) are constants, folded
+        result, values, meta = program(params, x)
         labels[:] = meta
         return result, values
 
     options = None if optimize else {"xla_backend_optimization_level": 0}
-    result, values = jax.jit(compiled, compiler_options=options)(params, rest, x)
+    result, values = jax.jit(compiled, compiler_options=options)(params, x)
     _report(labels, values)
     return result
+
+
+def _check_finite_inputs(model, x) -> None:
+    """A non-finite input or parameter is named at the boundary (not a NaN kernel later)."""
+    validate.finite_values("x", x)
+    for path, v in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]:
+        if validate.is_concrete(v) and not np.all(np.isfinite(np.asarray(v))):
+            raise V.TheoryError(f"the parameter {_path(path)} has non-finite entries")
+
+
+def _constant(a):
+    """A buffer as a concrete numpy constant where it is a numeric array (folded at trace
+    time), else as it is (random keys)."""
+    try:
+        return np.asarray(a)
+    except TypeError:
+        return a
 
 
 def _stack_cuts(ctx, at) -> list:

@@ -131,10 +131,26 @@ class Expectations:
 
     def activation(self, node: V.Pointwise) -> acts.Activation:
         if not node.univariate:
+            what = node.name or "an elementwise function"
+            if any(leaf.coupled for leaf in node.leaves):
+                why = (
+                    "it takes statistics over the batch (batch norm in training mode couples "
+                    "the examples: its theory is isometry.batchnorm_theory; in evaluation mode "
+                    "batch norm is affine and covered)"
+                )
+            elif len(node.leaves) > 1:
+                why = f"it combines {len(node.leaves)} different fields (a gate?)"
+            else:
+                leaf = node.leaves[0]
+                why = (
+                    f"its input ({leaf.where}) is not Gaussian: it was not made by a "
+                    "contraction with a parameter (statistics over the batch, as batch norm "
+                    "computes in training mode; deterministic data; a sum of a "
+                    "nonlinearity's output and another field)"
+                )
             raise V.TheoryError(
-                f"{node.name or 'an elementwise function'} at {node.where} takes "
-                f"{len(node.leaves)} different fields (or a non-Gaussian one): only functions "
-                "of one Gaussian field (a pre-activation) have a rule"
+                f"{what} at {node.where} has no rule: {why}; only functions of one Gaussian "
+                "field (a pre-activation) have Gaussian expectations"
             )
         if node.act is None:
             key = None if node.sig is None else (node.sig, node.name, str(jnp.dtype(self.dtype)))

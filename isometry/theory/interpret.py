@@ -68,6 +68,7 @@ _ELEMENTWISE = {
     "asinh", "sinh", "cosh", "erf", "erfc", "erf_inv", "abs", "sign", "sqrt", "rsqrt", "cbrt",
     "integer_pow", "square", "pow", "max", "min", "ge", "gt", "le", "lt", "eq", "ne", "and",
     "or", "not", "clamp", "floor", "ceil", "round", "nextafter", "is_finite", "atan2",
+    "select_n",
 }  # fmt: skip
 _SAME_AXIS = {"slice", "pad", "rev", "dynamic_slice", "reduce_window_sum", "cumsum", "select_n",
               "concatenate", "mul", "div"}  # fmt: skip
@@ -135,10 +136,24 @@ def evaluate(jaxpr, consts, args, ctx: Context) -> list:
         env[v] = val
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
-        outs = _apply(eqn, ins, ctx)
+        failed = next((x for x in ins if isinstance(x, V.Failed)), None)
+        if failed is not None:
+            outs = [failed] * len(eqn.outvars)
+        else:
+            try:
+                outs = _apply(eqn, ins, ctx)
+            except V.TheoryError as err:  # raised where (if) the value is used
+                outs = [V.Failed(err)] * len(eqn.outvars)
         for v, val in zip(eqn.outvars, outs, strict=True):
             env[v] = val
     return [read(v) for v in jaxpr.outvars]
+
+
+def used(value):
+    """``value``, or raise the error of the operation that could not make it."""
+    if isinstance(value, V.Failed):
+        raise value.error
+    return value
 
 
 def _is_value(x) -> bool:
@@ -179,7 +194,9 @@ def _no_rule(eqn, ins, ctx):
         hint = ": data-dependent control flow"
     elif "random" in eqn.primitive.name or "rng" in eqn.primitive.name:
         hint = ": randomness in the forward pass (dropout in training mode?)"
-    elif eqn.primitive.name in ("reduce_max", "reduce_min", "argmax", "argmin"):
+    elif eqn.primitive.name in (
+        "reduce_max", "reduce_min", "argmax", "argmin", "reduce_window_max", "reduce_window_min"
+    ):  # fmt: skip
         hint = ": a maximum over positions or units (max pooling) is not Gaussian in the limit"
     raise V.TheoryError(f"no rule for {_where(eqn)} applied to a {kinds}{hint}")
 
@@ -405,7 +422,7 @@ def _as_field(x, shape, axis, where) -> V.Field | None:
     if isinstance(x, V.Field):
         return _broadcast(x, shape, where)
     if isinstance(x, V.Det):
-        if x.zero and x.source is None:
+        if x.source is None and (x.zero or _concrete_zero(x.value)):
             return None
         val = jnp.broadcast_to(x.value, shape)
         jac = None if x.jac is None else jnp.broadcast_to(x.jac, shape + x.jac.shape[-1:])
@@ -445,6 +462,13 @@ def _broadcast_jac(d: V.Det, shape):
 def _fieldify(ins, where) -> list:
     """Operands with every :class:`ScaledParam` turned into a field."""
     return [_scaled_field(x, where) if isinstance(x, ScaledParam) else x for x in ins]
+
+
+def _concrete_zero(v) -> bool:
+    """``v`` is a concrete array of zeros (a buffer such as a running mean at its start)."""
+    if isinstance(v, jax.core.Tracer):
+        return False
+    return not np.any(np.asarray(v))
 
 
 def _layout(ins, where):
@@ -637,19 +661,24 @@ def _mul_param(eqn, a, b, where):
 
 def _scale(f: V.Field, s, where) -> V.Field:
     """``f * s`` for a deterministic ``s`` broadcastable to ``f``."""
-    s = jnp.asarray(s)
+    traced = isinstance(s, jax.core.Tracer)
+    xp = jnp if traced else np  # concrete factors stay concrete (folded, tested for constancy)
+    s = xp.asarray(s)
     if s.ndim == 0 or math.prod(s.shape) == 1:
-        return V.Sum(f.shape, f.axis, where, terms=(f,), coefs=(jnp.reshape(s, ()),))
-    s = jnp.broadcast_to(s, jnp.broadcast_shapes(s.shape, (1,) * (len(f.shape) - s.ndim)))
+        return V.Sum(f.shape, f.axis, where, terms=(f,), coefs=(s.reshape(()),))
+    s = s.reshape((1,) * (len(f.shape) - s.ndim) + s.shape)
     if f.axis is not None and s.shape[f.axis] != 1:
         if all(n == 1 for i, n in enumerate(s.shape) if i != f.axis):
-            return V.Gain(f.shape, f.axis, where, inp=f, gain=V.Det(jnp.ravel(s)))
+            flat = s.reshape(-1)
+            if not traced and np.all(flat == flat[0]):
+                return _scale(f, flat[:1], where)  # a constant over the channels: a number
+            return V.Gain(f.shape, f.axis, where, inp=f, gain=V.Det(flat))
         raise V.TheoryError(
             f"{where}: a product with a deterministic array that varies over both the width "
             "and the structure has no rule"
         )
-    struct = s if f.axis is None else jnp.squeeze(s, axis=f.axis)
-    struct = jnp.broadcast_to(struct, f.struct)
+    struct = s if f.axis is None else xp.squeeze(s, axis=f.axis)
+    struct = xp.broadcast_to(struct, f.struct)
 
     def apply(Gs):
         G = Gs[0]
@@ -750,7 +779,10 @@ def _zero_field(shape, axis, where):
 def _check_constant_over_width(pred, axis, where):
     pred = jnp.asarray(pred)
     if pred.ndim and pred.shape[axis] != 1:
-        raise V.TheoryError(f"{where}: a selection that differs between units has no rule")
+        raise V.TheoryError(
+            f"{where}: a selection that differs between units (a dropout mask? call "
+            "model.eval() or make the dropout deterministic) has no rule"
+        )
 
 
 def _transpose(eqn, ins, ctx):
@@ -914,6 +946,8 @@ def _reduce_sum(eqn, ins, ctx):
     struct_idx = [i for i in range(len(x.shape)) if i != x.axis]
     saxes = tuple(struct_idx.index(a) for a in axes if a != x.axis)
     if x.axis is not None and x.axis in axes:  # law of large numbers: C times the width mean
+        if x.axis != 0 and 0 in axes:
+            raise V.TheoryError(f"{where}: a sum over the batch and the width at once")
         m = ctx.alg.mean(x)
         if m is None:
             out = jnp.zeros(eqn.outvars[0].aval.shape, ctx.dtype)
@@ -925,7 +959,9 @@ def _reduce_sum(eqn, ins, ctx):
     def apply(Gs):
         return jnp.sum(Gs[0], axis=saxes)
 
-    return V.Linear(out_shape, w_out, where, inputs=(x,), apply=apply, name="sum")
+    out = V.Linear(out_shape, w_out, where, inputs=(x,), apply=apply, name="sum")
+    out.coupled = out.coupled or (0 in axes and x.axis != 0)  # statistics over the batch
+    return out
 
 
 def _dot_general(eqn, ins, ctx):

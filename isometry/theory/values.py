@@ -45,6 +45,7 @@ __all__ = [
     "Contraction",
     "Data",
     "Det",
+    "Failed",
     "Field",
     "Gain",
     "Linear",
@@ -62,6 +63,14 @@ Array = jax.Array
 class TheoryError(ValueError):
     """An operation of a model the theory engine has no rule for (the message names the
     operation and the module path that used it), or an input it cannot take."""
+
+
+@dataclasses.dataclass(eq=False)
+class Failed:
+    """The value of an operation without a rule: raises its error where it is used, so
+    that computations the outputs do not need (a buffer's update) never matter."""
+
+    error: TheoryError
 
 
 # --------------------------------------------------------------------------- #
@@ -143,6 +152,7 @@ class Field:
             (a linear combination of parameter contractions and additions).
         zero_mean: its width mean is structurally zero.
         data: it has a deterministic atom whose coordinates are not i.i.d.
+        coupled: it depends on a sum over the batch axis (batch statistics).
     """
 
     shape: tuple[int, ...]
@@ -155,6 +165,7 @@ class Field:
         self.gaussian = False
         self.zero_mean = False
         self.data = False
+        self.coupled = False
 
     @property
     def struct(self) -> tuple[int, ...]:
@@ -171,6 +182,7 @@ class Field:
         self.params = frozenset().union(*(i.params for i in inputs))
         self.sources = frozenset().union(*(i.sources for i in inputs))
         self.data = any(i.data for i in inputs)
+        self.coupled = any(i.coupled for i in inputs)
 
 
 @dataclasses.dataclass(eq=False)
