@@ -37,7 +37,8 @@ __all__ = [
 
 Array = jax.Array
 FLUCTUATION_TOL = 0.05  # std of a dropped fluctuation (e.g. attention logits) worth a warning
-GAIN_TOL = 1e-6  # relative variance of a gain over channels where Gaussianity is lost
+GAIN_TOL = 1e-6
+OPTIMIZE_ENTRIES = 2**20  # Gram entries from which compiling with optimizations pays  # relative variance of a gain over channels where Gaussianity is lost
 
 
 def theory_dtype():
@@ -170,7 +171,7 @@ def _input_jacobian(x, index):
 
 
 def run(
-    model, x, read: Callable, *, at=(), variances=None, probes=False, index=None, optimize=False
+    model, x, read: Callable, *, at=(), variances=None, probes=False, index=None, optimize=None
 ):
     """Evaluate ``model`` on ``x`` in the limit and return ``read(Run)`` (arrays).
 
@@ -182,9 +183,10 @@ def run(
         variances: ``{path pattern: sigma^2}`` overriding variances read from parameters.
         probes: add a zero probe at each cut point (gradients there).
         index: follow the input Jacobian of example ``index`` (``None``: not at all).
-        optimize: compile with XLA's default optimizations (large Grams evaluated
-            once: faster runs); ``False``: backend level 0, a fraction of the compile
-            time for the small programs of typical use.
+        optimize: compile with XLA's default optimizations (``True``: faster runs on
+            large Grams) or at backend level 0 (``False``: a fraction of the compile
+            time, for the small programs of typical use); ``None``: optimize when the
+            Gram of the input's positions has at least :data:`OPTIMIZE_ENTRIES` entries.
     """
     override = _override_fn(variances)
     _check_finite_inputs(model, x)
@@ -224,6 +226,9 @@ def run(
         labels[:] = meta
         return result, values
 
+    if optimize is None:
+        positions = x.shape[0] * math.prod(x.shape[1:-1])
+        optimize = positions**2 >= OPTIMIZE_ENTRIES
     options = None if optimize else {"xla_backend_optimization_level": 0}
     result, values = jax.jit(compiled, compiler_options=options)(params, x)
     _report(labels, values)
