@@ -978,6 +978,8 @@ def _dot_general(eqn, ins, ctx):
             (lc, rc), _ = dn
             cu = lc if u_is_lhs else rc
             u = _as_field(u, u.shape, cu[-1], where)
+            if u is None:  # zeros times a parameter: zeros (an RNN's initial state)
+                return V.Det(np.zeros(out_shape, eqn.outvars[0].aval.dtype), zero=True)
         try:
             rule, w_out = C.dense_rule(u.shape, u.axis, w.shape, dn, u_is_lhs)
         except V.TheoryError as err:
@@ -1043,9 +1045,11 @@ def _conv(eqn, ins, ctx):
     u, w = ins
     if not isinstance(w, V.Param):
         raise V.TheoryError(f"{where}: a convolution by a fixed (non-parameter) kernel has no rule")
+    out_shape = tuple(eqn.outvars[0].aval.shape)
     if isinstance(u, V.Det):
         u = _as_field(u, u.shape, eqn.params["dimension_numbers"].lhs_spec[1], where)
-    out_shape = tuple(eqn.outvars[0].aval.shape)
+        if u is None:
+            return V.Det(np.zeros(out_shape, eqn.outvars[0].aval.dtype), zero=True)
     try:
         rule, w_out = C.conv_rule(u.shape, u.axis, w.shape, out_shape, eqn.params)
     except V.TheoryError as err:
