@@ -13,7 +13,10 @@ both share:
   by taps that record each block's input and output (and add a probe
   ``deltas[i]`` to block ``i``'s output, so that a gradient with respect to
   it is the gradient at the cut).
-* :func:`as_batch` and :func:`prepare` check an input batch against the model.
+* :func:`as_batch` and :func:`prepare` check an input batch against the model
+  (shape, dtype); :func:`prepare_stack` does it for the toolkit's scanned
+  stacks, whose cut points are their layers.
+* :func:`compiled` runs a measurement of the model as one compiled program.
 
 The model is never modified: every pass runs on ``nnx.merge(..., copy=True)``.
 """
@@ -27,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from isometry import networks
+from isometry import networks, validate
 
 __all__ = [
     "ProbeError",
@@ -37,11 +40,13 @@ __all__ = [
     "blocks",
     "capture",
     "check_model",
+    "compiled",
     "is_list",
     "is_stack",
     "lookup",
     "model_dtype",
     "prepare",
+    "prepare_stack",
     "resolve",
     "tapped_call",
     "walk",
@@ -328,3 +333,56 @@ def capture(graphdef, states, paths, x):
     """Every block's ``(input, extra args)`` of one forward pass on ``x``."""
     _, rec = tapped_call(graphdef, states, paths, x)
     return rec.inputs, rec.extras
+
+
+# --------------------------------------------------------------------------- #
+# The toolkit's scanned stacks (networks.MLP, networks.ConvNet).
+# --------------------------------------------------------------------------- #
+
+
+def _stack_input(cfg) -> str:
+    """The input shape a toolkit stack of config ``cfg`` takes, as text for messages."""
+    if isinstance(cfg, networks.MLPConfig):
+        return f"inputs (B, {cfg.in_dim or cfg.width})"
+    spatial = ", ".join(["S"] * cfg.spatial_dims)
+    return f"inputs (B, {spatial}, {cfg.in_channels or cfg.channels})"
+
+
+def prepare_stack(model, x, at):
+    """``(paths, layer indices, x, stack)`` of a toolkit stack, ``x`` checked against it.
+
+    The cut points are layers ``"layer.l"``; ``stack`` is ``model.stack()``.
+    """
+    paths = resolve(model, at)
+    x = as_batch(model, x)
+    s = model.stack()
+    try:
+        jax.eval_shape(s, x)
+    except (TypeError, ValueError) as err:
+        raise ProbeError(
+            f"x of shape {x.shape} does not fit {type(model).__name__}: it takes "
+            f"{_stack_input(model.config)} ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from err
+    return paths, tuple(int(p.rpartition(".")[2]) for p in paths), x, s
+
+
+# --------------------------------------------------------------------------- #
+# One compiled program.
+# --------------------------------------------------------------------------- #
+
+
+def compiled(impl, model, x, key, **options):
+    """``impl(model, x, key, **options)`` compiled as one program (the model's state an argument).
+
+    Run eagerly, every operation of the instrumented passes would compile on
+    its own (tens of seconds for a small model); under an outer ``jit`` it is
+    traced as it is. A concrete ``x`` is checked (:func:`as_batch`) before
+    compiling, so a bad batch is named at the boundary.
+    """
+    check_model(model)
+    if not (validate.is_concrete(x) and validate.is_concrete(key)):
+        return impl(model, x, key, **options)
+    x = as_batch(model, x)
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda state, x, key: impl(nnx.merge(graphdef, state), x, key, **options))
+    return run(state, x, key)
