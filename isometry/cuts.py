@@ -14,8 +14,8 @@ both share:
   ``deltas[i]`` to block ``i``'s output, so that a gradient with respect to
   it is the gradient at the cut).
 * :func:`as_batch` and :func:`prepare` check an input batch against the model
-  (shape, dtype); :func:`prepare_stack` does it for the toolkit's scanned
-  stacks, whose cut points are their layers.
+  (shape, dtype, finite entries); :func:`prepare_stack` does it for the
+  toolkit's scanned stacks, whose cut points are their layers.
 * :func:`compiled` runs a measurement of the model as one compiled program.
 
 The model is never modified: every pass runs on ``nnx.merge(..., copy=True)``.
@@ -28,6 +28,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from isometry import networks, validate
@@ -39,6 +40,7 @@ __all__ = [
     "available",
     "blocks",
     "capture",
+    "check_finite_input",
     "check_model",
     "compiled",
     "is_list",
@@ -278,20 +280,41 @@ def model_dtype(model):
 
 
 def as_batch(model, x) -> Array:
-    """``x`` as a floating batch ``(B, ...)`` in the model's parameter dtype.
+    """``x`` as a floating batch ``(B, ...)`` in the model's parameter dtype, checked finite.
 
     An input of another floating dtype is cast to the parameters' dtype: the
     model computes in that precision anyway (a float64 input does not make a
     float32 model exact), and layers that write the input into their own
-    buffers (batch norm) would otherwise mix the two.
+    buffers (batch norm) would otherwise mix the two. A NaN or inf entry is
+    refused here, naming the first example that holds one, rather than blamed
+    on the first block it passes through (checked when ``x`` is concrete).
     """
     x = jnp.asarray(x)
     if x.ndim < 2 or x.shape[0] < 1:
         raise ProbeError(f"x must be a batch (B, ...) with B >= 1, got shape {x.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be a floating-point array, got {x.dtype}")
+    check_finite_input(x)
     dtype = model_dtype(model)
     return x if dtype is None or x.dtype == dtype else x.astype(dtype)
+
+
+def check_finite_input(x: Array) -> None:
+    """Raise :class:`ProbeError` naming the first entry of the batch ``x`` that is NaN or inf.
+
+    Skipped while tracing (the values are not known then).
+    """
+    if not validate.is_concrete(x):
+        return
+    bad = ~np.isfinite(np.asarray(x))
+    if not bad.any():
+        return
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    n = int(bad.reshape(bad.shape[0], -1).any(axis=1).sum())
+    raise ProbeError(
+        f"x must be finite: x[{', '.join(map(str, first))}] is {float(np.asarray(x)[first])} "
+        f"(example {first[0]} is the first of {n} of the {x.shape[0]} examples with a NaN or inf)"
+    )
 
 
 def _float_as(dtype, a):

@@ -262,6 +262,23 @@ def test_non_finite_names_first_block():
         probe.jacobian_spectra(model, _normal((4, 4)))
 
 
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_non_finite_input_is_named_before_measuring(mlp, bad):
+    """A NaN or inf in the batch is refused at the boundary, naming x and the first bad
+    example, not blamed on the first block (all three entry points, any model)."""
+    model, ref, x, key = mlp["plain"], mlp["ref"], np.array(mlp["x"]), jax.random.key(0)
+    x[2, 3] = x[3, 0] = bad
+    pattern = r"x must be finite: x\[2, 3\] is (nan|inf) \(example 2 is the first of 2 of the 4"
+    for call in (
+        lambda m: probe.signal(m, x, key=key),
+        lambda m: probe.jacobian_spectra(m, x),
+        lambda m: probe.theory(m, x, activation="tanh"),
+    ):
+        for m in (model, ref):
+            with pytest.raises(probe.ProbeError, match=pattern):
+                call(m)
+
+
 def test_model_is_not_modified_and_input_takes_the_model_dtype():
     """A float64 batch into a float32 batch-norm model is cast to float32 (no dtype warning)."""
     rngs = nnx.Rngs(0)

@@ -62,8 +62,9 @@ The model is never modified: every pass runs on a copy
 (``nnx.merge(..., copy=True)``), in training or evaluation mode as the user
 set it (batch norm in training mode normalizes with batch statistics; the
 copy's running statistics are discarded). Everything is jittable
-(``jax.jit(lambda x: probe.signal(model, x, key=key))``); the non-finite check
-runs when the values are concrete.
+(``jax.jit(lambda x: probe.signal(model, x, key=key))``); the non-finite checks
+(of the input batch before measuring, of the results after) run when the values
+are concrete.
 
 The package, one concern a module (each function is re-exported here, and
 shadows the submodule of its name: ``probe.signal`` is the function):

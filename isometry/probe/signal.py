@@ -149,7 +149,8 @@ def signal(model, x, *, at=None, loss: Callable | None = None, key=None) -> Prob
 
     Raises:
         ProbeError: unknown path in ``at`` (lists the available ones), blocks
-            not discoverable, ``x`` not of the model's input shape, or a
+            not discoverable, ``x`` not of the model's input shape, a NaN or
+            inf in ``x`` (names the first example holding one), or a
             non-finite statistic (names the first block where it appears).
     """
     result, has_branch = cuts.compiled(_signal_impl, model, x, key, at=at, loss=loss)

@@ -229,7 +229,8 @@ def jacobian_spectra(
         a :class:`ProbeSpectra` (``*_w1_bound``: :func:`slq_w1_bound` for SLQ).
 
     Raises:
-        ProbeError: as :func:`isometry.probe.signal` for ``at`` and ``x``; ``index``
+        ProbeError: as :func:`isometry.probe.signal` for ``at`` and ``x`` (a NaN
+            or inf in ``x`` names the first example holding one); ``index``
             outside the batch; SLQ without ``key``; a non-finite spectrum
             (names the first block).
     """
