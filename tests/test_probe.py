@@ -656,6 +656,40 @@ def test_cli_probe_writes_figure_and_numbers(tmp_path, capsys):
     assert "layer.2" in capsys.readouterr().out
 
 
+def test_plot_is_a_grid_readable_at_full_size_and_files_get_the_umask_mode(mlp, tmp_path):
+    """Two rows of three cells (five panels and the key), about 1,650 x 1,200 pixels; no legend
+    overlaps a panel; probe.json and probe.npz get mode 0644 under umask 022 (as the PNG)."""
+    import os
+    import stat
+
+    import matplotlib.pyplot as plt
+
+    runs = [{"signal": mlp["signal"], "spectra": mlp["spectra"], "label": "a"},
+            {"signal": mlp["signal"], "label": "b"}]  # fmt: skip
+    fig = probe.plot(*runs)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    panels = [ax for ax in fig.axes if ax.axison]
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert len(panels) == 5 and len(legends) == 6  # one per panel, and the key
+    rows = sorted({round(ax.get_position().y0, 3) for ax in panels})
+    assert len(rows) == 2
+    for leg in legends:
+        box = leg.get_window_extent(renderer)
+        assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in panels)
+    plt.close(fig)
+    old = os.umask(0o022)
+    try:
+        probe.plot(*runs, path=tmp_path / "probe")
+        written = probe.save(tmp_path, mlp["signal"], mlp["spectra"])
+    finally:
+        os.umask(old)
+    width, height = plt.imread(tmp_path / "probe.png").shape[1::-1]
+    assert 1200 <= width <= 1800 and 900 <= height <= 1400
+    for path in [*written, tmp_path / "probe.png"]:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path.name
+
+
 class ResidualDense(nnx.Module):
     """Blocks ``x + alpha tanh(W x)`` exposing their branch (residual mean-field theory)."""
 
