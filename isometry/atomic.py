@@ -1,7 +1,8 @@
 """Atomic file writes (a temporary file in the target's directory, then ``os.replace``); digests.
 
 A reader never sees a half-written file, and an interrupted run leaves either
-the old file or the new one. :func:`sha256` and :func:`tree_digests` give the
+the old file or the new one; the file gets the mode a plain ``open()`` gives
+(``0o666`` less the umask). :func:`sha256` and :func:`tree_digests` give the
 checksums that let a reader tell an intact file or directory from a damaged
 one (truncated, overwritten, a file missing).
 """
@@ -12,7 +13,7 @@ import hashlib
 import io
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +29,28 @@ __all__ = [
 ]
 
 
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new file beside ``path`` opened for writing: ``(fd, temp path)``.
+
+    Created by ``os.open`` with mode ``0o666``, as a plain ``open()`` creates a
+    file, so the process's umask gives the final file its usual mode (0644
+    under umask 022; ``tempfile.mkstemp`` would make it 0600).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file beside {path}")
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; the file gets the mode ``open()`` would give."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -13,7 +13,10 @@ both share:
   by taps that record each block's input and output (and add a probe
   ``deltas[i]`` to block ``i``'s output, so that a gradient with respect to
   it is the gradient at the cut).
-* :func:`as_batch` and :func:`prepare` check an input batch against the model.
+* :func:`as_batch` and :func:`prepare` check an input batch against the model
+  (shape, dtype, finite entries); :func:`prepare_stack` does it for the
+  toolkit's scanned stacks, whose cut points are their layers.
+* :func:`compiled` runs a measurement of the model as one compiled program.
 
 The model is never modified: every pass runs on ``nnx.merge(..., copy=True)``.
 """
@@ -25,9 +28,10 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from isometry import networks
+from isometry import networks, validate
 
 __all__ = [
     "ProbeError",
@@ -36,12 +40,15 @@ __all__ = [
     "available",
     "blocks",
     "capture",
+    "check_finite_input",
     "check_model",
+    "compiled",
     "is_list",
     "is_stack",
     "lookup",
     "model_dtype",
     "prepare",
+    "prepare_stack",
     "resolve",
     "scope_modules",
     "tapped_call",
@@ -310,20 +317,41 @@ def model_dtype(model):
 
 
 def as_batch(model, x) -> Array:
-    """``x`` as a floating batch ``(B, ...)`` in the model's parameter dtype.
+    """``x`` as a floating batch ``(B, ...)`` in the model's parameter dtype, checked finite.
 
     An input of another floating dtype is cast to the parameters' dtype: the
     model computes in that precision anyway (a float64 input does not make a
     float32 model exact), and layers that write the input into their own
-    buffers (batch norm) would otherwise mix the two.
+    buffers (batch norm) would otherwise mix the two. A NaN or inf entry is
+    refused here, naming the first example that holds one, rather than blamed
+    on the first block it passes through (checked when ``x`` is concrete).
     """
     x = jnp.asarray(x)
     if x.ndim < 2 or x.shape[0] < 1:
         raise ProbeError(f"x must be a batch (B, ...) with B >= 1, got shape {x.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be a floating-point array, got {x.dtype}")
+    check_finite_input(x)
     dtype = model_dtype(model)
     return x if dtype is None or x.dtype == dtype else x.astype(dtype)
+
+
+def check_finite_input(x: Array) -> None:
+    """Raise :class:`ProbeError` naming the first entry of the batch ``x`` that is NaN or inf.
+
+    Skipped while tracing (the values are not known then).
+    """
+    if not validate.is_concrete(x):
+        return
+    bad = ~np.isfinite(np.asarray(x))
+    if not bad.any():
+        return
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    n = int(bad.reshape(bad.shape[0], -1).any(axis=1).sum())
+    raise ProbeError(
+        f"x must be finite: x[{', '.join(map(str, first))}] is {float(np.asarray(x)[first])} "
+        f"(example {first[0]} is the first of {n} of the {x.shape[0]} examples with a NaN or inf)"
+    )
 
 
 def _float_as(dtype, a):
@@ -365,3 +393,56 @@ def capture(graphdef, states, paths, x):
     """Every block's ``(input, extra args)`` of one forward pass on ``x``."""
     _, rec = tapped_call(graphdef, states, paths, x)
     return rec.inputs, rec.extras
+
+
+# --------------------------------------------------------------------------- #
+# The toolkit's scanned stacks (networks.MLP, networks.ConvNet).
+# --------------------------------------------------------------------------- #
+
+
+def _stack_input(cfg) -> str:
+    """The input shape a toolkit stack of config ``cfg`` takes, as text for messages."""
+    if isinstance(cfg, networks.MLPConfig):
+        return f"inputs (B, {cfg.in_dim or cfg.width})"
+    spatial = ", ".join(["S"] * cfg.spatial_dims)
+    return f"inputs (B, {spatial}, {cfg.in_channels or cfg.channels})"
+
+
+def prepare_stack(model, x, at):
+    """``(paths, layer indices, x, stack)`` of a toolkit stack, ``x`` checked against it.
+
+    The cut points are layers ``"layer.l"``; ``stack`` is ``model.stack()``.
+    """
+    paths = resolve(model, at)
+    x = as_batch(model, x)
+    s = model.stack()
+    try:
+        jax.eval_shape(s, x)
+    except (TypeError, ValueError) as err:
+        raise ProbeError(
+            f"x of shape {x.shape} does not fit {type(model).__name__}: it takes "
+            f"{_stack_input(model.config)} ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from err
+    return paths, tuple(int(p.rpartition(".")[2]) for p in paths), x, s
+
+
+# --------------------------------------------------------------------------- #
+# One compiled program.
+# --------------------------------------------------------------------------- #
+
+
+def compiled(impl, model, x, key, **options):
+    """``impl(model, x, key, **options)`` compiled as one program (the model's state an argument).
+
+    Run eagerly, every operation of the instrumented passes would compile on
+    its own (tens of seconds for a small model); under an outer ``jit`` it is
+    traced as it is. A concrete ``x`` is checked (:func:`as_batch`) before
+    compiling, so a bad batch is named at the boundary.
+    """
+    check_model(model)
+    if not (validate.is_concrete(x) and validate.is_concrete(key)):
+        return impl(model, x, key, **options)
+    x = as_batch(model, x)
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda state, x, key: impl(nnx.merge(graphdef, state), x, key, **options))
+    return run(state, x, key)

@@ -508,7 +508,7 @@ def test_bad_input_every_entry_point(call, error, match):
 
 
 def test_failure_names_the_points(monkeypatch):
-    monkeypatch.setattr(freeprob, "_TOL", -1.0)  # nothing can converge
+    monkeypatch.setattr(freeprob.density, "_TOL", -1.0)  # nothing can converge
     grid = np.array([0.5, 1.5])
     with pytest.raises(freeprob.SolverError, match=r"2 of 2 grid points.*0\.5"):
         freeprob.spectral_density("relu", 1.0, 2, "gaussian", grid)

@@ -262,6 +262,23 @@ def test_non_finite_names_first_block():
         probe.jacobian_spectra(model, _normal((4, 4)))
 
 
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_non_finite_input_is_named_before_measuring(mlp, bad):
+    """A NaN or inf in the batch is refused at the boundary, naming x and the first bad
+    example, not blamed on the first block (all three entry points, any model)."""
+    model, ref, x, key = mlp["plain"], mlp["ref"], np.array(mlp["x"]), jax.random.key(0)
+    x[2, 3] = x[3, 0] = bad
+    pattern = r"x must be finite: x\[2, 3\] is (nan|inf) \(example 2 is the first of 2 of the 4"
+    for call in (
+        lambda m: probe.signal(m, x, key=key),
+        lambda m: probe.jacobian_spectra(m, x),
+        lambda m: probe.theory(m, x, activation="tanh"),
+    ):
+        for m in (model, ref):
+            with pytest.raises(probe.ProbeError, match=pattern):
+                call(m)
+
+
 def test_model_is_not_modified_and_input_takes_the_model_dtype():
     """A float64 batch into a float32 batch-norm model is cast to float32 (no dtype warning)."""
     rngs = nnx.Rngs(0)
@@ -637,6 +654,40 @@ def test_cli_probe_writes_figure_and_numbers(tmp_path, capsys):
                    "--out", str(tmp_path / "stack")])  # fmt: skip
     assert rc == 0 and (tmp_path / "stack" / "probe.png").is_file()
     assert "layer.2" in capsys.readouterr().out
+
+
+def test_plot_is_a_grid_readable_at_full_size_and_files_get_the_umask_mode(mlp, tmp_path):
+    """Two rows of three cells (five panels and the key), about 1,650 x 1,200 pixels; no legend
+    overlaps a panel; probe.json and probe.npz get mode 0644 under umask 022 (as the PNG)."""
+    import os
+    import stat
+
+    import matplotlib.pyplot as plt
+
+    runs = [{"signal": mlp["signal"], "spectra": mlp["spectra"], "label": "a"},
+            {"signal": mlp["signal"], "label": "b"}]  # fmt: skip
+    fig = probe.plot(*runs)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    panels = [ax for ax in fig.axes if ax.axison]
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert len(panels) == 5 and len(legends) == 6  # one per panel, and the key
+    rows = sorted({round(ax.get_position().y0, 3) for ax in panels})
+    assert len(rows) == 2
+    for leg in legends:
+        box = leg.get_window_extent(renderer)
+        assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in panels)
+    plt.close(fig)
+    old = os.umask(0o022)
+    try:
+        probe.plot(*runs, path=tmp_path / "probe")
+        written = probe.save(tmp_path, mlp["signal"], mlp["spectra"])
+    finally:
+        os.umask(old)
+    width, height = plt.imread(tmp_path / "probe.png").shape[1::-1]
+    assert 1200 <= width <= 1800 and 900 <= height <= 1400
+    for path in [*written, tmp_path / "probe.png"]:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path.name
 
 
 class ResidualDense(nnx.Module):

@@ -1,0 +1,187 @@
+"""The probe's figure: every per-block measurement of one or more runs (PNG + PDF)."""
+
+from __future__ import annotations
+
+from isometry.probe.signal import ProbeSignal
+from isometry.probe.spectra import ProbeSpectra
+
+__all__ = ["plot"]
+
+
+_SIGNAL_PANELS = (
+    ("forward statistics of the block output", "mean_sq", "chan_var", "chan_sq_mean", "branch_var"),
+    ("cosines", "pair_cosine", "position_cosine"),
+    ("squared gradient norms", "grad_out_sq", "grad_param_sq"),
+)
+_LABELS = {
+    "mean_sq": "mean square",
+    "chan_var": "channel variance",
+    "chan_sq_mean": "channel squared mean",
+    "branch_var": "residual-branch variance",
+    "pair_cosine": "pair cosine (examples)",
+    "position_cosine": "position cosine (tokens)",
+    "grad_out_sq": r"$\|\partial L/\partial y^l\|^2$",
+    "grad_param_sq": r"$\|\partial L/\partial \theta^l\|^2$",
+}
+
+
+def _as_run(run) -> dict:
+    if isinstance(run, ProbeSignal):
+        return {"signal": run}
+    if isinstance(run, ProbeSpectra):
+        return {"spectra": run}
+    if isinstance(run, tuple):
+        return {"signal": run[0], "spectra": run[1] if len(run) > 1 else None}
+    if isinstance(run, dict):
+        return run
+    raise TypeError(f"probe.plot: a run is a ProbeSignal, ProbeSpectra, tuple or dict, got {run!r}")
+
+
+_STYLES = ("-", "--", ":", "-.")
+FIGSIZE = (11.0, 8.0)
+"""Inches; at the project's 150 dpi the PNG is about 1,650 x 1,200 pixels, its text
+(8 to 12 points) 17 to 25 pixels high when viewed at 100%."""
+
+
+def plot(*runs, path=None, title: str = ""):
+    """One figure of everything per block; saved as ``path.png`` and ``path.pdf`` if given.
+
+    Each run is a :class:`ProbeSignal`, a ``(ProbeSignal, ProbeSpectra)``
+    pair, or a dict with any of ``"signal"``, ``"spectra"``, ``"theory"`` (the
+    dict of :func:`theory`) and ``"label"``. Panels, in a grid of two rows of
+    three: forward statistics, cosines, gradients (Brock, De & Smith 2021),
+    and the mean and the spread (standard deviation of ``ln s^2``) of the
+    squared singular values of the cumulative and local Jacobians; each
+    panel's legend (its quantities, by colour) sits below it, and the sixth
+    cell is the key: the runs (by line style) and mean-field theory.
+    Measurement is drawn as markers, mean-field theory as black lines (dashed
+    for the first run, dotted for the others; relative gradient curves scaled
+    to the measurement at the last block).
+
+    Returns:
+        the matplotlib figure (closed after saving when ``path`` is given).
+    """
+    from isometry import plotting
+
+    runs = [_as_run(r) for r in runs]
+    if not runs:
+        raise ValueError("probe.plot: pass at least one run")
+    plotting.style()
+    fig, axes, legend_axes, key_ax = _grid()
+    for r_i, run in enumerate(runs):
+        ls = _STYLES[r_i % len(_STYLES)]
+        if run.get("signal") is not None:
+            _signal_panels(axes[:3], run["signal"], run.get("theory"), ls)
+        if run.get("spectra") is not None:
+            _jacobian_panel(axes[3:], run["spectra"], ls)
+    if axes[4].has_data():
+        axes[4].set_ylim(bottom=0)
+    ref = next((r.get("signal") or r.get("spectra") for r in runs), None)
+    for ax, lax in zip(axes, legend_axes, strict=True):
+        _block_axis(ax, ref.paths if ref is not None else ())
+        _legend_below(ax, lax)
+    _key(key_ax, runs)
+    if title:
+        fig.suptitle(title, fontsize=12)
+    if path is not None:
+        plotting.save(fig, path)
+    return fig
+
+
+def _grid():
+    """``(figure, 5 panels, their 5 legend cells, the key cell)``: two rows of three panels,
+    each above a cell for its legend (constrained layout keeps the tick labels between)."""
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=FIGSIZE, layout="constrained")
+    gs = fig.add_gridspec(4, 3, height_ratios=(1.0, 0.16, 1.0, 0.16))
+    cells = [(row, col) for row in (0, 2) for col in range(3)]
+    axes = [fig.add_subplot(gs[r, c]) for r, c in cells[:5]]
+    legend_axes = [fig.add_subplot(gs[r + 1, c]) for r, c in cells[:5]]
+    key_ax = fig.add_subplot(gs[2:, 2])
+    for ax in (*legend_axes, key_ax):
+        ax.axis("off")
+    return fig, axes, legend_axes, key_ax
+
+
+def _legend_below(ax, lax) -> None:
+    """The quantities of panel ``ax`` (one entry per colour, solid) in the cell ``lax``."""
+    from matplotlib.lines import Line2D
+
+    seen = {}
+    for line in ax.get_lines():
+        label = line.get_label()
+        if not label.startswith("_") and label not in seen:
+            seen[label] = Line2D([], [], color=line.get_color(), marker=line.get_marker(), ms=4)
+    if seen:
+        lax.legend(list(seen.values()), list(seen), loc="upper center", ncol=2, fontsize=8,
+                   frameon=False, borderaxespad=0.0, columnspacing=1.0)  # fmt: skip
+
+
+def _key(ax, runs) -> None:
+    """The key cell: one entry per run (its line style) and the mean-field line styles."""
+    from matplotlib.lines import Line2D
+
+    handles = []
+    if len(runs) > 1 or runs[0].get("label"):
+        for r_i, run in enumerate(runs):
+            label = run.get("label") or f"run {r_i + 1}"
+            ls = _STYLES[r_i % len(_STYLES)]
+            handles.append(Line2D([], [], color="0.35", ls=ls, marker="o", ms=4, label=label))
+    with_theory = [r_i for r_i, run in enumerate(runs) if run.get("theory") is not None]
+    for r_i in with_theory[:2]:
+        which = "" if len(runs) == 1 else (" (first run)" if r_i == 0 else " (other runs)")
+        ls = "--" if r_i == 0 else ":"
+        handles.append(Line2D([], [], color="black", ls=ls, lw=1.2, label=f"mean field{which}"))
+    if handles:
+        ax.legend(handles=handles, loc="center", fontsize=10, title="runs: line style",
+                  title_fontsize=10, frameon=False, handlelength=3.0)  # fmt: skip
+
+
+def _signal_panels(axes, sig: ProbeSignal, th, ls: str) -> None:
+    import numpy as np
+
+    k = np.arange(1, len(sig.paths) + 1)
+    colors = ("C0", "C1", "C2", "C3")
+    th_ls = "--" if ls == "-" else ":"  # each run's theory told apart too
+    for ax, (ptitle, *fields) in zip(axes, _SIGNAL_PANELS, strict=True):
+        for c, f in zip(colors, fields, strict=False):
+            v = np.asarray(getattr(sig, f), float)
+            if np.all(np.isnan(v)):
+                continue
+            ax.plot(k, v, ls, marker="o", ms=3.5, lw=1, color=c, label=_LABELS[f])
+            if th is not None and f in th:
+                t = np.asarray(th[f], float)
+                if f.startswith("grad"):
+                    t = t * v[-1] / t[-1]
+                ax.plot(k, t, th_ls, color="black", lw=1.2, label="_mean field")
+        ax.set_title(ptitle)
+        if ptitle != "cosines":
+            ax.set_yscale("log")
+    axes[0].set_ylabel("value")
+    axes[1].set_ylim(-0.1, 1.05)
+
+
+def _jacobian_panel(axes, spec: ProbeSpectra, ls: str) -> None:
+    import numpy as np
+
+    k = np.arange(1, len(spec.paths) + 1)
+    for name, color in (("cumulative", "C4"), ("local", "C5")):
+        s = {key: np.asarray(v, float) for key, v in getattr(spec, f"{name}_summary").items()}
+        kw = {"marker": "s", "ms": 3.5, "color": color}
+        axes[0].plot(k, s["mean"], ls, **kw, label=f"{name} Jacobian")
+        axes[1].plot(k, s["log_spread"], ls, **kw, label=f"{name} Jacobian")
+    axes[0].set_yscale("log")
+    axes[0].set_title(f"Jacobian mean $s^2$, one example ({spec.method})")
+    axes[1].set_title(r"Jacobian spread: std of $\ln s^2$")
+
+
+def _block_axis(ax, paths) -> None:
+    k = range(1, len(paths) + 1)
+    if 0 < len(paths) <= 16:
+        ax.set_xticks(list(k), list(paths), rotation=60, ha="right", fontsize=8)
+    else:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("block (cut point)")
