@@ -37,8 +37,8 @@ __all__ = [
 
 Array = jax.Array
 FLUCTUATION_TOL = 0.05  # std of a dropped fluctuation (e.g. attention logits) worth a warning
-GAIN_TOL = 1e-6
-OPTIMIZE_ENTRIES = 2**20  # Gram entries from which compiling with optimizations pays  # relative variance of a gain over channels where Gaussianity is lost
+OPTIMIZE_ENTRIES = 2**20  # Gram entries from which compiling with optimizations pays
+GAIN_TOL = 1e-4  # relative variance of a gain over channels worth a warning
 
 
 def theory_dtype():
@@ -260,7 +260,7 @@ def _stack_cuts(ctx, at) -> list:
 
 
 def _gain_checks(alg) -> list:
-    return []
+    return list(alg.kernels.checks)
 
 
 def _report(labels, values) -> None:
@@ -275,6 +275,15 @@ def _report(labels, values) -> None:
                 "query and key weights, whose limit is uniform attention): the prediction is "
                 "the limit where that fluctuation vanishes (small query/key variance, or "
                 "1/d scaling; Hron et al. 2020)",
+                stacklevel=3,
+            )
+        if label == "gain" and v > GAIN_TOL and where not in seen:
+            seen.add(where)
+            warnings.warn(
+                f"theory: the gain at {where} varies over the channels (relative variance "
+                f"{v:.3g}); the field it scales is then not Gaussian and the elementwise "
+                "function after it is computed as if it were (exact for a constant gain, "
+                "as at initialization)",
                 stacklevel=3,
             )
 

@@ -128,6 +128,7 @@ class Expectations:
         self.dtype = dtype
         self.method = method
         self.order = order or (192 if jnp.dtype(dtype) == jnp.float64 else 96)
+        self.checks: list = []  # (label, where, value): gains under an elementwise function
 
     def activation(self, node: V.Pointwise) -> acts.Activation:
         if not node.univariate:
@@ -153,6 +154,9 @@ class Expectations:
                 "field (a pre-activation) have Gaussian expectations"
             )
         if node.act is None:
+            for g in _gains(node.leaves[0]):
+                v = jnp.asarray(g.gain.value, self.dtype)
+                self.checks.append(("gain", g.where, jnp.var(v) / jnp.mean(v) ** 2))
             key = None if node.sig is None else (node.sig, node.name, str(jnp.dtype(self.dtype)))
             if key is not None and key in _IDENTIFIED:
                 node.act = _IDENTIFIED[key]
@@ -245,6 +249,20 @@ class Expectations:
             return gs.expect2(f, g, x, y, t, kinks_f=fa.kinks, kinks_g=fb.kinks)
 
         return _chunked(e2, q1, q2, c)
+
+
+def _gains(z: V.Field) -> list:
+    """The gains inside a Gaussian field's linear composites (a norm's scale before an
+    activation): exact for a constant gain, an approximation otherwise."""
+    if isinstance(z, V.Gain):
+        return [z, *_gains(z.inp)]
+    if isinstance(z, V.Sum):
+        return [g for t in z.terms for g in _gains(t)]
+    if isinstance(z, V.Linear):
+        return [g for t in z.inputs for g in _gains(t)]
+    if isinstance(z, V.Split):
+        return _gains(z.inp)
+    return []
 
 
 def _moment(fn, act, q, closed) -> Array:
