@@ -7,7 +7,6 @@ registered in :data:`COMMANDS`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import os
 import re
@@ -661,7 +660,16 @@ def _add_probe(sub):
     p.add_argument("--input-shape", type=_ints, required=True, help="batch first, e.g. 32,8,8,1")
     p.add_argument("--at", type=_names, default=None, help="cut points (module paths, a,b,...)")
     p.add_argument("--method", choices=["auto", "dense", "slq"], default="auto")
-    p.add_argument("--activation", default=None, help="draw mean-field theory (dense stacks)")
+    p.add_argument(
+        "--no-theory",
+        action="store_true",
+        help="measure only (the theory engine's predictions are drawn by default)",
+    )
+    p.add_argument(
+        "--activation",
+        default=None,
+        help="ignored: the theory engine reads the activation off the model",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/probe"))
     p.add_argument("--x64", action="store_true", help="float64")
@@ -679,12 +687,7 @@ def _run_probe(args) -> int:
     x = jax.random.normal(k_x, tuple(args.input_shape))
     sig = probe.signal(model, x, at=args.at, key=k_loss)
     spec = probe.jacobian_spectra(model, x, at=args.at, method=args.method, key=k_slq)
-    th = None
-    if args.activation:
-        th = probe.theory(model, x, activation=args.activation, at=args.at)
-    elif probe.is_stack(model):  # a toolkit MLP/ConvNet: signal.model_theory, where it has one
-        with contextlib.suppress(probe.ProbeError):
-            th = probe.theory(model, x, at=args.at)
+    th = None if args.no_theory else _probe_theory(probe, model, x, args.at)
     for row, mean, spread in zip(
         sig.rows(), spec.cumulative_summary["mean"], spec.cumulative_summary["log_spread"],
         strict=True,
@@ -695,9 +698,22 @@ def _run_probe(args) -> int:
     name = Path(args.factory).name  # FILE.py:NAME without its folders
     run = {"signal": sig, "spectra": spec, "theory": th, "label": name}
     probe.plot(run, path=args.out / "probe", title=f"{name}, input {tuple(x.shape)}")
-    for p in [*probe.save(args.out, sig, spec), args.out / "probe.png", args.out / "probe.pdf"]:
+    written = probe.save(args.out, sig, spec, theory=th)
+    for p in [*written, args.out / "probe.png", args.out / "probe.pdf"]:
         print(f"[probe] wrote {p}")
     return 0
+
+
+def _probe_theory(probe, model, x, at):
+    """The theory of the probe's cut points, or ``None`` with a line saying why not (the
+    measurement is written either way)."""
+    from isometry import theory
+
+    try:
+        return probe.theory(model, x, at=at)
+    except (theory.TheoryError, probe.ProbeError) as err:
+        print(f"[probe] theory not drawn: {err}")
+        return None
 
 
 COMMANDS = [

@@ -363,8 +363,8 @@ def test_batch_norm_training_mode_is_named_and_evaluation_mode_is_covered():
 @pytest.mark.parametrize(
     ("x", "error", "match"),
     [
-        (jnp.full((3, 6), jnp.nan), ValueError, "x must be finite"),
-        (jnp.ones((0, 6)), ValueError, "empty"),
+        (jnp.full((3, 6), jnp.nan), probe.ProbeError, "x must be finite"),
+        (jnp.ones((0, 6)), probe.ProbeError, "B >= 1"),
         (jnp.ones((3, 5)), theory.TheoryError, "does not fit"),
     ],
 )

@@ -39,9 +39,12 @@ norm, a pre-LN transformer, blocks of different widths) and measures it at
   ``d y^l_i / d x_i`` and of each block on its own, ``d y^l_i / d u^l_i`` at
   its input ``u^l`` of the same forward pass; dense (``jax.jacfwd``, exact)
   or matrix-free stochastic Lanczos quadrature (:func:`isometry.spectra.slq`).
-* :func:`theory`: the mean-field prediction (:func:`isometry.signal.theory`)
-  where it covers the model: a toolkit ``networks.MLP``/``ConvNet``, or cut
-  points that are square ``nnx.Linear`` layers of a plain dense network.
+* :func:`theory`: the infinite-width prediction of every measured field, read by
+  the theory engine (:mod:`isometry.theory`) from the model itself: dense,
+  convolutional, residual, normalized, attention and recurrent models in plain
+  ``nnx`` (an operation without a rule is named); the toolkit's
+  ``networks.MLP``/``ConvNet`` keep their mean-field theory
+  (:func:`isometry.signal.model_theory`).
 
 The toolkit's own scanned stacks (``networks.MLP``, ``networks.ConvNet``,
 :func:`is_stack`) hold their layers in stacked parameters, so there is no

@@ -49,11 +49,15 @@ def load_factory(spec: str) -> Callable:
     return factory
 
 
-def save(out, sig: ProbeSignal | None = None, spec: ProbeSpectra | None = None) -> list:
+def save(
+    out, sig: ProbeSignal | None = None, spec: ProbeSpectra | None = None, theory=None
+) -> list:
     """Write ``out/probe.json`` (per-block rows and summaries) and ``out/probe.npz`` (spectra).
 
     The npz holds ``cumulative_<l>``/``local_<l>`` (and ``*_weights_<l>`` for
-    SLQ) for block ``l``, with the per-block statistics under their field names.
+    SLQ) for block ``l``, with the per-block statistics under their field names;
+    ``theory`` (the dict of :func:`theory`) adds its per-block predictions to the JSON
+    (``"theory"``) and to the npz (``theory_<field>``).
     """
     from pathlib import Path
 
@@ -77,6 +81,11 @@ def save(out, sig: ProbeSignal | None = None, spec: ProbeSpectra | None = None) 
                 arrays[f"{name}_{i}"] = v
                 if weights is not None:
                     arrays[f"{name}_weights_{i}"] = weights[i]
+    if theory is not None:
+        fields = {k: v for k, v in theory.items() if k not in ("theory", "absolute")}
+        doc["theory"] = {"absolute": bool(theory.get("absolute", False)),
+                         **{k: [float(x) for x in v] for k, v in fields.items()}}  # fmt: skip
+        arrays |= {f"theory_{k}": v for k, v in fields.items()}
     return [
         atomic.write_json(out / "probe.json", doc),
         atomic.write_npz(out / "probe.npz", **arrays),

@@ -54,9 +54,10 @@ def plot(*runs, path=None, title: str = ""):
     squared singular values of the cumulative and local Jacobians; each
     panel's legend (its quantities, by colour) sits below it, and the sixth
     cell is the key: the runs (by line style) and mean-field theory.
-    Measurement is drawn as markers, mean-field theory as black lines (dashed
-    for the first run, dotted for the others; relative gradient curves scaled
-    to the measurement at the last block).
+    Measurement is drawn as markers, theory as black lines (dashed for the first
+    run, dotted for the others): every field :func:`theory` predicts, the
+    cumulative Jacobian's mean included; the toolkit stacks' relative gradient
+    curves are scaled to the measurement at the last block.
 
     Returns:
         the matplotlib figure (closed after saving when ``path`` is given).
@@ -73,7 +74,7 @@ def plot(*runs, path=None, title: str = ""):
         if run.get("signal") is not None:
             _signal_panels(axes[:3], run["signal"], run.get("theory"), ls)
         if run.get("spectra") is not None:
-            _jacobian_panel(axes[3:], run["spectra"], ls)
+            _jacobian_panel(axes[3:], run["spectra"], run.get("theory"), ls)
     if axes[4].has_data():
         axes[4].set_ylim(bottom=0)
     ref = next((r.get("signal") or r.get("spectra") for r in runs), None)
@@ -132,7 +133,7 @@ def _key(ax, runs) -> None:
     for r_i in with_theory[:2]:
         which = "" if len(runs) == 1 else (" (first run)" if r_i == 0 else " (other runs)")
         ls = "--" if r_i == 0 else ":"
-        handles.append(Line2D([], [], color="black", ls=ls, lw=1.2, label=f"mean field{which}"))
+        handles.append(Line2D([], [], color="black", ls=ls, lw=1.2, label=f"theory{which}"))
     if handles:
         ax.legend(handles=handles, loc="center", fontsize=10, title="runs: line style",
                   title_fontsize=10, frameon=False, handlelength=3.0)  # fmt: skip
@@ -152,9 +153,9 @@ def _signal_panels(axes, sig: ProbeSignal, th, ls: str) -> None:
             ax.plot(k, v, ls, marker="o", ms=3.5, lw=1, color=c, label=_LABELS[f])
             if th is not None and f in th:
                 t = np.asarray(th[f], float)
-                if f.startswith("grad"):
-                    t = t * v[-1] / t[-1]
-                ax.plot(k, t, th_ls, color="black", lw=1.2, label="_mean field")
+                if f.startswith("grad") and not th.get("absolute", False):
+                    t = t * v[-1] / t[-1]  # a relative curve: scaled to the last block
+                ax.plot(k, t, th_ls, color="black", lw=1.2, label="_theory")
         ax.set_title(ptitle)
         if ptitle != "cosines":
             ax.set_yscale("log")
@@ -162,10 +163,15 @@ def _signal_panels(axes, sig: ProbeSignal, th, ls: str) -> None:
     axes[1].set_ylim(-0.1, 1.05)
 
 
-def _jacobian_panel(axes, spec: ProbeSpectra, ls: str) -> None:
+def _jacobian_panel(axes, spec: ProbeSpectra, th, ls: str) -> None:
     import numpy as np
 
     k = np.arange(1, len(spec.paths) + 1)
+    if th is not None and "cumulative_mean" in th:
+        t = np.asarray(th["cumulative_mean"], float)
+        if not np.all(np.isnan(t)):
+            th_ls = "--" if ls == "-" else ":"
+            axes[0].plot(k, t, th_ls, color="black", lw=1.2, label="_theory")
     for name, color in (("cumulative", "C4"), ("local", "C5")):
         s = {key: np.asarray(v, float) for key, v in getattr(spec, f"{name}_summary").items()}
         kw = {"marker": "s", "ms": 3.5, "color": color}

@@ -237,7 +237,8 @@ def run(
 
 def _check_finite_inputs(model, x) -> None:
     """A non-finite input or parameter is named at the boundary (not a NaN kernel later)."""
-    validate.finite_values("x", x)
+    cuts.check_model(model)
+    x = cuts.as_batch(model, x)  # the batch's shape and finiteness (ProbeError naming x)
     for path, v in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]:
         if validate.is_concrete(v) and not np.all(np.isfinite(np.asarray(v))):
             raise V.TheoryError(f"the parameter {_path(path)} has non-finite entries")
