@@ -322,7 +322,6 @@ def test_whole_tree(rule):
     assert not found, f"{rule}:\n" + "\n".join(found)
 
 
-
 def test_the_harness_imports_no_experiment():
     """A figure hands the harness the experiment it runs (no run-time import loop)."""
     harness = _imports("isometry.experiments.harness", SOURCES["isometry.experiments.harness"][1])
