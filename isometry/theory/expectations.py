@@ -291,6 +291,5 @@ def _mehler(f, g, q, r, c, order) -> Array:
 def _with_diagonal(G: Array, diag: Array) -> Array:
     """``G (s + s)`` with its diagonal (equal positions) replaced by ``diag (s)``."""
     k = diag.size
-    M = G.reshape(k, k)
-    M = M - jnp.diag(jnp.diagonal(M)) + jnp.diag(diag.reshape(-1))
-    return M.reshape(G.shape)
+    i = jnp.arange(k)
+    return G.reshape(k, k).at[i, i].set(diag.reshape(-1).astype(G.dtype)).reshape(G.shape)
