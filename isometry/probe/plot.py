@@ -130,8 +130,9 @@ def _key(ax, runs) -> None:
             ls = _STYLES[r_i % len(_STYLES)]
             handles.append(Line2D([], [], color="0.35", ls=ls, marker="o", ms=4, label=label))
     with_theory = [r_i for r_i, run in enumerate(runs) if run.get("theory") is not None]
-    for r_i in with_theory[:2]:
-        which = "" if len(runs) == 1 else (" (first run)" if r_i == 0 else " (other runs)")
+    for r_i in with_theory:
+        label = runs[r_i].get("label") or f"run {r_i + 1}"
+        which = "" if len(runs) == 1 else f" ({label})"
         ls = "--" if r_i == 0 else ":"
         handles.append(Line2D([], [], color="black", ls=ls, lw=1.2, label=f"theory{which}"))
     if handles:

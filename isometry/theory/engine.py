@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -38,6 +39,7 @@ __all__ = [
 Array = jax.Array
 FLUCTUATION_TOL = 0.05  # std of a dropped fluctuation (e.g. attention logits) worth a warning
 OPTIMIZE_ENTRIES = 2**20  # Gram entries from which compiling with optimizations pays
+RECURSION_LIMIT = 100_000  # the lazy Gram recursion follows the model's depth
 GAIN_TOL = 1e-4  # relative variance of a gain over channels worth a warning
 
 
@@ -230,7 +232,12 @@ def run(
         positions = x.shape[0] * math.prod(x.shape[1:-1])
         optimize = positions**2 >= OPTIMIZE_ENTRIES
     options = None if optimize else {"xla_backend_optimization_level": 0}
-    result, values = jax.jit(compiled, compiler_options=options)(params, x)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, RECURSION_LIMIT))  # Grams unfold through deep models
+    try:
+        result, values = jax.jit(compiled, compiler_options=options)(params, x)
+    finally:
+        sys.setrecursionlimit(limit)
     _report(labels, values)
     return result
 

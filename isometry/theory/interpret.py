@@ -245,7 +245,8 @@ def _inner(eqn):
 
 def _call(eqn, ins, ctx) -> list:
     jaxpr, consts = _inner(eqn)
-    outs = evaluate(jaxpr, consts, ins, ctx)
+    with O.inside(eqn):
+        outs = evaluate(jaxpr, consts, ins, ctx)
     name = eqn.params.get("name")
     fields = [x for x in ins if isinstance(x, V.Field)]
     for o in outs:
@@ -265,7 +266,8 @@ def _scan(eqn, ins, ctx) -> list:
     tap = ctx.stack is not None and length == ctx.stack[0] and not ctx.stack_outputs
     for i in steps:
         xi = [_index(x, i, where) for x in xs]
-        out = evaluate(jaxpr, consts, [*body_consts, *carry, *xi], ctx)
+        with O.inside(eqn):
+            out = evaluate(jaxpr, consts, [*body_consts, *carry, *xi], ctx)
         carry, y = out[:nk], out[nk:]
         if tap:
             carry[0] = _stack_tap(carry[0], i, ctx, where)

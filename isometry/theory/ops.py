@@ -9,6 +9,8 @@ what is public.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 
 import jax
@@ -25,6 +27,7 @@ __all__ = [
     "broadcast",
     "concrete_zero",
     "fieldify",
+    "inside",
     "layout",
     "scaled_field",
     "scope",
@@ -69,10 +72,25 @@ class ScaledParam:
         return tuple(jnp.broadcast_shapes(self.param.shape, self.det.shape))
 
 
+_OUTER = contextvars.ContextVar("isometry_theory_scope", default="")
+
+
 def scope(eqn) -> str:
-    """The innermost module path of ``eqn`` (named scopes nest whole paths)."""
-    parts = [p for p in str(eqn.source_info.name_stack).split("/") if p and "(" not in p]
+    """The innermost module path of ``eqn`` (named scopes nest whole paths); inside a call
+    or a scan's body, whose equations' scopes start afresh, that of the enclosing one."""
+    stack = f"{_OUTER.get()}/{eqn.source_info.name_stack}"
+    parts = [p for p in stack.split("/") if p and "(" not in p]
     return parts[-1] if parts else "the model (top level)"
+
+
+@contextlib.contextmanager
+def inside(eqn):
+    """Evaluate the body of ``eqn`` (a call, a scan) under its scope."""
+    token = _OUTER.set(f"{_OUTER.get()}/{eqn.source_info.name_stack}")
+    try:
+        yield
+    finally:
+        _OUTER.reset(token)
 
 
 def where(eqn) -> str:
