@@ -8,15 +8,15 @@ Models (written as a researcher would, in this module): a ResNet of residual blo
 step. Measurement (markers: seed mean, bars two standard errors): :func:`isometry.probe.signal`
 of each model drawn at each width, per block the mean square of the block output, the cosine
 of the example pairs (0, 1), (2, 3), and the squared gradient norm of the probe's random
-projection loss. Theory (black line): :func:`isometry.theory.profile` of the same model, its
+projection loss (averaged over 8 projections per drawn model). Theory (black line): :func:`isometry.theory.profile` of the same model, its
 variances read from its own parameters, nothing written for the architecture.
 
 What to see: measurement approaches the line as the width grows; each column's title gives
 the largest relative gap of the mean squares and gradient norms, and the largest absolute gap
-of the cosines, at the smallest and the largest width. Where they part at the small
-widths: the gradients of the deep blocks (finite-width corrections grow with depth over width),
-and the transformer's cosines, whose attention logits fluctuate at ``O(1 / sqrt(d))`` around
-their uniform limit.
+of the cosines, at the smallest and the largest width. Where they part at the smallest width:
+finite-width corrections, which grow with depth over width, and the transformer's attention,
+whose logits fluctuate at ``O(1 / sqrt(d))`` around the uniform limit the engine takes; the
+gradient norms' estimate (a random projection of the loss) adds scatter at every width.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from isometry import plotting, probe, theory
 
 KEYS = ("widths", "models", "fields", "measured", "measured_se", "theory", "gap")
 
-COST = {"quick": 60.0}
+COST = {"quick": 80.0}
 """Single-core CPU seconds of the quick tier (a scheduling hint for ``--jobs``)."""
 
 TIERS = {
@@ -151,15 +151,23 @@ def _inputs(shape, key):
     return pairs.reshape(shape)
 
 
+PROJECTIONS = 8
+"""Random projections of the loss averaged per drawn model (the gradient norms' estimate)."""
+
+
 def _measure(factory, x, width, seeds):
-    """``(seeds, fields, blocks)``: the probe's statistics of ``factory(width)`` per seed,
-    one compiled program for all seeds."""
+    """``(seeds, fields, blocks)``: the probe's statistics of ``factory(width)`` per seed
+    (gradients averaged over :data:`PROJECTIONS` loss projections), one compiled program
+    for all seeds."""
     graphdef, _ = nnx.split(factory(width, nnx.Rngs(0)))
 
     @jax.jit
     def one(state, key):
-        sig = probe.signal(nnx.merge(graphdef, state), x, key=key)
-        return jnp.stack([getattr(sig, f) for f in FIELDS])
+        def stats(k):
+            sig = probe.signal(nnx.merge(graphdef, state), x, key=k)
+            return jnp.stack([getattr(sig, f) for f in FIELDS])
+
+        return jnp.mean(jax.vmap(stats)(jax.random.split(key, PROJECTIONS)), axis=0)
 
     rows = []
     for s in range(seeds):
@@ -234,12 +242,11 @@ def plot(data, params):
                 ax.set_xlabel("time step" if model == "RNN" else "block")
             if i == 0:
                 g = data["gap"][j]
-                ax.set_title(
-                    f"{model}\nlargest gap: {g[0][0]:.0%} / cosine {g[0][1]:.2f} at width "
-                    f"{widths[0]}, {g[-1][0]:.0%} / {g[-1][1]:.2f} at {widths[-1]}",
-                    fontsize=9,
-                )
-    axes[0, 0].legend(fontsize=7, frameon=False)
+                arrow = "\u2192"
+                ax.set_title(f"{model}\nlargest gap, width {widths[0]} {arrow} {widths[-1]}: "
+                             f"{g[0][0]:.0%} {arrow} {g[-1][0]:.0%}, cosine {g[0][1]:.2f} "
+                             f"{arrow} {g[-1][1]:.2f}", fontsize=8.5)  # fmt: skip
+    axes[-1, 0].legend(fontsize=7, frameon=False, loc="upper right")
     fig.suptitle("Theory read from the model (isometry.theory) over measurement "
                  "(isometry.probe)", fontsize=10)  # fmt: skip
     return fig

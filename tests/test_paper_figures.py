@@ -23,10 +23,11 @@ def check_outputs(name, data, paths):
 
 
 # Tiny tiers whose experiments have their own default tiny runs (tests/test_experiments*.py)
-# run in the slow suite, to keep the default suite under five minutes.
+# run in the slow suite, to keep the default suite under five minutes; theory_any_model's
+# engine and measurement are checked by default in tests/test_theory.py.
 SLOW_TINY = (
     "trainability", "spectra", "spectral_edge", "learning_speed", "gradients", "clipping",
-    "batchnorm", "deep_cnn", "rank_collapse",
+    "batchnorm", "deep_cnn", "rank_collapse", "theory_any_model",
 )  # fmt: skip
 
 
