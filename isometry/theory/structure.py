@@ -14,6 +14,7 @@ the width mean, a deterministic array.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -114,10 +115,25 @@ def _check_constant_over_width(pred, axis, where):
         )
 
 
+def _views_parameters(rule):
+    """A shape rule that, applied to a parameter, gives a view of the same draw (its
+    variance and identity unchanged); applied to a field, the rule itself."""
+
+    @functools.wraps(rule)
+    def wrapped(eqn, ins, ctx):
+        x = ins[0]
+        if isinstance(x, V.Param):
+            return x.view(O.bind(eqn, [x.value])[0])
+        if not isinstance(x, V.Field):
+            raise V.TheoryError(f"no rule for {O.where(eqn)}")
+        return rule(eqn, ins, ctx)
+
+    return wrapped
+
+
+@_views_parameters
 def transpose(eqn, ins, ctx):
     f = ins[0]
-    if isinstance(f, V.Param):
-        return f.view(O.bind(eqn, [f.value])[0])
     perm = tuple(eqn.params["permutation"])
     out_shape = tuple(f.shape[p] for p in perm)
     if f.axis is None:
@@ -135,12 +151,9 @@ def transpose(eqn, ins, ctx):
     return V.Linear(out_shape, w_out, O.where(eqn), inputs=(f,), apply=apply, name="transpose")
 
 
+@_views_parameters
 def broadcast_in_dim(eqn, ins, ctx):
     x = ins[0]
-    if isinstance(x, V.Param):
-        return x.view(O.bind(eqn, [x.value])[0])
-    if not isinstance(x, V.Field):
-        raise V.TheoryError(f"no rule for {O.where(eqn)}")
     shape = tuple(eqn.params["shape"])
     dims = tuple(eqn.params["broadcast_dimensions"])
     if x.axis is None:
@@ -162,12 +175,9 @@ def broadcast_in_dim(eqn, ins, ctx):
     return V.Linear(shape, w_out, O.where(eqn), inputs=(x,), apply=apply, name="broadcast")
 
 
+@_views_parameters
 def reshape(eqn, ins, ctx):
     x = ins[0]
-    if isinstance(x, V.Param):
-        return x.view(O.bind(eqn, [x.value])[0])
-    if not isinstance(x, V.Field):
-        raise V.TheoryError(f"no rule for {O.where(eqn)}")
     out_shape = tuple(eqn.outvars[0].aval.shape)
     return reshape_field(x, out_shape, O.where(eqn))
 
@@ -259,10 +269,9 @@ def _reshape_groups(a, b):
     return groups
 
 
+@_views_parameters
 def squeeze(eqn, ins, ctx):
     x = ins[0]
-    if isinstance(x, V.Param):
-        return x.view(O.bind(eqn, [x.value])[0])
     return reshape_field(x, tuple(eqn.outvars[0].aval.shape), O.where(eqn))
 
 
