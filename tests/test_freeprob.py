@@ -408,6 +408,20 @@ def test_deep_density_is_fast_and_converged():
     assert np.all(np.asarray(r.density)[grid < 2700.0] > 0)
 
 
+def test_grid_reaches_the_smallest_normal_float():
+    """Points down to the smallest normal float64 are solved (the continuation's level count
+    overflowed below about ``1e-295 x edge``); subnormal points are reported, not solved.
+
+    ReLU with Gaussian weights: ``rho ~ c lambda^(1/L - 1)`` near 0 (a Bernoulli law of d)."""
+    grid = np.array([1e-200, 1e-300, 2.3e-308, 1e-310, 1.0])
+    r = freeprob.spectral_density("relu", 1.0, 3, "gaussian", grid, on_failure="nan")
+    np.testing.assert_array_equal(np.asarray(r.converged), [True, True, True, False, True])
+    scaled = grid[:3] ** (2 / 3) * np.asarray(r.density)[:3]
+    np.testing.assert_allclose(scaled, scaled[0], rtol=1e-10)
+    with pytest.raises(freeprob.SolverError, match=r"1 of 5 grid points.*1\.e-310"):
+        freeprob.spectral_density("relu", 1.0, 3, "gaussian", grid)
+
+
 # A finite law of d (hard_tanh) by default; the smooth law (tanh: quadrature nodes and the
 # cell fallback, 25 s) is the same jit path with more constants, in the slow suite.
 @pytest.mark.parametrize(
