@@ -56,12 +56,15 @@ def _gauss(lo, hi, panels, smooth_ends):
 # (ReLU, hard-tanh: M -> -p, z ~ (M + p)^L), a = 1/(L + 1) for linear
 # Gaussian networks, a = 1/(1 + L (4 q* - 1)) for erf (P(d < e) ~ e^(1/(4 q*)));
 # leaky ReLU spreads half its mass over L decades per factor 1/a^2 down to
-# (sigma_w2 a^2)^L ~ 1e-30. A grid linear in lambda misses that mass (it
-# carries almost no moment), so the quadrature is in x = log lambda:
+# (sigma_w2 a^2)^L (1e-30 at L = 8, 4e-119 at L = 32). A grid linear in lambda misses
+# that mass (it carries almost no moment), so the quadrature is in x = log lambda:
 # the top ``_SPLIT`` decades with ``sin^2`` ends (the edge), the deep range down
-# to ``_FLOOR`` x edge uniformly in x, and the rest by the power law.
+# to the floor (:func:`_floor`) uniformly in x, and the rest by the power law.
 _SPLIT = 1e-8
 _FLOOR = 1e-100
+_FLOOR_EXACT = 1e-150
+_DEEP_PANELS = 160
+"""Gauss panels of the deep range from ``_FLOOR`` to ``_SPLIT`` (more in proportion below)."""
 
 
 def _log_nodes(lo, hi, panels, smooth_ends, breaks=()):
@@ -104,6 +107,12 @@ def _support_edges(act, q, depth, weights, sigma_w2, lam, dens, scale=None):
     ``(0, max_eigenvalue)``, which becomes a quadrature break. Found where
     ``lambda rho`` crosses ``1e-10`` of its maximum between grid points, then
     refined by two rounds of 32 geometric points.
+
+    A crossing that a refinement does not reproduce is no edge: the density there is
+    round-off, which changes with the grid (the solver's continuation starts from the grid's
+    range). Hard-tanh at ``q* = 1/64``, depth 32, orthogonal weights: the continuous part has
+    mass ``L (1 - p) - (1 - p) = 4e-14`` beside an atom of mass ``1 - 4e-14``, and one grid
+    gives ``lambda rho = 1.4e-3`` at ``1 - 1.8e-6`` (residual 6e-14) where another gives 0.
     """
     order = np.argsort(lam)
     lam, f = lam[order], (lam * dens)[order]
@@ -116,9 +125,12 @@ def _support_edges(act, q, depth, weights, sigma_w2, lam, dens, scale=None):
             x = np.geomspace(lo, hi, 32)
             r = freeprob.spectral_density(act, q, depth, weights, x, sigma_w2)
             g = x * np.asarray(r.density) > thr
-            j = int(np.nonzero(g != g[0])[0][0])
-            lo, hi = x[j - 1], x[j]
-        out.append(float(np.sqrt(lo * hi)))
+            flips = np.nonzero(g != g[0])[0]
+            if not flips.size:
+                break
+            lo, hi = x[flips[0] - 1], x[flips[0]]
+        else:
+            out.append(float(np.sqrt(lo * hi)))
     return tuple(out)
 
 
@@ -142,11 +154,43 @@ def _singular_points(act, q, depth, weights, sigma_w2=None):
     return tuple(float((sigma_w2 * a) ** depth) for a, p in law.atoms if p > 0)
 
 
+def _floor(act, q, depth, sigma_w2, edge):
+    """Where the deep range ends and the tail's power law takes over.
+
+    Smooth laws of ``d``: ``_FLOOR x edge``. The closed-form laws (Bernoulli, leaky ReLU) are
+    cheap to solve and go deeper, to ``_FLOOR_EXACT x bottom``,
+    ``bottom = min(edge, (sigma_w2 min d)^L)``; measured at depth 32:
+
+    * leaky ReLU's spectrum reaches ``(sigma_w2 a^2)^L = 4e-119`` (``a^2 = 1e-4``), below
+      ``_FLOOR x edge = 1e-98``, and holds 0.35 (orthogonal weights: support down to
+      ``2.2e-111``) or 0.44 (Gaussian: a second mode at ``1e-122``) of the mass there;
+    * below ``bottom`` the density is ``lambda rho = c t (1 + b t + ...)``, ``t = lambda^a``
+      (``a = 1/L`` Bernoulli, ``1/(L + 1)`` leaky ReLU with Gaussian weights), so the tail
+      ``lambda rho / a_local`` is off by about ``b t`` of itself. At ``1e-98 x edge`` the
+      local exponent is ``0.9914 a`` (PReLU, Gaussian weights: tail 5e-3, mass 1 + 1.8e-5),
+      ``0.9985 a`` (hard-tanh, ``q* = 1/4``, Gaussian: 1 + 5.8e-7) and ``1.0013 a``
+      (hard-tanh, ``q* = 1``, orthogonal: 1 - 1.1e-7); at this floor it is within 3.3e-5 of
+      ``a`` and the tails are at most 2.3e-5: mass and moments within 2.5e-9.
+    """
+    law = freeprob.d2_law(act, q)
+    if not law.exact:
+        return _FLOOR * edge
+    if sigma_w2 is None:
+        sigma_w2 = float(initializers.critical_variances(act, q).sigma_w2)
+    return _FLOOR_EXACT * min(edge, float(sigma_w2 * law.nodes.min()) ** depth)
+
+
+def _deep_panels(floor, split):
+    """Panels of the deep range: ``_DEEP_PANELS`` for ``_FLOOR`` to ``_SPLIT``, as dense below."""
+    ratio = math.log(split / floor) / math.log(_SPLIT / _FLOOR)
+    return max(_DEEP_PANELS, round(_DEEP_PANELS * ratio))
+
+
 def _density_parts(act, q, depth, weights, sigma_w2=None):
     """The continuous part on log grids (top and deep ranges) and the extrapolated tail.
 
     Returns ``(lam, w, dens, tail, r)``: nodes, weights, density there, the
-    mass below ``_FLOOR x edge`` (or the lowest resolved point) from the
+    mass below the floor (:func:`_floor`, or the lowest resolved point) from the
     local power law ``rho ~ lambda^(a-1)``
     (mass ``lambda rho(lambda) / a`` below ``lambda``; ``a`` the log-slope of
     ``lambda rho`` over the last e-fold), and the top-range result (atoms).
@@ -157,7 +201,7 @@ def _density_parts(act, q, depth, weights, sigma_w2=None):
         *np.asarray(probe.atom_locations).tolist(),
         *_singular_points(act, q, depth, weights, sigma_w2),
     )
-    split, floor = _SPLIT * edge, _FLOOR * edge
+    split, floor = _SPLIT * edge, _floor(act, q, depth, sigma_w2, float(edge))
     lam_top, w_top, id_top = _log_nodes(split, edge, 100, True, breaks)
     top = freeprob.spectral_density(act, q, depth, weights, lam_top, sigma_w2)
     edges = _support_edges(act, q, depth, weights, sigma_w2, lam_top, np.asarray(top.density))
@@ -165,7 +209,7 @@ def _density_parts(act, q, depth, weights, sigma_w2=None):
         breaks = breaks + edges
         lam_top, w_top, id_top = _log_nodes(split, edge, 100, True, breaks)
         top = freeprob.spectral_density(act, q, depth, weights, lam_top, sigma_w2)
-    lam_deep, w_deep, _ = _log_nodes(floor, split, 160, True, breaks)
+    lam_deep, w_deep, _ = _log_nodes(floor, split, _deep_panels(floor, split), True, breaks)
     deep = freeprob.spectral_density(act, q, depth, weights, lam_deep, sigma_w2, on_failure="nan")
     bad = ~np.asarray(deep.converged)
     if bad.any():
@@ -173,14 +217,16 @@ def _density_parts(act, q, depth, weights, sigma_w2=None):
         # spectrum (erf: d's law reaches 0 as a power, u -> 0): the power law
         # takes over from just above the highest such point.
         floor = float(lam_deep[bad].max()) * np.e
-        lam_deep, w_deep, _ = _log_nodes(floor, split, 160, True, breaks)
+        lam_deep, w_deep, _ = _log_nodes(floor, split, _deep_panels(floor, split), True, breaks)
         deep = freeprob.spectral_density(act, q, depth, weights, lam_deep, sigma_w2)
     scale = float(np.max(lam_top * np.asarray(top.density)))
     edges = _support_edges(
         act, q, depth, weights, sigma_w2, lam_deep, np.asarray(deep.density), scale
     )
     if edges:
-        lam_deep, w_deep, _ = _log_nodes(floor, split, 160, True, breaks + edges)
+        lam_deep, w_deep, _ = _log_nodes(
+            floor, split, _deep_panels(floor, split), True, breaks + edges
+        )
     lam_end = np.array([floor, floor * np.e])
     deep = freeprob.spectral_density(
         act, q, depth, weights, np.concatenate([lam_deep, lam_end]), sigma_w2
@@ -360,6 +406,20 @@ def test_deep_density_is_fast_and_converged():
     assert bool(np.all(np.asarray(r.converged)))
     assert np.all(np.asarray(r.density)[grid > 2720.0] < 1e-8)
     assert np.all(np.asarray(r.density)[grid < 2700.0] > 0)
+
+
+def test_grid_reaches_the_smallest_normal_float():
+    """Points down to the smallest normal float64 are solved (the continuation's level count
+    overflowed below about ``1e-295 x edge``); subnormal points are reported, not solved.
+
+    ReLU with Gaussian weights: ``rho ~ c lambda^(1/L - 1)`` near 0 (a Bernoulli law of d)."""
+    grid = np.array([1e-200, 1e-300, 2.3e-308, 1e-310, 1.0])
+    r = freeprob.spectral_density("relu", 1.0, 3, "gaussian", grid, on_failure="nan")
+    np.testing.assert_array_equal(np.asarray(r.converged), [True, True, True, False, True])
+    scaled = grid[:3] ** (2 / 3) * np.asarray(r.density)[:3]
+    np.testing.assert_allclose(scaled, scaled[0], rtol=1e-10)
+    with pytest.raises(freeprob.SolverError, match=r"1 of 5 grid points.*1\.e-310"):
+        freeprob.spectral_density("relu", 1.0, 3, "gaussian", grid)
 
 
 # A finite law of d (hard_tanh) by default; the smooth law (tanh: quadrature nodes and the
