@@ -83,6 +83,29 @@ def test_gradient_at_the_output_is_the_loss_projection():
     np.testing.assert_allclose(pr.grad_out_sq[-1], 4 * 16 / 4**2, rtol=1e-12)
 
 
+class _Dense2(nnx.Module):
+    """``W_2 relu(W_1 x)`` with parameters and computation in ``dtype``."""
+
+    def __init__(self, dtype, rngs):
+        kw = dict(param_dtype=dtype, dtype=dtype, rngs=rngs)
+        self.l1, self.l2 = nnx.Linear(8, 64, **kw), nnx.Linear(64, 4, **kw)
+
+    def __call__(self, x):
+        return self.l2(jax.nn.relu(self.l1(x)))
+
+
+def test_a_float32_model_under_float64():
+    """A float32 model (``relu`` is ``max(x, 0.0f)``) is read like its float64 copy; the
+    kernel is computed in float64 and agrees to the float32 parameters' round-off."""
+    x = _x(5, 8)
+    m32, m64 = _Dense2(jnp.float32, nnx.Rngs(0)), _Dense2(jnp.float64, nnx.Rngs(0))
+    nnx.update(m64, jax.tree.map(lambda p: p.astype(jnp.float64), nnx.state(m32)))
+    K32 = theory.nngp(m32, x.astype(jnp.float32))
+    K64 = theory.nngp(m64, x)
+    assert K32.dtype == jnp.float64
+    assert _rel(K32, K64) < 1e-6
+
+
 # --------------------------------------------------------------------------- #
 # Second routes: the older theories are special cases.
 # --------------------------------------------------------------------------- #
