@@ -113,11 +113,23 @@ def _one_leaf(ins) -> bool:
     return len(leaves) == 1 and any(isinstance(x, V.Pointwise) for x in fields)
 
 
+def _shifted(ins) -> bool:
+    """One Gaussian field plus constants (an activation's input shift, ``alpha x + beta``):
+    an elementwise function of that field, whose mean is no longer zero."""
+    fields = [x for x in ins if isinstance(x, V.Field)]
+    return (
+        len(fields) == 1
+        and fields[0].gaussian
+        and not isinstance(fields[0], V.Pointwise)
+        and all(isinstance(x, V.Det) and math.prod(x.shape) == 1 for x in ins if x is not fields[0])
+    )
+
+
 def add(eqn, ins, ctx, sign=1.0):
     where = O.where(eqn)
     shape = tuple(eqn.outvars[0].aval.shape)
     axis = O.layout(ins, where)
-    if _one_leaf(ins):
+    if _one_leaf(ins) or _shifted(ins):
         return compose(eqn, ins, ctx, shape, axis, where)
     terms = [O.as_field(x, shape, axis, where) for x in ins]
     coefs = [1.0, sign][: len(terms)]
