@@ -22,6 +22,9 @@ with ``fan_in = in * prod(spatial)``.
 | he/kaiming (n, u)    | 2 / fan_in           | 2                    | gaussian |
 | lecun (n, u)         | 1 / fan_in           | 1                    | gaussian |
 | delta_orthogonal(s2) | centre tap sqrt(s2) * Haar | s2                   | orthogonal |
+| suo(s2)              | sqrt(s2 max(1, out/in)) Haar | s2           | orthogonal |
+
+(``suo``: ``scaled_uniform_orthogonal``; a convolution gets it at the centre tap.)
 
 ("ensemble" is the random-matrix class free probability uses: uniform
 entries behave like Gaussian ones at large width.)
@@ -38,7 +41,8 @@ q_star)``: the critical point of ``q*`` (:func:`critical_variances`), the
 given values, or the scheme's own.
 
 References: Glorot & Bengio 2010; He et al. 2015; Saxe et al. 2014;
-Xiao et al. 2018 (delta-orthogonal).
+Xiao et al. 2018 (delta-orthogonal); Martens et al. 2021 (scaled uniform
+orthogonal, "SUO", the initialization of DKS and TAT).
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ __all__ = [
     "sample_delta_orthogonal",
     "sample_gaussian",
     "sample_orthogonal",
+    "sample_scaled_uniform_orthogonal",
 ]
 
 
@@ -92,7 +97,7 @@ class Initializer:
     @property
     def ensemble(self) -> str:
         """``"orthogonal"`` or ``"gaussian"``: the weights' random-matrix class."""
-        return "orthogonal" if self.name in ("orthogonal", "delta_orthogonal") else "gaussian"
+        return "gaussian" if self.name in ("gaussian", *_FAN_SAMPLERS) else "orthogonal"
 
     def sigma_w2(self, fan_in: int, fan_out: int | None = None) -> float:
         """The effective ``sigma_w2 = fan_in * Var(W_ij)`` for these fans."""
@@ -124,6 +129,7 @@ _BASE = {
     "gaussian": "param",
     "orthogonal": "param",
     "delta_orthogonal": "param",
+    "scaled_uniform_orthogonal": "param",
     "xavier_normal": "xavier",
     "xavier_uniform": "xavier",
     "he_normal": 2.0,
@@ -142,6 +148,7 @@ _ALIASES = {
     "kaiming": "he_normal",
     "lecun": "lecun_normal",
     "normal": "gaussian",
+    "suo": "scaled_uniform_orthogonal",
 }
 
 
@@ -245,10 +252,33 @@ def sample_bias(key: jax.Array, shape, sigma_b2, dtype=jnp.float32) -> jax.Array
     return _sqrt(s, dtype) * jax.random.normal(key, shape, dtype)
 
 
+def sample_scaled_uniform_orthogonal(
+    key: jax.Array, shape, sigma_w2, dtype=jnp.float32
+) -> jax.Array:
+    """Scaled uniform orthogonal (SUO; Martens et al. 2021, "Parameter distributions"):
+    ``sqrt(sigma_w2 max(1, out / in)) Q`` with ``Q`` Haar orthogonal
+    (:func:`sample_orthogonal`), so that the layer keeps ``q`` when it widens; a
+    convolution kernel ``(*spatial, in, out)`` gets it at the centre tap
+    (``(k - 1) // 2``, a delta initialization) and zeros elsewhere. ``fan_in Var(W_ij) =
+    sigma_w2`` for every shape. As dks's ``scaled_uniform_orthogonal``; use zero biases.
+    """
+    shape = _shape(shape)
+    if len(shape) < 2:
+        raise ValueError(f"scaled_uniform_orthogonal: kernel must be 2-D or more, got {shape}")
+    n_in, n_out = shape[-2:]
+    s2 = _variance("sigma_w2", sigma_w2) * max(1.0, n_out / n_in)
+    tap = sample_orthogonal(key, shape[-2:], s2, dtype)
+    if len(shape) == 2:
+        return tap
+    centre = tuple((k - 1) // 2 for k in shape[:-2])
+    return jnp.zeros(shape, dtype).at[centre].set(tap)
+
+
 _ENSEMBLE_SAMPLERS = {
     "gaussian": sample_gaussian,
     "orthogonal": sample_orthogonal,
     "delta_orthogonal": sample_delta_orthogonal,
+    "scaled_uniform_orthogonal": sample_scaled_uniform_orthogonal,
 }
 
 

@@ -66,7 +66,9 @@ The package, one concern a module: ``stack`` (the representation, the plain
 dense stack's JVP), ``config`` (what the configs share: branch scales, dtypes,
 initialization options), ``build`` (drawing parameters; ``ScannedNet``, the one
 construction path of ``MLP`` and ``ConvNet``), ``mlp``, ``convnet`` and
-``transformer``; every public name is re-exported here.
+``transformer``, and ``blocks`` (:class:`WeightedResidual`, the normalized residual
+block of DKS/TAT for a researcher's own NNX model); every public name is re-exported
+here.
 
 Example:
     >>> from flax import nnx
@@ -87,6 +89,7 @@ References:
     (layer normalization); He et al. 2016 (residual connections).
 """
 
+from isometry.networks.blocks import WeightedResidual
 from isometry.networks.config import BRANCH_SCALES, branch_scale, check_branch_scale
 from isometry.networks.config import DTYPES as DTYPES  # public, not in __all__
 from isometry.networks.convnet import PADDINGS, ConvConfig, ConvNet, conv
@@ -116,6 +119,7 @@ __all__ = [
     "StackedParam",
     "Transformer",
     "TransformerConfig",
+    "WeightedResidual",
     "attention",
     "branch_scale",
     "check_branch_scale",
