@@ -73,7 +73,7 @@ def test_dks_conditions_hold_to_1e8_by_two_routes(dks_tanh):
     assert (t.method, t.depth, t.target) == ("dks", DEPTH, 1.5)
     assert t.max_residual < shaping.TOLERANCE
     assert [name for name, _ in t.residuals] == [
-        "Q(1) - 1", "Q'(1) - 1", "E[phi_hat]", "C'(1) - zeta^(1/L)",
+        "Q(1) - 1", "Q'(1) - 1", "E[phi_hat]", "C'(1) - s",
     ]  # fmt: skip
     m = _stein(dks_tanh)
     assert abs(float(m["Q1"]) - 1.0) < 1e-8
@@ -135,13 +135,20 @@ def test_names_resolve_to_the_cached_transform(dks_tanh):
         (lambda: shaping.tat("leaky_relu", 50, eta=0.0), "eta must lie in"),
         (lambda: shaping.tat("leaky_relu", 50, eta=1.0), "eta must lie in"),
         (lambda: shaping.tat("tanh", 50, tau=0.0), "tau"),
-        (lambda: shaping.dks("relu", 10), "'relu' .*not smooth"),
+        (lambda: shaping.dks("prelu", 10), "'prelu' .*learnable slope"),
         (lambda: shaping.tat("relu", 10), "use 'leaky_relu'"),
-        (lambda: shaping.dks("leaky_relu", 10), "shaped by TAT"),
+        (lambda: shaping.dks("tanh"), "exactly one of depth .* and subnet_max_func"),
+        (lambda: shaping.tat("tanh", 5, subnet_max_func=shaping.chain(5)), "exactly one of"),
+        (lambda: shaping.dks("tanh", subnet_max_func="resnet"), "must be a callable"),
+        (lambda: shaping.dks("tanh", subnet_max_func=lambda x: x), "callable as .*TypeError"),
+        (lambda: shaping.dks("tanh", subnet_max_func=lambda x, r: 2 * r(x)), "M\\(1, identity\\)"),
+        (lambda: shaping.dks("tanh", subnet_max_func=lambda x, r: 2 - r(x)), "not increasing"),
+        (lambda: shaping.dks("tanh", subnet_max_func=lambda x, r: x), "no nonlinear layer"),
+        (lambda: shaping.tat("tanh", subnet_max_func=lambda x, r: float("nan")), "not a finite"),
         (lambda: shaping.tat("selu", 10), "C''\\(1\\) .*infinite"),
         (lambda: shaping.dks("linear", 10), "C'\\(1\\) = 1 always"),
         (lambda: shaping.dks(shaping.tat("leaky_relu", 20), 10), "already shaped"),
-        (lambda: shaping.tat("leaky_relu", 10, eta=0.9), "cannot reach C_f\\(0\\) = eta"),
+        (lambda: shaping.tat("leaky_relu", 10, eta=0.9), "cannot reach max C_f\\(0\\) = eta"),
     ],
 )
 def test_bad_input_is_a_clear_error(call, match):

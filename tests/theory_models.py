@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from isometry import initializers, networks
+
 F64 = jnp.float64
 
 
@@ -193,3 +195,59 @@ def uniform_taps(model) -> None:
             W = m.kernel[...]
             taps = jnp.mean(W**2, axis=(-2, -1), keepdims=True)
             m.kernel[...] = W * jnp.sqrt(jnp.mean(W**2) / taps)
+
+
+class _Bottleneck(nnx.Module):
+    """dks's pre-activation bottleneck branch, dense: ``(phi -> Dense) x 3``; ``proj``: the
+    projection a group's first block applies to its first activation on the shortcut."""
+
+    def __init__(self, width, act, proj, rngs, dtype):
+        init = initializers.get("scaled_uniform_orthogonal")
+        kw = dict(use_bias=False, kernel_init=init)
+        self.layers = nnx.List([dense(width, width, rngs, dtype, **kw) for _ in range(3)])
+        self.proj = dense(width, width, rngs, dtype, **kw) if proj else None
+        self.act = act
+
+    def __call__(self, x):
+        h = x
+        for layer in self.layers:
+            h = layer(self.act(h))
+        return h
+
+
+class DKSResNet(nnx.Module):
+    """DeepMind dks's modified ResNet V2 (bottleneck, three nonlinear layers per branch, a
+    projection shortcut taking the block's first activation at each group's first block,
+    ``w x + sqrt(1 - w^2) f(x)`` sums, a final activation, mean pooling, a readout), dense
+    and at one width, with scaled uniform orthogonal weights and no biases."""
+
+    def __init__(self, d, width, rngs, act=jax.nn.relu, groups=(3, 4, 23, 3), w=0.6,
+                 dtype=F64):  # fmt: skip
+        init = initializers.get("scaled_uniform_orthogonal")
+        kw = dict(use_bias=False, kernel_init=init)
+        self.inp = dense(d, width, rngs, dtype, **kw)
+        blocks = []
+        for g in groups:
+            for j in range(g):
+                branch = _Bottleneck(width, act, j == 0, rngs, dtype)
+                proj = None if j else _Projection(branch)
+                blocks.append(networks.WeightedResidual(branch, w, shortcut=proj))
+        self.blocks = nnx.List(blocks)
+        self.out = dense(width, 3, rngs, dtype, **kw)
+        self.act = act
+
+    def __call__(self, x):
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.out(jnp.mean(self.act(x)[:, None, :], axis=1))
+
+
+class _Projection(nnx.Module):
+    """The projection shortcut of a group's first block: ``Dense(phi(x))``."""
+
+    def __init__(self, branch):
+        self.branch = branch
+
+    def __call__(self, x):
+        return self.branch.proj(self.branch.act(x))
