@@ -83,6 +83,25 @@ def test_gradient_at_the_output_is_the_loss_projection():
     np.testing.assert_allclose(pr.grad_out_sq[-1], 4 * 16 / 4**2, rtol=1e-12)
 
 
+def test_an_input_shift_inside_the_activation_is_one_elementwise_function():
+    """``W_2 relu(W_1 x + 0.5)`` (a constant, not a parameter, added: DKS/TAT's input shift):
+    ``K_aa = E[relu(h + b)^2] = (q + b^2) Phi(b / sqrt q) + b sqrt(q) phi(b / sqrt q)``."""
+
+    class Shifted(nnx.Module):
+        def __init__(self, rngs):
+            self.l1, self.l2 = M.dense(6, 32, rngs), M.dense(32, 3, rngs)
+
+        def __call__(self, x):
+            return self.l2(jax.nn.relu(self.l1(x) + 0.5))
+
+    x = _x(4, 6)
+    K = theory.nngp(Shifted(nnx.Rngs(0)), x, variances={"*kernel": 1.0, "*bias": 0.0})
+    q, b = np.sum(np.asarray(x) ** 2, axis=1) / 6, 0.5
+    t = b / np.sqrt(q)
+    want = (q + b * b) * norm.cdf(t) + b * np.sqrt(q) * norm.pdf(t)
+    np.testing.assert_allclose(np.diag(K), want, rtol=1e-10)
+
+
 class _Dense2(nnx.Module):
     """``W_2 relu(W_1 x)`` with parameters and computation in ``dtype``."""
 
