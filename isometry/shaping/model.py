@@ -86,6 +86,7 @@ class ModelMaxFunc:
         return vals[root]
 
     def __call__(self, x: float, r_fn) -> float:
+        r_fn = _memo(r_fn)  # branches from their forks repeat the same values
         out = self.network(x, r_fn)
         for fork, term in self.forks:
             out = max(out, self.network(x, r_fn, root=term, fork=fork))
@@ -96,6 +97,22 @@ class ModelMaxFunc:
             f"ModelMaxFunc({self.name}: {self.nonlinear_layers} nonlinear layers, "
             f"{len(self.forks)} residual branches)"
         )
+
+
+def _memo(r_fn):
+    """``r_fn`` remembering its values at the numbers it has seen (arrays pass through)."""
+    seen = {}
+
+    def r(y):
+        try:
+            key = float(y)
+        except TypeError:
+            return r_fn(y)
+        if key not in seen:
+            seen[key] = r_fn(y)
+        return seen[key]
+
+    return r
 
 
 class _Graph:

@@ -198,7 +198,7 @@ def leaky_relu_c_map(a: float):
 
     def c_map(c):
         with jax.enable_x64(True):
-            return float(_leaky_c(jnp.float64(c), jnp.float64(a)))
+            return float(_leaky_c(np.float64(c), np.float64(a)))
 
     return c_map
 
