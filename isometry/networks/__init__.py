@@ -67,7 +67,8 @@ dense stack's JVP), ``config`` (what the configs share: branch scales, dtypes,
 initialization options), ``build`` (drawing parameters; ``ScannedNet``, the one
 construction path of ``MLP`` and ``ConvNet``), ``mlp``, ``convnet`` and
 ``transformer``, and ``blocks`` (:class:`WeightedResidual`, the normalized residual
-block of DKS/TAT for a researcher's own NNX model); every public name is re-exported
+block of DKS/TAT for a researcher's own NNX model, and :class:`WeightedResNet`, a dense
+network of them); every public name is re-exported
 here.
 
 Example:
@@ -89,7 +90,7 @@ References:
     (layer normalization); He et al. 2016 (residual connections).
 """
 
-from isometry.networks.blocks import WeightedResidual
+from isometry.networks.blocks import WeightedResidual, WeightedResNet
 from isometry.networks.config import BRANCH_SCALES, branch_scale, check_branch_scale
 from isometry.networks.config import DTYPES as DTYPES  # public, not in __all__
 from isometry.networks.convnet import PADDINGS, ConvConfig, ConvNet, conv
@@ -119,6 +120,7 @@ __all__ = [
     "StackedParam",
     "Transformer",
     "TransformerConfig",
+    "WeightedResNet",
     "WeightedResidual",
     "attention",
     "branch_scale",
