@@ -202,7 +202,8 @@ def train_model(
     *,
     depth: int,
 ) -> RunResult:
-    """Train ``model`` (``depth`` stacked layers) on ``ds`` and reduce the run.
+    """Train ``model`` (``depth`` stacked layers, whose gradient norms the log holds; 0 for a
+    model without a scanned stack) on ``ds`` and reduce the run.
 
     ``run_dir``: the training directory (resumes a run left there from its
     last periodic checkpoint; removed when done, so no checkpoint is written

@@ -13,7 +13,15 @@ variants (:data:`VARIANTS`):
   ``sigma_w2 = 1``, zero-initialized biases;
 * ``tat_leaky_relu``: the same with TAT's leaky ReLU (:func:`isometry.shaping.tat`, ``eta``);
 * ``resnet_bn``: the baseline, a residual ReLU network with batch
-  normalization, ``x^l = x^{l-1} + relu(BN(W^l x^{l-1} + b^l))``, He weights.
+  normalization, ``x^l = x^{l-1} + relu(BN(W^l x^{l-1} + b^l))``, He weights;
+* ``wresnet_dks_softplus``, ``wresnet_tat_leaky_relu``: a residual network
+  without normalization, :class:`isometry.networks.WeightedResNet` (blocks ``w x +
+  sqrt(1 - w^2) f(x)``, two nonlinear layers per branch, ``depth / 2`` blocks,
+  scaled uniform orthogonal weights), its activation shaped through the
+  subnetwork maximizing function the theory engine reads off the model
+  (:func:`isometry.shaping.subnet_max_func`): DKS softplus, TAT leaky ReLU;
+* ``wresnet_relu``: the same network with plain ReLU (unshaped);
+  ``wresnet_bn``: the same with batch norm before every ReLU.
 
 Inputs: each example is scaled to ``||u||^2 / d = 1`` (``q*`` for
 ``eoc_tanh``), the kernel-shaping convention (Martens et al. 2021, section
@@ -42,11 +50,13 @@ condition residual; NaN for the untransformed variants). Arrays per point:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 
 from isometry import (
     activations,
@@ -60,10 +70,20 @@ from isometry import (
 )
 from isometry.experiments import Experiment, harness
 
-__all__ = ["EXPERIMENT", "PRESETS", "VARIANTS", "Config", "grid", "network", "run", "theory"]
+__all__ = [
+    "EXPERIMENT", "PRESETS", "VARIANTS", "WRESNETS", "Config", "grid", "network", "run", "theory",
+    "wresnet", "wresnet_activation",
+]  # fmt: skip
 
-VARIANTS = ("eoc_tanh", "dks_tanh", "dks_softplus", "tat_leaky_relu", "resnet_bn")
-"""Network variants: edge of chaos, DKS, TAT, and the residual batch-norm baseline."""
+VARIANTS = (
+    "eoc_tanh", "dks_tanh", "dks_softplus", "tat_leaky_relu", "resnet_bn",
+    "wresnet_dks_softplus", "wresnet_tat_leaky_relu", "wresnet_relu", "wresnet_bn",
+)  # fmt: skip
+"""Network variants: vanilla at the edge of chaos, DKS and TAT; the residual batch-norm
+baseline; weighted residual networks shaped through their own structure, unshaped, and
+with batch norm."""
+
+WRESNETS = ("wresnet_dks_softplus", "wresnet_tat_leaky_relu", "wresnet_relu", "wresnet_bn")
 
 TRAIN = training.TrainConfig(
     steps=200, batch_size=64, optimizer="adam", learning_rate=1e-3, log_every=50,
@@ -84,6 +104,11 @@ class Config:
         zeta: DKS's compound slope ``C_f'(1)``.
         eta: TAT's ``C_f(0)`` for leaky ReLU.
         q_star: the edge-of-chaos network's fixed point.
+        shortcut_weight: ``w`` of the weighted residual networks.
+        residual_eta: TAT's largest ``C_f(0)`` over the weighted residual network's
+            subnetworks (its shortcuts keep it more linear than a chain: with ``w = 0.8``
+            ten blocks of ReLU reach only 0.80, so the chains' 0.9 is out of reach;
+            0.75 is dks's value for its ResNet).
         dataset: ``digits`` (embedded) or a local-file dataset.
         train: every run's :class:`~isometry.training.TrainConfig` (run ``s``
             uses ``train.seed + s``).
@@ -96,6 +121,8 @@ class Config:
     zeta: float = 1.5
     eta: float = 0.9
     q_star: float = 1.0
+    shortcut_weight: float = 0.8
+    residual_eta: float = 0.75
     dataset: str = "digits"
     train: training.TrainConfig = TRAIN
 
@@ -105,6 +132,8 @@ class Config:
         validate.real_array("zeta", self.zeta, minimum=1.0, strict=True)
         validate.real_array("eta", self.eta, minimum=0.0, maximum=1.0)
         validate.real_array("q_star", self.q_star, minimum=0.0, strict=True)
+        validate.real_array("shortcut_weight", self.shortcut_weight, minimum=0.0, maximum=1.0)
+        validate.real_array("residual_eta", self.residual_eta, minimum=0.0, maximum=1.0)
         harness.check_study(self)
 
 
@@ -159,6 +188,36 @@ def network(cfg: Config, variant: str, depth: int, in_dim: int, out_dim: int):
     return net, 1.0
 
 
+def wresnet(cfg: Config, variant: str, depth: int, in_dim: int, out_dim: int, seed: int):
+    """``(model, activation)``: the weighted residual network of ``variant`` (``depth / 2``
+    blocks of two nonlinear layers), its activation shaped through the model's own
+    subnetwork maximizing function (:func:`wresnet_activation`)."""
+    act = wresnet_activation(cfg, variant, depth, in_dim)
+    norm = "batch" if variant == "wresnet_bn" else "none"
+    return _wresnet_model(cfg, depth, act, in_dim, out_dim, seed, norm), act
+
+
+def _wresnet_model(cfg: Config, depth, act, in_dim, out_dim, seed, norm="none"):
+    return networks.WeightedResNet(
+        in_dim, cfg.width, max(1, depth // 2), act, out_dim,
+        shortcut_weight=cfg.shortcut_weight, norm=norm, rngs=nnx.Rngs(seed),
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def wresnet_activation(cfg: Config, variant: str, depth: int, in_dim: int):
+    """The activation of a weighted residual variant: ReLU (unshaped, batch norm), or DKS
+    softplus / TAT leaky ReLU solved through :func:`isometry.shaping.subnet_max_func` of
+    the network (read off a copy with ReLU: the structure does not depend on it)."""
+    if variant in ("wresnet_relu", "wresnet_bn"):
+        return activations.get("relu")
+    model = _wresnet_model(cfg, depth, "relu", in_dim, 10, 0)
+    m = shaping.subnet_max_func(model, np.ones((1, in_dim), np.float32))
+    if variant == "wresnet_dks_softplus":
+        return shaping.dks("softplus", zeta=cfg.zeta, subnet_max_func=m)
+    return shaping.tat("leaky_relu", eta=cfg.residual_eta, subnet_max_func=m)
+
+
 def on_sphere(x: np.ndarray, m: float) -> np.ndarray:
     """Each row of ``x (n, d)`` scaled to mean square ``m`` (``||u||^2 = d m``)."""
     x = np.asarray(x, np.float64).reshape(x.shape[0], -1)
@@ -186,6 +245,14 @@ def run(
 
     def point(p, run_dir):
         tc = dataclasses.replace(cfg.train, seed=cfg.train.seed + p["seed"])
+        if p["variant"] in WRESNETS:
+            model, act = wresnet(cfg, p["variant"], p["depth"], ds.in_dim, ds.out_dim, tc.seed)
+            data = dataclasses.replace(
+                ds, x_train=on_sphere(ds.x_train, 1.0), x_test=on_sphere(ds.x_test, 1.0)
+            )
+            res = harness.train_model(model, data, tc, run_dir, depth=0)  # no stack
+            return {"rows": {**res.row, **_transform_row(act)},
+                    "arrays": {k: res.curves[k] for k in ("step", "loss")}}  # fmt: skip
         net, m = network(cfg, p["variant"], p["depth"], None, ds.out_dim)
         data = dataclasses.replace(
             ds, x_train=on_sphere(ds.x_train, m), x_test=on_sphere(ds.x_test, m)
@@ -206,13 +273,21 @@ def theory(cfg: Config, depth: int, c=None) -> dict[str, np.ndarray]:
     :func:`isometry.shaping.compound_c_map`), edge of chaos at ``q*`` and its
     critical variances. Computed in float32 with the fast quadrature (error about
     2e-6 per layer, 2e-4 at ``c = 1`` after 100 layers: ample for curves; float64
-    takes minutes at depth 100). The
-    residual batch-norm network has no C-map of this form (not included).
+    takes minutes at depth 100). The shaped weighted residual networks: the
+    structure :func:`isometry.shaping.subnet_max_func` read off the model, composed
+    with the activation's local C-map (float64; equal to the theory engine's kernel
+    of the model to 1e-8, ``tests/test_shaping_architectures.py``). The batch-norm
+    and unshaped ReLU networks have no C-map of this form (not included).
     """
     c = np.linspace(-1.0, 1.0, 21) if c is None else np.asarray(c, np.float64)
     out = {"c": c}
     for variant in cfg.variants:
-        if variant == "resnet_bn":
+        if variant in ("resnet_bn", "wresnet_relu", "wresnet_bn"):
+            continue
+        if variant in WRESNETS:  # the model's structure composed with the local C-map
+            act = wresnet_activation(cfg, variant, depth, cfg.width)
+            local = lambda x, act=act: np.asarray(shaping.compound_c_map(act, x, 1))  # noqa: E731
+            out[variant] = np.asarray(act.transform.subnet_max_func.network(c, local))
             continue
         act = activation(cfg, variant, depth)
         q, sw, sb = 1.0, 1.0, 0.0

@@ -1,26 +1,46 @@
-"""Kernel shaping: held-out accuracy after a fixed budget vs depth for vanilla networks with DKS/TAT activations, edge-of-chaos tanh and a batch-normalized ResNet, beside the compound C-maps (Martens et al. 2021; Zhang et al. 2022).
+"""Kernel shaping: held-out accuracy after a fixed budget vs depth for vanilla networks with DKS/TAT activations, edge-of-chaos tanh, batch-normalized ResNets and weighted ResNets shaped through their own structure, with the learning-rate sensitivity of DKS tanh and the compound C-maps (Martens et al. 2021; Zhang et al. 2022).
 
 Measurement (left): the ``shaping`` experiment, one Adam run per (variant,
 depth, seed) at one learning rate and budget, held-out accuracy averaged
 over seeds (chance 0.1); a cross marks a run stopped by a non-finite loss.
-Theory (right): the compound C-map ``C_f(c) = C^L(c)`` of each vanilla
-variant at the largest depth (:func:`isometry.experiments.shaping.theory`):
-DKS keeps ``C_f(0) = 0`` and ``C_f'(1) = zeta``, TAT's leaky ReLU has
-``C_f(0) = eta``, while the edge-of-chaos tanh map is nearly constant (every
-pair of inputs ends up almost parallel): the degeneration kernel shaping
-prevents, and the edge-of-chaos network is the one that falls to chance with
-depth. The ResNet has no such map (not drawn). Where theory and measurement
-part: DKS tanh and DKS softplus have the same compound C-map (both are fixed
-by ``zeta``; the dashed curve lies on the solid one), yet at the largest depth
-DKS tanh trains markedly worse with this short Adam budget. The initial kernel
-does not explain the gap; the shaping conditions say nothing about the
-optimizer's trajectory (Martens et al. train with K-FAC for many epochs, not
-done here); one untested guess is that DKS tanh at depth 100 is nearly affine
-(``alpha ~ 0.09``, ``gamma ~ 15``), which Adam's per-parameter steps treat
-differently from the softplus transform.
+Circles are vanilla chains and the toolkit's ResNet with batch norm; squares
+are weighted ResNets (``w x + sqrt(1 - w^2) f(x)``, two nonlinear layers per
+branch, no normalization unless said) whose DKS/TAT activations were solved
+through the subnetwork maximizing function the theory engine read off the
+model (``shaping.subnet_max_func``). Middle: DKS tanh and DKS softplus at the
+largest depth against Adam's learning rate (the dashed line is the rate of
+the left panel). Theory (right): the compound C-map of each shaped network at
+the largest depth: ``C^L`` for the chains
+(:func:`isometry.experiments.shaping.theory`), the model's structure composed
+with the local C-map for the weighted ResNets (DKS: ``C_f(0) = 0`` and largest
+slope ``zeta``; TAT: largest ``C_f(0)`` ``residual_eta``), and the nearly
+constant map of edge-of-chaos tanh, the degeneration kernel shaping prevents
+and the network that falls to chance with depth.
+
+Where theory and measurement part, and why. DKS tanh and DKS softplus have
+the same compound C-map (the dashed curve lies on the solid one), yet DKS
+tanh falls at the largest depth at the left panel's rate: the middle panel
+shows why. Below that rate DKS tanh trains as well as DKS softplus; at it, it does
+not. The initial kernel is the same; what differs is how far training moves the
+network from it: at that rate the second moment of DKS tanh's pre-activations grows
+during training far beyond the ``q = 1`` the transform was solved at, in the middle
+of the network (softplus's stays near it), and there the shaped tanh is far more
+nonlinear (its local ``C'(1)`` grows with ``q``, and 100 layers compound the
+excess). The shaping conditions fix the kernel at initialization only; the stable
+step size is a property of the transform, and Martens et al. tune it (with K-FAC).
+The weighted ResNets (single runs): shaped through their own structure they train at
+every depth; at the largest depth DKS's keeps clearly more accuracy than the same
+network with plain ReLU (whose signal and gradients shrink layer by layer: ReLU is
+not normalized), TAT's a little more, and both far more than the same network with
+batch norm, which does not train there: its gradients grow backwards through the
+batch-normalized layers (Yang et al. 2019), which weighted shortcuts do not tame at
+this depth. The toolkit's own ResNet with batch norm (unweighted sums, one layer per
+block) trains, less well than the shaped networks.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -30,9 +50,14 @@ from isometry.experiments import harness, shaping
 from isometry.paper_figures import core
 
 KEYS = ("variants", "depth", "eval_accuracy", "diverged", "c", "c_maps", "c_map_variants", "theory_depth",
-        "steps", "width", "zeta", "eta")  # fmt: skip
+        "steps", "width", "zeta", "eta", "residual_eta", "learning_rate", "lr_sweep", "lr_variants", "lr_accuracy")  # fmt: skip
 
-COST = {"quick": 79}
+LR_SWEEP = (1e-4, 3e-4)
+"""Adam learning rates of the sensitivity panel (DKS tanh vs DKS softplus at the largest depth)
+besides the experiment's own, whose runs the panel shares with the depth panel."""
+LR_VARIANTS = ("dks_tanh", "dks_softplus")
+
+COST = {"quick": 130}
 """Seconds of one CPU core for the quick tier from empty stores (a scheduling hint)."""
 
 TIERS = harness.figure_tiers(
@@ -46,6 +71,10 @@ LABELS = {
     "dks_softplus": "DKS softplus",
     "tat_leaky_relu": "TAT leaky ReLU",
     "resnet_bn": "ResNet + batch norm (ReLU)",
+    "wresnet_dks_softplus": "weighted ResNet, DKS softplus",
+    "wresnet_tat_leaky_relu": "weighted ResNet, TAT leaky ReLU",
+    "wresnet_relu": "weighted ResNet, ReLU (unshaped)",
+    "wresnet_bn": "weighted ResNet, ReLU + batch norm",
 }
 COLORS = {
     "eoc_tanh": "tab:gray",
@@ -53,6 +82,10 @@ COLORS = {
     "dks_softplus": "tab:green",
     "tat_leaky_relu": "tab:orange",
     "resnet_bn": "tab:red",
+    "wresnet_dks_softplus": "tab:green",
+    "wresnet_tat_leaky_relu": "tab:orange",
+    "wresnet_relu": "tab:purple",
+    "wresnet_bn": "tab:red",
 }
 
 
@@ -67,6 +100,12 @@ def compute(preset, overrides, store) -> dict:
     acc = run.array("eval_accuracy", axes).astype(float).mean(axis=-1)[:, k]
     div = run.array("diverged", axes).mean(axis=-1)[:, k]  # the fraction of runs stopped
     th = shaping.theory(cfg, int(depths[-1]))
+    rates, lr_acc = _lr_sweep(preset, overrides, store, int(depths[-1]))
+    if all(v in cfg.variants for v in LR_VARIANTS):  # the experiment's rate: its own runs
+        rows = [list(cfg.variants).index(v) for v in LR_VARIANTS]
+        rates = np.append(rates, cfg.train.learning_rate)
+        lr_acc = np.concatenate([lr_acc, acc[rows, -1:]], axis=1)
+    order = np.argsort(rates)
     drawn = [v for v in cfg.variants if v in th]
     return {
         "variants": np.asarray(cfg.variants),
@@ -81,31 +120,64 @@ def compute(preset, overrides, store) -> dict:
         "width": np.asarray(cfg.width),
         "zeta": np.asarray(cfg.zeta),
         "eta": np.asarray(cfg.eta),
+        "residual_eta": np.asarray(cfg.residual_eta),
+        "learning_rate": np.asarray(cfg.train.learning_rate),
+        "lr_sweep": rates[order],
+        "lr_variants": np.asarray(LR_VARIANTS),
+        "lr_accuracy": lr_acc[:, order],
     }
+
+
+def _lr_sweep(preset, overrides, store, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rates :data:`LR_SWEEP` and the held-out accuracy ``(variant, rate)`` of
+    :data:`LR_VARIANTS` at ``depth`` (means over seeds): the same experiment, one stored
+    run per rate."""
+    out = np.full((len(LR_VARIANTS), len(LR_SWEEP)), np.nan)
+    for j, lr in enumerate(LR_SWEEP):
+        sub = (*overrides, f"variants={','.join(LR_VARIANTS)}", f"depths={depth}",
+               f"train.learning_rate={lr!r}")  # fmt: skip
+        where = None if store is None else str(Path(store) / f"learning_rate_{lr:g}")
+        run = harness.stored_run(
+            shaping.EXPERIMENT, preset, sub, where, progress=core.progress_enabled()
+        )
+        acc = run.array("eval_accuracy", ("variant", "depth", "seed")).astype(float)
+        out[:, j] = acc.mean(axis=-1)[:, 0]
+    return np.asarray(LR_SWEEP, float), out
 
 
 def plot(data, params):
     plotting.style()
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11.0, 4.4), constrained_layout=True)
+    fig, (ax, cx, bx) = plt.subplots(
+        1,
+        3,
+        figsize=(16.0, 5.2),
+        constrained_layout=True,
+        gridspec_kw={"width_ratios": [1.25, 0.8, 1]},
+    )
     depth = np.asarray(data["depth"])
     for v, acc, div in zip(data["variants"], data["eval_accuracy"], data["diverged"], strict=True):
         v = str(v)
         last = f": {acc[-1]:.2f} at $L = {depth[-1]}$" if np.isfinite(acc[-1]) else ""
-        ax.plot(depth, acc, "o-", color=COLORS[v], label=LABELS[v] + last)
+        style = "s--" if v.startswith("wresnet") else "o-"
+        ax.plot(depth, acc, style, color=COLORS[v], label=LABELS[v] + last)
         bad = np.asarray(div) > 0
         if bad.any():
             ax.plot(depth[bad], np.asarray(acc)[bad], "x", color="black", ms=9, mew=2)
     ax.axhline(0.1, color=plotting.THEORY_COLOR, ls=":", lw=1, label="chance")
-    ax.set_xlabel(r"depth $L$ (hidden layers, no skip connections except the ResNet)")
+    ax.set_xlabel(r"depth $L$ (nonlinear layers; circles: chains and the toolkit's ResNet)")
     ax.set_ylabel("held-out accuracy after training")
     ax.set_ylim(0.0, 1.02)
     ax.set_xticks(depth)
-    ax.set_title(f"Measured: width {int(data['width'])}, {int(data['steps'])} Adam steps")
-    ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
+    lr = float(data["learning_rate"])
+    ax.set_title(f"Measured: width {int(data['width'])}, {int(data['steps'])} Adam steps, "
+                 f"rate {lr:g}")  # fmt: skip
+    ax.legend(loc="lower left", fontsize=7.5, framealpha=0.9)
+    _plot_lr(cx, data)
     c = np.asarray(data["c"])
     bx.plot(c, c, color=plotting.THEORY_COLOR, ls=":", lw=1, label="identity (linear network)")
     for v, cf in zip(data["c_map_variants"], data["c_maps"], strict=True):
-        dashed = str(v) == "dks_tanh"  # on top of DKS softplus: same zeta, nearly the same map
+        # DKS tanh lies on DKS softplus (same zeta); the residual networks' maps are dashed
+        dashed = str(v) == "dks_tanh" or str(v).startswith("wresnet")
         bx.plot(
             c,
             cf,
@@ -120,7 +192,22 @@ def plot(data, params):
     bx.set_ylabel(rf"compound C-map $C_f(c)$, $L = {L}$")
     bx.set_xlim(-1, 1)
     bx.set_ylim(-1.02, 1.02)
-    zeta, eta = float(data["zeta"]), float(data["eta"])
-    bx.set_title(rf"Theory: DKS $C_f'(1)={zeta:g}$, TAT $C_f(0)={eta:g}$")
+    zeta, eta, r_eta = (float(data[k]) for k in ("zeta", "eta", "residual_eta"))
+    bx.set_title(rf"Theory: DKS $C_f'(1)={zeta:g}$, TAT $C_f(0)={eta:g}$ (ResNet ${r_eta:g}$)")
     bx.legend(loc="lower right", fontsize=8, framealpha=0.9)
     return fig
+
+
+def _plot_lr(cx, data) -> None:
+    rates = np.asarray(data["lr_sweep"])
+    for v, acc in zip(data["lr_variants"], data["lr_accuracy"], strict=True):
+        cx.plot(rates, acc, "o-", color=COLORS[str(v)], label=LABELS[str(v)])
+    cx.axvline(float(data["learning_rate"]), color="black", ls="--", lw=1,
+               label="the rate of the left panel")  # fmt: skip
+    cx.axhline(0.1, color=plotting.THEORY_COLOR, ls=":", lw=1)
+    cx.set_xscale("log")
+    cx.set_xlabel("Adam learning rate")
+    cx.set_ylabel("held-out accuracy after training")
+    cx.set_ylim(0.0, 1.02)
+    cx.set_title(f"Measured: learning rate at $L = {int(np.asarray(data['depth'])[-1])}$")
+    cx.legend(loc="lower left", fontsize=8, framealpha=0.9)

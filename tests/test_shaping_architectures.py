@@ -75,7 +75,13 @@ def _reference_activation(key, params):
                        params.get("output_shift", 0.0))  # fmt: skip
 
 
-ROWS = [(c, k) for c in REF["cases"] for k in REF["cases"][c]["rows"] if k not in NO_SOLUTION]
+CHAIN_DEFAULT = {"dks:tanh", "dks:relu", "dks:leaky_relu", "tat:leaky_relu"}  # the rest: slow
+ROWS = [
+    pytest.param(c, k, marks=[pytest.mark.slow] if c != "resnet" and k not in CHAIN_DEFAULT else [])
+    for c in REF["cases"]
+    for k in REF["cases"][c]["rows"]
+    if k not in NO_SOLUTION
+]
 
 
 @pytest.mark.parametrize(("case", "key"), ROWS)
@@ -159,9 +165,11 @@ def test_model_max_func_equals_the_hand_written_one(small_resnet_max):
             assert m(x, r) == pytest.approx(want, rel=1e-13, abs=1e-15)
 
 
-def _pair(c, d=4):
+def _fan(cs, d=4):
+    """``e_1`` then one input at cosine ``c`` with it per ``c``, all with ``||x||^2 / d = 1``."""
     e1, e2 = np.eye(d)[0], np.eye(d)[1]
-    return jnp.asarray(np.stack([e1, c * e1 + math.sqrt(1 - c * c) * e2]) * math.sqrt(d))
+    rows = [e1] + [c * e1 + math.sqrt(1 - c * c) * e2 for c in cs]
+    return jnp.asarray(np.stack(rows) * math.sqrt(d))
 
 
 @pytest.mark.parametrize("method", ["dks", "tat"])
@@ -177,14 +185,13 @@ def test_engine_compound_map_is_the_structure_composed(small_resnet_max, method)
         else shaping.tat("leaky_relu", eta=0.75, subnet_max_func=m)
     )
     model = M.DKSResNet(4, 8, nnx.Rngs(1), act=act, groups=GROUPS)
-    local = lambda c: float(shaping.compound_c_map(act, c, 1))  # noqa: E731
-    for c in (0.0, 0.5, 0.9, 0.99):
-        K = np.asarray(theory.nngp(model, _pair(c)))
-        assert K[0, 0] == pytest.approx(1.0, abs=1e-8) and K[1, 1] == pytest.approx(1.0, abs=1e-8)
-        cf = K[0, 1] / math.sqrt(K[0, 0] * K[1, 1])
-        assert cf == pytest.approx(m.network(c, local), abs=1e-8)
-        if c == 0.0:
-            assert cf == pytest.approx(0.0 if method == "dks" else 0.75, abs=1e-8)
+    cs = np.asarray([0.0, 0.5, 0.9, 0.99])
+    K = np.asarray(theory.nngp(model, _fan(cs)))
+    np.testing.assert_allclose(np.diag(K), 1.0, atol=1e-8)
+    cf = K[0, 1:] / np.sqrt(K[0, 0] * np.diag(K)[1:])
+    want = m.network(cs, lambda c: np.asarray(shaping.compound_c_map(act, c, 1)))
+    np.testing.assert_allclose(cf, want, atol=1e-8)
+    assert cf[0] == pytest.approx(0.0 if method == "dks" else 0.75, abs=1e-8)
 
 
 @pytest.mark.slow  # derives the 101-layer model's structure (~20 s) and solves twice
@@ -237,3 +244,26 @@ def test_weighted_residual_and_scaled_uniform_orthogonal():
         assert fan_in * np.mean(w**2) == pytest.approx(1.0, rel=1e-12)
     assert np.count_nonzero(w[0, 0]) == 0 and np.count_nonzero(w[1, 1]) == 8 * 32
     assert init.ensemble == "orthogonal" and init.sigma_w2(8, 32) == 1.0
+
+
+def test_experiment_trains_weighted_resnets_shaped_through_their_structure():
+    """Figure 13's weighted ResNets at a tiny size: each trains; the shaped ones carry their
+    transform (solved through the model's own structure, residuals below 1e-8)."""
+    from isometry.experiments import harness
+    from isometry.experiments import shaping as study
+
+    variants = ("wresnet_dks_softplus", "wresnet_tat_leaky_relu", "wresnet_bn")
+    run = harness.stored_run(study.EXPERIMENT, "quick", (
+        f"variants={','.join(variants)}", "depths=6", "residual_eta=0.3", "train.steps=4",
+        "train.log_every=2",
+    ), None)  # fmt: skip
+    acc = run.array("eval_accuracy", ("variant", "depth", "seed")).astype(float)
+    res = run.array("max_residual", ("variant", "depth", "seed")).astype(float)
+    assert np.all(np.isfinite(acc)) and np.all((acc >= 0) & (acc <= 1))
+    assert np.all(res[:2] < shaping.TOLERANCE) and np.all(np.isnan(res[2]))
+    act = study.wresnet_activation(run.config, "wresnet_tat_leaky_relu", 6, 64)
+    m = act.transform.subnet_max_func
+    assert m.nonlinear_layers == 7 and len(m.forks) == 3  # 3 blocks of 2, and the readout's
+    assert m(0.0, shaping.solve.leaky_relu_c_map(act.transform.negative_slope)) == (
+        pytest.approx(0.3, abs=1e-12)
+    )
