@@ -223,7 +223,7 @@ def test_hard_tanh_orthogonal_with_its_atom():
     assert distance(sample, wrong) > 0.5
 
 
-@pytest.mark.heavy
+@pytest.mark.slow  # by default test_spectrum_theory compares measured spectra with the laws
 def test_tanh_gaussian():
     check("tanh", "gaussian", 0.25, (2,))
 

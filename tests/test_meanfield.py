@@ -189,7 +189,7 @@ def _random_tanh_network(key, width, depth, sw, sb, x1, x2):
     return jnp.concatenate([h1[None], H1]), jnp.concatenate([h2[None], H2])
 
 
-@pytest.mark.heavy
+@pytest.mark.slow  # by default test_signal's networks follow the same maps (tanh and relu)
 def test_monte_carlo_width_1000_tanh_follows_maps():
     """Per-layer q^l and c^l of width-1000 networks follow the iterated q- and c-maps.
 

@@ -264,7 +264,8 @@ CASES = {
 
 @pytest.mark.parametrize(
     ("case", "width", "seeds"),
-    [("mlp_layernorm", 256, 64), ("dense_resnet", 256, 64)],
+    [pytest.param("mlp_layernorm", 256, 64, marks=pytest.mark.slow),  # and in every_architecture
+     ("dense_resnet", 256, 64)],
 )  # fmt: skip
 def test_monte_carlo_default(case, width, seeds):
     """Two dense architectures by default (every architecture: the slow test below)."""
