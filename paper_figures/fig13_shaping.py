@@ -62,7 +62,7 @@ COST = {"quick": 130}
 
 TIERS = harness.figure_tiers(
     "shaping",
-    ("variants=resnet_bn", "depths=2", "train.steps=4", "train.log_every=2"),
+    ("variants=resnet_bn,wresnet_dks_softplus", "depths=2", "train.steps=4", "train.log_every=2"),
 )
 
 LABELS = {

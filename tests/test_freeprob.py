@@ -268,7 +268,10 @@ def _fuss_catalan(depth, k):
 # --------------------------------------------------------------------------- #
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3, 5])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("depth", [1, pytest.param(2, marks=SLOW), 3, pytest.param(5, marks=SLOW)])
 def test_fuss_catalan_density_moments(depth):
     mass, m1, m2, m3 = _integrate("linear", 1.0, depth, "gaussian")
     assert mass == pytest.approx(1.0, rel=1e-8)

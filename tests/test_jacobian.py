@@ -93,7 +93,9 @@ def _params(key, n, conv=False):
     }
 
 
-@pytest.mark.parametrize("kind", ["dense", "residual", "layernorm", "conv"])
+@pytest.mark.parametrize(
+    "kind", ["dense", "residual", pytest.param("layernorm", marks=pytest.mark.slow), "conv"]
+)
 def test_stack_jacobians_every_depth_match_jax(x64, kind):
     layer = {"dense": _dense, "residual": _residual, "layernorm": _layernorm, "conv": _conv}[kind]
     conv = kind == "conv"

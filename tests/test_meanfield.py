@@ -70,7 +70,10 @@ def test_fixed_points_are_fixed(name):
     np.testing.assert_allclose(mf.c_map(name, cs.value, fp.value, sw, sb), cs.value, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["tanh", "erf", "sigmoid", "gelu"])
+@pytest.mark.parametrize(
+    "name", ["tanh", pytest.param("erf", marks=pytest.mark.slow),
+             pytest.param("sigmoid", marks=pytest.mark.slow), "gelu"]
+)  # fmt: skip
 def test_chi1_is_slope_of_c_map_at_one(name):
     """chi1 = d c-map / dc at c = 1, by jax.grad through the 2-D quadrature (left limit)."""
     sw, sb = 1.7, 0.1

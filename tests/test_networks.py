@@ -127,8 +127,8 @@ def _fast_and_generic(cfg):
         {},
         {"bias": False, "sigma_b2": 0.0},
         {"residual": True, "residual_scale": "1/sqrt(L)"},
-        {"activation": "relu"},
-        {"activation": "erf", "residual": True},
+        pytest.param({"activation": "relu"}, marks=pytest.mark.slow),  # the same route
+        pytest.param({"activation": "erf", "residual": True}, marks=pytest.mark.slow),
     ],
 )
 def test_plain_mlp_derivatives_equal_the_generic_stack(x64, kwargs):
