@@ -266,8 +266,9 @@ CASES = {
 
 @pytest.mark.parametrize(
     ("case", "width", "seeds"),
-    [pytest.param("mlp_layernorm", 256, 64, marks=pytest.mark.slow),  # and in every_architecture
-     ("dense_resnet", 256, 64)],
+    # by default the probe's Monte Carlo of the dense ResNet (test_profile_matches_the_probe)
+    [pytest.param("mlp_layernorm", 256, 64, marks=pytest.mark.slow),
+     pytest.param("dense_resnet", 256, 64, marks=pytest.mark.slow)],
 )  # fmt: skip
 def test_monte_carlo_default(case, width, seeds):
     """Two dense architectures by default (every architecture: the slow test below)."""
