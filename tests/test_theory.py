@@ -115,7 +115,8 @@ class _Dense2(nnx.Module):
 
 def test_a_float32_model_under_float64():
     """A float32 model (``relu`` is ``max(x, 0.0f)``) is read like its float64 copy; the
-    kernel is computed in float64 and agrees to the float32 parameters' round-off."""
+    kernel is computed in float64 and agrees to the float32 parameters' round-off. The
+    model's float32 constants meet the theory's float64 values promoted (they raised)."""
     x = _x(5, 8)
     m32, m64 = _Dense2(jnp.float32, nnx.Rngs(0)), _Dense2(jnp.float64, nnx.Rngs(0))
     nnx.update(m64, jax.tree.map(lambda p: p.astype(jnp.float64), nnx.state(m32)))
@@ -123,6 +124,10 @@ def test_a_float32_model_under_float64():
     K64 = theory.nngp(m64, x)
     assert K32.dtype == jnp.float64
     assert _rel(K32, K64) < 1e-6
+    # attention logits (a float64 limit) divided by a float32 constant of the model
+    tr = M.Transformer(4, 8, 1, 2, nnx.Rngs(0), qk_scale=0.01, dtype=jnp.float32)
+    pr = theory.profile(tr, _x(2, 3, 4).astype(jnp.float32), jacobian=False)
+    assert np.all(np.isfinite(np.asarray(pr.mean_sq)))
 
 
 # --------------------------------------------------------------------------- #

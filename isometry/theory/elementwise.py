@@ -50,15 +50,14 @@ def compose(eqn, ins, ctx, shape, axis, where):
         if isinstance(x, (V.Param, O.ScaledParam)):
             raise V.TheoryError(f"{where}: a parameter inside an elementwise function")
     getters, sigs = [], []
-    for x, var in zip(fields, eqn.invars, strict=True):
+    for x in fields:
         if isinstance(x, V.Pointwise):
             pos = [next(k for k, y in enumerate(leaves) if y is leaf) for leaf in x.leaves]
             getters.append(lambda vals, f=x.fn, pos=pos: f(*(vals[k] for k in pos)))
             sigs.append(None if x.sig is None else (x.sig, tuple(pos)))
         elif isinstance(x, V.Field):
             k = next(k for k, y in enumerate(leaves) if y is x)
-            # evaluated in the model's own dtype (a float32 model under float64 theory)
-            getters.append(lambda vals, k=k, dt=var.aval.dtype: jnp.asarray(vals[k]).astype(dt))
+            getters.append(lambda vals, k=k: vals[k])  # bind promotes a float32 model's constants
             sigs.append(("leaf", k))
         else:
             getters.append(_constant(x.value.reshape(())))

@@ -97,10 +97,24 @@ def where(eqn) -> str:
     return f"'{eqn.primitive.name}' in {scope(eqn)}"
 
 
+def _common_float(vals) -> list:
+    """Floating operands at one dtype, the widest among them: a float32 model's constants
+    meet the theory's float64 values (quadrature nodes, law-of-large-numbers limits)."""
+    floats = {jnp.result_type(v) for v in vals if jnp.issubdtype(jnp.result_type(v), jnp.floating)}
+    if len(floats) < 2:
+        return list(vals)
+    wide = jnp.result_type(*floats)
+    return [
+        jnp.asarray(v, wide) if jnp.issubdtype(jnp.result_type(v), jnp.floating) else v
+        for v in vals
+    ]
+
+
 def bind(eqn, vals):
+    """``eqn``'s primitive applied to ``vals`` (floating operands promoted to a common dtype)."""
     bound = eqn.primitive.get_bind_params(eqn.params)
     subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
-    out = eqn.primitive.bind(*subfuns, *vals, **params)
+    out = eqn.primitive.bind(*subfuns, *_common_float(vals), **params)
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
