@@ -64,6 +64,7 @@ TIERS = harness.figure_tiers(
     "shaping",
     ("variants=resnet_bn,wresnet_dks_softplus", "depths=2", "train.steps=4", "train.log_every=2"),
 )
+TIERS["tiny"]["lr_sweep"] = LR_SWEEP[:1]  # the code path, one rate
 
 LABELS = {
     "eoc_tanh": "tanh, edge of chaos",
@@ -89,7 +90,7 @@ COLORS = {
 }
 
 
-def compute(preset, overrides, store) -> dict:
+def compute(preset, overrides, store, lr_sweep=LR_SWEEP) -> dict:
     run = harness.stored_run(
         shaping.EXPERIMENT, preset, overrides, store, progress=core.progress_enabled()
     )
@@ -100,7 +101,7 @@ def compute(preset, overrides, store) -> dict:
     acc = run.array("eval_accuracy", axes).astype(float).mean(axis=-1)[:, k]
     div = run.array("diverged", axes).mean(axis=-1)[:, k]  # the fraction of runs stopped
     th = shaping.theory(cfg, int(depths[-1]))
-    rates, lr_acc = _lr_sweep(preset, overrides, store, int(depths[-1]))
+    rates, lr_acc = _lr_sweep(preset, overrides, store, int(depths[-1]), lr_sweep)
     if all(v in cfg.variants for v in LR_VARIANTS):  # the experiment's rate: its own runs
         rows = [list(cfg.variants).index(v) for v in LR_VARIANTS]
         rates = np.append(rates, cfg.train.learning_rate)
@@ -128,12 +129,12 @@ def compute(preset, overrides, store) -> dict:
     }
 
 
-def _lr_sweep(preset, overrides, store, depth: int) -> tuple[np.ndarray, np.ndarray]:
-    """The rates :data:`LR_SWEEP` and the held-out accuracy ``(variant, rate)`` of
+def _lr_sweep(preset, overrides, store, depth: int, rates) -> tuple[np.ndarray, np.ndarray]:
+    """The ``rates`` (:data:`LR_SWEEP`) and the held-out accuracy ``(variant, rate)`` of
     :data:`LR_VARIANTS` at ``depth`` (means over seeds): the same experiment, one stored
     run per rate."""
-    out = np.full((len(LR_VARIANTS), len(LR_SWEEP)), np.nan)
-    for j, lr in enumerate(LR_SWEEP):
+    out = np.full((len(LR_VARIANTS), len(rates)), np.nan)
+    for j, lr in enumerate(rates):
         sub = (*overrides, f"variants={','.join(LR_VARIANTS)}", f"depths={depth}",
                f"train.learning_rate={lr!r}")  # fmt: skip
         where = None if store is None else str(Path(store) / f"learning_rate_{lr:g}")
@@ -142,7 +143,7 @@ def _lr_sweep(preset, overrides, store, depth: int) -> tuple[np.ndarray, np.ndar
         )
         acc = run.array("eval_accuracy", ("variant", "depth", "seed")).astype(float)
         out[:, j] = acc.mean(axis=-1)[:, 0]
-    return np.asarray(LR_SWEEP, float), out
+    return np.asarray(rates, float), out
 
 
 def plot(data, params):

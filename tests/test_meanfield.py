@@ -154,7 +154,15 @@ def test_phase_diagram_float32():
 CATALOG = activations.names()
 
 
-@pytest.mark.parametrize("name", CATALOG)
+# by default the activations of distinct shapes; the rest (linear, learnable or duplicate
+# slopes, periodic, piecewise) slow
+FIXED_POINT_DEFAULT = ("tanh", "relu", "erf", "gelu", "sigmoid", "softplus", "elu", "selu")
+
+
+@pytest.mark.parametrize(
+    "name", [n if n in FIXED_POINT_DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+             for n in CATALOG]
+)  # fmt: skip
 def test_fixed_points_over_the_whole_range(name):
     """sigma_w2 in (0, 10], sigma_b2 in [0, 4]: converged, or flagged (q* = inf); never NaN."""
     sw, sb = np.meshgrid(np.geomspace(0.05, 10, 7), [0.0, 0.3, 4.0], indexing="ij")

@@ -150,15 +150,16 @@ def test_plain_mlp_derivatives_equal_the_generic_stack(x64, kwargs):
             strict=True,
         ):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+        if shape != shapes[0]:  # values and gradients: higher orders take the same route
+            continue
         np.testing.assert_allclose(
             jax.jacfwd(fast, argnums=1)(state, u), jax.jacrev(generic, argnums=1)(state, u),
             rtol=1e-12, atol=1e-14,
         )  # fmt: skip
-        if shape == shapes[0]:  # second order once: the other shapes take the same route
-            np.testing.assert_allclose(
-                jax.hessian(fast, argnums=1)(state, u), jax.hessian(generic, argnums=1)(state, u),
-                rtol=1e-10, atol=1e-13,
-            )  # fmt: skip
+        np.testing.assert_allclose(
+            jax.hessian(fast, argnums=1)(state, u), jax.hessian(generic, argnums=1)(state, u),
+            rtol=1e-10, atol=1e-13,
+        )  # fmt: skip
 
 
 def test_hoisted_jvp_with_one_parameter_perturbed(x64):
