@@ -28,7 +28,11 @@ so that the compound map of an ``L``-layer network has ``C_f(0) = 0`` and
 ``C_f'(1) = zeta`` (slopes multiply under composition at the fixed point 1).
 Given ``(alpha, beta)``, ``delta = -E[phi(alpha z + beta)]`` and ``gamma =
 1 / std(phi(alpha z + beta))`` give the first and third conditions; Newton's
-method on ``(alpha, beta)`` solves the other two.
+method on ``(alpha, beta)`` solves the other two. Rectifiers, as dks does: ReLU keeps
+``beta = +-1`` fixed and drops ``Q'(1) = 1`` (one degree of freedom too few; Newton on
+``alpha``); leaky ReLU solves its negative slope and ``beta`` (``alpha = 1``). Of an odd
+activation's two mirror-image solutions ``phi_hat(x)`` and ``-phi_hat(-x)`` (the same
+conditions) the one with ``beta >= 0`` is returned.
 
 TAT (Tailored Activation Transformations; Zhang, Botev & Martens 2022, "Deep
 learning without shortcuts: shaping the kernel with tailored rectifiers",
@@ -49,8 +53,9 @@ al. 2021, section 5; Zhang et al. 2022, appendix B): pass it as
 compound slope, curvature or ``C_f(0)`` over the network's subnetworks
 (:mod:`isometry.shaping.subnets`). :func:`subnet_max_func` derives it from an NNX
 model's own computation through the theory engine (its residual sums and their
-weights, the nonlinear layers on every path); ``weighted_residual`` and the DKS
-initializers live in :mod:`isometry.networks` and :mod:`isometry.initializers`.
+weights, the nonlinear layers on every path); the weighted residual blocks
+(:class:`isometry.networks.WeightedResidual`, :class:`isometry.networks.WeightedResNet`)
+and DKS's initializer (``initializers.get("suo")``) build such models.
 
 Numerics. The solvers run in float64 (locally, whatever ``jax_enable_x64``
 says) with the toolkit's composite Gauss-Legendre rule
