@@ -16,7 +16,9 @@ def _load(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["probe_plain_mlp", "probe_resnet_batchnorm", "probe_transformer"])
+@pytest.mark.parametrize(
+    "name", ["probe_plain_mlp", "probe_resnet_batchnorm", "probe_transformer", "shape_your_resnet"]
+)
 def test_example_runs_tiny(name, tmp_path):
     out = _load(name).main(str(tmp_path), tiny=True)
     assert Path(out["figure"]).is_file()
@@ -27,3 +29,11 @@ def test_example_runs_tiny(name, tmp_path):
 def test_plain_mlp_example_agrees_with_signal_measure(tmp_path):
     rel = _load("probe_plain_mlp").main(str(tmp_path), tiny=True)["relative_difference"]
     assert max(rel.values()) < 1e-5  # float32
+
+
+@pytest.mark.slow
+def test_shape_your_resnet_theory_is_the_engines_and_dks_is_centred(tmp_path):
+    maps = _load("shape_your_resnet").main(str(tmp_path), tiny=True)["maps"]
+    dks = maps["DKS softplus"]["theory"]
+    assert dks[0] < 0 < dks[-1]  # C_f(0) = 0: negative cosines stay negative
+    assert min(maps["ReLU (unshaped)"]["theory"]) > 0  # ReLU maps every pair to c > 0
