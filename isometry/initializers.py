@@ -235,8 +235,12 @@ def sample_delta_orthogonal(key: jax.Array, shape, sigma_w2, dtype=jnp.float32) 
             "delta_orthogonal: needs in_channels <= out_channels "
             f"(an orthogonal centre tap), got in={shape[-2]}, out={shape[-1]}"
         )
+    return _centre_tap(shape, sample_orthogonal(key, shape[-2:], sigma_w2, dtype), dtype)
+
+
+def _centre_tap(shape, tap, dtype) -> jax.Array:
+    """A kernel ``(*spatial, in, out)`` of zeros with ``tap`` at the centre (``(k - 1) // 2``)."""
     centre = tuple((k - 1) // 2 for k in shape[:-2])
-    tap = sample_orthogonal(key, shape[-2:], sigma_w2, dtype)
     return jnp.zeros(shape, dtype).at[centre].set(tap)
 
 
@@ -268,10 +272,7 @@ def sample_scaled_uniform_orthogonal(
     n_in, n_out = shape[-2:]
     s2 = _variance("sigma_w2", sigma_w2) * max(1.0, n_out / n_in)
     tap = sample_orthogonal(key, shape[-2:], s2, dtype)
-    if len(shape) == 2:
-        return tap
-    centre = tuple((k - 1) // 2 for k in shape[:-2])
-    return jnp.zeros(shape, dtype).at[centre].set(tap)
+    return tap if len(shape) == 2 else _centre_tap(shape, tap, dtype)
 
 
 _ENSEMBLE_SAMPLERS = {

@@ -68,8 +68,7 @@ initialization options), ``build`` (drawing parameters; ``ScannedNet``, the one
 construction path of ``MLP`` and ``ConvNet``), ``mlp``, ``convnet`` and
 ``transformer``, and ``blocks`` (:class:`WeightedResidual`, the normalized residual
 block of DKS/TAT for a researcher's own NNX model, and :class:`WeightedResNet`, a dense
-network of them); every public name is re-exported
-here.
+network of them); every public name is re-exported here.
 
 Example:
     >>> from flax import nnx

@@ -109,12 +109,12 @@ def _bisect(fn, target: float, lo: float, hi: float, increasing: bool = True) ->
     return 0.5 * (lo + hi)
 
 
-def _bracket(fn, target: float, start: float, what: str) -> float:
-    hi = start
+def _bracket(fn, target: float, lo: float, hi: float, what: str) -> float:
+    """An upper end ``hi`` with ``fn(hi) >= target``: the interval above ``lo`` doubled."""
     for _ in range(200):
         if fn(hi) >= target:
             return hi
-        hi = 1.0 + 2.0 * (hi - 1.0) if what == "slope" else 2.0 * hi
+        hi = lo + 2.0 * (hi - lo)
     raise ValueError(f"subnet_max_func: no {what} reaches the target {target}")
 
 
@@ -123,7 +123,7 @@ def slope_target(subnet_max_func, zeta: float) -> float:
     if isinstance(subnet_max_func, Chain):
         return zeta ** (1.0 / subnet_max_func.depth)
     mu = lambda s: subnet_max_func(1.0, lambda y: s * y)  # noqa: E731
-    return _bisect(mu, zeta, 1.0, _bracket(mu, zeta, 1.5, "slope"))
+    return _bisect(mu, zeta, 1.0, _bracket(mu, zeta, 1.0, 1.5, "slope"))
 
 
 def curvature_target(subnet_max_func, tau: float) -> float:
@@ -131,7 +131,7 @@ def curvature_target(subnet_max_func, tau: float) -> float:
     if isinstance(subnet_max_func, Chain):
         return tau / subnet_max_func.depth
     kappa = lambda t: subnet_max_func(0.0, lambda y: t + y)  # noqa: E731
-    return _bisect(kappa, tau, 0.0, _bracket(kappa, tau, 0.1, "curvature"))
+    return _bisect(kappa, tau, 0.0, _bracket(kappa, tau, 0.0, 0.1, "curvature"))
 
 
 def leaky_slope(subnet_max_func, eta: float) -> float:

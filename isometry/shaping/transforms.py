@@ -161,6 +161,11 @@ def _mu(m, act) -> float:
     return m(1.0, lambda y: s * y)
 
 
+def _kappa(m, act) -> float:
+    t = float(maps.local_maps(act, keys=("C_curv",))["C_curv"])
+    return m(0.0, lambda y: t + y)
+
+
 def _where(depth) -> str:
     return f"depth={depth}" if depth is not None else "the given subnet_max_func"
 
@@ -228,8 +233,7 @@ def _tat_smooth(base: Activation, depth, tau: float, m) -> ShapedActivation:
     )
     extra = []
     if depth is None:
-        curv = lambda act: float(maps.local_maps(act, keys=("C_curv",))["C_curv"])  # noqa: E731
-        extra = [("kappa(C''(1)) - tau", lambda act: m(0.0, lambda y: curv(act) + y) - tau)]
+        extra = [("kappa(C''(1)) - tau", lambda act: _kappa(m, act) - tau)]
     return maps.checked(maps.shaped("tat", base, alpha, beta, gamma, delta), t, conditions, extra)
 
 

@@ -57,7 +57,7 @@ def compose(eqn, ins, ctx, shape, axis, where):
             sigs.append(None if x.sig is None else (x.sig, tuple(pos)))
         elif isinstance(x, V.Field):
             k = next(k for k, y in enumerate(leaves) if y is x)
-            getters.append(lambda vals, k=k: vals[k])  # bind promotes a float32 model's constants
+            getters.append(lambda vals, k=k: vals[k])
             sigs.append(("leaf", k))
         else:
             getters.append(_constant(x.value.reshape(())))
