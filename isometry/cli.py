@@ -861,7 +861,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("ISOMETRY_DEBUG", "") not in ("", "0")
     try:
         _check_out(getattr(args, "out", None))
-        return int(args.run(args) or 0)
+        from isometry import runtime
+
+        with runtime.lapack_threads(1):  # LAPACK inside XLA programs: see isometry.runtime
+            return int(args.run(args) or 0)
     except KeyboardInterrupt:
         if debug:
             raise

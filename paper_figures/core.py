@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from isometry import atomic, plotting
+from isometry import atomic, plotting, runtime
 from isometry.paper_figures import FIGURES
 
 __all__ = [
@@ -114,7 +114,8 @@ def make(
         data = None if recompute else _cached(cache, fp)
         if data is None:
             _stage(name, f"computing ({tier}) ...")
-            data = {k: np.asarray(v) for k, v in module.compute(**params).items()}
+            with runtime.lapack_threads(1):  # see isometry.runtime
+                data = {k: np.asarray(v) for k, v in module.compute(**params).items()}
             atomic.write_npz(cache, _fingerprint=np.asarray(fp), **data)
             _stage(name, f"computed in {time.perf_counter() - t0:.1f} s; cached in {cache}")
         else:
