@@ -125,6 +125,7 @@ def apply(
     optimizer: str = "adam",
     depth: int | None = None,
     blocks: Callable[[str, nnx.Variable], bool] | None = None,
+    zero_readout: bool = False,
 ) -> Parameterization:
     """Put ``model`` in parameterization ``kind`` (in place) and return its learning-rate
     scales (the table of :mod:`isometry.parameterization.table`).
@@ -147,6 +148,10 @@ def apply(
         depth: ``L`` for depth-muP (default: ``model.config.depth`` of a toolkit model).
         blocks: ``blocks(path, variable) -> bool``, the parameters of the residual
             blocks (default :func:`block_params`).
+        zero_readout: initialize the output weights (role ``"output"``) at 0
+            (mup's ``readout_zero_init``; TP5 Sec. 5: under muP the output at
+            initialization is ``O(1/sqrt(m_in))``, a transient that biases the
+            coordinate check of the output at small widths; at 0 it is gone).
 
     Returns:
         :class:`Parameterization`; ``.tx(learning_rate)`` is the optax optimizer
@@ -175,9 +180,10 @@ def apply(
     roles, var, lr, inb = {}, {}, {}, {}
     for path, v in flat:
         roles[path], m_in, m_out = _multipliers(shapes, path, v[...].shape)
-        var[path] = table.variance_scale(kind, roles[path], m_in, m_out)
+        base = roles[path] == "base"  # every width factor is 1 at the base width
+        var[path] = 1.0 if base else table.variance_scale(kind, roles[path], m_in, m_out)
         inb[path] = bool(in_block_fn(path, v))
-        lr[path] = table.lr_scale(kind, roles[path], rule, m_in, m_out)
+        lr[path] = 1.0 if base else table.lr_scale(kind, roles[path], rule, m_in, m_out)
         if inb[path]:
             lr[path] *= table.depth_lr_scale(kind, rule, L)
     if kind == "depth_mup" and not any(inb.values()):
@@ -185,6 +191,10 @@ def apply(
             "kind 'depth_mup' found no parameter in a residual block; pass blocks=(path, "
             "variable) -> bool (default: paths with an integer part, e.g. 'blocks.3.kernel')"
         )
+    if zero_readout:
+        if shapes is None:
+            raise ValueError("zero_readout needs shapes (the roles say which weights are outputs)")
+        var.update({k: 0.0 for k, r in roles.items() if r == "output"})
     state = nnx.state(model, nnx.Param)
     for p, v in nnx.to_flat_state(state):
         factor = var[path_name(p)]
