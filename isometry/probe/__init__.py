@@ -99,7 +99,7 @@ Example:
 from isometry.cuts import ProbeError, blocks, is_stack
 from isometry.probe.coord import CoordCheck, coord_check
 from isometry.probe.files import load_factory, save
-from isometry.probe.plot import plot
+from isometry.probe.plot import coord_plot, plot
 from isometry.probe.signal import ProbeSignal, position_cosine, signal
 from isometry.probe.spectra import METHODS as METHODS
 from isometry.probe.spectra import ProbeSpectra, jacobian_spectra, slq_w1_bound
@@ -112,6 +112,7 @@ __all__ = [
     "ProbeSpectra",
     "blocks",
     "coord_check",
+    "coord_plot",
     "is_stack",
     "jacobian_spectra",
     "load_factory",
