@@ -171,12 +171,25 @@ def apply(
     _check_config(model, kind)
     L = _depth(model, kind, depth)
     in_block_fn = block_params(model) if blocks is None else blocks
-    rule = optim.RULE[optimizer]
     flat = [(path_name(p), v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     if shapes is not None:
         missing = sorted(set(shapes.params) - {k for k, _ in flat})
         if missing:
             raise ValueError(f"shapes has parameters {missing} that the model does not have")
+    roles, var, lr, inb = _scales(flat, kind, shapes, optim.RULE[optimizer], in_block_fn, L)
+    if zero_readout:
+        if shapes is None:
+            raise ValueError("zero_readout needs shapes (the roles say which weights are outputs)")
+        var.update({k: 0.0 for k, r in roles.items() if r == "output"})
+    _rescale(model, var)
+    return Parameterization(
+        kind, optimizer, roles, var, lr, inb, table.branch_multiplier(kind, L),
+        table.ATTENTION[kind], L,
+    )  # fmt: skip
+
+
+def _scales(flat, kind, shapes, rule, in_block_fn, L):
+    """``(roles, variance factors, learning-rate factors, in_block)`` per parameter path."""
     roles, var, lr, inb = {}, {}, {}, {}
     for path, v in flat:
         roles[path], m_in, m_out = _multipliers(shapes, path, v[...].shape)
@@ -191,17 +204,14 @@ def apply(
             "kind 'depth_mup' found no parameter in a residual block; pass blocks=(path, "
             "variable) -> bool (default: paths with an integer part, e.g. 'blocks.3.kernel')"
         )
-    if zero_readout:
-        if shapes is None:
-            raise ValueError("zero_readout needs shapes (the roles say which weights are outputs)")
-        var.update({k: 0.0 for k, r in roles.items() if r == "output"})
+    return roles, var, lr, inb
+
+
+def _rescale(model, var) -> None:
+    """``p <- sqrt(var[path]) p`` for every ``nnx.Param`` of ``model`` (in place)."""
     state = nnx.state(model, nnx.Param)
     for p, v in nnx.to_flat_state(state):
         factor = var[path_name(p)]
         if factor != 1.0:
             v[...] = v[...] * math.sqrt(factor)
     nnx.update(model, state)
-    return Parameterization(
-        kind, optimizer, roles, var, lr, inb, table.branch_multiplier(kind, L),
-        table.ATTENTION[kind], L,
-    )  # fmt: skip

@@ -295,26 +295,19 @@ def coord_check(
     """
     sizes = _check_args(factory, sizes, over, steps, seeds, parameterization)
     key = jax.random.key(0) if key is None else validate.prng_key("key", key)
-    shapes = None
-    if (
-        isinstance(optimizer, str)
-        and over == "width"
-        and (parameterization != "standard" or zero_readout)
-    ):
-        shapes = _param.infer(factory, sizes)
+    named = isinstance(optimizer, str) and over == "width"
+    scaled = named and (parameterization != "standard" or zero_readout)
+    shapes = _param.infer(factory, sizes) if scaled else None
     build = _optimizer_fn(
         optimizer, learning_rate, parameterization, shapes, over, depth, zero_readout
     )
     labels, size, change = None, [], []
     for n in sizes:
-        lab, s, c = _one_size(
-            factory, n, x, build, over=over, at=at, seeds=seeds, steps=steps, loss=loss, key=key
-        )
+        lab, s, c = _one_size(factory, n, x, build, over=over, at=at, seeds=seeds, steps=steps,
+                              loss=loss, key=key)  # fmt: skip
         if labels is not None and lab != labels:
             raise ValueError(f"the cut points differ between sizes: {labels} vs {lab} at {n}")
-        labels = lab
-        size.append(s)
-        change.append(c)
+        labels, size, change = lab, [*size, s], [*change, c]
     size, change = jnp.stack(size, axis=1), jnp.stack(change, axis=1)
     _check_finite(size, sizes)
     kind = parameterization if isinstance(optimizer, str) else None
