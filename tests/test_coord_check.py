@@ -47,7 +47,7 @@ LR = 0.01
 SEEDS = 3
 
 
-def _mlp_check(kind, sizes=WIDTHS, over="width", seeds=SEEDS, **kw):
+def _mlp_check(kind, sizes=WIDTHS, over="width", seeds=SEEDS, steps=3, **kw):
     x = jax.random.normal(jax.random.key(1), (16, 16))
     if over == "width":
 
@@ -59,7 +59,7 @@ def _mlp_check(kind, sizes=WIDTHS, over="width", seeds=SEEDS, **kw):
             return toolkit_mlp(64, rngs, kind, depth=L, residual=True, activation="tanh")
 
     return probe.coord_check(factory, sizes, x, "adam", learning_rate=LR, parameterization=kind,
-                             seeds=seeds, steps=3, over=over, **kw)  # fmt: skip
+                             seeds=seeds, steps=steps, over=over, **kw)  # fmt: skip
 
 
 def _tf_check(kind, sizes=WIDTHS, over="width", seeds=SEEDS, **kw):
@@ -99,12 +99,12 @@ def _assert_grows(check, minimum=0.4):
 
 @pytest.fixture(scope="module")
 def mlp_checks():
-    return _mlp_check("standard"), _mlp_check("mup", zero_readout=True)
+    return _mlp_check("standard", steps=2), _mlp_check("mup", steps=2, zero_readout=True)
 
 
 def test_mlp_mup_is_flat_and_standard_grows(mlp_checks):
     sp, mup = mlp_checks
-    assert mup.blocks == ("layer.0", "layer.1", "output") and mup.size.shape == (3, 3, 4, 3)
+    assert mup.blocks == ("layer.0", "layer.1", "output") and mup.size.shape == (3, 3, 3, 3)
     _assert_flat(mup)
     _assert_grows(sp)
 
@@ -122,6 +122,7 @@ def test_slopes_are_least_squares_over_seeds(mlp_checks):
 
 def test_coord_plot_writes_png_and_pdf(mlp_checks, tmp_path):
     fig = probe.coord_plot(*mlp_checks, path=tmp_path / "coord", labels=["SP", "muP"])
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["t = 0 (initialization)", "t = 1", "t = 2"]
     assert (tmp_path / "coord.png").stat().st_size > 0 and (tmp_path / "coord.pdf").exists()
     assert fig.axes[0].get_xlabel() == "width" and fig.axes[0].get_yscale() == "log"
 
@@ -143,13 +144,16 @@ def test_mlp_and_transformer_at_larger_widths():
 
 @pytest.mark.slow
 def test_depth_mup_is_flat_over_depth_and_branch_scale_one_grows():
-    """Blocks 4 to 64 at width 64 (MLP, tanh; the transformer 2 to 16, whose unrolled blocks
-    compile slowly): depth-muP flat (the middle and last blocks and the output), muP with
-    branch scale 1 growing."""
+    """Blocks 4 to 64 at width 64 (MLP, tanh) and 4 to 16 at width 32 (the transformer,
+    whose unrolled blocks compile slowly; at depth 2 its middle block is its first):
+    depth-muP flat (the middle and last blocks and the output); muP with branch scale 1
+    grows in the middle and last blocks (the transformer's final layer norm keeps its
+    output flat: slope -0.1 to 0.1 measured)."""
     mlp = _mlp_check("depth_mup", sizes=(4, 8, 16, 32, 64), over="depth")
     _assert_flat(mlp, skip_first_block=True)
-    tf = _tf_check("depth_mup", sizes=(2, 4, 8, 16), over="depth")
+    tf = _tf_check("depth_mup", sizes=(4, 8, 16), over="depth")
     _assert_flat(tf, skip_first_block=True)
     for check in (_mlp_check("mup", sizes=(4, 8, 16, 32, 64), over="depth"),
-                  _tf_check("mup", sizes=(2, 4, 8, 16), over="depth")):  # fmt: skip
-        assert np.all(np.asarray(check.slopes()["change_mean"])[1:, 1:] > 0.2), check.slopes()
+                  _tf_check("mup", sizes=(4, 8, 16), over="depth")):  # fmt: skip
+        grows = np.asarray(check.slopes()["change_mean"])[1:, 1:3]
+        assert np.all(grows > 0.2), grows

@@ -173,11 +173,11 @@ def test_adam_and_adamw_steps_are_scaled_as_the_table_says():
 
 def test_learning_rates_may_be_traced_and_vmapped():
     """Runs at several learning rates in one ``vmap``: the transformation built inside."""
-    model = toolkit_mlp(64, nnx.Rngs(0), "mup")
-    shapes = parameterization.infer(lambda w, r: toolkit_mlp(w, r, "mup"), (32, 64))
+    model = PlainMLP(32, nnx.Rngs(0), depth=1)
+    shapes = parameterization.infer(lambda w, r: PlainMLP(w, r, depth=1), (16, 32))
     p = parameterization.apply(model, "mup", shapes)
     graphdef, params = nnx.split(model, nnx.Param)
-    x = jax.random.normal(jax.random.key(1), (8, 16))
+    x = jax.random.normal(jax.random.key(1), (4, 16))
 
     def loss(params):
         return jnp.sum(nnx.merge(graphdef, params)(x) ** 2)
@@ -204,13 +204,13 @@ def test_learning_rates_may_be_traced_and_vmapped():
 
 def test_depth_mup_scales_the_blocks_adam_rate_by_one_over_sqrt_depth():
     L = 4
+    model = PlainTransformer(16, nnx.Rngs(0), depth=L, kind="depth_mup")
     for rule, factor in (("adam", L**-0.5), ("sgd", 1.0)):
-        model = PlainTransformer(32, nnx.Rngs(0), depth=L, kind="depth_mup")
         p = parameterization.apply(model, "depth_mup", None, optimizer=rule, depth=L)
         assert p.branch_scale == L**-0.5
         for k, s in p.lr_scale.items():
             assert s == (factor if k.startswith("blocks.") else 1.0), k
-    tool = toolkit_mlp(32, nnx.Rngs(0), "depth_mup", depth=L, residual=True)
+    tool = toolkit_mlp(8, nnx.Rngs(0), "depth_mup", depth=L, residual=True)
     p = parameterization.apply(tool, "depth_mup")
     assert p.depth == L and p.lr_scale["kernel"] == p.lr_scale["bias"] == L**-0.5
     assert p.lr_scale["embed"] == p.lr_scale["readout"] == 1.0
@@ -223,10 +223,9 @@ def test_toolkit_configs_make_the_forward_changes():
     assert networks.MLPConfig(depth=16, width=8, residual=True).branch_scale == 1.0
     x = jax.random.normal(jax.random.key(0), (2, 5, 8))
     outs = {}
-    for kind in ("standard", "ntk", "mup"):
-        tcfg = networks.TransformerConfig(depth=2, width=8, heads=2, parameterization=kind)
+    for kind in ("standard", "mup"):
+        tcfg = networks.TransformerConfig(depth=1, width=8, heads=2, parameterization=kind)
         outs[kind] = networks.Transformer(tcfg, rngs=nnx.Rngs(0))(x)
-    np.testing.assert_array_equal(outs["standard"], outs["ntk"])  # no forward change
     assert not np.allclose(outs["standard"], outs["mup"])  # 1/d logits
     z = jax.random.normal(jax.random.key(1), (5, 8))
     w = [jax.random.normal(jax.random.key(i), (8, 8)) for i in range(4)]
