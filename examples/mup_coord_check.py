@@ -3,9 +3,11 @@
 microsoft/mup's check (Yang et al. 2022, "Tensor Programs V"), for any NNX model:
 train the model a few Adam steps at several widths and plot the mean absolute size
 of each block's output and of its change since initialization against width.
-Under the standard parameterization the change grows with width (slope near 1:
-Adam moves every weight by about ``eta``, and a hidden layer sums ``n`` such moves);
-under muP it does not (slope near 0). The model's own code makes muP's one forward
+Under the standard parameterization the change grows with width (slope near 1 after
+the first step: Adam moves every weight by about ``eta``, and a hidden layer sums ``n``
+such moves; later the output's change no longer grows, as the widest models overshoot);
+under muP it does not (slope near 0; the readout starts at 0, so the blocks first move
+at the second step). The model's own code makes muP's one forward
 change, attention logits ``q.k / d``; :func:`isometry.parameterization.apply` does the
 rest (initialization variances and per-parameter learning rates) from the shapes
 :func:`isometry.parameterization.infer` finds by building it at two widths.
@@ -78,15 +80,16 @@ def main(out: str = "examples/out", tiny: bool = False) -> dict:
     slopes = {}
     for kind, check in checks.items():
         s = check.slopes()
-        slopes[kind] = np.asarray(s["change_mean"][-1])
-        spread = np.asarray(s["change_std"][-1])
-        rows = zip(check.blocks, slopes[kind], spread, strict=True)
-        text = ", ".join(f"{b} {m:+.2f} +- {e:.2f}" for b, m, e in rows)
-        print(f"{kind:>8}: slope of log mean|change| vs log width at the last step: {text}")
+        for t, when in ((1, "first"), (-1, "last")):
+            mean, spread = np.asarray(s["change_mean"][t]), np.asarray(s["change_std"][t])
+            slopes[kind, when] = mean
+            rows = zip(check.blocks, mean, spread, strict=True)
+            text = ", ".join(f"{b} {m:+.2f} +- {e:.2f}" for b, m, e in rows)
+            print(f"{kind:>8}, {when} step: slope of log mean|change| vs log width: {text}")
     path = Path(out) / "mup_coord_check"
     probe.coord_plot(checks["standard"], checks["mup"], path=path, labels=["SP", "muP"],
                      title="Coordinate check of a plain-nnx transformer (Adam)")  # fmt: skip
-    return {"figure": str(path.with_suffix(".png")), "slopes": slopes}
+    return {"figure": str(path.with_suffix(".png")), "slopes": slopes}  # (kind, step)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,11 @@ def _mlp_check(kind, sizes=WIDTHS, over="width", seeds=SEEDS, steps=3, **kw):
 
 
 def _tf_check(kind, sizes=WIDTHS, over="width", seeds=SEEDS, **kw):
-    x = jax.random.normal(jax.random.key(1), (4, 4, 16))
+    # Over depth the output (a few coordinates) needs the larger batch: its mean |y| over 16
+    # numbers per seed moves by about 20% between seeds, a slope error near 0.12 for the
+    # mean of 3 seeds over depths 4..16 (measured at initialization: local slopes of -0.1
+    # to 0.2 at width 32 and 128, depths 4..64, 6 seeds).
+    x = jax.random.normal(jax.random.key(1), (16 if over == "depth" else 4, 4, 16))
     if over == "width":
 
         def factory(w, rngs):
@@ -151,7 +155,7 @@ def test_depth_mup_is_flat_over_depth_and_branch_scale_one_grows():
     output flat: slope -0.1 to 0.1 measured)."""
     mlp = _mlp_check("depth_mup", sizes=(4, 8, 16, 32, 64), over="depth")
     _assert_flat(mlp, skip_first_block=True)
-    tf = _tf_check("depth_mup", sizes=(4, 8, 16), over="depth")
+    tf = _tf_check("depth_mup", sizes=(4, 8, 16), over="depth", seeds=4)
     _assert_flat(tf, skip_first_block=True)
     for check in (_mlp_check("mup", sizes=(4, 8, 16, 32, 64), over="depth"),
                   _tf_check("mup", sizes=(4, 8, 16), over="depth")):  # fmt: skip

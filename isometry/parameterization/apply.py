@@ -149,7 +149,7 @@ def apply(
         blocks: ``blocks(path, variable) -> bool``, the parameters of the residual
             blocks (default :func:`block_params`).
         zero_readout: initialize the output weights (role ``"output"``) at 0
-            (mup's ``readout_zero_init``; TP5 Sec. 5: under muP the output at
+            (mup's ``readout_zero_init``; TP5: under muP the output at
             initialization is ``O(1/sqrt(m_in))``, a transient that biases the
             coordinate check of the output at small widths; at 0 it is gone).
 

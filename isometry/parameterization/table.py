@@ -45,14 +45,14 @@ weights by ``sqrt(m_in)``: effective variance factor ``1/m_in``, the row above).
 
 Forward changes a plain model makes itself (the toolkit's configs make them
 under ``parameterization=``): muP's attention logits ``q.k / d`` instead of
-``q.k / sqrt(d)`` (TP5, Sec. 4 / Appendix B: query and key become correlated
-in training, so their product grows like ``d``); depth-muP's branch
-multiplier ``a / sqrt(L)`` on each residual block (TP6, Sec. 3; Bordelon et
+``q.k / sqrt(d)`` (TP5: query and key become correlated in training, so
+their product grows like ``d``); depth-muP's branch
+multiplier ``a / sqrt(L)`` on each residual block (TP6's Depth-muP; Bordelon et
 al. 2023, "Depthwise hyperparameter transfer in residual networks"). The
 learning rates of depth-muP: SGD ``eta`` independent of ``L``, Adam
-``eta / sqrt(L)`` (TP6, Sec. 3 and its Table "Depth-muP"); Dey et al. 2025
-("Don't be lazy: CompleteP", Table 1, ``alpha = 1/2``) apply the same Adam factor
-to the biases and norm gains of the blocks.
+``eta / sqrt(L)`` (TP6's Depth-muP for SGD and for Adam); Dey et al. 2025
+("Don't be lazy: CompleteP", its parameterization table at ``alpha = 1/2``) apply the
+same Adam factor to the biases and norm gains of the blocks.
 """
 
 from __future__ import annotations

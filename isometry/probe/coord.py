@@ -7,8 +7,8 @@ each block's output and of its change since initialization,
 
     size^l_t(n)   = mean |y^l_t|,        change^l_t(n) = mean |y^l_t - y^l_0|,
 
-(mup's ``l1`` statistic; Yang et al. 2022, "Tensor Programs V", Sec. 5 and its
-Fig. 5; the README of microsoft/mup, "Coord Check"), summarized per block and
+(mup's ``l1`` statistic; Yang et al. 2022, "Tensor Programs V"; the README of
+microsoft/mup, "Coord Check"), summarized per block and
 step by the least-squares slope of ``log size`` and ``log change`` against
 ``log n``. In a parameterization with a feature-learning limit (muP over width,
 depth-muP over depth) the change stays Theta(1): slope 0. Under the standard
