@@ -4,7 +4,7 @@ variance and the learning-rate scale, with their sources.
 Every kind is written in the *standard form*: forward multipliers 1, only the
 initialization variance and a per-parameter learning-rate scale change. By the
 abc-symmetry of Yang & Hu 2021 (Tensor Programs IV, "Feature learning in
-infinite-width neural networks", Sec. 3): a weight ``W = n^{-a} w`` with
+infinite-width neural networks"): a weight ``W = n^{-a} w`` with
 ``w_ij ~ N(0, n^{-2b})`` and learning rate ``eta n^{-c}`` trains identically under
 ``a -> a + theta, b -> b - theta, c -> c - 2 theta`` (SGD) or
 ``c -> c - theta`` (Adam, whose update ignores the gradient's scale). Moving every
