@@ -122,7 +122,6 @@ def _forward(graphdef, params, rest, x, paths, stack: bool):
     if stack:
         s = nnx.merge(graphdef, params, rest, copy=True).stack()
         xl = s.input_map(x)
-        outs = []
 
         def body(h, p):
             h, _ = s.step(p, h, None)
