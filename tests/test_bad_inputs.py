@@ -15,7 +15,18 @@ import optax
 import pytest
 from flax import nnx
 
-from isometry import cli, freeprob, jacobian, meanfield, networks, signal, spectra, training
+from isometry import (
+    cli,
+    freeprob,
+    jacobian,
+    meanfield,
+    networks,
+    parameterization,
+    probe,
+    signal,
+    spectra,
+    training,
+)
 from isometry import data as data_mod
 
 KEY = jax.random.key(0)
@@ -395,3 +406,99 @@ def test_max_eigenvalue_and_moments_are_arrays():
     for a in (edge, mom.mean, mom.variance):
         assert isinstance(a, jax.Array) and a.shape == () and a.dtype == jnp.float64
     np.testing.assert_allclose(edge, 4**4 / 3**3, rtol=1e-9)  # (L + 1)^(L + 1) / L^L
+
+
+# --------------------------------------------------------------------------- #
+# Parameterizations and the coordinate check (issue #27).
+# --------------------------------------------------------------------------- #
+
+
+class _Heads(nnx.Module):
+    """A multi-head kernel ``(N, heads, N)``: it grows along axes 0 and 2."""
+
+    def __init__(self, width, rngs):
+        self.kernel = nnx.Param(jnp.zeros((width, 3, width)))
+
+
+def _fixed(width, rngs):
+    return nnx.Linear(4, 4, rngs=rngs)
+
+
+def _wide(width, rngs):
+    return nnx.Linear(4, width, rngs=rngs)
+
+
+def _bias_at_some_widths(width, rngs):
+    return nnx.Linear(4, width, use_bias=width > 8, rngs=rngs)
+
+
+def _apply(kind="mup", model=None, shapes="wide", **kw):
+    model = _wide(16, nnx.Rngs(0)) if model is None else model
+    if shapes == "wide":
+        shapes = parameterization.infer(_wide, (8, 16))
+    return parameterization.apply(model, kind, shapes, **kw)
+
+
+PARAM = [
+    ("infer no growing dimension", lambda: parameterization.infer(_fixed, (8, 16)), ValueError,
+     "no parameter dimension grows"),
+    ("infer parameter trees differ", lambda: parameterization.infer(_bias_at_some_widths, (8, 16)),
+     ValueError, "builds different parameters at widths 8 and 16: ['bias']"),
+    ("infer one width", lambda: parameterization.infer(_wide, (8,)), ValueError,
+     "widths must be two or more distinct widths"),
+    ("infer factory not callable", lambda: parameterization.infer("mlp", (8, 16)), TypeError,
+     "factory must be callable"),
+    ("infer growing axes no role allows", lambda: parameterization.infer(_Heads, (8, 16)),
+     ValueError, "parameter 'kernel' of shape (8, 3, 8) grows along axes (0, 2)"),
+    ("apply unknown kind", lambda: _apply("mu_p"), ValueError, "kind must be one of"),
+    ("apply unknown optimizer", lambda: _apply(optimizer="rmsprop"), ValueError,
+     "optimizer must be one of 'sgd', 'adam', 'adamw'"),
+    ("apply depth_mup without depth", lambda: _apply("depth_mup"), ValueError,
+     "kind 'depth_mup' needs depth="),
+    ("apply shapes of another model",
+     lambda: _apply(model=nnx.Linear(16, 16, use_bias=False, rngs=nnx.Rngs(0))), ValueError,
+     "shapes has parameters ['bias'] that the model does not have"),
+    ("apply toolkit model built for another kind",
+     lambda: _apply(model=networks.Transformer(networks.TransformerConfig(depth=1, width=8,
+                    heads=2), rngs=nnx.Rngs(0)), shapes=None),
+     ValueError, "parameterization='mup'"),
+    ("optimizer unknown name", lambda: parameterization.optimizer("lion", 0.1, {}), ValueError,
+     "optimizer must be one of"),
+    ("optimizer learning rate <= 0", lambda: parameterization.optimizer("adam", -0.1, {}),
+     ValueError, "learning_rate must be > 0"),
+    ("scale_by_path parameter without a scale",
+     lambda: parameterization.scale_by_path({"a": 1.0}).update({"b": jnp.ones(2)}, None),
+     ValueError, "parameter 'b' has no learning-rate scale"),
+    ("MLPConfig unknown parameterization",
+     lambda: networks.MLPConfig(depth=2, width=8, parameterization="mu_p"), ValueError,
+     "parameterization must be one of"),
+    ("MLPConfig depth_mup without residual",
+     lambda: networks.MLPConfig(depth=2, width=8, parameterization="depth_mup"), ValueError,
+     "needs residual=True"),
+    ("MLPConfig depth_mup with residual_scale 1/sqrt(L)",
+     lambda: networks.MLPConfig(depth=2, width=8, residual=True, residual_scale="1/sqrt(L)",
+                                parameterization="depth_mup"),
+     ValueError, "already scales the branches by 1/sqrt(L)"),
+    ("coord_check unknown optimizer",
+     lambda: probe.coord_check(_wide, (8, 16), jnp.ones((2, 4)), "lion"), ValueError,
+     "optimizer must be one of"),
+    ("coord_check optimizer of another type",
+     lambda: probe.coord_check(_wide, (8, 16), jnp.ones((2, 4)), 0.1), TypeError,
+     "optimizer must be one of"),
+    ("coord_check one size", lambda: probe.coord_check(_wide, (8,), jnp.ones((2, 4))),
+     ValueError, "sizes must be two or more distinct widths"),
+    ("coord_check over height",
+     lambda: probe.coord_check(_wide, (8, 16), jnp.ones((2, 4)), over="height"), ValueError,
+     "over must be one of 'width', 'depth'"),
+    ("coord_check steps 0", lambda: probe.coord_check(_wide, (8, 16), jnp.ones((2, 4)), steps=0),
+     ValueError, "steps must be an integer >= 1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "text"), [c[1:] for c in PARAM], ids=[c[0] for c in PARAM]
+)
+def test_parameterization_bad_input_is_a_clear_error(call, error, text):
+    with pytest.raises(error) as info:
+        call()
+    assert text in str(info.value)

@@ -17,7 +17,14 @@ def _load(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name", ["probe_plain_mlp", "probe_resnet_batchnorm", "probe_transformer", "shape_your_resnet"]
+    "name",
+    [
+        "probe_plain_mlp",
+        "probe_resnet_batchnorm",
+        "probe_transformer",
+        "shape_your_resnet",
+        "mup_coord_check",
+    ],
 )
 def test_example_runs_tiny(name, tmp_path):
     out = _load(name).main(str(tmp_path), tiny=True)
@@ -37,3 +44,10 @@ def test_shape_your_resnet_theory_is_the_engines_and_dks_is_centred(tmp_path):
     dks = maps["DKS softplus"]["theory"]
     assert dks[0] < 0 < dks[-1]  # C_f(0) = 0: negative cosines stay negative
     assert min(maps["ReLU (unshaped)"]["theory"]) > 0  # ReLU maps every pair to c > 0
+
+
+@pytest.mark.slow
+def test_mup_coord_check_example_standard_grows_and_mup_is_flat(tmp_path):
+    slopes = _load("mup_coord_check").main(str(tmp_path), tiny=True)["slopes"]
+    assert min(slopes["standard", "first"]) > 0.3  # every block and the output
+    assert max(abs(slopes["mup", "last"])) < 0.1

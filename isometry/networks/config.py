@@ -20,6 +20,7 @@ from isometry import validate
 __all__ = [
     "BRANCH_SCALES",
     "DTYPES",
+    "PARAMETERIZATIONS",
     "BranchScaled",
     "activation_of",
     "activation_params",
@@ -27,11 +28,13 @@ __all__ = [
     "check_branch_scale",
     "check_common",
     "check_dtype",
+    "check_parameterization",
     "resolve_dtype",
     "resolve_init",
 ]
 
 BRANCH_SCALES = ("1/sqrt(L)",)
+PARAMETERIZATIONS = ("standard", "ntk", "mup", "depth_mup")
 
 
 def check_branch_scale(name: str, value) -> None:
@@ -62,8 +65,28 @@ class BranchScaled:
 
     @property
     def branch_scale(self) -> float:
-        """``alpha`` as a number (``"1/sqrt(L)"`` at this depth; see :func:`branch_scale`)."""
-        return branch_scale(self.residual_scale, self.depth)
+        """``alpha`` as a number (``"1/sqrt(L)"`` at this depth; see :func:`branch_scale`);
+        under ``parameterization="depth_mup"`` it is ``residual_scale / sqrt(L)`` (depth-muP's
+        ``a / sqrt(L)``, Yang et al. 2023)."""
+        alpha = branch_scale(self.residual_scale, self.depth)
+        if getattr(self, "parameterization", "standard") == "depth_mup":
+            return alpha * self.depth**-0.5
+        return alpha
+
+
+def check_parameterization(owner: str, cfg) -> None:
+    """``cfg.parameterization`` is one of :data:`PARAMETERIZATIONS`; ``"depth_mup"`` needs
+    residual paths and a numeric ``residual_scale`` (its ``a`` in ``a / sqrt(L)``)."""
+    validate.choice("parameterization", cfg.parameterization, PARAMETERIZATIONS)
+    if cfg.parameterization != "depth_mup":
+        return
+    if not cfg.residual:
+        raise ValueError(f"{owner}: parameterization='depth_mup' needs residual=True")
+    if isinstance(cfg.residual_scale, str):
+        raise ValueError(
+            f"{owner}: parameterization='depth_mup' already scales the branches by 1/sqrt(L); "
+            f"residual_scale must be a number (its a in a/sqrt(L)), got {cfg.residual_scale!r}"
+        )
 
 
 def activation_params(value) -> tuple[tuple[str, float], ...]:

@@ -27,6 +27,7 @@ from isometry.networks.config import (
     activation_params,
     check_branch_scale,
     check_common,
+    check_parameterization,
     resolve_init,
 )
 from isometry.networks.stack import (
@@ -81,6 +82,10 @@ class MLPConfig(BranchScaled):
         dtype: the parameters' dtype, ``"float32"`` (default, whatever
             ``jax_enable_x64`` says) or ``"float64"`` (needs ``jax_enable_x64``),
             ``"bfloat16"``, ``"float16"``; the model's ``dtype=`` argument overrides it.
+        parameterization: ``"standard"`` (default), ``"ntk"``, ``"mup"`` or
+            ``"depth_mup"``: the forward change of the kind (depth-muP: the branch
+            scale ``residual_scale / sqrt(L)``; the others: none). The variances and
+            learning rates are set by :func:`isometry.parameterization.apply`.
 
     :meth:`variances` gives the hidden layers' effective ``(sigma_w2,
     sigma_b2)`` (resolved from ``init``, ``q_star`` or the fans); inputs on the
@@ -106,6 +111,7 @@ class MLPConfig(BranchScaled):
     norm_eps: float = 1e-5
     momentum: float = 0.99
     dtype: str = "float32"
+    parameterization: str = "standard"
 
     def __post_init__(self):
         object.__setattr__(self, "activation_params", activation_params(self.activation_params))
@@ -125,6 +131,7 @@ class MLPConfig(BranchScaled):
                 "use 'orthogonal' for dense layers (or ConvNet)"
             )
         check_common("MLPConfig", self, conv=False)
+        check_parameterization("MLPConfig", self)
 
     @property
     def act(self) -> _activations.Activation:

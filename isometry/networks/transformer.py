@@ -27,6 +27,7 @@ from isometry.networks.config import (
     activation_params,
     check_branch_scale,
     check_dtype,
+    check_parameterization,
     resolve_dtype,
 )
 from isometry.networks.stack import Stack, StackedParam
@@ -101,6 +102,12 @@ class TransformerConfig(BranchScaled):
         norm_eps: added to the variance in layer normalization.
         dtype: the parameters' dtype, as in :class:`MLPConfig` (default
             ``"float32"``; the model's ``dtype=`` argument overrides it).
+        parameterization: ``"standard"`` (default), ``"ntk"``, ``"mup"`` or
+            ``"depth_mup"``: the forward changes of the kind: attention logits
+            ``Q K^T / d`` under muP and depth-muP (Yang et al. 2022, TP5), branch
+            scale ``residual_scale / sqrt(L)`` under depth-muP (Yang et al. 2023).
+            The variances and learning rates are set by
+            :func:`isometry.parameterization.apply`.
     """
 
     depth: int
@@ -127,6 +134,7 @@ class TransformerConfig(BranchScaled):
     causal: bool = False
     norm_eps: float = 1e-5
     dtype: str = "float32"
+    parameterization: str = "standard"
 
     def __post_init__(self):
         object.__setattr__(self, "activation_params", activation_params(self.activation_params))
@@ -150,6 +158,7 @@ class TransformerConfig(BranchScaled):
         validate.real_array("norm_eps", self.norm_eps, minimum=0.0)
         _activations.get(self.activation, **dict(self.activation_params))
         self.variances()  # validates init / sigma_w2 / sigma_b2 / q_star
+        check_parameterization("TransformerConfig", self)
 
     @property
     def act(self) -> _activations.Activation:
@@ -192,10 +201,14 @@ def _layer_norm(x, scale, offset, eps):
     return (x - mu) * lax.rsqrt(var + eps) * scale + offset
 
 
-def attention(z: Array, wq: Array, wk: Array, wv: Array, wo: Array, heads: int, causal: bool):
+def attention(
+    z: Array, wq: Array, wk: Array, wv: Array, wo: Array, heads: int, causal: bool,
+    logits: str = "1/sqrt(d)",
+):  # fmt: skip
     """Multi-head self-attention of the tokens ``z (..., T, N)``; weights ``(N, N)``.
 
-    ``concat_h softmax(Q_h K_h^T / sqrt(d) + mask) V_h W_O`` with ``d = N / heads``.
+    ``concat_h softmax(Q_h K_h^T / sqrt(d) + mask) V_h W_O`` with ``d = N / heads``;
+    ``logits="1/d"``: ``Q_h K_h^T / d`` (muP; Yang et al. 2022).
     Returns ``(out (..., T, N), weights (..., heads, T, T))``.
     """
     *lead, T, N = z.shape
@@ -205,11 +218,12 @@ def attention(z: Array, wq: Array, wk: Array, wv: Array, wo: Array, heads: int, 
         return (z @ w).reshape(*lead, T, heads, d)
 
     q, k, v = split(wq), split(wk), split(wv)
-    logits = jnp.einsum("...thd,...shd->...hts", q, k) / jnp.sqrt(jnp.asarray(d, z.dtype))
+    scale = jnp.asarray(d, z.dtype) if logits == "1/d" else jnp.sqrt(jnp.asarray(d, z.dtype))
+    s = jnp.einsum("...thd,...shd->...hts", q, k) / scale
     if causal:
         mask = jnp.tril(jnp.ones((T, T), bool))
-        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    a = jax.nn.softmax(logits, axis=-1)
+        s = jnp.where(mask, s, jnp.finfo(s.dtype).min)
+    a = jax.nn.softmax(s, axis=-1)
     o = jnp.einsum("...hts,...shd->...thd", a, v).reshape(*lead, T, N)
     return o @ wo, a
 
@@ -227,7 +241,10 @@ def _block_step(cfg: TransformerConfig, act, alpha, p, x, probe):
     """One transformer block ``x^{l-1} -> x^l`` (see :class:`TransformerConfig`)."""
 
     def attn(z):
-        out, _ = attention(z, p["query"], p["key"], p["value"], p["out"], cfg.heads, cfg.causal)
+        logits = "1/d" if cfg.parameterization in ("mup", "depth_mup") else "1/sqrt(d)"
+        out, _ = attention(
+            z, p["query"], p["key"], p["value"], p["out"], cfg.heads, cfg.causal, logits
+        )
         return out, {}
 
     def mlp(z):

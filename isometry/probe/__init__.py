@@ -75,7 +75,9 @@ shadows the submodule of its name: ``probe.signal`` is the function):
 * ``probe.signal``: :class:`ProbeSignal`, :func:`signal`, :func:`position_cosine`;
 * ``probe.spectra``: :class:`ProbeSpectra`, :func:`jacobian_spectra`, :func:`slq_w1_bound`;
 * ``probe.theory``: :func:`theory`;
-* ``probe.plot``: :func:`plot`;
+* ``probe.coord``: :class:`CoordCheck`, :func:`coord_check` (microsoft/mup's coordinate
+  check over width or depth, for any NNX model);
+* ``probe.plot``: :func:`plot`, :func:`coord_plot`;
 * ``probe.files``: :func:`save`, :func:`load_factory`;
 
 and the cut points themselves are :mod:`isometry.cuts`.
@@ -95,18 +97,22 @@ Example:
 """
 
 from isometry.cuts import ProbeError, blocks, is_stack
+from isometry.probe.coord import CoordCheck, coord_check
 from isometry.probe.files import load_factory, save
-from isometry.probe.plot import plot
+from isometry.probe.plot import coord_plot, plot
 from isometry.probe.signal import ProbeSignal, position_cosine, signal
 from isometry.probe.spectra import METHODS as METHODS
 from isometry.probe.spectra import ProbeSpectra, jacobian_spectra, slq_w1_bound
 from isometry.probe.theory import theory
 
 __all__ = [
+    "CoordCheck",
     "ProbeError",
     "ProbeSignal",
     "ProbeSpectra",
     "blocks",
+    "coord_check",
+    "coord_plot",
     "is_stack",
     "jacobian_spectra",
     "load_factory",

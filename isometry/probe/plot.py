@@ -1,11 +1,13 @@
-"""The probe's figure: every per-block measurement of one or more runs (PNG + PDF)."""
+"""The probe's figures: every per-block measurement of one or more runs, and the coordinate
+check (PNG + PDF)."""
 
 from __future__ import annotations
 
+from isometry.probe.coord import CoordCheck
 from isometry.probe.signal import ProbeSignal
 from isometry.probe.spectra import ProbeSpectra
 
-__all__ = ["plot"]
+__all__ = ["coord_plot", "plot"]
 
 
 _SIGNAL_PANELS = (
@@ -192,3 +194,69 @@ def _block_axis(ax, paths) -> None:
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("block (cut point)")
+
+
+def coord_plot(*checks: CoordCheck, path=None, title: str = "", labels=None):
+    """The coordinate check (microsoft/mup's plot): ``mean |y^l_t|`` (top row) and
+    ``mean |y^l_t - y^l_0|`` (bottom row) against width (or depth), log-log, one column per
+    recorded step ``t``, one colour per block, mean over seeds with its standard deviation
+    as error bars; several checks (e.g. standard and muP) by line style, named by ``labels``.
+    The legend gives each block's slope of log change vs log width (or depth) at the last
+    step, the mean over seeds (:meth:`CoordCheck.slopes`).
+    Saved as ``path.png`` and ``path.pdf`` if given; returns the figure.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
+
+    from isometry import plotting
+
+    if not checks or not all(isinstance(c, CoordCheck) for c in checks):
+        raise TypeError("probe.coord_plot: pass one or more CoordCheck results")
+    labels = list(labels) if labels is not None else [c.kind or f"run {i + 1}" for i, c in
+                                                      enumerate(checks)]  # fmt: skip
+    plotting.style()
+    T = checks[0].size.shape[2]
+    fig, axes = plt.subplots(2, T, figsize=(3.0 * T + 1.0, 6.2), squeeze=False,
+                             layout="constrained")  # fmt: skip
+    for c_i, (check, label) in enumerate(zip(checks, labels, strict=True)):
+        _coord_rows(axes, check, label, _STYLES[c_i % len(_STYLES)])
+    sizes = [int(n) for n in checks[0].sizes]
+    for t in range(T):
+        axes[0, t].set_title(f"t = {t}" + (" (initialization)" if t == 0 else ""))
+        for row, name in ((0, "mean |y_t|"), (1, "mean |y_t - y_0|")):
+            ax = axes[row, t]
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(sizes, [str(n) for n in sizes])
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xlabel(checks[0].over)
+            if t == min(row, T - 1):
+                ax.set_ylabel(name)
+    axes[1, 0].axis("off")  # no change at initialization
+    handles, names = axes[1, -1].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=min(4, len(names)), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=12)
+    if path is not None:
+        plotting.save(fig, path)
+    return fig
+
+
+def _coord_rows(axes, check: CoordCheck, label: str, ls: str) -> None:
+    import numpy as np
+
+    n = np.asarray(check.sizes, float)
+    slopes = check.slopes()
+    for row, name in ((0, "size"), (1, "change")):
+        v = np.asarray(getattr(check, name), float)  # (seeds, S, T, K)
+        mean, std = v.mean(axis=0), v.std(axis=0)
+        for t in range(v.shape[2]):
+            if row == 1 and t == 0:
+                continue
+            for k, block in enumerate(check.blocks):
+                slope = float(slopes["change_mean"][-1, k])
+                text = f"{block} ({label}, slope {slope:+.2f})" if row == 1 else "_nolegend_"
+                style = {"ls": ls, "marker": "o", "ms": 3, "lw": 1, "capsize": 2}
+                axes[row, t].errorbar(
+                    n, mean[:, t, k], yerr=std[:, t, k], color=f"C{k % 10}", label=text, **style
+                )
