@@ -318,6 +318,7 @@ class Transformer(nnx.Module):
         self.readout, self.readout_bias = readout_params(rngs, N, cfg.out_dim, dtype)
 
     def stacked_params(self) -> dict[str, Array]:
+        """The blocks' parameters stacked over depth: ``{name: (L, ...)}``."""
         return {k: v[...] for k, v in self.blocks.items()}
 
     def stack(self) -> Stack:
