@@ -68,6 +68,7 @@ napoleon_attr_annotations = False
 html_theme = "furo"
 html_title = f"isometry {release}"
 html_static_path = []
+highlight_language = "text"  # docstrings' literal blocks are text math, not Python
 pygments_style = "friendly"
 pygments_dark_style = "monokai"
 

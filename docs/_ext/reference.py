@@ -88,7 +88,7 @@ def _title(text: str, mark: str = "=") -> list[str]:
     return [text, mark * len(text), ""]
 
 
-def module_page(module: str, home: dict[int, str]) -> str:
+def module_page(module: str, home: dict[int, str], modules: list[str]) -> str:
     """The reST source of one module's page."""
     mod = importlib.import_module(module)
     names = exported(module)
@@ -98,6 +98,13 @@ def module_page(module: str, home: dict[int, str]) -> str:
     if parent and getattr(importlib.import_module(parent), leaf, mod) is not mod:
         lines.append("   :no-index:")  # the package exports a function of the same name
     lines += ["", f".. currentmodule:: {module}", ""]
+    children = [m for m in modules if m.rpartition(".")[0] == module]
+    if children:
+        lines += [".. toctree::", "   :hidden:", ""] + [f"   {m}" for m in children] + [""]
+        lines += [".. rubric:: Modules", "", ".. list-table::", "   :widths: 30 70", ""]
+        for m in children:
+            lines += [f"   * - :mod:`~{m}`", f"     - {_summary(importlib.import_module(m))}"]
+        lines.append("")
     if not names:
         return "\n".join(lines) + "\n"
     entries, bodies, constants = [], [], []
@@ -132,7 +139,10 @@ def _summary(obj) -> str:
 
 def _body(kind: str, name: str, obj) -> list[str]:
     if kind == "autoclass":
-        return [f".. autoclass:: {name}", "   :members:", "   :show-inheritance:", ""]
+        inherits = any(b is not object for b in obj.__bases__)
+        return [f".. autoclass:: {name}", "   :members:"] + (
+            ["   :show-inheritance:", ""] if inherits else [""]
+        )
     if kind == "autofunction":
         return [f".. autofunction:: {name}", ""]
     value = pprint.pformat(obj, width=1000, compact=True)
@@ -150,8 +160,35 @@ def write_reference(out: Path) -> list[str]:
     for old in out.glob("*.rst"):
         old.unlink()
     for module in modules:
-        (out / f"{module}.rst").write_text(module_page(module, home))
+        (out / f"{module}.rst").write_text(module_page(module, home, modules))
     return modules
+
+
+def index_page(modules: list[str]) -> str:
+    """The reST source of the reference's front page: the top-level modules, summarized."""
+    top = [m for m in modules if m.count(".") == 1]
+    lines = _title("API reference")
+    lines += [
+        "One page per public module, generated from the code when the manual is built: each "
+        "page lists the module's ``__all__``, and each name is documented in full on the first "
+        "page that lists it (a package before its submodules) and linked from the others. A "
+        "subpackage's page lists its modules. Equations in docstrings are text math, as "
+        "``help()`` shows them; the guides write them out.",
+        "",
+        ".. toctree::",
+        "   :hidden:",
+        "",
+        "   api/isometry",
+        "",
+        ".. list-table::",
+        "   :widths: 30 70",
+        "",
+        "   * - :mod:`isometry`",
+        f"     - {_summary(importlib.import_module('isometry'))}",
+    ]
+    for m in top:
+        lines += [f"   * - :mod:`~{m}`", f"     - {_summary(importlib.import_module(m))}"]
+    return "\n".join(lines) + "\n"
 
 
 def gallery_page(gallery: Path, relative: str) -> str:
@@ -193,7 +230,8 @@ def setup(app):
     root = Path(app.srcdir)
 
     def generate(app):
-        write_reference(root / "generated" / "api")
+        modules = write_reference(root / "generated" / "api")
+        (root / "generated" / "api.rst").write_text(index_page(modules))
         gallery = root.parent / "paper_figures" / "gallery"
         page = gallery_page(gallery, "../../paper_figures/gallery")
         (root / "generated" / "gallery.rst").write_text(page)

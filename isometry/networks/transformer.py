@@ -322,6 +322,8 @@ class Transformer(nnx.Module):
         return {k: v[...] for k, v in self.blocks.items()}
 
     def stack(self) -> Stack:
+        """The network as a :class:`~isometry.networks.Stack`: the block step, the stacked
+        parameters, the token embedding and the readout."""
         cfg = self.config
         embed = None if self.embed is None else self.embed[...]
         pos = None if self.position is None else self.position[...]
