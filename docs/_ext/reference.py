@@ -122,6 +122,8 @@ def module_page(module: str, home: dict[int, str], modules: list[str]) -> str:
             entries.append((f":obj:`{name}`", obj))
             bodies += _body(kind, name, obj)
     if entries:
+        if children:
+            lines += [".. rubric:: Names", ""]
         lines += [".. list-table::", "   :class: summary", "   :widths: 30 70", ""]
         for link, obj in entries:
             lines += [f"   * - {link}", f"     - {_summary(obj)}"]
