@@ -12,7 +12,7 @@ so at depth ``L`` the logits and the gradient start ``~ chi1^(L/2)`` times
 too large (the ordered/chaotic picture of Schoenholz et al. 2017 for
 gradients; Glorot & Bengio 2010; He et al. 2015), and plain SGD blows up
 within a few steps. The rules (:func:`isometry.training.clipping`), applied
-to the gradient ``g`` before the SGD update:
+to the gradient ``g`` before the SGD update::
 
     none:            g
     global_norm:c    g * min(1, c / ||g||)                         (Pascanu et al. 2013)

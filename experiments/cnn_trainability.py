@@ -9,7 +9,7 @@ classes of the flattened last feature map (``head = "flatten"``) or of its
 global average (``"pool"``, the paper's head). The body is initialized at the
 critical point of ``q*`` (``sigma_w2 = fan_in Var(K)``, Xiao et al. 2018),
 with the images scaled so that the first pre-activations start at ``q*``
-(:func:`input_scale`; before, the standardized images put ``h^1`` at ~1.4 for
+(``input_scale``; before, the standardized images put ``h^1`` at ~1.4 for
 the Gaussian CNN and ~0.18 for the delta-orthogonal one, for ``q* = 0.25``):
 
     delta-orthogonal:  K^l[centre] = sqrt(sigma_w2) Q^l (Haar orthogonal C x C), 0 elsewhere

@@ -137,7 +137,7 @@ class Config:
         seeds: independent runs per (setting, init, depth).
         dataset: ``digits`` (embedded) or a local-file dataset.
         train: every run's :class:`~isometry.training.TrainConfig`, its learning
-            rate scaled with depth (:func:`learning_rate`); ``train.eval_every``
+            rate scaled with depth (``learning_rate``); ``train.eval_every``
             (>= 1) is the resolution of the learning time; run ``s`` uses
             ``train.seed + s`` for initialization and data order.
     """

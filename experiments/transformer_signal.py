@@ -6,12 +6,12 @@ network is an :class:`isometry.networks.Transformer` of ``depth`` blocks of
 width ``N`` (ReLU MLP with He ``W_1``; ``W_V, W_O, W_2`` of variance ``1/N``;
 ``W_Q, W_K`` of variance ``qk_sigma_w2 / N``). Its stack input is ``S``
 sequences of ``T`` synthetic tokens of unit mean square, pair cosine
-``cosine`` within a sequence and ``cross_cosine`` across sequences:
+``cosine`` within a sequence and ``cross_cosine`` across sequences::
 
     x_{s,t} = sqrt(c_x) u + sqrt(c - c_x) v_s + sqrt(1 - c) w_{s,t},   u, v, w ~ N(0, I_N).
 
 Per block ``l`` (one forward/backward pass; a random projection
-``Loss = sum_{s,t} <r_{s,t}, x^L_{s,t}>``, ``r ~ N(0, I)``):
+``Loss = sum_{s,t} <r_{s,t}, x^L_{s,t}>``, ``r ~ N(0, I)``)::
 
     norm, cosine, cross_cosine   token Gram statistics of x^l (transformer_theory.gram_statistics)
     update       = ||x^l - x^{l-1}||^2 / ||x^{l-1}||^2

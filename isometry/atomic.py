@@ -65,6 +65,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
     return write_bytes(path, text.encode())
 
 
@@ -91,6 +92,7 @@ def write_json(path: str | os.PathLike, obj) -> Path:
 
 
 def write_npz(path: str | os.PathLike, **arrays) -> Path:
+    """Write ``arrays`` to an ``.npz`` file atomically (temp file + rename); returns the path."""
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
     return write_bytes(path, buf.getvalue())

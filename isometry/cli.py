@@ -1,7 +1,7 @@
 """The ``isometry`` command: thin wrappers over library functions.
 
 Each subcommand is a pair ``_add_<name>(subparsers)`` / ``_run_<name>(args)``
-registered in :data:`COMMANDS`.
+registered in ``COMMANDS``.
 """
 
 from __future__ import annotations

@@ -70,6 +70,7 @@ class ProbeError(ValueError):
 
 
 def is_list(obj) -> bool:
+    """Whether ``obj`` is a list of submodules (a list, tuple or ``nnx.List``)."""
     return isinstance(obj, (list, tuple, nnx.List))
 
 
@@ -104,6 +105,7 @@ def _discover(obj, prefix: str) -> list[str]:
 
 
 def available(model) -> str:
+    """The model's cut points, as one line for an error message."""
     paths = [p for p, _ in walk(model)]
     return ", ".join(paths) if paths else "(none: the model has no submodules)"
 
@@ -144,6 +146,7 @@ def is_stack(model) -> bool:
 
 
 def check_model(model) -> None:
+    """Raise a ``TypeError`` unless ``model`` is a ``flax.nnx.Module``."""
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
 
@@ -159,6 +162,7 @@ def _child(obj, part: str):
 
 
 def lookup(model, path: str):
+    """The submodule of ``model`` at the dotted ``path`` (``"blocks.3"``)."""
     obj = model
     for part in path.split("."):
         obj = _child(obj, part)
@@ -166,6 +170,7 @@ def lookup(model, path: str):
 
 
 def resolve(model, at) -> tuple[str, ...]:
+    """The cut points ``at`` names (``None``: :func:`blocks`), checked against the model."""
     check_model(model)
     if at is None:
         return tuple(blocks(model))

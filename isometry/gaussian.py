@@ -1,6 +1,6 @@
 """Gaussian expectations ``E_z[f(sqrt(q) z)]`` and their correlated 2-D versions.
 
-Mean-field theory needs, for ``z, z1, z2 ~ N(0, 1)`` independent,
+Mean-field theory needs, for ``z, z1, z2 ~ N(0, 1)`` independent::
 
     expect(f, q)              = E[f(sqrt(q) z)]
     expect2(f, g, q1, q2, c)  = E[f(u1) g(u2)],
@@ -259,7 +259,7 @@ def hermite_coefficients(
     """Normalized Hermite coefficients ``b_k = E[f(sqrt(q) z) He_k(z)] / sqrt(k!)``, k = 0..order.
 
     By Mehler's formula they diagonalize the correlated expectation at equal
-    variances (the "dual activation", Daniely et al. 2016):
+    variances (the "dual activation", Daniely et al. 2016)::
 
         E[f(u1) f(u2)] = sum_k b_k^2 c^k,   u1, u2 ~ N(0, q) with correlation c,
 

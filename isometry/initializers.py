@@ -12,7 +12,7 @@ He initialization is ``sigma_w2 = 2``, the ReLU critical point.
 
 Shapes follow ``jax.nn.initializers``/Flax: a dense kernel is ``(fan_in,
 fan_out)`` (used as ``x @ W``); a convolution kernel is ``(*spatial, in, out)``
-with ``fan_in = in * prod(spatial)``.
+with ``fan_in = in * prod(spatial)``. The schemes::
 
 | name                 | Var(W_ij)            | sigma_w2             | ensemble |
 |----------------------|----------------------|----------------------|----------------------|

@@ -277,7 +277,7 @@ def stack_singular_values(
     as :func:`stack_jacobians` does: ``stack_singular_values(model, u, depths)``.
 
     Raises:
-        NonFiniteJacobianError (a ``ValueError``): the plain product
+        NonFiniteJacobianError: (a ``ValueError``) the plain product
             overflowed (e.g. 1,000+ layers off criticality); use
             :func:`isometry.spectra.log_singular_values`. Disable with
             ``check_finite=False`` (also skipped under ``jit``).

@@ -2,7 +2,7 @@
 
 For a deep network ``h^l = W^l phi(h^{l-1}) + b^l`` with ``W_ij ~ N(0,
 sigma_w2/N)`` and ``b_i ~ N(0, sigma_b2)``, in the wide limit (Poole et al.
-2016; Schoenholz et al. 2017):
+2016; Schoenholz et al. 2017)::
 
     q-map:  q^l  = sigma_w2 E_z[phi(sqrt(q^{l-1}) z)^2] + sigma_b2,          fixed point q*
     c-map:  c^l  = (sigma_w2 E[phi(u1) phi(u2)] + sigma_b2) / q*,             fixed point c*
@@ -323,7 +323,7 @@ def _iterate_q_map(act, q0, sigma_w2, sigma_b2, depth, quad):
 
 
 def c_map(act: Activation | str, c, q, sigma_w2, sigma_b2, *, quad=None) -> Array:
-    """One step of the correlation map at the length ``q`` (normally ``q*``):
+    """One step of the correlation map at the length ``q`` (normally ``q*``)::
 
         c -> (sigma_w2 E[phi(u1) phi(u2)] + sigma_b2) / q.
 

@@ -8,7 +8,7 @@ the per-layer outputs of one ``lax.scan`` over depth; arrays of per-layer
 values have shape ``(L,)`` and entry ``l - 1`` belongs to layer ``l``.
 
 Forward (:func:`forward`), for ``h^l`` the pre-activation and ``x^l`` the
-layer output (the residual stream in residual networks):
+layer output (the residual stream in residual networks)::
 
     q^l          = mean_{a,i} (h^l_{a,i})^2                    mean squared pre-activation
     c^l          = mean_pairs <h_a, h_b> / (|h_a| |h_b|)        pairs (a, b) = (0, 1), (2, 3), ...
@@ -23,7 +23,7 @@ unnormalized ResNets").
 
 Backward (:func:`backward`), for a scalar loss of the network's output (by
 default a random projection ``Loss = sum_a <v_a, y_a> / B``, ``v ~ N(0, 1)``,
-whose output gradient does not depend on the forward pass):
+whose output gradient does not depend on the forward pass)::
 
     grad_preact_sq^l = ||dLoss/dh^l||_F^2      (zero probes added to h^l)
     grad_state_sq^l  = ||dLoss/dx^l||_F^2
@@ -33,7 +33,7 @@ Theory (:func:`theory`, :func:`model_theory`), mean field for plain and
 residual networks without normalization (Poole et al. 2016; Schoenholz et al.
 2017; Yang & Schoenholz 2017) and for layer normalization before the
 activation, from the stack input's mean square ``p^0``,
-mean ``m^0`` and pair cosine ``c^0``:
+mean ``m^0`` and pair cosine ``c^0``::
 
     q^l  = sigma_w2 p^{l-1} + sigma_b2,   c^l = (sigma_w2 p12^{l-1} + sigma_b2) / q^l
     plain:     p^l = E[phi(h)^2],  p12^l = E[phi(h_a) phi(h_b)]       (the q- and c-maps)
@@ -63,7 +63,7 @@ the input as fast as the stream grows forward, ``rho^l = p^l / p^{l-1}``,
 while the rest grows by ``chi^l``. For residual relu the stream's mean makes
 ``rho^l`` larger than ``chi^l`` (``rho -> 2.9``, ``chi = 2`` at ``alpha = 1``,
 He init). Two channels, ``P^l`` along ``x^l`` and ``Q^l`` orthogonal to it
-(taken uniform on the orthogonal complement), with ``A_l = I + alpha D^l W^l``:
+(taken uniform on the orthogonal complement), with ``A_l = I + alpha D^l W^l``::
 
     P^{l-1} = rho^l P^l                                  (exact, Euler)
     Q^{l-1} = (chi^l - delta^l / N) Q^l + lambda^l P^l   (leading order in 1/N)
@@ -469,7 +469,7 @@ def stream_channels(act, sigma_w2, alpha, p, m) -> tuple[Array, Array, Array, Ar
         f1 = E phi'^2 phi = sqrt(q / 2 pi) (s+^3 - s-^3), f2 = E phi'^2 phi^2 = q (s+^4 + s-^4) / 2,
         mu1 = E phi'^2 = (s+^2 + s-^2) / 2,
 
-    to leading order in ``1/N``:
+    to leading order in ``1/N``::
 
         c = m e1 / p,   t = c + alpha e2 / p,   rho = 1 + 2 alpha c + alpha^2 e2 / p
         d = (mu1 p + 2 alpha m f1 + alpha^2 f2) / p              (= ||D A x||^2 / ||x||^2)
@@ -678,7 +678,7 @@ def fit_decay_length(
     ``c[..., l - 1]`` is the cosine of two signals at layer ``l`` (e.g. of the
     pre-activations of :func:`isometry.jacobian.pair_on_sphere` inputs) and
     ``c_star`` (broadcast against ``c[..., 0]``) its fixed point. A least-squares
-    line
+    line::
 
         log |c^l - c*| = a - l / xi
 

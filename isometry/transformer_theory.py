@@ -11,7 +11,7 @@ through each block, and summarizes it by the mean squared token norm
 collapse: it tends to 1; Dong, Cordonnier & Loukas 2021) and the mean cosine
 between tokens of different sequences. Its maps, in the wide limit
 ``N, d = N / heads -> infinity`` with Gaussian (or orthogonal) weights of
-variance ``sigma^2 / N``:
+variance ``sigma^2 / N``::
 
     attention  (uniform A):   G -> s_V s_O  A G A^T           A = I_S (x) A_T
     MLP:                      G -> s_2 K_phi(s_1 G + s_b)
@@ -354,7 +354,7 @@ def qk_value_ratio(G: Array, Gamma: Array, A: Array, qk_sigma_w2, value_sigma_w2
 
 def exchangeable_qk_value_ratio(q, rho, seq_len: int, qk_sigma_w2, value_sigma_w2=1.0) -> Array:
     """:func:`qk_value_ratio` in closed form for uniform non-causal attention over ``T`` tokens
-    of mean square ``q`` and pair cosine ``rho``, with independent output gradients:
+    of mean square ``q`` and pair cosine ``rho``, with independent output gradients::
 
         ratio = s_V s_QK q^2 (1 - rho)^2 (T - 1) / (T (1 + (T - 1) rho)).
     """

@@ -28,6 +28,7 @@ __all__ = [
 
 
 def is_concrete(x) -> bool:
+    """Whether ``x`` is a concrete value rather than a tracer inside ``jit``."""
     return not isinstance(x, core.Tracer)
 
 
@@ -119,12 +120,14 @@ def prng_key(name: str, key):
 
 
 def positive_int(name: str, x, minimum: int = 1) -> int:
+    """``x`` if it is an integer ``>= minimum``, else a ``ValueError`` naming ``name``."""
     if isinstance(x, bool) or not isinstance(x, int | np.integer) or x < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {x!r}")
     return int(x)
 
 
 def choice(name: str, x, allowed) -> str:
+    """``x`` if it is one of ``allowed``, else a ``ValueError`` naming ``name`` and the choices."""
     if x not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {x!r}")
     return x

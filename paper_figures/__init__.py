@@ -1,6 +1,6 @@
 """Paper figures: one script per figure, each reading (or computing and caching) its results.
 
-Every figure module ``paper_figures/figNN_<name>.py`` defines
+Every figure module ``paper_figures/figNN_<name>.py`` defines::
 
     TIERS: dict[str, dict]       # "tiny" (tests), "quick" (a laptop), "full" (papers' sizes)
     KEYS: tuple[str, ...]        # the arrays compute() returns (checked by the tests)

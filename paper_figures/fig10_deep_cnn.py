@@ -41,7 +41,7 @@ small (Hanin & Nica 2019), and the 4-seed averages of these heavy-tailed
 statistics are noisy. Training of ``C = 8``
 networks for 200 steps at depths 4, 16, 64 with one seed, on images scaled
 so that both networks' first pre-activations start at ``q*``
-(:func:`isometry.experiments.cnn_trainability.input_scale`). The two inits
+(``isometry.experiments.cnn_trainability.input_scale``). The two inits
 tie at the smaller depths and the Gaussian CNN falls behind at depth 64 (the
 right panel): the trend of the paper, at depths 100 times smaller, not its
 failure to train. The full

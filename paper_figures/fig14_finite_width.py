@@ -1,7 +1,7 @@
 """Finite width: the Jacobian gain log ||J u||^2 / ||u||^2 of critical Gaussian ReLU and linear networks and the second moment of J J^T's spectrum against L / N, measured (markers) against the exact finite-width law (lines) and infinite width (dashed) (Hanin & Nica 2019).
 
 Measurement: width-``N`` random networks (Gaussian weights at ``chi1 = 1``, zero biases;
-:func:`measure`), the Jacobian at every depth in one pass (:mod:`isometry.jacobian`);
+``measure``), the Jacobian at every depth in one pass (:mod:`isometry.jacobian`);
 per network the squared gain along one input direction and the moments ``m_k = tr (J J^T)^k / N``;
 markers are seed means with bars of two standard errors. Theory
 (:mod:`isometry.finite_width`): the law of ``||J u||^2 / ||u||^2`` is a product of ``L``

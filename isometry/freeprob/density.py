@@ -295,7 +295,7 @@ def density_core(act, q, depth, weights, sw, lam):
     """Solve on the (float64, 1-D) grid ``lam``; returns the dataclass pieces.
 
     Two compiled programs serve every depth, ensemble and grid of one law's shape:
-    :func:`_solve_nodes`, then :func:`_solve_cells` where the nodes do not resolve
+    ``_solve_nodes``, then ``_solve_cells`` where the nodes do not resolve
     ``M_{D^2}`` (``u`` close to the support of ``d``).
     """
     with host_eval():

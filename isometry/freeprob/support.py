@@ -89,7 +89,7 @@ def _edge(nodes, w, dmax, logsig, depth, s):
 
 
 def edge_of(law, depth, weights, sw):
-    """The right edge (a float): :func:`_edge` on the host, in one context for every caller."""
+    """The right edge (a float): ``_edge`` on the host, in one context for every caller."""
     with host_eval():
         nodes, w = law_arrays(law)
         dmax = float(law.nodes.max())

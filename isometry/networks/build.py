@@ -71,7 +71,7 @@ class ScannedNet(nnx.Module):
         input_fn(embed) -> input_map;  output_fn(readout) -> output_map
 
     where ``embed`` is the input map's array (or ``None``) and ``readout`` the
-    pair ``(W_out, b_out)`` (or ``None``). :attr:`STACKED` names further stacked
+    pair ``(W_out, b_out)`` (or ``None``). ``STACKED`` names further stacked
     parameters: ``(key in stacked_params(), attribute)`` pairs.
     """
 

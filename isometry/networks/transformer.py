@@ -335,9 +335,12 @@ class Transformer(nnx.Module):
         self.readout, self.readout_bias = readout_params(rngs, N, cfg.out_dim, dtype)
 
     def stacked_params(self) -> dict[str, Array]:
+        """The blocks' parameters stacked over depth: ``{name: (L, ...)}``."""
         return {k: v[...] for k, v in self.blocks.items()}
 
     def stack(self) -> Stack:
+        """The network as a :class:`~isometry.networks.Stack`: the block step, the stacked
+        parameters, the token embedding and the readout."""
         cfg = self.config
         embed = None if self.embed is None else self.embed[...]
         pos = None if self.position is None else self.position[...]

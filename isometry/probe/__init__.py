@@ -10,7 +10,7 @@ norm, a pre-LN transformer, blocks of different widths) and measures it at
   ``blocks`` or ``layers`` (searched through nested modules and lists, in
   definition order). Any list of module paths may be passed as ``at=``.
 * :func:`signal` (-> :class:`ProbeSignal`): per cut point the forward
-  statistics of the block's output ``y^l`` (batch first, channels last)
+  statistics of the block's output ``y^l`` (batch first, channels last)::
 
       mean_sq^l      = mean (y^l)^2
       chan_sq_mean^l = mean_ch (mean_{batch, positions} y^l)^2

@@ -262,8 +262,16 @@ def subnet_max_func(model, x) -> ModelMaxFunc:
             docstring), or a model with no nonlinear layer.
 
     Example:
-        >>> m = shaping.subnet_max_func(model, x[:1])           # doctest: +SKIP
-        >>> act = shaping.dks("softplus", subnet_max_func=m)    # doctest: +SKIP
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from isometry import networks, shaping
+        >>> model = networks.WeightedResNet(4, 8, 2, "softplus", 2, rngs=nnx.Rngs(0))
+        >>> m = shaping.subnet_max_func(model, jnp.ones((1, 4)))
+        >>> m
+        ModelMaxFunc(WeightedResNet: 5 nonlinear layers, 2 residual branches)
+        >>> act = shaping.dks("softplus", subnet_max_func=m)
+        >>> act.transform.max_residual < 1e-8
+        True
     """
     graphs = []
 

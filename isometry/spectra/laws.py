@@ -79,7 +79,7 @@ def distance_to_law(sample, law, *, atom_window: float = 1e-6) -> LawDistance:
     ``cdf(x)`` and ``continuous_cdf(x)``. The law splits into the mass at or
     below the floor, the atoms (a measured value within ``atom_window * a`` of
     an atom ``a`` counts as it) and the continuous part above the floor; with
-    ``w`` the weights of the pieces,
+    ``w`` the weights of the pieces::
 
         KS <= |w_below,meas - w_below| + sum_k |w_k,meas - m_k|
               + w_cont,meas KS(continuous parts)

@@ -94,6 +94,7 @@ def _constant_sig(v):
 
 
 def pointwise(eqn, ins, ctx):
+    """The rule of an elementwise function of one field: its Gaussian expectations."""
     where = O.where(eqn)
     shape = tuple(eqn.outvars[0].aval.shape)
     if eqn.primitive.name == "select_n" and isinstance(ins[0], V.Det):
@@ -125,6 +126,7 @@ def _shifted(ins) -> bool:
 
 
 def add(eqn, ins, ctx, sign=1.0):
+    """The rule of ``add`` (and ``sub`` with ``sign=-1``): two fields, or a field and data."""
     where = O.where(eqn)
     shape = tuple(eqn.outvars[0].aval.shape)
     axis = O.layout(ins, where)
@@ -140,10 +142,12 @@ def add(eqn, ins, ctx, sign=1.0):
 
 
 def sub(eqn, ins, ctx):
+    """The rule of ``sub``: :func:`add` with the second operand's sign flipped."""
     return add(eqn, ins, ctx, sign=-1.0)
 
 
 def neg(eqn, ins, ctx):
+    """The rule of ``neg``: the field with its sign flipped."""
     f = ins[0]
     if isinstance(f, V.Pointwise):
         return compose(eqn, ins, ctx, f.shape, f.axis, O.where(eqn))
@@ -151,6 +155,7 @@ def neg(eqn, ins, ctx):
 
 
 def identity(eqn, ins, ctx):
+    """The rule of operations that leave a field unchanged (dtype conversions, copies)."""
     x = ins[0]
     if isinstance(x, V.Param):
         return x.view(O.bind(eqn, [x.value])[0])
@@ -158,6 +163,7 @@ def identity(eqn, ins, ctx):
 
 
 def mul(eqn, ins, ctx):
+    """The rule of ``mul``: a field times deterministic data, or times a gain."""
     where = O.where(eqn)
     shape = tuple(eqn.outvars[0].aval.shape)
     a, b = ins
@@ -193,6 +199,7 @@ def _mul_nonfield(eqn, a, b, where):
 
 
 def div(eqn, ins, ctx):
+    """The rule of ``div``: a field divided by deterministic data."""
     where = O.where(eqn)
     a, b = ins
     if isinstance(a, V.Field) and isinstance(b, V.Det) and not isinstance(a, V.Pointwise):
@@ -241,6 +248,7 @@ def scale(f: V.Field, s, where) -> V.Field:
 
 
 def gain(f: V.Field, p: V.Param, where) -> V.Field:
+    """The field ``f`` multiplied entrywise by the parameter ``p`` (a learnable gain)."""
     shape = p.shape
     if f.axis is None or len(shape) > len(f.shape):
         raise V.TheoryError(f"{where}: a parameter multiplies a field other than along its width")

@@ -188,7 +188,7 @@ def run(
         optimize: compile with XLA's default optimizations (``True``: faster runs on
             large Grams) or at backend level 0 (``False``: a fraction of the compile
             time, for the small programs of typical use); ``None``: optimize when the
-            Gram of the input's positions has at least :data:`OPTIMIZE_ENTRIES` entries.
+            Gram of the input's positions has at least ``OPTIMIZE_ENTRIES`` entries.
     """
     override = _override_fn(variances)
     _check_finite_inputs(model, x)

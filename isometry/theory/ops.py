@@ -94,6 +94,7 @@ def inside(eqn):
 
 
 def where(eqn) -> str:
+    """An operation's name and the module path it ran in, for error messages."""
     return f"'{eqn.primitive.name}' in {scope(eqn)}"
 
 
@@ -119,6 +120,7 @@ def bind(eqn, vals):
 
 
 def broadcast(f: V.Field, shape, where) -> V.Field:
+    """The field ``f`` broadcast to ``shape`` (a view: the same random coordinates)."""
     shape = tuple(shape)
     if f.shape == shape:
         return f
@@ -201,4 +203,5 @@ def layout(ins, where):
 
 
 def zero_field(shape, axis, where):
+    """A deterministic field of zeros of ``shape`` with width axis ``axis``."""
     return V.Data(shape, axis, where, det=V.Det(jnp.zeros(shape), zero=True))

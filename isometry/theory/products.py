@@ -20,6 +20,7 @@ __all__ = ["conv", "dot_general"]
 
 
 def dot_general(eqn, ins, ctx):
+    """The rule of ``dot_general``: a contraction of a field with a parameter or with data."""
     where = O.where(eqn)
     a, b = ins
     dn = eqn.params["dimension_numbers"]
@@ -78,6 +79,7 @@ def _field_product(eqn, a, b, ctx, where):
 
 
 def conv(eqn, ins, ctx):
+    """The rule of ``conv_general_dilated``: a convolution of a field with a parameter."""
     where = O.where(eqn)
     u, w = ins
     if not isinstance(w, V.Param):

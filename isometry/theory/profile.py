@@ -2,7 +2,7 @@
 
 For each cut point ``l`` (a block, as in :func:`isometry.probe.blocks`) with output
 ``y^l`` (batch first, width ``C_l``, structure ``(B, *positions)``), the forward
-Gram ``G = G(y^l, y^l)`` gives the probe's forward statistics:
+Gram ``G = G(y^l, y^l)`` gives the probe's forward statistics::
 
     mean_sq         = mean_s G[s, s]
     chan_sq_mean    = mean_{s, t} G[s, t]                (the channel means' square)

@@ -133,6 +133,7 @@ def _views_parameters(rule):
 
 @_views_parameters
 def transpose(eqn, ins, ctx):
+    """The rule of ``transpose``: structure axes permuted, the width axis followed."""
     f = ins[0]
     perm = tuple(eqn.params["permutation"])
     out_shape = tuple(f.shape[p] for p in perm)
@@ -153,6 +154,7 @@ def transpose(eqn, ins, ctx):
 
 @_views_parameters
 def broadcast_in_dim(eqn, ins, ctx):
+    """The rule of ``broadcast_in_dim``: a view of the field on a larger shape."""
     x = ins[0]
     shape = tuple(eqn.params["shape"])
     dims = tuple(eqn.params["broadcast_dimensions"])
@@ -177,6 +179,7 @@ def broadcast_in_dim(eqn, ins, ctx):
 
 @_views_parameters
 def reshape(eqn, ins, ctx):
+    """The rule of ``reshape``: structure axes merged or split, the width axis kept."""
     x = ins[0]
     out_shape = tuple(eqn.outvars[0].aval.shape)
     return reshape_field(x, out_shape, O.where(eqn))
@@ -271,11 +274,13 @@ def _reshape_groups(a, b):
 
 @_views_parameters
 def squeeze(eqn, ins, ctx):
+    """The rule of ``squeeze``: unit structure axes removed."""
     x = ins[0]
     return reshape_field(x, tuple(eqn.outvars[0].aval.shape), O.where(eqn))
 
 
 def reduce_sum(eqn, ins, ctx):
+    """The rule of ``reduce_sum``: a sum over structure axes or the width."""
     x = ins[0]
     where = O.where(eqn)
     axes = tuple(eqn.params["axes"])
@@ -321,6 +326,7 @@ def dot_det(eqn, ins, ctx, where):
 
 
 def slice_(eqn, ins, ctx):
+    """The rule of ``slice``: a slice of the structure axes."""
     x = ins[0]
     if isinstance(x, V.Param):
         key = (*x.key, ("slice", tuple(eqn.params["start_indices"]),
@@ -330,9 +336,11 @@ def slice_(eqn, ins, ctx):
 
 
 def stack(eqn, ins, ctx):
+    """The rule of ``concatenate``: fields joined along a structure axis."""
     axis = O.layout([x for x in ins if isinstance(x, V.Field)], O.where(eqn))
     return structural(eqn, ins, ctx, w_out=axis + (eqn.params["axis"] <= axis))
 
 
 def stop_gradient(eqn, ins, ctx):
+    """The rule of ``stop_gradient``: the field unchanged (the forward pass)."""
     return ins[0]

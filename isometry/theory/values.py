@@ -145,7 +145,8 @@ class Field:
     ``axis is None``: a single coordinate (e.g. a one-unit output indexed out);
     every axis is then a structure axis.
 
-    Derived attributes (set by each class):
+    Derived attributes (set by each class)::
+
         params: keys of the parameters the field depends on.
         sources: tangent sources (input, cut probes) it depends on.
         gaussian: the field is jointly Gaussian with every other Gaussian field
@@ -227,7 +228,7 @@ class Additive(Field):
 class Contraction(Field):
     """``u`` contracted with a parameter over the width (a dense layer, a convolution, a
     multi-head projection): a fresh Gaussian field. ``rule`` maps ``cross(u_a, u_b)`` to
-    ``cross(out_a, out_b)`` for unit variance per entry (see :mod:`isometry.theory.rules`);
+    ``cross(out_a, out_b)`` for unit variance per entry (see :mod:`isometry.theory.contractions`);
     ``variance`` is ``fan_in * mean(W^2)`` (per tap for convolutions, inside ``rule``)."""
 
     param: Param = None

@@ -71,9 +71,11 @@ Example:
     >>> ds = data.load_digits()
     >>> model = networks.MLP(networks.MLPConfig(depth=4, width=64, in_dim=64, out_dim=10),
     ...                      rngs=nnx.Rngs(0))
-    >>> cfg = training.TrainConfig(steps=100, learning_rate=0.05, clip="global_norm:1.0")
-    >>> result = training.train(model, ds, cfg)          # doctest: +SKIP
-    >>> result.summary["eval_accuracy"]                  # doctest: +SKIP
+    >>> cfg = training.TrainConfig(steps=20, learning_rate=0.05, clip="global_norm:1.0",
+    ...                            probe_every=0)
+    >>> result = training.train(model, ds, cfg)
+    >>> result.summary["status"], result.summary["steps"]
+    ('completed', 20)
 
 References:
     Pascanu, Mikolov & Bengio 2013, "On the difficulty of training recurrent

@@ -240,6 +240,7 @@ class RunConfig:
         return cls(**d)
 
     def to_json(self, path: str | os.PathLike) -> Path:
+        """Write the config as JSON (atomically); :meth:`from_json` reads it back."""
         return atomic.write_json(path, self.to_dict())
 
     @classmethod

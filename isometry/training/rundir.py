@@ -210,7 +210,7 @@ NO_CHECKSUM = "it has no checksum file"
 def verify_checkpoint(mngr, step: int) -> str | None:
     """``None`` if checkpoint ``step`` matches its checksum, else what is wrong with it.
 
-    A missing checksum file gives a reason starting with :data:`NO_CHECKSUM`.
+    A missing checksum file gives a reason starting with ``NO_CHECKSUM``.
     """
     d, cpath = _step_dir(mngr, step), _checksum_path(mngr, step)
     if not d.is_dir() or not any(d.iterdir()):
