@@ -347,11 +347,11 @@ def _jacobian_moments(f, rows, key, examples, n_probes, lanczos_steps):
         u0 = rows[i]
         g = partial(f, i=i)
         ys, f_vjp = jax.vjp(g, u0)
-        _, f_jvp = jax.linearize(g, u0)
+        f_jvp = jax.linear_transpose(f_vjp, ys)  # J v, from the one linearization
 
         def one_block(k, key):
             def matvec(v):
-                t = f_jvp(v.reshape(u0.shape).astype(u0.dtype))
+                (t,) = f_jvp((v.reshape(u0.shape).astype(u0.dtype),))
                 cot = tuple(jnp.where(k == j, tj, 0).astype(y.dtype)
                             for j, (tj, y) in enumerate(zip(t, ys, strict=True)))  # fmt: skip
                 return f_vjp(cot)[0].reshape(-1).astype(u0.dtype)
