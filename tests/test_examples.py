@@ -17,7 +17,14 @@ def _load(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name", ["probe_plain_mlp", "probe_resnet_batchnorm", "probe_transformer", "shape_your_resnet"]
+    "name",
+    [
+        "probe_plain_mlp",
+        "probe_resnet_batchnorm",
+        "probe_transformer",
+        "shape_your_resnet",
+        "monitor_transformer",
+    ],
 )
 def test_example_runs_tiny(name, tmp_path):
     out = _load(name).main(str(tmp_path), tiny=True)
@@ -37,3 +44,11 @@ def test_shape_your_resnet_theory_is_the_engines_and_dks_is_centred(tmp_path):
     dks = maps["DKS softplus"]["theory"]
     assert dks[0] < 0 < dks[-1]  # C_f(0) = 0: negative cosines stay negative
     assert min(maps["ReLU (unshaped)"]["theory"]) > 0  # ReLU maps every pair to c > 0
+
+
+@pytest.mark.slow
+def test_monitor_transformer_example_writes_its_log_and_trains(tmp_path):
+    out = _load("monitor_transformer").main(str(tmp_path), tiny=True)
+    assert out["monitor_calls"] == 4  # steps 0, 4, 8, 12
+    assert Path(out["log"]).read_text().count("\n") == 4
+    assert out["last_loss"] < out["first_loss"]
