@@ -156,35 +156,24 @@ def test_logged_metrics_are_consistent(digits):
     assert "eval_loss" not in recs[2] and "jac_sv2_mean" not in recs[2]
 
 
-def _hutchinson_sd(A, probes):
-    """Standard deviation of ``mean_p z_p^T A z_p`` over ``probes`` Rademacher ``z``:
-    ``sqrt(2 (||A||_F^2 - sum_i A_ii^2) / probes)`` (Hutchinson 1990)."""
-    return np.sqrt(2 * (np.sum(A**2) - np.sum(np.diag(A) ** 2)) / probes)
-
-
 def test_monitor_probe_matches_dense_jacobian():
     """The training probe (the monitor at the last layer) against the dense ``J = dx^L/dx^0``:
-    the largest ``s^2`` exactly (Lanczos steps >= the width), the mean and the variance
-    within five standard deviations of Hutchinson's estimator over its probes."""
+    at width 16 its probes are the unit vectors and its Lanczos steps reach the width, so the
+    mean, the variance and the largest ``s^2`` are exact."""
     model = _mlp(depth=3, width=16)
     _, g_eval, state = training.init_state(model, optax.sgd(0.1))
     u = jax.random.normal(jax.random.key(1), (2, 64))
     run = training.monitor_probe(g_eval, state, u, seed=0)
     probe = run(state["params"], state["batch_stats"], state["rest"], 0)
     s = model.stack()
-    lams, sd1, sd2 = [], [], []
-    P = training.probe.MONITOR_OPTIONS["n_probes"]
+    lams = []
     for x0 in s.input_map(u):
-        J = np.asarray(jax.jacfwd(s.hidden)(x0), np.float64)
-        A = J.T @ J
-        n = A.shape[0]
-        lams.append(np.linalg.svd(J, compute_uv=False) ** 2)
-        sd1.append(_hutchinson_sd(A, P) / n)
-        sd2.append(_hutchinson_sd(A @ A, P) / n + 2 * lams[-1].mean() * sd1[-1])
+        J = jax.jacfwd(s.hidden)(x0)
+        lams.append(np.linalg.svd(np.asarray(J, np.float64), compute_uv=False) ** 2)
     lams = np.stack(lams)
+    np.testing.assert_allclose(probe["jac_sv2_mean"], lams.mean(1).mean(), rtol=1e-4)
+    np.testing.assert_allclose(probe["jac_sv2_var"], lams.var(1).mean(), rtol=1e-3)
     np.testing.assert_allclose(probe["jac_sv2_max"], lams.max(), rtol=1e-4)
-    assert abs(probe["jac_sv2_mean"] - lams.mean()) < 5 * np.mean(sd1) + 1e-5
-    assert abs(probe["jac_sv2_var"] - lams.var(1).mean()) < 5 * np.mean(sd2) + 1e-5
     assert len(probe["block_mean_sq"]) == len(probe["block_grad_param_sq"]) == 3
     again = run(state["params"], state["batch_stats"], state["rest"], 0)
     assert again == probe  # the probe's key is a function of (seed, step)

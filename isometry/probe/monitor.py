@@ -18,16 +18,17 @@ learning through dynamical isometry": isometry is mean near 1, small variance
 and maximum). The first ``examples`` examples are measured; the mean and the
 variance are averaged over them and the maximum is their largest.
 
-Estimators (:func:`isometry.spectra.slq`, matrix-free: ``J^T J v`` by one ``jvp``
-and one ``vjp``): ``P = n_probes`` Rademacher probes ``v_p`` (unit, entries
-``+-1/sqrt(n)``), ``S = min(lanczos_steps, n)`` Lanczos steps each. The Gauss
-quadrature of ``S`` nodes is exact for polynomials of degree ``< 2 S``, so
-``n mean_p v_p^T A^k v_p`` (``A = J^T J``, ``k = 1, 2``) is computed exactly for
-each probe and is Hutchinson's unbiased estimator of ``tr A^k``, with variance
-``2 (||A^k||_F^2 - sum_i (A^k)_ii^2) / P`` (Hutchinson 1990; Avron & Toledo 2011).
-The top Ritz value is a lower bound of ``lambda_max`` that converges geometrically
-in ``S`` (Kaniel-Paige-Saad) and is exact once ``S >= n``; the largest over the
-probes is reported.
+Estimators (matrix-free: ``A v = J^T J v`` by one ``jvp`` and one ``vjp``, ``A = J_l^T
+J_l``): the traces by Hutchinson's estimator over ``P = n_probes`` Rademacher probes
+``z_p`` (entries ``+-1``), ``tr A^k ~ mean_p z_p^T A^k z_p`` for ``k = 1, 2`` (one
+``A z_p`` each: ``z^T A z`` and ``||A z||^2``), unbiased with variance
+``2 (||A^k||_F^2 - sum_i (A^k)_ii^2) / P`` (Hutchinson 1990; Avron & Toledo 2011),
+and exact when ``P >= n``: the probes are then the ``n`` unit vectors. The largest
+eigenvalue by ``S = min(lanczos_steps, n)`` Lanczos steps from one Rademacher start
+(:func:`isometry.spectra.max_eigenvalue`): its top Ritz value is a lower bound that
+converges geometrically in ``S`` (Kaniel-Paige-Saad), exact once ``S >= n``. Cost:
+``examples * K * (P + S)`` products ``A v``, each running the model on the
+``jacobian_batch`` examples.
 
 For the toolkit's scanned stacks (``networks.MLP``/``ConvNet``, cut points
 ``"layer.l"``) the signal fields are :func:`probe.signal`'s (those of the
@@ -123,7 +124,7 @@ def monitor(
             mode as the user set it).
         x: a batch of model inputs ``(B, ...)``, cast to the model's parameter dtype.
         key: PRNG key: the random-projection loss (when ``loss`` is ``None``) and
-            the Lanczos probes (split in two).
+            the probes and Lanczos starts (split in two).
         at: cut points (module paths); default :func:`isometry.probe.blocks`.
         loss: ``loss(model(x)) -> scalar`` of the gradient fields; default the
             random projection of :func:`isometry.probe.signal`.
@@ -137,9 +138,11 @@ def monitor(
             model on that batch, so a model whose examples do not interact (no
             batch norm in training mode) is measured exactly and ``B / examples``
             times cheaper with ``jacobian_batch=examples``.
-        n_probes, lanczos_steps: probes ``P`` and Lanczos steps ``S`` (capped at
-            the input dimension ``n``); cost ``examples * K * P * S`` Jacobian-vector
-            products of one example.
+        n_probes: Hutchinson probes ``P`` of the traces (exact when ``P >= n``, the
+            input dimension).
+        lanczos_steps: Lanczos steps ``S`` of the largest value (capped at ``n``;
+            exact when ``S >= n``). Cost: ``examples * K * (P + S)`` products
+            ``J^T J v``.
 
     Returns:
         a :class:`MonitorSummary`.
@@ -335,29 +338,38 @@ def _block_outputs(model, x, paths):
 def _jacobian_moments(f, rows, key, examples, n_probes, lanczos_steps):
     """``(tr A, tr A^2, lambda_max A)`` estimates, each ``(examples, K)``, ``A = J_l^T J_l``.
 
-    One SLQ (:func:`isometry.spectra.slq`) per example and block, vmapped: the
-    matvec pushes ``v`` through the linearized outputs of every block and pulls
-    back the one of block ``k`` alone (``J_k^T J_k v``), so every block shares
-    one compiled Lanczos loop.
+    ``A v`` is one ``jvp`` and one ``vjp`` (the ``jvp`` is the transpose of the one
+    linearization): the tangent is pushed through every block's output and the
+    cotangent of block ``k`` alone pulled back, so every block shares one compiled
+    program (vmapped over blocks and examples). Hutchinson: ``z^T A z`` and
+    ``||A z||^2`` per probe; Lanczos: :func:`isometry.spectra.max_eigenvalue`.
     """
     n = math.prod(rows.shape[1:])
     steps = min(lanczos_steps, n)
+    exact = n_probes >= n
 
     def one_example(i, key):
         u0 = rows[i]
-        g = partial(f, i=i)
-        ys, f_vjp = jax.vjp(g, u0)
-        f_jvp = jax.linear_transpose(f_vjp, ys)  # J v, from the one linearization
+        ys, f_vjp = jax.vjp(partial(f, i=i), u0)
+        f_jvp = jax.linear_transpose(f_vjp, ys)
+
+        def gram(k, v):
+            (t,) = f_jvp((v.reshape(u0.shape).astype(u0.dtype),))
+            cot = tuple(jnp.where(k == j, tj, 0).astype(y.dtype)
+                        for j, (tj, y) in enumerate(zip(t, ys, strict=True)))  # fmt: skip
+            return f_vjp(cot)[0].reshape(-1).astype(u0.dtype)
 
         def one_block(k, key):
-            def matvec(v):
-                (t,) = f_jvp((v.reshape(u0.shape).astype(u0.dtype),))
-                cot = tuple(jnp.where(k == j, tj, 0).astype(y.dtype)
-                            for j, (tj, y) in enumerate(zip(t, ys, strict=True)))  # fmt: skip
-                return f_vjp(cot)[0].reshape(-1).astype(u0.dtype)
-
-            res = spectra.slq(matvec, n, key, n_probes=n_probes, n_steps=steps, dtype=u0.dtype)
-            return n * res.moment(1), n * res.moment(2), jnp.max(res.nodes)
+            k_probes, k_start = jax.random.split(key)
+            if exact:  # the n unit vectors: the traces themselves
+                z = jnp.eye(n, dtype=u0.dtype)
+            else:
+                z = jax.random.rademacher(k_probes, (n_probes, n), dtype=u0.dtype)
+            w = jax.vmap(partial(gram, k))(z)
+            reduce = jnp.sum if exact else jnp.mean
+            tr1, tr2 = reduce(jnp.sum(z * w, axis=1)), reduce(jnp.sum(w * w, axis=1))
+            v0 = jax.random.rademacher(k_start, (n,), dtype=u0.dtype)
+            return tr1, tr2, spectra.max_eigenvalue(partial(gram, k), v0, steps)
 
         keys = jax.random.split(key, len(ys))
         return jax.vmap(one_block)(jnp.arange(len(ys)), keys)

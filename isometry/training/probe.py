@@ -17,12 +17,13 @@ stacks), on the ``P = probe_inputs`` held-out inputs ``u``. Logged:
 
 Dynamical isometry: mean near 1, small variance and maximum (Pennington,
 Schoenholz & Ganguli 2017, "Resurrecting the sigmoid in deep learning through
-dynamical isometry"). The Jacobian numbers are SLQ estimates
-(:data:`MONITOR_OPTIONS`: Hutchinson's trace estimator with their probes, exact
-per probe; the largest Ritz value of their Lanczos steps, exact once the steps
-reach the width). The probe's key is ``fold_in(fold_in(key(seed), PROBE_TAG),
-step)``: it consumes none of the training's randomness, and the model is
-measured on a copy, so the training is the same with the probe on or off.
+dynamical isometry"). The Jacobian numbers are the monitor's
+(:data:`MONITOR_OPTIONS`): the mean and variance by Hutchinson's trace estimator,
+exact up to a width of 512; the largest by Lanczos, exact up to a width of 64 and a
+lower bound converging in the steps beyond. The probe's key is
+``fold_in(fold_in(key(seed), PROBE_TAG), step)``: it consumes none of the training's
+randomness, and the model is measured on a copy, so the training is the same with the
+probe on or off.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ from isometry.cuts import ProbeError
 
 __all__ = ["MONITOR_OPTIONS", "PROBE_FIELDS", "PROBE_TAG", "monitor_probe"]
 
-MONITOR_OPTIONS = {"n_probes": 8, "lanczos_steps": 32}
-"""SLQ probes and Lanczos steps of the training probe's Jacobian (per held-out input)."""
+MONITOR_OPTIONS = {"n_probes": 512, "lanczos_steps": 64}
+"""Hutchinson probes and Lanczos steps of the training probe's Jacobian (per held-out input):
+the mean and the variance are exact up to a width of 512 (the probes are the unit vectors),
+the largest value up to 64, at the cost of the dense Jacobian the probe used to compute."""
 PROBE_TAG = 0x70726F62
 """Folded into ``key(seed)`` for the probe's own key."""
 PROBE_FIELDS = ("jac_sv2_mean", "jac_sv2_var", "jac_sv2_max",
