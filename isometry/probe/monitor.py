@@ -6,8 +6,8 @@ of the model, block output ``y^l``, model input ``x``, in one compiled program:
     mean_sq^l       = mean (y^l)^2                         (the batch, :func:`probe.signal`)
     grad_out_sq^l   = ||dLoss/dy^l||_F^2                   (the batch, :func:`probe.signal`)
     grad_param_sq^l = ||dLoss/dtheta^l||_F^2               (the batch, :func:`probe.signal`)
-    jac_sv2_mean^l  = tr(J_l^T J_l) / r_l                  (Hutchinson, exact per probe)
-    jac_sv2_var^l   = tr((J_l^T J_l)^2) / r_l - (jac_sv2_mean^l)^2
+    jac_sv2_mean^l  = tr(J_l^T J_l) / r_l                  (Hutchinson; exact for P >= n)
+    jac_sv2_var^l   = max(tr((J_l^T J_l)^2) / r_l - (jac_sv2_mean^l)^2, 0)
     jac_sv2_max^l   = lambda_max(J_l^T J_l)                (Lanczos' top Ritz value)
 
 for the cumulative Jacobian ``J_l = d y^l_i / d x_i`` (``m_l x n``) of example
@@ -26,7 +26,9 @@ J_l``): the traces by Hutchinson's estimator over ``P = n_probes`` Rademacher pr
 and exact when ``P >= n``: the probes are then the ``n`` unit vectors. The largest
 eigenvalue by ``S = min(lanczos_steps, n)`` Lanczos steps from one Rademacher start
 (:func:`isometry.spectra.max_eigenvalue`): its top Ritz value is a lower bound that
-converges geometrically in ``S`` (Kaniel-Paige-Saad), exact once ``S >= n``. Cost:
+converges geometrically in ``S`` (Kaniel-Paige-Saad), exact once ``S >= n``. The
+variance, a difference of two estimates, is biased by ``Var(tr A estimate) / r^2`` when
+``P < n``. Cost:
 ``examples * K * (P + S)`` products ``A v``, each running the model on the
 ``jacobian_batch`` examples.
 
