@@ -89,7 +89,7 @@ CURVE_KEYS = (
 """Arrays :func:`curves` extracts from training records."""
 
 PROBE_KEYS = ("jac_sv2_mean", "jac_sv2_var", "jac_sv2_max")
-"""The Jacobian probe's numbers (:func:`isometry.training.jacobian_probe`)."""
+"""The Jacobian probe's numbers (:func:`isometry.training.monitor_probe`)."""
 
 _TRAIN_KEYS = ("loss", "accuracy", "grad_norm", "grad_norm_clipped", "clip_ratio")
 

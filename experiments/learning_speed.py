@@ -38,7 +38,7 @@ layer, so its step in function space grows like ``L`` at a fixed rate; with
 constant rate). Each run records the training-batch loss every
 ``train.log_every`` steps, the held-out loss and accuracy every ``train.eval_every``
 steps, the steps to reach ``accuracy_threshold`` held-out accuracy, and the
-Jacobian probe at initialization (:func:`isometry.training.jacobian_probe`)
+Jacobian probe at initialization (:func:`isometry.training.monitor_probe`)
 beside the free-probability variance above
 (:func:`isometry.freeprob.jacobian_moments`).
 

@@ -24,6 +24,7 @@ def _load(name):
         "probe_transformer",
         "shape_your_resnet",
         "mup_coord_check",
+        "monitor_transformer",
     ],
 )
 def test_example_runs_tiny(name, tmp_path):
@@ -51,3 +52,11 @@ def test_mup_coord_check_example_standard_grows_and_mup_is_flat(tmp_path):
     slopes = _load("mup_coord_check").main(str(tmp_path), tiny=True)["slopes"]
     assert min(slopes["standard", "first"]) > 0.3  # every block and the output
     assert max(abs(slopes["mup", "last"])) < 0.1
+
+
+@pytest.mark.slow
+def test_monitor_transformer_example_writes_its_log_and_trains(tmp_path):
+    out = _load("monitor_transformer").main(str(tmp_path), tiny=True)
+    assert out["monitor_calls"] == 4  # steps 0, 4, 8, 12
+    assert Path(out["log"]).read_text().count("\n") == 4
+    assert all(v > 0 for v in out["final_jac_sv2_max"])  # 12 tiny steps: no loss claim

@@ -156,20 +156,27 @@ def test_logged_metrics_are_consistent(digits):
     assert "eval_loss" not in recs[2] and "jac_sv2_mean" not in recs[2]
 
 
-def test_jacobian_probe_matches_dense_jacobian():
+def test_monitor_probe_matches_dense_jacobian():
+    """The training probe (the monitor at the last layer) against the dense ``J = dx^L/dx^0``:
+    at width 16 its probes are the unit vectors and its Lanczos steps reach the width, so the
+    mean, the variance and the largest ``s^2`` are exact."""
     model = _mlp(depth=3, width=16)
     _, g_eval, state = training.init_state(model, optax.sgd(0.1))
     u = jax.random.normal(jax.random.key(1), (2, 64))
-    probe = training.jacobian_probe(g_eval)(state["params"], state["batch_stats"], state["rest"], u)
+    run = training.monitor_probe(g_eval, state, u, seed=0)
+    probe = run(state["params"], state["batch_stats"], state["rest"], 0)
     s = model.stack()
     lams = []
     for x0 in s.input_map(u):
         J = jax.jacfwd(s.hidden)(x0)
         lams.append(np.linalg.svd(np.asarray(J, np.float64), compute_uv=False) ** 2)
     lams = np.stack(lams)
-    np.testing.assert_allclose(probe["mean"], lams.mean(1).mean(), rtol=1e-4)
-    np.testing.assert_allclose(probe["var"], lams.var(1).mean(), rtol=1e-3)
-    np.testing.assert_allclose(probe["max"], lams.max(), rtol=1e-4)
+    np.testing.assert_allclose(probe["jac_sv2_mean"], lams.mean(1).mean(), rtol=1e-4)
+    np.testing.assert_allclose(probe["jac_sv2_var"], lams.var(1).mean(), rtol=1e-3)
+    np.testing.assert_allclose(probe["jac_sv2_max"], lams.max(), rtol=1e-4)
+    assert len(probe["block_mean_sq"]) == len(probe["block_grad_param_sq"]) == 3
+    again = run(state["params"], state["batch_stats"], state["rest"], 0)
+    assert again == probe  # the probe's key is a function of (seed, step)
 
 
 def test_agc_is_per_layer_and_unitwise():
@@ -372,3 +379,19 @@ def test_runs_that_differ_in_seed_share_the_jitted_step(digits):
     for a, b in zip(_leaves(second.state), _leaves(alone.state), strict=True):
         np.testing.assert_array_equal(a, b)
     assert first.records != second.records
+
+
+def test_probe_leaves_the_training_bit_identical():
+    """The monitor runs on a copy with its own key: the records' training metrics and the
+    final parameters are bitwise those of a run without the probe."""
+    ds = data.load_digits()
+    runs = {}
+    for every in (0, 2):
+        cfg = training.TrainConfig(steps=4, batch_size=16, log_every=2, eval_every=0,
+                                   probe_every=every, probe_inputs=2)  # fmt: skip
+        runs[every] = training.train(_mlp(depth=2, width=16), ds, cfg)
+    assert "jac_sv2_mean" in runs[2].records[0] and "jac_sv2_mean" not in runs[0].records[0]
+    for a, b in zip(runs[0].records, runs[2].records, strict=True):
+        assert a == {k: v for k, v in b.items() if k not in training.probe.PROBE_FIELDS}
+    for a, b in zip(_leaves(runs[0].state), _leaves(runs[2].state), strict=True):
+        np.testing.assert_array_equal(a, b)

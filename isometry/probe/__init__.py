@@ -79,6 +79,11 @@ shadows the submodule of its name: ``probe.signal`` is the function):
   check over width or depth, for any NNX model);
 * ``probe.plot``: :func:`plot`, :func:`coord_plot`;
 * ``probe.files``: :func:`save`, :func:`load_factory`;
+* ``probe.monitor``: :class:`MonitorSummary`, :func:`monitor`, :func:`monitor_fn`: a
+  few per-block summaries (mean square, gradient norms, the cumulative Jacobian's mean
+  and largest squared singular value by SLQ) cheap enough for a training loop;
+* ``probe.history``: :class:`MonitorLog` (the monitor's JSON lines), :func:`read_history`,
+  :func:`plot_history` (its figure over training steps);
 
 and the cut points themselves are :mod:`isometry.cuts`.
 
@@ -99,6 +104,8 @@ Example:
 from isometry.cuts import ProbeError, blocks, is_stack
 from isometry.probe.coord import CoordCheck, coord_check
 from isometry.probe.files import load_factory, save
+from isometry.probe.history import MonitorLog, plot_history, read_history
+from isometry.probe.monitor import MonitorSummary, monitor, monitor_fn
 from isometry.probe.plot import coord_plot, plot
 from isometry.probe.signal import ProbeSignal, position_cosine, signal
 from isometry.probe.spectra import METHODS as METHODS
@@ -107,6 +114,8 @@ from isometry.probe.theory import theory
 
 __all__ = [
     "CoordCheck",
+    "MonitorLog",
+    "MonitorSummary",
     "ProbeError",
     "ProbeSignal",
     "ProbeSpectra",
@@ -116,8 +125,12 @@ __all__ = [
     "is_stack",
     "jacobian_spectra",
     "load_factory",
+    "monitor",
+    "monitor_fn",
     "plot",
+    "plot_history",
     "position_cosine",
+    "read_history",
     "save",
     "signal",
     "slq_w1_bound",

@@ -23,7 +23,7 @@ from isometry import cuts, depthscan, spectra, validate
 from isometry import jacobian as _jacobian
 from isometry.cuts import ProbeError, is_stack
 
-__all__ = ["METHODS", "ProbeSpectra", "jacobian_spectra", "slq_w1_bound"]
+__all__ = ["METHODS", "ProbeSpectra", "cumulative_fn", "jacobian_spectra", "slq_w1_bound"]
 
 Array = jax.Array
 METHODS = ("auto", "dense", "slq")
@@ -72,7 +72,11 @@ class ProbeSpectra:
     dims: tuple[tuple[int, int, int], ...]
 
 
-def _cumulative_fn(graphdef, states, paths, x, index):
+def cumulative_fn(graphdef, states, paths, x, index):
+    """``f(x0) -> (y^1_index, ..., y^K_index)`` (each flattened): the outputs of the cut
+    blocks ``paths`` for example ``index`` of the batch ``x`` with that example replaced by
+    ``x0``, the others held fixed (``index`` may be traced)."""
+
     def f(x0):
         _, rec = cuts.tapped_call(graphdef, states, paths, x.at[index].set(x0))
         return tuple(o[index].reshape(-1) for o in rec.outputs)
@@ -340,7 +344,7 @@ def _model_parts(model, x, at, index) -> _Parts:
         (math.prod(s.shape[1:]), n, math.prod(u.shape[1:]))
         for s, u in zip(out_shapes, inputs, strict=True)
     )
-    f = _cumulative_fn(graphdef, states, paths, x, index)
+    f = cumulative_fn(graphdef, states, paths, x, index)
     locals_ = [
         _local_fn(graphdef, states, p, u, e, index)
         for p, u, e in zip(paths, inputs, extras, strict=True)

@@ -27,13 +27,15 @@ completed updates):
 * every ``eval_every`` steps (and at step 0): ``eval_loss``, ``eval_accuracy``
   on the whole held-out split (:func:`evaluate_state`, the evaluator every
   experiment uses; a non-finite per-example loss counts as ``inf``);
-* every ``probe_every`` steps (and at step 0): the Jacobian probe
-  ``jac_sv2_mean``, ``jac_sv2_var``, ``jac_sv2_max``: mean, variance and
-  maximum of the squared singular values ``lambda_i`` of the stack's
-  input-output Jacobian ``J = dx^L/dx^0`` (Pennington, Schoenholz & Ganguli
-  2017), computed in one pass over depth (:func:`isometry.jacobian.stack_jacobians`)
-  at ``probe_inputs`` held-out inputs, in evaluation mode; mean and variance
-  are averaged over the inputs, the maximum is over all of them.
+* every ``probe_every`` steps (and at step 0): the probe (:func:`monitor_probe`, the
+  monitor of :func:`isometry.probe.monitor` on ``probe_inputs`` held-out inputs, in
+  evaluation mode, for every model whose cut points :func:`isometry.probe.blocks`
+  finds): ``jac_sv2_mean``, ``jac_sv2_var``, ``jac_sv2_max``, the mean, variance and
+  maximum of the squared singular values ``lambda_i`` of the cumulative Jacobian at
+  the last cut point (the stack's ``J = dx^L/dx^0`` of a toolkit stack; Pennington,
+  Schoenholz & Ganguli 2017), SLQ estimates, mean and variance averaged over the
+  inputs, the maximum over all of them; and per block ``block_mean_sq``,
+  ``block_grad_out_sq``, ``block_grad_param_sq``.
 
 Output directory: ``config.json``, ``metrics.jsonl`` (records appended and
 fsynced; a resumed run first truncates records past its checkpoint, so its
@@ -96,7 +98,7 @@ from isometry.training.config import (
 from isometry.training.evaluation import evaluate, evaluate_state
 from isometry.training.loop import TrainResult, run, train
 from isometry.training.optim import adaptive_grad_clip, clipping, optimizer, schedule
-from isometry.training.probe import jacobian_probe
+from isometry.training.probe import monitor_probe
 from isometry.training.rundir import MetricsLog, RunLockedError
 from isometry.training.step import NonFiniteError, init_state, layer_grad_norms, make_train_step
 
@@ -115,9 +117,9 @@ __all__ = [
     "evaluate",
     "evaluate_state",
     "init_state",
-    "jacobian_probe",
     "layer_grad_norms",
     "make_train_step",
+    "monitor_probe",
     "optimizer",
     "parse_clip",
     "run",

@@ -5,9 +5,11 @@ completed updates): every ``log_every`` steps the train step's metrics
 (:mod:`isometry.training.step`); every ``eval_every`` steps (and at step 0
 and the end) ``eval_loss``, ``eval_accuracy`` on the whole held-out split
 (:func:`isometry.training.evaluate_state`); every ``probe_every`` steps (and
-at step 0 and the end) the Jacobian probe ``jac_sv2_mean``, ``jac_sv2_var``,
-``jac_sv2_max`` at ``probe_inputs`` held-out inputs
-(:func:`isometry.training.jacobian_probe`).
+at step 0 and the end) the probe ``jac_sv2_mean``, ``jac_sv2_var``,
+``jac_sv2_max`` and the per-block ``block_mean_sq``, ``block_grad_out_sq``,
+``block_grad_param_sq`` at ``probe_inputs`` held-out inputs, by the monitor of
+:func:`isometry.probe.monitor` (:func:`isometry.training.monitor_probe`), for
+every model whose cut points :func:`isometry.probe.blocks` finds.
 
 Calling :func:`train` again on the same directory resumes from the newest
 intact checkpoint (each is verified against its checksum; damaged ones are
@@ -45,12 +47,12 @@ from isometry.training import rundir
 from isometry.training.config import RunConfig, TrainConfig, model_config_dict
 from isometry.training.evaluation import evaluate_state, on_device
 from isometry.training.optim import clipping, optimizer, schedule
-from isometry.training.probe import jacobian_probe
+from isometry.training.probe import PROBE_FIELDS, monitor_probe
 from isometry.training.step import NonFiniteError, init_state, make_train_step
 
 __all__ = ["TrainResult", "run", "train"]
 
-_MEASURED = ("eval_loss", "eval_accuracy", "jac_sv2_mean", "jac_sv2_var", "jac_sv2_max")
+_MEASURED = ("eval_loss", "eval_accuracy", *PROBE_FIELDS)
 _SUMMARY_KEYS = ("eval_loss", "eval_accuracy", "loss", "accuracy", "step",
                  "jac_sv2_mean", "jac_sv2_var", "jac_sv2_max")  # fmt: skip
 
@@ -118,12 +120,14 @@ class _Run:
         self.tx = optimizer(config)
         self.g_train, self.g_eval, self.state = init_state(model, self.tx)
         self.step_fn = _train_step(self.g_train, dataclasses.replace(config, seed=0), self.loss)
-        self.probe = jacobian_probe(self.g_eval) if hasattr(model, "stack") else None
         # inputs (and regression targets) in the parameters' float dtype
         dt = _param_dtype(self.state["params"])
         self.x, self.y = on_device(data.x_train, dt), on_device(data.y_train, dt)
         self.x_test, self.y_test = on_device(data.x_test, dt), on_device(data.y_test, dt)
         self.u_probe = self.x_test[: config.probe_inputs]
+        self.probe = None
+        if config.probe_every:
+            self.probe = monitor_probe(self.g_eval, self.state, self.u_probe, config.seed)
         self.batches = _Batches(config.seed, data.x_train.shape[0], config.batch_size)
         self.out = None if out_dir is None else Path(out_dir)
         self.log = self.mngr = self.lock = self.extended_from = None
@@ -194,8 +198,7 @@ class _Run:
                 record["eval_accuracy"] = ev["accuracy"]
         probe_due = cfg.probe_every and (step % cfg.probe_every == 0 or final)
         if self.probe is not None and probe_due:
-            pr = jax.device_get(self.probe(s["params"], s["batch_stats"], s["rest"], self.u_probe))
-            record.update({f"jac_sv2_{k}": float(v) for k, v in pr.items()})
+            record.update(self.probe(s["params"], s["batch_stats"], s["rest"], step))
         return record
 
     def write(self, records: list[dict]) -> None:
