@@ -1,9 +1,9 @@
 """Append-only JSON-lines logs that an interruption cannot break: :class:`MetricsLog`.
 
-One JSON record per line, each with an integer ``"step"``. :meth:`MetricsLog.append`
+One JSON record per line, each with an integer ``"step"``. ``MetricsLog.append``
 writes whole lines, then ``flush`` and ``fsync``, so a crash leaves at most one
 partial last line; :meth:`MetricsLog.read` drops it, and
-:meth:`MetricsLog.truncate` (``step``) atomically rewrites the file keeping the
+``MetricsLog.truncate`` (``step``) atomically rewrites the file keeping the
 records with ``"step" <= step``, which a resumed run calls with the step it
 resumes from, so its log equals an uninterrupted run's. Used by the training
 loop's ``metrics.jsonl`` and the probe monitor's log. :func:`plain` makes a

@@ -5,7 +5,7 @@ dimension of a parameter *grows* when its size differs between the widths
 (microsoft/mup's ``make_base_shapes`` / ``InfShape``: a dimension is "infinite"
 when the delta model changes it). Flax kernels are ``(..., in, out)`` (dense
 ``(in, out)``, the toolkit's stacks ``(L, in, out)``, convolutions
-``(kh, kw, in, out)``), so the growing dimensions name the parameter's role:
+``(kh, kw, in, out)``), so the growing dimensions name the parameter's role::
 
     role      growing axes     examples                                mup's name
     "input"   out (last) only  input weights, embeddings, biases,     vector-like

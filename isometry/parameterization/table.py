@@ -17,7 +17,7 @@ Width multipliers are relative to a base width (mup's base shapes):
 width every kind is the model's own (standard) parameterization. Variances are
 factors on the model's own initialization, taken to be standard
 (``Var = sigma^2 / fan_in``: LeCun, He, Xavier on square layers, the toolkit's
-defaults). Roles: :data:`isometry.parameterization.shapes.ROLES`.
+defaults). Roles: :data:`isometry.parameterization.shapes.ROLES`. The rules::
 
     kind        role     Var factor   SGD lr factor   Adam lr factor   source
     standard    all      1            1               1                (PyTorch/Flax defaults)

@@ -3,7 +3,7 @@ width or over depth: :func:`coord_check` and :class:`CoordCheck`.
 
 For each size ``n`` (a width, or a depth at fixed width), seed and step
 ``t = 0..steps`` of training on one fixed batch, the mean absolute entry of
-each block's output and of its change since initialization,
+each block's output and of its change since initialization::
 
     size^l_t(n)   = mean |y^l_t|,        change^l_t(n) = mean |y^l_t - y^l_0|,
 
@@ -287,7 +287,7 @@ def coord_check(
         :class:`CoordCheck`; ``.slopes()`` summarizes it.
 
     Raises:
-        ValueError / TypeError: bad sizes, steps, seeds, ``over``, an unknown
+        ValueError: bad sizes, steps, seeds, ``over``, an unknown
             optimizer or parameterization, a factory that is not callable or
             builds no module, different cut points at two widths, a run that
             diverged (non-finite activations: lower ``learning_rate``).
