@@ -180,12 +180,26 @@ def monitor_fn(
     (the same model after training steps) and a batch of the same shape and
     dtype reuse the program. The finite checks run before it on every call.
 
-    Example:
-        >>> fn = probe.monitor_fn(model, x_probe)
-        >>> for step in range(steps):
-        ...     model, opt_state = train_step(model, opt_state, batch(step))
-        ...     if step % 50 == 0:
-        ...         log.write(step, fn(model, x_probe, jax.random.fold_in(key, step)))
+    Example (a training loop of your own; ``probe.MonitorLog`` writes the records)::
+
+        fn = probe.monitor_fn(model, x_probe)
+        for step in range(steps):
+            model, opt_state = train_step(model, opt_state, batch(step))
+            if step % 50 == 0:
+                log.write(step, fn(model, x_probe, jax.random.fold_in(key, step)))
+
+    At a small size:
+
+        >>> import jax
+        >>> from flax import nnx
+        >>> from isometry import probe
+        >>> model = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)),
+        ...                        nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
+        >>> x = jax.random.normal(jax.random.key(0), (8, 8))
+        >>> fn = probe.monitor_fn(model, x)
+        >>> s = fn(model, x, jax.random.key(1))
+        >>> s.paths, s.jac_sv2_max.shape
+        (('layers.0', 'layers.1'), (2,))
     """
     cuts.check_model(model)
     paths = cuts.resolve(model, at)
