@@ -1,8 +1,9 @@
 """The ``lr_transfer`` experiment: its config checks, the optimum finder and the shift, and
 one point's training (the rates in one program, ``vmap`` and ``lax.map`` alike).
 
-Its tiny end-to-end run (store, resume, figure) is the figure's tiny tier in
-``tests/test_paper_figures.py``.
+The tiny run end to end (store, rows, resume) is slow (eight small compiles): it and the
+figure's tiny tier (``tests/test_paper_figures.py``) run under ``-m slow``; the default
+tests train one width point and one depth point through the same program.
 """
 
 from __future__ import annotations
@@ -108,3 +109,14 @@ def test_one_program_trains_every_rate_and_seed(point, digits):
     vm = lr_transfer.train_point(tiny("seeds=2", "train.steps=4", "lr_map=vmap"), point, digits)
     np.testing.assert_allclose(vm, out, rtol=1e-4, atol=1e-5)
     assert not np.allclose(out[0], out[1])  # the seeds differ
+
+
+@pytest.mark.slow
+def test_tiny_run_rows_and_resume(tmp_path):
+    cfg = tiny()
+    path = lr_transfer.run(cfg, tmp_path, progress=False)
+    t = sweep.load_table(path)
+    assert len(t["eval_loss"]) == 8 * cfg.seeds * 3 and np.all(np.isfinite(t["eval_loss"]))
+    assert lr_transfer.run(cfg, tmp_path, progress=False).read_text() == path.read_text()
+    with pytest.raises(sweep.ConfigMismatchError, match="refusing to mix"):
+        lr_transfer.run(tiny("seeds=3"), tmp_path, progress=False)
