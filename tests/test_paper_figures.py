@@ -28,6 +28,7 @@ def check_outputs(name, data, paths):
 SLOW_TINY = (
     "trainability", "spectra", "spectral_edge", "learning_speed", "gradients", "clipping",
     "batchnorm", "deep_cnn", "rank_collapse", "theory_any_model",
+    "lr_transfer",  # eight small compiles (~30 s); tests/test_lr_transfer.py trains its programs
 )  # fmt: skip
 
 
@@ -130,3 +131,12 @@ def test_every_figure_is_tested():
 def test_unknown_figure_is_a_clear_error(capsys):
     assert cli.main(["figures", "nope", "--tier", "tiny"]) == 2
     assert "unknown figure 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(FIGURES))
+def test_every_figure_states_its_quick_cost(name):
+    """``COST["quick"]`` (CPU seconds of one core from empty stores) orders ``--jobs`` and
+    sizes the main job (about five minutes on two cores): every figure states it."""
+    cost = getattr(core.load_module(name), "COST", None)
+    assert isinstance(cost, dict) and "quick" in cost, name
+    assert isinstance(cost["quick"], int | float) and 0 < cost["quick"] < 600, name
