@@ -176,9 +176,8 @@ def monitor_fn(
     """``fn(model, x, key) -> MonitorSummary``: :func:`monitor` compiled for models of this
     structure and batches of this shape (the arguments as :func:`monitor`'s).
 
-    Compiled on its first call; later calls with a model of the same structure
-    (the same model after training steps) and a batch of the same shape and
-    dtype reuse the program. The finite checks run before it on every call.
+    Compiled on its first call, reused for a model of the same structure (the same model after
+    training steps) and a batch of the same shape; the finite checks run on every call.
 
     Example (a training loop of your own; ``probe.MonitorLog`` writes the records)::
 
