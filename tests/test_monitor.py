@@ -167,6 +167,7 @@ def test_compiled_once_and_jit_equals_eager(mlp_case):
         np.testing.assert_allclose(getattr(eager, f), getattr(s, f), rtol=1e-10)
 
 
+@pytest.mark.slow  # the default suite checks the same fields on the MLP and the toolkit stack
 def test_resnet_with_batch_norm_against_dense_spectra():
     """Batch norm in training mode couples the examples: the reference is
     ``jacobian_spectra(method="dense")``, which holds the other examples fixed too."""
@@ -177,6 +178,7 @@ def test_resnet_with_batch_norm_against_dense_spectra():
     assert np.all(np.asarray(s.grad_param_sq) > 0)
 
 
+@pytest.mark.slow  # the default suite checks the same fields on the MLP and the toolkit stack
 def test_transformer_against_the_dense_jacobian():
     model = Transformer(rngs=nnx.Rngs(1))
     x = jax.random.normal(jax.random.key(1), (2, 4, 3), F64)
