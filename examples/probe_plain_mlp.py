@@ -63,7 +63,7 @@ def main(out: str = "examples/out", tiny: bool = False) -> dict:
              "grad_kernel_sq": bwd.grad_weight_sq}  # fmt: skip
     rel = {k: float(jnp.max(jnp.abs(getattr(got, k) - v) / jnp.abs(v))) for k, v in pairs.items()}
     spec = probe.jacobian_spectra(plain, x)
-    th = probe.theory(plain, x, activation="tanh")
+    th = probe.theory(plain, x)
     run = {"signal": got, "spectra": spec, "theory": th, "label": "plain nnx.Linear + tanh"}
     toolkit = {
         "signal": probe.signal(ref, x, key=key),
