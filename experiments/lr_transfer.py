@@ -50,6 +50,7 @@ from flax import nnx
 
 from isometry import networks, parameterization, sweep, training, validate
 from isometry.experiments import Experiment, harness
+from isometry.training.evaluation import per_example_loss
 
 __all__ = [
     "DEPTH_KINDS", "EXPERIMENT", "LR_MAPS", "PRESETS", "WIDTH_KINDS", "Config", "grid",
@@ -173,9 +174,9 @@ def _program(graphdef, p, train: training.TrainConfig, lr_map: str):
     -> (S, K, 2)``: ``T`` Adam steps of every ``(seed, rate)`` on the rows ``batches``
     of ``(x, y)``, then the held-out loss and accuracy."""
 
-    def loss_fn(params, x, y):
-        logits = nnx.merge(graphdef, params)(x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
+    def loss_fn(params, x, y):  # the evaluator's per-example loss and correctness
+        per, correct = per_example_loss("cross_entropy", nnx.merge(graphdef, params)(x), y)
+        return jnp.mean(per), jnp.mean(correct)
 
     def one(params, lr, batches, x, y, x_test, y_test):
         tx = p.tx(lr, b1=train.b1, b2=train.b2, eps=train.eps)
@@ -187,8 +188,7 @@ def _program(graphdef, p, train: training.TrainConfig, lr_map: str):
             return (optax.apply_updates(params, upd), state), None
 
         (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), batches)
-        loss, logits = loss_fn(params, x_test, y_test)
-        return jnp.stack([loss, jnp.mean(jnp.argmax(logits, -1) == y_test)])
+        return jnp.stack(loss_fn(params, x_test, y_test))
 
     def per_seed(params, lrs, batches, *data):
         fn = lambda lr: one(params, lr, batches, *data)  # noqa: E731
