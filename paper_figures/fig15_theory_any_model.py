@@ -158,10 +158,8 @@ PROJECTIONS = 8
 def _measure(factory, x, width, seeds):
     """``(seeds, fields, blocks)``: the probe's statistics of ``factory(width)`` per seed
     (gradients averaged over :data:`PROJECTIONS` loss projections), one compiled program
-    for all seeds; the seeds' parameters are drawn by one compiled program too (the same
-    draws as building the model eagerly, without a compilation per parameter shape)."""
+    for all seeds."""
     graphdef, _ = nnx.split(factory(width, nnx.Rngs(0)))
-    draw = jax.jit(lambda key: nnx.split(factory(width, nnx.Rngs(key)))[1])
 
     @jax.jit
     def one(state, key):
@@ -173,7 +171,7 @@ def _measure(factory, x, width, seeds):
 
     rows = []
     for s in range(seeds):
-        state = draw(jax.random.key(1000 + s))
+        state = nnx.split(factory(width, nnx.Rngs(1000 + s)))[1]
         rows.append(np.asarray(one(state, jax.random.key(2000 + s))))
     return np.stack(rows)
 
