@@ -47,13 +47,13 @@ def _run_and_check_resume(name, overrides, out, monkeypatch) -> dict:
     rows, arrays = store.read(lost)["rows"], store.arrays(lost)
     store.path(lost).unlink()
     calls = []
-    real = harness.train_mlp
+    real = harness.train_model
 
     def counting(*args, **kwargs):
-        calls.append(args[0].depth)
+        calls.append(kwargs["depth"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(harness, "train_mlp", counting)
+    monkeypatch.setattr(harness, "train_model", counting)
     again = sweep.load_table(experiments.run(name, "quick", overrides, out=out, progress=False))
     assert len(calls) == 1
     assert store.read(lost)["rows"] == rows
@@ -265,3 +265,23 @@ def test_train_config_is_nested_and_set_by_dotted_keys():
     assert learning_speed.train_config(ls, 128, 0).learning_rate == pytest.approx(0.01)
     with pytest.raises(ValueError, match="eval_every"):
         experiments.config("learning_speed", "quick", ["train.eval_every=0"])
+
+
+def test_learning_speed_jacobian_at_init_equals_the_training_probe():
+    """Two routes to the same numbers: the exact one-pass Jacobian spectrum of the experiment
+    and the training probe's monitor (Hutchinson over the unit vectors, Lanczos to n steps)."""
+    from flax import nnx
+
+    from isometry import networks, training
+
+    net = networks.MLPConfig(depth=6, width=16, in_dim=16, out_dim=10, activation="tanh",
+                             init="gaussian", sigma_w2=1.3, sigma_b2=0.05)  # fmt: skip
+    model = networks.MLP(net, rngs=nnx.Rngs(2))
+    u = np.asarray(jax.random.normal(jax.random.key(1), (3, 16)), np.float32)
+    got = learning_speed.jacobian_at_init(model, u)
+    model.eval()
+    g, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    state = {"params": params, "batch_stats": stats, "rest": rest}
+    want = training.monitor_probe(g, state, u, seed=0)(params, stats, rest, 0)
+    for k in ("jac_sv2_mean", "jac_sv2_var", "jac_sv2_max"):
+        assert got[k] == pytest.approx(want[k], rel=1e-4), k
