@@ -29,7 +29,7 @@ region growing toward ``6 xi_c`` with training time. Here the data are the
 8x8 digits (64 features) and the default optimizer is RMSProp, which the
 paper also uses: its per-parameter step size does not depend on the gradient
 scale, so a single learning rate serves every depth (near criticality SGD
-needs a smaller rate as the depth grows). The ``quick`` preset (width 64, 600 steps,
+needs a smaller rate as the depth grows). The ``quick`` preset (width 64, 400 steps,
 ``L <= 100``) trains for far fewer steps than the paper, so its trainable
 band lies inside the ``6 xi_c`` curve rather than filling it; ``full``
 (width 784, 3000 steps, ``L`` up to 300, 31 values of ``sigma_w2``) takes
@@ -67,7 +67,7 @@ __all__ = [
 
 
 TRAIN = training.TrainConfig(
-    steps=600, batch_size=64, optimizer="rmsprop", learning_rate=1e-4, log_every=50,
+    steps=400, batch_size=64, optimizer="rmsprop", learning_rate=1e-4, log_every=50,
     eval_every=0, probe_every=0, checkpoint_every=1000,
 )  # fmt: skip
 """The quick preset's training: RMSProp at one rate for every depth, no evaluation or probe."""
