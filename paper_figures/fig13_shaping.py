@@ -52,7 +52,7 @@ from isometry.paper_figures import core
 KEYS = ("variants", "depth", "eval_accuracy", "diverged", "c", "c_maps", "c_map_variants", "theory_depth",
         "steps", "width", "zeta", "eta", "residual_eta", "learning_rate", "lr_sweep", "lr_variants", "lr_accuracy")  # fmt: skip
 
-LR_SWEEP = (1e-4, 3e-4)
+LR_SWEEP = (3e-4,)
 """Adam learning rates of the sensitivity panel (DKS tanh vs DKS softplus at the largest depth)
 besides the experiment's own, whose runs the panel shares with the depth panel."""
 LR_VARIANTS = ("dks_tanh", "dks_softplus")
