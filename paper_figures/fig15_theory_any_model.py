@@ -159,7 +159,7 @@ def _measure(factory, x, width, seeds):
     """``(seeds, fields, blocks)``: the probe's statistics of ``factory(width)`` per seed
     (gradients averaged over :data:`PROJECTIONS` loss projections), one compiled program
     for all seeds."""
-    graphdef, _ = nnx.split(factory(width, nnx.Rngs(0)))
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: factory(width, nnx.Rngs(0))))  # no draw
 
     @jax.jit
     def one(state, key):
