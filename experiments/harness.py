@@ -96,9 +96,6 @@ _TRAIN_KEYS = ("loss", "accuracy", "grad_norm", "grad_norm_clipped", "clip_ratio
 RESULTS = Path("results") / "experiments"
 """Root of the stores that figures run experiments into (``RESULTS/<name>/<tier>``)."""
 
-EVAL_BATCH = 512
-"""Rows per chunk when a run's final model is evaluated on the whole splits."""
-
 
 # --------------------------------------------------------------------------- #
 # Data and configuration.
@@ -218,8 +215,10 @@ def train_model(
         records = (
             [] if run_dir is None else training.MetricsLog(Path(run_dir) / "metrics.jsonl").read()
         )
-    tr = training.evaluate(model, ds.x_train, ds.y_train, batch_size=EVAL_BATCH)
-    ev = training.evaluate(model, ds.x_test, ds.y_test, batch_size=EVAL_BATCH)
+    # the chunk of the training loop's own evaluations: one compiled evaluator per structure
+    b = min(config.eval_batch_size, ds.x_test.shape[0])
+    tr = training.evaluate(model, ds.x_train, ds.y_train, batch_size=b)
+    ev = training.evaluate(model, ds.x_test, ds.y_test, batch_size=b)
     c = curves(records, depth)
     row = {
         "steps_done": config.steps if diverged_step is None else diverged_step - 1,

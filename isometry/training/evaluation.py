@@ -98,8 +98,10 @@ def evaluate(
     model: nnx.Module, x, y, *, loss: str = "cross_entropy", batch_size: int = 512
 ) -> dict[str, float]:
     """``{"loss", "accuracy"}`` of ``model`` in evaluation mode on ``x, y`` (see
-    :func:`evaluate_state`); the model is left in training mode."""
+    :func:`evaluate_state`); the model is left in training mode. Split as the training
+    loop splits it, so after :func:`isometry.training.train` the same compiled
+    evaluator serves (for the same ``batch_size``)."""
     model.eval()
-    graphdef, state = nnx.split(model)
+    graphdef, *states = nnx.split(model, nnx.Param, nnx.BatchStat, ...)  # as the training loop
     model.train()
-    return evaluate_state(graphdef, (state,), x, y, loss=loss, batch_size=batch_size)
+    return evaluate_state(graphdef, tuple(states), x, y, loss=loss, batch_size=batch_size)
