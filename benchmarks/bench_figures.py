@@ -3,10 +3,11 @@
 Runs ``isometry figures --tier TIER --jobs J`` in a fresh temporary working
 directory (so the experiment stores under ``results/experiments`` and the
 figure caches start empty, as on a fresh machine) once for each ``J`` of
-``--jobs``, and prints each figure's seconds (as the command reports them),
-the wall time of the whole job and the CPU seconds of the processes it
-started (user + system, from ``getrusage``). CPU seconds over wall time is
-how many cores the job kept busy on average.
+``--jobs``, and prints each figure's wall and CPU seconds (as the command
+reports them; CPU: its worker process, all threads), the wall time of the
+whole job and the CPU seconds of the processes it started (user + system, from
+``getrusage``). CPU seconds over wall time is how many cores the job kept busy
+on average.
 
 Usage: ``python benchmarks/bench_figures.py [--tier quick] [--jobs 1,2] [NAMES...]``
 (``--device gpu`` runs the figures on the GPU with one job).
@@ -25,11 +26,12 @@ import time
 
 import common
 
-DONE = re.compile(r"\] (\w+) done in ([0-9.]+) s")
+DONE = re.compile(r"\] (\w+) done in ([0-9.]+) s \(([0-9.]+) s of CPU\)")
 
 
 def run_job(names: list[str], tier: str, jobs: int, platform: str) -> dict:
-    """One run of the command from empty stores: ``{"wall", "cpu", "figures": {name: s}}``."""
+    """One run of the command from empty stores: ``{"wall", "cpu", "figures": {name: (wall s,
+    CPU s)}}``."""
     with tempfile.TemporaryDirectory(prefix="isometry-bench-figures-") as tmp:
         cmd = [sys.executable, "-m", "isometry", "figures", *names, "--tier", tier, "--jobs",
                str(jobs), "--no-progress", "--out", "out", "--results", "figures"]  # fmt: skip
@@ -42,7 +44,9 @@ def run_job(names: list[str], tier: str, jobs: int, platform: str) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"the figures failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    figures = {m.group(1): float(m.group(2)) for m in DONE.finditer(proc.stdout)}
+    figures = {
+        m.group(1): (float(m.group(2)), float(m.group(3))) for m in DONE.finditer(proc.stdout)
+    }
     return {"wall": wall, "cpu": cpu, "figures": figures}
 
 
@@ -65,11 +69,12 @@ def main() -> None:
         print(f"--jobs {j}: wall {r['wall']:.1f} s, CPU {r['cpu']:.1f} s "
               f"({r['cpu'] / r['wall']:.2f} cores busy)", flush=True)  # fmt: skip
     names = list(next(iter(runs.values()))["figures"])
-    print("\n| figure | " + " | ".join(f"--jobs {j} (s)" for j in jobs) + " |")
+    nan = (float("nan"),) * 2
+    print("\n| figure | " + " | ".join(f"--jobs {j}: wall s, CPU s" for j in jobs) + " |")
     print("|---|" + "---|" * len(jobs))
-    for n in names:
-        print(f"| {n} | " + " | ".join(f"{runs[j]['figures'].get(n, float('nan')):.1f}"
-                                       for j in jobs) + " |")  # fmt: skip
+    for n in sorted(names, key=lambda n: -runs[jobs[0]]["figures"][n][1]):
+        cells = (runs[j]["figures"].get(n, nan) for j in jobs)
+        print(f"| {n} | " + " | ".join(f"{w:.1f}, {c:.1f}" for w, c in cells) + " |")
     for label, key in (("whole job, wall", "wall"), ("whole job, CPU", "cpu")):
         print(f"| {label} | " + " | ".join(f"{runs[j][key]:.0f}" for j in jobs) + " |")
 

@@ -579,11 +579,11 @@ def _run_figures(args) -> int:
     print(f"[figures] {len(names)} figure(s) at the {args.tier} tier, {jobs} at a time", flush=True)
     made = core.make_many(names, args.tier, args.out, args.results, args.recompute,
                           progress=not args.no_progress, jobs=jobs)  # fmt: skip
-    for i, (n, paths, seconds) in enumerate(made, 1):
+    for i, (n, paths, seconds, cpu) in enumerate(made, 1):
         tag = f"[figures {i}/{len(names)}]"
         for p in paths:
             print(f"{tag} wrote {p}", flush=True)
-        print(f"{tag} {n} done in {seconds:.1f} s", flush=True)
+        print(f"{tag} {n} done in {seconds:.1f} s ({cpu:.1f} s of CPU)", flush=True)
     print(f"[figures] {len(names)} figure(s) in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -100,7 +100,8 @@ def make(
     parameters that produced them; a cache made with other parameters is
     recomputed, never mixed. ``progress=True`` reports the stages on stderr
     and sets :func:`progress_enabled` for the figure's ``compute``.
-    Returns ``{"data": ..., "paths": [...], "seconds": ...}``.
+    Returns ``{"data": ..., "paths": [...], "seconds": ..., "cpu_seconds": ...}`` (wall
+    and this process's CPU time, all its threads, of the whole call).
     """
     if tier not in TIER_NAMES:
         raise ValueError(f"tier must be one of {', '.join(TIER_NAMES)}; got {tier!r}")
@@ -108,7 +109,7 @@ def make(
     params = dict(module.TIERS[tier])
     fp = _fingerprint(params)
     cache = Path(results) / f"{name}_{tier}.npz"
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     token = _PROGRESS.set(bool(progress))
     try:
         data = None if recompute else _cached(cache, fp)
@@ -124,13 +125,18 @@ def make(
         paths = plotting.save(fig, Path(out) / name)
     finally:
         _PROGRESS.reset(token)
-    return {"data": data, "paths": paths, "seconds": time.perf_counter() - t0}
+    return {
+        "data": data,
+        "paths": paths,
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+    }
 
 
-def _make_paths(name, tier, out, results, recompute, progress) -> tuple[str, list, float]:
-    """:func:`make` in a worker process: the figure's paths and seconds (no arrays back)."""
+def _make_paths(name, tier, out, results, recompute, progress) -> tuple[str, list, float, float]:
+    """:func:`make` in a worker process: the figure's paths, wall and CPU seconds (no arrays)."""
     r = make(name, tier, out, results, recompute, progress=progress)
-    return name, r["paths"], r["seconds"]
+    return name, r["paths"], r["seconds"], r["cpu_seconds"]
 
 
 def default_jobs() -> int:
@@ -160,7 +166,8 @@ def make_many(
     progress: bool = False,
     jobs: int = 1,
 ) -> Iterator[tuple[str, list, float]]:
-    """:func:`make` each figure of ``names``; yields ``(name, paths, seconds)`` as each finishes.
+    """:func:`make` each figure of ``names``; yields ``(name, paths, seconds, cpu_seconds)`` as
+    each finishes.
 
     ``jobs == 1`` makes them one after another in this process, in the given
     order. ``jobs > 1`` makes them in that many fresh worker processes
@@ -175,7 +182,7 @@ def make_many(
     if jobs == 1 or len(names) < 2:
         for n in names:
             r = make(n, tier, out, results, recompute, progress=progress)
-            yield n, r["paths"], r["seconds"]
+            yield n, r["paths"], r["seconds"], r["cpu_seconds"]
         return
     ctx = multiprocessing.get_context("spawn")
     workers = min(jobs, len(names))
