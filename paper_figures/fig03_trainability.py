@@ -8,9 +8,8 @@ Theory: ``6 xi_c(sigma_w2)`` (:func:`isometry.meanfield.depth_scales`) and
 the edge of chaos ``chi1 = 1``. Runs stopped by a non-finite loss are
 marked. The ``quick`` tier trains far fewer steps than the paper, so its
 trainable band sits inside the 6 xi_c curve (the paper's Fig. 6 shows the
-band filling it as training time grows): at its 400 steps the band has the
-shape it has at 600, no cell more than 0.16 lower (the cells at its edges move
-most: 0.30 against 0.45 at ``L = 75``, ``sigma_w2 = 1.25``).
+band filling it as training time grows; between this tier's 400 steps and 600
+the band keeps its shape and only the cells at its edges rise noticeably).
 
 Right panel: ``log10 kappa``, the condition number of the NTK of
 :data:`~isometry.experiments.trainability.NTK_INPUTS` training inputs
