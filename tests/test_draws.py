@@ -15,6 +15,7 @@ import pytest
 from jax import monitoring
 
 from isometry import initializers
+from isometry.networks import build
 from isometry.networks.build import draw_layers, stacked
 
 
@@ -36,6 +37,15 @@ def _same(a, b):
 def test_stacked_equals_vmap_over_all_keys(init, depth, shape):
     key = jax.random.key(depth)
     _same(stacked(init, key, depth, shape, jnp.float32), _direct(init, key, depth, shape))
+
+
+@pytest.mark.parametrize("entries", [20, 80])
+def test_stacked_in_smaller_chunks_for_big_layers(monkeypatch, entries):
+    """Chunks of 1 and 4 layers (as for big layers): the same bits."""
+    monkeypatch.setattr(build, "_CHUNK_ENTRIES", entries)
+    assert build._chunk_size((4, 5)) == entries // 20
+    key = jax.random.key(entries)
+    _same(stacked("orthogonal", key, 7, (4, 5), jnp.float32), _direct("orthogonal", key, 7, (4, 5)))
 
 
 def test_stacked_bfloat16_and_raw_keys():
@@ -66,7 +76,7 @@ def test_draw_layers_with_a_traced_scale():
     key, scales = jax.random.key(4), jnp.array([0.5, 1.7])
 
     def new(v):
-        return draw_layers(lambda k: initializers.sample_gaussian(k, (4, 5), v), key, 18)
+        return draw_layers(lambda k: initializers.sample_gaussian(k, (4, 5), v), key, 18, (4, 5))
 
     def old(v):
         draw = jax.vmap(lambda k: initializers.sample_gaussian(k, (4, 5), v))

@@ -288,7 +288,10 @@ def transformer_params(cfg: TransformerConfig, key, dtype=None) -> dict[str, Arr
     }
     for i, name in enumerate(("query", "key")):
         p[name] = draw_layers(
-            lambda kk: _initializers.sample_gaussian(kk, (N, N), cfg.qk_sigma_w2, dtype), k[i], L
+            lambda kk: _initializers.sample_gaussian(kk, (N, N), cfg.qk_sigma_w2, dtype),
+            k[i],
+            L,
+            (N, N),
         )
     if cfg.bias:
         p["mlp_bias"] = _initializers.sample_bias(k[6], (L, M), cfg.variances()[1], dtype)
