@@ -181,6 +181,55 @@ def _shape(shape) -> tuple[int, ...]:
     return shape
 
 
+# Eager draws at bucketed sizes. Under ``jax_threefry_partitionable`` (jax's default) a
+# threefry draw of ``n`` values, or a split into ``n`` keys, is the start of a longer one from
+# the same key, so a draw at a power-of-two size, cut, has the same bits and compiles once per
+# size bucket rather than once per shape (an eager draw compiles for its shape). Only on the
+# CPU, where the bit-identity is checked (and the cut is a numpy copy, which compiles nothing).
+_BUCKET = 1024
+
+
+def _on_cpu(x) -> bool:
+    """Whether ``x`` is a concrete ``jax.Array`` (not traced, not staged) on the CPU."""
+    return (
+        isinstance(x, jax.Array)
+        and validate.is_concrete(x)
+        and all(d.platform == "cpu" for d in x.devices())
+    )
+
+
+def _bucket(key, n: int) -> int | None:
+    """The size (a power of two, at least ``_BUCKET``) to draw ``n`` values of ``key`` at;
+    ``None`` where a longer draw need not start with the same values or is not checked to (a
+    key traced or off the CPU, another PRNG than threefry, ``jax_threefry_partitionable``
+    off)."""
+    if not (_on_cpu(key) and jax.config.jax_threefry_partitionable):
+        return None
+    if str(jax.random.key_impl(key)) != "threefry2x32":
+        return None
+    return max(_BUCKET, 1 << (n - 1).bit_length())
+
+
+def _normal(key: jax.Array, shape, dtype) -> jax.Array:
+    """``jax.random.normal(key, shape, dtype)`` to the bit; eagerly on the CPU, a draw of the
+    size bucket (:func:`_bucket`) cut to ``shape``."""
+    shape = tuple(shape)
+    n = math.prod(shape)
+    size = _bucket(key, n)
+    if size is not None:
+        z = jax.random.normal(key, (size,), dtype)
+        if _on_cpu(z):  # not staged into an enclosing trace
+            return jax.device_put(np.asarray(z)[:n].reshape(shape))
+    return jax.random.normal(key, shape, dtype)
+
+
+def _keys(key: jax.Array, num: int) -> jax.Array:
+    """At least ``num`` keys, the first ``num`` those of ``jax.random.split(key, num)``: a
+    size bucket of them (:func:`_bucket`), else exactly ``num``."""
+    size = _bucket(key, num)
+    return jax.random.split(key, num if size is None else size)
+
+
 def sample_gaussian(key: jax.Array, shape, sigma_w2, dtype=jnp.float32) -> jax.Array:
     """``W = sqrt(sigma_w2 / fan_in) * N(0, 1)`` of ``shape`` (``fan_in`` as :func:`fans`).
 
@@ -192,7 +241,7 @@ def sample_gaussian(key: jax.Array, shape, sigma_w2, dtype=jnp.float32) -> jax.A
     fan_in, _ = fans(shape)
     s = _variance("sigma_w2", sigma_w2)
     var = s / fan_in if isinstance(s, float) else jnp.asarray(s, dtype) / fan_in
-    return jax.random.normal(key, shape, dtype) * jnp.sqrt(jnp.asarray(var, dtype))
+    return _normal(key, shape, dtype) * jnp.sqrt(jnp.asarray(var, dtype))
 
 
 def _sqrt(value, dtype):
@@ -253,7 +302,7 @@ def sample_bias(key: jax.Array, shape, sigma_b2, dtype=jnp.float32) -> jax.Array
     s = _variance("sigma_b2", sigma_b2)
     if isinstance(s, float) and s == 0.0:
         return jnp.zeros(shape, dtype)
-    return _sqrt(s, dtype) * jax.random.normal(key, shape, dtype)
+    return _sqrt(s, dtype) * _normal(key, shape, dtype)
 
 
 def sample_scaled_uniform_orthogonal(

@@ -20,7 +20,7 @@ from jax import lax
 from isometry import activations as _activations
 from isometry import initializers as _initializers
 from isometry import validate
-from isometry.networks.build import check_input, lecun, readout_params, stacked
+from isometry.networks.build import check_input, draw_layers, lecun, readout_params, stacked
 from isometry.networks.config import (
     BranchScaled,
     activation_of,
@@ -287,9 +287,12 @@ def transformer_params(cfg: TransformerConfig, key, dtype=None) -> dict[str, Arr
         "mlp_out": stacked(lin, k[5], L, (M, N), dtype),
     }
     for i, name in enumerate(("query", "key")):
-        p[name] = jax.vmap(
-            lambda kk: _initializers.sample_gaussian(kk, (N, N), cfg.qk_sigma_w2, dtype)
-        )(jax.random.split(k[i], L))
+        p[name] = draw_layers(
+            lambda kk: _initializers.sample_gaussian(kk, (N, N), cfg.qk_sigma_w2, dtype),
+            k[i],
+            L,
+            (N, N),
+        )
     if cfg.bias:
         p["mlp_bias"] = _initializers.sample_bias(k[6], (L, M), cfg.variances()[1], dtype)
     for i in (1, 2):
@@ -324,13 +327,13 @@ class Transformer(nnx.Module):
         if cfg.in_dim is not None:
             self.embed = lecun(rngs.params(), (cfg.in_dim, N), dtype)
         elif cfg.vocab_size is not None:
-            self.embed = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, N), dtype))
+            self.embed = nnx.Param(_initializers._normal(rngs.params(), (cfg.vocab_size, N), dtype))
         else:
             self.embed = None
         self.position = (
             None
             if cfg.seq_len is None
-            else nnx.Param(jax.random.normal(rngs.params(), (cfg.seq_len, N), dtype))
+            else nnx.Param(_initializers._normal(rngs.params(), (cfg.seq_len, N), dtype))
         )
         self.readout, self.readout_bias = readout_params(rngs, N, cfg.out_dim, dtype)
 
