@@ -53,6 +53,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from isometry import activations, meanfield, validate
 
@@ -60,6 +61,7 @@ __all__ = [
     "Initializer",
     "Variances",
     "critical_variances",
+    "draw_layers",
     "fans",
     "get",
     "names",
@@ -70,6 +72,7 @@ __all__ = [
     "sample_gaussian",
     "sample_orthogonal",
     "sample_scaled_uniform_orthogonal",
+    "standard_normal",
 ]
 
 
@@ -210,9 +213,15 @@ def _bucket(key, n: int) -> int | None:
     return max(_BUCKET, 1 << (n - 1).bit_length())
 
 
-def _normal(key: jax.Array, shape, dtype) -> jax.Array:
-    """``jax.random.normal(key, shape, dtype)`` to the bit; eagerly on the CPU, a draw of the
-    size bucket (:func:`_bucket`) cut to ``shape``."""
+def standard_normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    """``jax.random.normal(key, shape, dtype)`` to the bit, compiled once per size bucket.
+
+    An eager draw compiles for its shape. Under ``jax_threefry_partitionable`` (jax's
+    default) a threefry draw of ``n`` values is the start of a longer one from the same key,
+    so eagerly on the CPU this draws a power-of-two size (at least 1024) and cuts it to
+    ``shape`` (with numpy, which compiles nothing); traced, on an accelerator or with
+    another PRNG it is ``jax.random.normal`` itself.
+    """
     shape = tuple(shape)
     n = math.prod(shape)
     size = _bucket(key, n)
@@ -230,6 +239,62 @@ def _keys(key: jax.Array, num: int) -> jax.Array:
     return jax.random.split(key, num if size is None else size)
 
 
+# Layers per eager draw of stacked parameters (see draw_layers): at most _CHUNK, fewer (a
+# power of two) where _CHUNK layers would pass _CHUNK_ENTRIES entries.
+_CHUNK = 16
+_CHUNK_ENTRIES = 2**18
+
+
+def draw_layers(draw, key, depth, shape):
+    """``jax.vmap(draw)(jax.random.split(key, depth))`` to the bit: ``draw(key_l)``, an array
+    of ``shape``, stacked.
+
+    An eager ``jax.vmap`` compiles each jitted primitive of ``draw`` (the normal draw, the QR
+    of an orthogonal one) for its batched shape, so drawing all ``depth`` layers at once
+    would compile again at every new depth. For a concrete ``key`` on the CPU the layers are
+    drawn in chunks of 16 or, for big layers, fewer (:func:`_chunk_size`; the last chunk
+    filled up with further keys, the extra layers dropped), so the draws compile once per
+    chunk and layer shape; the keys are split at a size bucket
+    (:func:`_keys`) and the chunks joined with numpy, which compiles
+    nothing. Traced (``jit``, a ``vmap`` over keys) or on an accelerator (whose batched QR
+    can change with the batch size), it is the plain ``vmap``.
+    """
+    if depth > 0 and _on_cpu(key):
+        c = _chunk_size(shape)
+        keys = _chunk_keys(key, depth, c)
+        if _on_cpu(keys):  # not staged into an enclosing trace
+            starts = range(0, depth, c)
+            parts = [jax.vmap(draw)(lax.dynamic_slice_in_dim(keys, s, c)) for s in starts]
+            return _join(parts, depth)
+    return jax.vmap(draw)(jax.random.split(key, depth))
+
+
+def _chunk_size(shape) -> int:
+    """Layers of ``shape`` per eager draw: ``_CHUNK`` (16), halved (down to 1) while a chunk
+    would hold more than ``_CHUNK_ENTRIES`` (``2**18``) entries, so that the layers drawn to
+    fill the last chunk cost little."""
+    c = _CHUNK
+    while c > 1 and c * math.prod(shape) > _CHUNK_ENTRIES:
+        c //= 2
+    return c
+
+
+def _chunk_keys(key, depth, c):
+    """Keys for whole chunks of ``c``, the first ``depth`` those of ``split(key, depth)``; an
+    unbucketed split is filled up with its last key."""
+    keys = _keys(key, depth)
+    n = -(-depth // c) * c
+    return keys if keys.shape[0] >= n else keys[np.minimum(np.arange(n), depth - 1)]
+
+
+def _join(parts, depth):
+    """The chunks along the first axis, cut to ``depth``: with numpy, which compiles nothing
+    (a jnp concatenate and cut compile at every depth), unless ``draw`` made them traced."""
+    if all(_on_cpu(p) for p in parts):
+        return jax.device_put(np.concatenate([np.asarray(p) for p in parts])[:depth])
+    return jnp.concatenate(parts)[:depth]
+
+
 def sample_gaussian(key: jax.Array, shape, sigma_w2, dtype=jnp.float32) -> jax.Array:
     """``W = sqrt(sigma_w2 / fan_in) * N(0, 1)`` of ``shape`` (``fan_in`` as :func:`fans`).
 
@@ -241,7 +306,7 @@ def sample_gaussian(key: jax.Array, shape, sigma_w2, dtype=jnp.float32) -> jax.A
     fan_in, _ = fans(shape)
     s = _variance("sigma_w2", sigma_w2)
     var = s / fan_in if isinstance(s, float) else jnp.asarray(s, dtype) / fan_in
-    return _normal(key, shape, dtype) * jnp.sqrt(jnp.asarray(var, dtype))
+    return standard_normal(key, shape, dtype) * jnp.sqrt(jnp.asarray(var, dtype))
 
 
 def _sqrt(value, dtype):
@@ -302,7 +367,7 @@ def sample_bias(key: jax.Array, shape, sigma_b2, dtype=jnp.float32) -> jax.Array
     s = _variance("sigma_b2", sigma_b2)
     if isinstance(s, float) and s == 0.0:
         return jnp.zeros(shape, dtype)
-    return _sqrt(s, dtype) * _normal(key, shape, dtype)
+    return _sqrt(s, dtype) * standard_normal(key, shape, dtype)
 
 
 def sample_scaled_uniform_orthogonal(

@@ -1,7 +1,7 @@
 """Eager draws in chunks and size buckets: the same bits as the direct formulas.
 
 ``stacked``/``draw_layers`` draw the layers of a concrete key in chunks and
-``initializers._normal`` draws a power-of-two size and cuts it, so that eager
+``initializers.standard_normal`` draws a power-of-two size and cuts it, so that eager
 draws compile once per layer shape or size bucket; the values must stay those
 of ``jax.vmap`` over ``split(key, depth)`` and of ``jax.random.normal``.
 """
@@ -15,8 +15,8 @@ import pytest
 from jax import monitoring
 
 from isometry import initializers
-from isometry.networks import build
-from isometry.networks.build import draw_layers, stacked
+from isometry.initializers import draw_layers
+from isometry.networks.build import stacked
 
 
 def _direct(init, key, depth, shape, dtype=jnp.float32):
@@ -42,8 +42,8 @@ def test_stacked_equals_vmap_over_all_keys(init, depth, shape):
 @pytest.mark.parametrize("entries", [20, 80])
 def test_stacked_in_smaller_chunks_for_big_layers(monkeypatch, entries):
     """Chunks of 1 and 4 layers (as for big layers): the same bits."""
-    monkeypatch.setattr(build, "_CHUNK_ENTRIES", entries)
-    assert build._chunk_size((4, 5)) == entries // 20
+    monkeypatch.setattr(initializers, "_CHUNK_ENTRIES", entries)
+    assert initializers._chunk_size((4, 5)) == entries // 20
     key = jax.random.key(entries)
     _same(stacked("orthogonal", key, 7, (4, 5), jnp.float32), _direct("orthogonal", key, 7, (4, 5)))
 
@@ -92,11 +92,11 @@ def test_draw_layers_with_a_traced_scale():
 def test_normal_equals_random_normal(shape, dtype):
     key = jax.random.key(len(shape))
     want = jax.random.normal(key, shape, dtype)
-    _same(initializers._normal(key, shape, dtype), want)
+    _same(initializers.standard_normal(key, shape, dtype), want)
     # traced: a key argument, and a concrete key inside the trace
     traced = jax.jit(lambda k: jax.random.normal(k, shape, dtype))(key)
-    _same(jax.jit(lambda k: initializers._normal(k, shape, dtype))(key), traced)
-    _same(jax.jit(lambda: initializers._normal(key, shape, dtype))(), traced)
+    _same(jax.jit(lambda k: initializers.standard_normal(k, shape, dtype))(key), traced)
+    _same(jax.jit(lambda: initializers.standard_normal(key, shape, dtype))(), traced)
 
 
 def test_bias_and_gaussian_samples_equal_the_formulas():
@@ -120,7 +120,7 @@ def test_not_partitionable():
             stacked("gaussian", key, 21, (5, 5), jnp.float32), _direct("gaussian", key, 21, (5, 5))
         )
         want = jax.random.normal(key, (9, 4), jnp.float32)
-        _same(initializers._normal(key, (9, 4), jnp.float32), want)
+        _same(initializers.standard_normal(key, (9, 4), jnp.float32), want)
 
 
 def test_new_depths_compile_nothing():

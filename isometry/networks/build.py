@@ -10,27 +10,17 @@ view; a subclass gives its layer step, its input map and its output map.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from jax import lax
 
 from isometry import initializers as _initializers
 from isometry.networks.config import resolve_dtype
 from isometry.networks.stack import Stack, StackedParam
 
-__all__ = ["ScannedNet", "check_input", "draw_layers", "lecun", "readout_params", "stacked"]
+__all__ = ["ScannedNet", "check_input", "lecun", "readout_params", "stacked"]
 
 Array = jax.Array
-
-
-# Layers per eager draw of stacked parameters (see draw_layers): at most _CHUNK, fewer (a
-# power of two) where _CHUNK layers would pass _CHUNK_ENTRIES entries.
-_CHUNK = 16
-_CHUNK_ENTRIES = 2**18
 
 
 def stacked(init, key, depth, shape, dtype):
@@ -39,64 +29,15 @@ def stacked(init, key, depth, shape, dtype):
     The same bits as ``jax.vmap`` of the draw over the ``depth`` keys. An eager ``vmap``
     compiles its draws for the batched shape ``(depth, *shape)``, so one over all the layers
     would compile again at every new depth; eagerly on the CPU the layers are drawn in chunks
-    and the draws compile once per chunk of layers (:func:`draw_layers`) and kernel shape,
+    and the draws compile once per chunk of layers
+    (:func:`isometry.initializers.draw_layers`) and kernel shape,
     whatever the depth.
     """
 
     def draw(k):
         return _initializers.sample(init, k, shape, dtype=dtype)
 
-    return draw_layers(draw, key, depth, shape)
-
-
-def draw_layers(draw, key, depth, shape):
-    """``jax.vmap(draw)(jax.random.split(key, depth))`` to the bit: ``draw(key_l)``, an array
-    of ``shape``, stacked.
-
-    An eager ``jax.vmap`` compiles each jitted primitive of ``draw`` (the normal draw, the QR
-    of an orthogonal one) for its batched shape, so drawing all ``depth`` layers at once
-    would compile again at every new depth. For a concrete ``key`` on the CPU the layers are
-    drawn in chunks of 16 or, for big layers, fewer (:func:`_chunk_size`; the last chunk
-    filled up with further keys, the extra layers dropped), so the draws compile once per
-    chunk and layer shape; the keys are split at a size bucket
-    (:func:`isometry.initializers._keys`) and the chunks joined with numpy, which compiles
-    nothing. Traced (``jit``, a ``vmap`` over keys) or on an accelerator (whose batched QR
-    can change with the batch size), it is the plain ``vmap``.
-    """
-    if depth > 0 and _initializers._on_cpu(key):
-        c = _chunk_size(shape)
-        keys = _chunk_keys(key, depth, c)
-        if _initializers._on_cpu(keys):  # not staged into an enclosing trace
-            starts = range(0, depth, c)
-            parts = [jax.vmap(draw)(lax.dynamic_slice_in_dim(keys, s, c)) for s in starts]
-            return _join(parts, depth)
-    return jax.vmap(draw)(jax.random.split(key, depth))
-
-
-def _chunk_size(shape) -> int:
-    """Layers of ``shape`` per eager draw: ``_CHUNK`` (16), halved (down to 1) while a chunk
-    would hold more than ``_CHUNK_ENTRIES`` (``2**18``) entries, so that the layers drawn to
-    fill the last chunk cost little."""
-    c = _CHUNK
-    while c > 1 and c * math.prod(shape) > _CHUNK_ENTRIES:
-        c //= 2
-    return c
-
-
-def _chunk_keys(key, depth, c):
-    """Keys for whole chunks of ``c``, the first ``depth`` those of ``split(key, depth)``; an
-    unbucketed split is filled up with its last key."""
-    keys = _initializers._keys(key, depth)
-    n = -(-depth // c) * c
-    return keys if keys.shape[0] >= n else keys[np.minimum(np.arange(n), depth - 1)]
-
-
-def _join(parts, depth):
-    """The chunks along the first axis, cut to ``depth``: with numpy, which compiles nothing
-    (a jnp concatenate and cut compile at every depth), unless ``draw`` made them traced."""
-    if all(_initializers._on_cpu(p) for p in parts):
-        return jax.device_put(np.concatenate([np.asarray(p) for p in parts])[:depth])
-    return jnp.concatenate(parts)[:depth]
+    return _initializers.draw_layers(draw, key, depth, shape)
 
 
 def lecun(key, shape, dtype) -> nnx.Param:

@@ -20,7 +20,7 @@ from jax import lax
 from isometry import activations as _activations
 from isometry import initializers as _initializers
 from isometry import validate
-from isometry.networks.build import check_input, draw_layers, lecun, readout_params, stacked
+from isometry.networks.build import check_input, lecun, readout_params, stacked
 from isometry.networks.config import (
     BranchScaled,
     activation_of,
@@ -287,7 +287,7 @@ def transformer_params(cfg: TransformerConfig, key, dtype=None) -> dict[str, Arr
         "mlp_out": stacked(lin, k[5], L, (M, N), dtype),
     }
     for i, name in enumerate(("query", "key")):
-        p[name] = draw_layers(
+        p[name] = _initializers.draw_layers(
             lambda kk: _initializers.sample_gaussian(kk, (N, N), cfg.qk_sigma_w2, dtype),
             k[i],
             L,
@@ -327,13 +327,15 @@ class Transformer(nnx.Module):
         if cfg.in_dim is not None:
             self.embed = lecun(rngs.params(), (cfg.in_dim, N), dtype)
         elif cfg.vocab_size is not None:
-            self.embed = nnx.Param(_initializers._normal(rngs.params(), (cfg.vocab_size, N), dtype))
+            self.embed = nnx.Param(
+                _initializers.standard_normal(rngs.params(), (cfg.vocab_size, N), dtype)
+            )
         else:
             self.embed = None
         self.position = (
             None
             if cfg.seq_len is None
-            else nnx.Param(_initializers._normal(rngs.params(), (cfg.seq_len, N), dtype))
+            else nnx.Param(_initializers.standard_normal(rngs.params(), (cfg.seq_len, N), dtype))
         )
         self.readout, self.readout_bias = readout_params(rngs, N, cfg.out_dim, dtype)
 
