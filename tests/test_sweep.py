@@ -336,9 +336,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(script, args, env_extra=None):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update({"JAX_PLATFORMS": "cpu", **(env_extra or {})})
+def _launch(script, args, devices=None):
+    """The worker on the CPU with ``devices`` host devices (one if ``None``); it keeps the
+    suite's compile flags (tests/conftest.py) but not a device count set outside."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    if devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
     return subprocess.Popen(
         [sys.executable, str(script), *map(str, args)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -367,9 +372,8 @@ def distributed_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     script = root / "worker.py"
     script.write_text(WORKER)
-    four = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     outs = _finish(
-        [_launch(script, [0, 1, 0, root / "one"]), _launch(script, [0, 1, 0, root / "four"], four)]
+        [_launch(script, [0, 1, 0, root / "one"]), _launch(script, [0, 1, 0, root / "four"], 4)]
     )
     assert "ok 0 1 1" in outs[0] and "ok 0 4 1" in outs[1]
     assert "one CPU device per process" in outs[1] and "one CPU device" not in outs[0]
