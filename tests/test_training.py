@@ -276,12 +276,13 @@ def test_bad_config_values():
 
 
 def test_cli_train_and_config_file(tmp_path, capsys):
+    # the probe off (--probe-every 0): it compiles for each run, and its fields are tested above
     out = tmp_path / "run"
     argv = [
         "train", "--dataset", "digits", "--depth", "2", "--width", "32", "--activation", "tanh",
         "--init", "orthogonal", "--q-star", "0.25", "--optimizer", "sgd", "--lr", "0.05",
         "--clip", "global_norm:1.0", "--steps", "20", "--batch-size", "32", "--log-every", "10",
-        "--probe-every", "10", "--checkpoint-every", "10", "--no-progress", "--out", str(out),
+        "--probe-every", "0", "--checkpoint-every", "10", "--no-progress", "--out", str(out),
     ]  # fmt: skip
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
@@ -294,6 +295,7 @@ def test_cli_train_and_config_file(tmp_path, capsys):
     assert cli.main([*argv2, "--out", str(out2)]) == 0
     cfg2 = json.loads((out2 / "config.json").read_text())
     assert cfg2["train"]["steps"] == 10 and cfg2["model"]["depth"] == 2
+    assert cfg2["train"]["probe_every"] == 0  # the first run's flag, kept in its config file
     bad = ["train", "--depth", "2", "--width", "8", "--clip", "bogus:1"]
     assert cli.main([*bad, "--out", str(tmp_path / "x")]) == 2
 
