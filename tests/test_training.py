@@ -242,6 +242,29 @@ def test_batch_norm_model_and_regression_task():
     assert not np.array_equal(before, np.asarray(model.running_var[...]))  # stats updated
 
 
+def test_convnet_trains_with_the_probe_on():
+    """The probe of a toolkit ConvNet (here one spatial axis: an input convolution of two
+    channels, a pooled readout): at every probed step the cumulative Jacobian's numbers and
+    one entry per layer for each block field, finite, the largest ``s^2`` at least the mean."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((64, 8, 2)).astype(np.float32), rng.integers(0, 3, 64)
+    ds = data.Dataset("toy", x[:48], y[:48], x[48:], y[48:], num_classes=3)
+    cfg = networks.ConvConfig(
+        depth=2, channels=4, spatial_dims=1, in_channels=2, out_dim=3, pool=True
+    )
+    tc = training.TrainConfig(
+        steps=2, batch_size=8, log_every=1, eval_every=0, probe_every=1, probe_inputs=2
+    )
+    res = training.train(networks.ConvNet(cfg, rngs=nnx.Rngs(0)), ds, tc)
+    assert [r["step"] for r in res.records] == [0, 1, 2]
+    for r in res.records:
+        assert set(training.probe.PROBE_FIELDS) <= set(r)
+        assert all(len(r[f"block_{k}"]) == 2 for k in ("mean_sq", "grad_out_sq", "grad_param_sq"))
+        values = [r[k] for k in training.probe.PROBE_FIELDS]
+        assert np.all(np.isfinite(np.concatenate([np.ravel(v) for v in values])))
+        assert r["jac_sv2_max"] >= r["jac_sv2_mean"] > 0
+
+
 def test_run_config_json_roundtrip(tmp_path):
     rc = training.RunConfig(
         model=networks.MLPConfig(
