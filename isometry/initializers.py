@@ -252,10 +252,10 @@ def draw_layers(draw, key, depth, shape):
     An eager ``jax.vmap`` compiles each jitted primitive of ``draw`` (the normal draw, the QR
     of an orthogonal one) for its batched shape, so drawing all ``depth`` layers at once
     would compile again at every new depth. For a concrete ``key`` on the CPU the layers are
-    drawn in chunks of 16 or, for big layers, fewer (:func:`_chunk_size`; the last chunk
-    filled up with further keys, the extra layers dropped), so the draws compile once per
-    chunk and layer shape; the keys are split at a size bucket
-    (:func:`_keys`) and the chunks joined with numpy, which compiles
+    drawn in chunks of 16 or, for layers of more than ``2**14`` entries, fewer (the last
+    chunk filled up with further keys, the extra layers dropped), so the draws compile once
+    per chunk and layer shape; the keys are split at a power-of-two size (as
+    :func:`standard_normal` draws) and the chunks joined with numpy, which compiles
     nothing. Traced (``jit``, a ``vmap`` over keys) or on an accelerator (whose batched QR
     can change with the batch size), it is the plain ``vmap``.
     """

@@ -9,7 +9,7 @@ from isometry import meanfield, plotting
 
 KEYS = ("sigma_w2", "sigma_b2", "chi1", "q_star", "c_star", "xi_c", "critical_sigma_w2")
 
-COST = {"quick": 10}
+COST = {"quick": 8}
 """Seconds of one CPU core for the quick tier from empty stores (a scheduling hint)."""
 
 TIERS = {

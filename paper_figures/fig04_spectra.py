@@ -53,7 +53,7 @@ def _panels(q_stars) -> list[tuple[str, str, float]]:
     ]
 
 
-COST = {"quick": 81.0}
+COST = {"quick": 60}
 """Single-core CPU seconds of the quick tier from empty stores (a scheduling hint for
 ``isometry figures --jobs``; estimated from loaded runs, see BENCHMARKS.md)."""
 

@@ -53,7 +53,7 @@ _CASES = [
     ("linear", "gaussian", 1.0),
 ]
 
-COST = {"quick": 40.0}
+COST = {"quick": 22}
 """Single-core CPU seconds of the quick tier from empty stores (a scheduling hint for
 ``isometry figures --jobs``; estimated from loaded runs, see BENCHMARKS.md)."""
 

@@ -36,7 +36,7 @@ KEYS = (
     "q_star", "sigma_w2",
 )  # fmt: skip
 
-COST = {"quick": 60}
+COST = {"quick": 46}
 """Seconds of one CPU core for the quick tier from empty stores (a scheduling hint)."""
 
 TIERS = harness.figure_tiers(

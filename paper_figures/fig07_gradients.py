@@ -51,7 +51,7 @@ from isometry import batchnorm_theory, plotting, signal
 from isometry.experiments import gradients, harness
 from isometry.paper_figures import core
 
-COST = {"quick": 14.0}  # single-core CPU seconds of the quick tier (a scheduling hint)
+COST = {"quick": 13}  # single-core CPU seconds of the quick tier (a scheduling hint)
 
 KEYS = ("layer", "activations", "inits", "techniques", "grad_preact_sq", "relative", "theory")
 

@@ -32,7 +32,7 @@ KEYS = (
     "chi1", "depth", "sigma_w2", "width", "learning_rate", "activation",
 )  # fmt: skip
 
-COST = {"quick": 13}
+COST = {"quick": 10}
 """Seconds of one CPU core for the quick tier from empty stores (a scheduling hint)."""
 
 TIERS = harness.figure_tiers(

@@ -51,7 +51,7 @@ from isometry import batchnorm_theory, plotting
 from isometry.experiments import batchnorm, harness
 from isometry.paper_figures import core
 
-COST = {"quick": 26.0}  # single-core CPU seconds of the quick tier (a scheduling hint)
+COST = {"quick": 24}  # single-core CPU seconds of the quick tier (a scheduling hint)
 
 KEYS = (
     "activations",

@@ -50,7 +50,7 @@ from isometry import transformer_theory as tt
 from isometry.experiments import harness, transformer_signal
 from isometry.paper_figures import core
 
-COST = {"quick": 43.0}  # single-core CPU seconds of the quick tier (a scheduling hint)
+COST = {"quick": 40}  # single-core CPU seconds of the quick tier (a scheduling hint)
 
 KEYS = ("block", "norm_positions", "alphas", "measured", "theory", "stats", "qk_sigma_w2")
 

@@ -52,7 +52,7 @@ KEYS = (
 
 TIERS = harness.figure_tiers("transformer_trainability", tt.TINY)
 
-COST = {"quick": 166.0}
+COST = {"quick": 140}
 """Single-core CPU seconds of a tier from empty stores (scheduling hint for ``--jobs``): 48 runs
 of 200 steps, most of the time going to tracing and compiling 24 train steps."""
 

@@ -50,7 +50,7 @@ KEYS = (
     "free_m2",
 )
 
-COST = {"quick": 4.0}
+COST = {"quick": 3}
 """Single-core CPU seconds of the quick tier from empty stores (a scheduling hint for
 ``isometry figures --jobs``; estimated from loaded runs, see BENCHMARKS.md)."""
 
