@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from param_models import IN_DIM, OUT_DIM, PlainTransformer
 
 from isometry import cli, data, networks, training
 
@@ -242,27 +243,44 @@ def test_batch_norm_model_and_regression_task():
     assert not np.array_equal(before, np.asarray(model.running_var[...]))  # stats updated
 
 
-def test_convnet_trains_with_the_probe_on():
-    """The probe of a toolkit ConvNet (here one spatial axis: an input convolution of two
-    channels, a pooled readout): at every probed step the cumulative Jacobian's numbers and
-    one entry per layer for each block field, finite, the largest ``s^2`` at least the mean."""
-    rng = np.random.default_rng(0)
-    x, y = rng.standard_normal((64, 8, 2)).astype(np.float32), rng.integers(0, 3, 64)
-    ds = data.Dataset("toy", x[:48], y[:48], x[48:], y[48:], num_classes=3)
-    cfg = networks.ConvConfig(
-        depth=2, channels=4, spatial_dims=1, in_channels=2, out_dim=3, pool=True
-    )
+def _toy(shape, classes, seed=0):
+    """Gaussian inputs ``(64, *shape)`` with random labels: 48 to train, 16 held out."""
+    rng = np.random.default_rng(seed)
+    x, y = rng.standard_normal((64, *shape)).astype(np.float32), rng.integers(0, classes, 64)
+    return data.Dataset("toy", x[:48], y[:48], x[48:], y[48:], num_classes=classes)
+
+
+def _train_with_the_probe(model, ds, blocks):
+    """Two steps probed at 0, 1, 2: each record has the cumulative Jacobian's numbers and one
+    entry per block for each block field, all finite, the largest ``s^2`` at least the mean."""
     tc = training.TrainConfig(
         steps=2, batch_size=8, log_every=1, eval_every=0, probe_every=1, probe_inputs=2
     )
-    res = training.train(networks.ConvNet(cfg, rngs=nnx.Rngs(0)), ds, tc)
+    res = training.train(model, ds, tc)
     assert [r["step"] for r in res.records] == [0, 1, 2]
     for r in res.records:
         assert set(training.probe.PROBE_FIELDS) <= set(r)
-        assert all(len(r[f"block_{k}"]) == 2 for k in ("mean_sq", "grad_out_sq", "grad_param_sq"))
+        for k in ("mean_sq", "grad_out_sq", "grad_param_sq"):
+            assert len(r[f"block_{k}"]) == blocks
         values = [r[k] for k in training.probe.PROBE_FIELDS]
         assert np.all(np.isfinite(np.concatenate([np.ravel(v) for v in values])))
         assert r["jac_sv2_max"] >= r["jac_sv2_mean"] > 0
+
+
+def test_convnet_trains_with_the_probe_on():
+    """A toolkit ConvNet (the stack's route: cut points ``layer.l``), here with one spatial
+    axis, an input convolution of two channels and a pooled readout."""
+    cfg = networks.ConvConfig(
+        depth=2, channels=4, spatial_dims=1, in_channels=2, out_dim=3, pool=True
+    )
+    _train_with_the_probe(networks.ConvNet(cfg, rngs=nnx.Rngs(0)), _toy((8, 2), 3), blocks=2)
+
+
+def test_transformer_trains_with_the_probe_on():
+    """A plain-nnx pre-LN transformer (the generic route: its ``blocks`` list, the Jacobian
+    ``d y^K / d u`` at the last block) on real-valued tokens."""
+    model = PlainTransformer(8, nnx.Rngs(0), depth=2, heads=2)
+    _train_with_the_probe(model, _toy((3, IN_DIM), OUT_DIM), blocks=2)
 
 
 def test_run_config_json_roundtrip(tmp_path):
