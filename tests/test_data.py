@@ -123,6 +123,21 @@ def test_digits_embedded_split():
     assert raw.x_train.shape == (len(ds.x_train), 8, 8, 1) and raw.x_train.max() == 16
 
 
+def test_digits_file_is_scikit_learns_dataset():
+    """The digits read from the package file without importing scikit-learn are its
+    ``load_digits``, value for value."""
+    from sklearn.datasets import load_digits
+
+    raw = data.load_digits(standardized=False, test_fraction=0.5)
+    x = np.concatenate([raw.x_train, raw.x_test])
+    y = np.concatenate([raw.y_train, raw.y_test])
+    ref = load_digits()
+    order = np.lexsort(x.T)
+    ref_order = np.lexsort(ref.data.T)
+    np.testing.assert_array_equal(x[order], ref.data[ref_order].astype(np.float32))
+    np.testing.assert_array_equal(y[order], ref.target[ref_order])
+
+
 def test_batches_are_deterministic_and_cover_each_epoch():
     n, b = 50, 8
     steps = [data.batch_indices(3, t, n, b) for t in range(12)]
