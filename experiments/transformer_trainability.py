@@ -34,7 +34,7 @@ the per-block updates and the trainable behaviour depth-independent
 (Bordelon et al. 2023; Yang et al. 2023). The table holds the measurement;
 figure 12 draws it and says which of these held.
 
-Presets: ``quick`` (``N = 32``, 4 heads, depths 2, 8 and 16, 2 seeds, 200 Adam
+Presets: ``quick`` (``N = 32``, 4 heads, depths 2 and 16, 2 seeds, 200 Adam
 steps of batch 32 at rate 3e-3; digits as 4 tokens of 4x4 patches, recall
 of 2 pairs) trains four of the nine variants, one per claim: pre-LN and
 post-LN at ``alpha = 1`` (the comparison of Xiong et al. 2020), pre-LN at
@@ -42,7 +42,7 @@ post-LN at ``alpha = 1`` (the comparison of Xiong et al. 2020), pre-LN at
 path (the rank-collapse case of Dong et al. 2021 and Noci et al. 2022).
 Each (task, variant, depth) compiles its own train step (seeds share it),
 and on a CPU the compiles, not the steps, set the tier's cost, so the quick
-tier keeps the grid at 24 such groups; its sizes are small enough that
+tier keeps the grid at 16 such groups; its sizes are small enough that
 pre-LN learns both tasks at ``L = 2`` within the budget. ``full`` (``N =
 128``, depths 2 to 128, 4 seeds, 2,000 steps of batch 128 at rate 1e-3,
 16-token digits, 4-pair recall) trains all nine.
@@ -226,7 +226,7 @@ def network_config(
 
 PRESETS = {
     "quick": Config(
-        variants=QUICK_VARIANTS, depths=(2, 8, 16), patch=4, pairs=2, train=QUICK_TRAIN
+        variants=QUICK_VARIANTS, depths=(2, 16), patch=4, pairs=2, train=QUICK_TRAIN
     ),
     "full": Config(
         depths=(2, 8, 32, 128),
