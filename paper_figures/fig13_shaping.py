@@ -3,6 +3,8 @@
 Measurement (left): the ``shaping`` experiment, one Adam run per (variant,
 depth, seed) at one learning rate and budget, held-out accuracy averaged
 over seeds (chance 0.1); a cross marks a run stopped by a non-finite loss.
+The quick tier trains two depths, 20 and 100 (every claim below is made at the largest;
+the full tier trains five, 20 to 200).
 Circles are vanilla chains and the toolkit's ResNet with batch norm; squares
 are weighted ResNets (``w x + sqrt(1 - w^2) f(x)``, two nonlinear layers per
 branch, no normalization unless said) whose DKS/TAT activations were solved
