@@ -35,7 +35,7 @@ COST = {"quick": 83}
 
 TIERS = {
     "tiny": {"widths": (16, 32), "seeds": 2, "depth": 2},
-    "quick": {"widths": (64, 256, 1024), "seeds": 4, "depth": 4},
+    "quick": {"widths": (64, 256, 512), "seeds": 4, "depth": 4},
     "full": {"widths": (64, 256, 1024, 4096), "seeds": 16, "depth": 8},
 }
 
