@@ -225,9 +225,7 @@ def network_config(
 
 
 PRESETS = {
-    "quick": Config(
-        variants=QUICK_VARIANTS, depths=(2, 16), patch=4, pairs=2, train=QUICK_TRAIN
-    ),
+    "quick": Config(variants=QUICK_VARIANTS, depths=(2, 16), patch=4, pairs=2, train=QUICK_TRAIN),
     "full": Config(
         depths=(2, 8, 32, 128),
         width=128,
