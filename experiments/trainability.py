@@ -93,7 +93,7 @@ class Config:
     activation: str = "tanh"
     sigma_w2: tuple[float, ...] = (1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0)
     sigma_b2: float = 0.05
-    depths: tuple[int, ...] = (10, 25, 50, 75, 100)
+    depths: tuple[int, ...] = (10, 25, 50, 100)
     width: int = 64
     seeds: int = 1
     dataset: str = "digits"

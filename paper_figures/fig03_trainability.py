@@ -9,7 +9,9 @@ the edge of chaos ``chi1 = 1``. Runs stopped by a non-finite loss are
 marked. The ``quick`` tier trains far fewer steps than the paper, so its
 trainable band sits inside the 6 xi_c curve (the paper's Fig. 6 shows the
 band filling it as training time grows; between this tier's 400 steps and 600
-the band keeps its shape and only the cells at its edges rise noticeably).
+the band keeps its shape and only the cells at its edges rise noticeably). Its
+depths are 10, 25, 50 and 100; each row of the map reaches halfway to its
+neighbours, so the row of ``L = 50`` covers 38 to 75 and that of ``L = 100`` the rest.
 
 Right panel: ``log10 kappa``, the condition number of the NTK of
 :data:`~isometry.experiments.trainability.NTK_INPUTS` training inputs
