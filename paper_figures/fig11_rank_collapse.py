@@ -10,9 +10,9 @@ its fall to 0), the mean squared token norm, the mean squared singular value
 of the Jacobian ``dx^l/dx^0`` (random tangents pushed through all blocks in
 one pass), the ratio ``||dL/dW_Q||^2 / ||dL/dW_V||^2`` of each block, and
 ``||dL/dW_V||^2`` per block, relative to the loss gradient at the top (a
-random projection of every token). Markers: mean over seeds; lines:
-:func:`isometry.transformer_theory.profile` from the inputs' expected Gram,
-with no free parameter.
+random projection of every token). Markers: mean over seeds (one at the quick
+tier); lines: :func:`isometry.transformer_theory.profile` from the inputs'
+expected Gram, with no free parameter.
 
 Where theory and measurement part, and why: the recursions assume uniform
 attention (exact as ``N Var(W_Q) -> 0``; here 0.1), independent branches and
@@ -30,13 +30,18 @@ predicted, and then move as one vector whose squared norm does a
 multiplicative random walk of log-variance ``~ L / N`` (Hanin & Nica 2019):
 the measured norm, Jacobian and value gradients scatter around, and mostly
 below, the infinite-width line (the mean over seeds of a log-normal's
-typical values). After the collapse (no residual; post-LN with ``alpha = 1``
-at depth) the Q/K gradients vanish exactly in both theory and measurement:
-ratios below ``1e-12`` are rounding and drawn at that floor. Post-LN
-gradient predictions are qualitative (the normalization's projections
+typical values). At the quick tier ``L / N = 1`` and one seed is drawn: the
+no-residual Jacobian and value-gradient markers (and the norm without layer
+norm) lie mostly below the line, typically by up to two decades and at most by
+about three and a half (within about one and a half at ``N = 128`` with 2
+seeds, the earlier quick tier). After the collapse (no residual; post-LN with
+``alpha = 1`` at depth) the Q/K gradients vanish exactly in both theory and
+measurement: ratios below ``1e-12`` are rounding and drawn at that floor.
+Post-LN gradient predictions are qualitative (the normalization's projections
 compound) and its value gradients at ``alpha = 1`` sit below the line.
-Quick tier: ``L = 64``, ``N = 128``, 2 seeds, 2 tangents; full: ``L = 256``,
-``N = 256``, 8 seeds, 8 tangents.
+Quick tier: ``L = 64``, ``N = 64``, 1 seed, 2 tangents (the depth is kept: the
+overflow and post-LN's collapse at ``alpha = 1`` need some 50 blocks); full:
+``L = 256``, ``N = 256``, 8 seeds, 8 tangents.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from isometry import transformer_theory as tt
 from isometry.experiments import harness, transformer_signal
 from isometry.paper_figures import core
 
-COST = {"quick": 40}  # single-core CPU seconds of the quick tier (a scheduling hint)
+COST = {"quick": 28}  # single-core CPU seconds of the quick tier (a scheduling hint)
 
 KEYS = ("block", "norm_positions", "alphas", "measured", "theory", "stats", "qk_sigma_w2")
 
@@ -67,6 +72,9 @@ TIERS = harness.figure_tiers(
         "tangents=1",
     ),
 )
+TIERS["quick"]["overrides"] = ("width=64", "seeds=1")
+"""The quick tier: the preset's depth 64 and 2 tangents at half its width (128) and one of
+its 2 seeds."""
 
 STATS = ("collapse", "norm", "jacobian_sq", "update", "qk_value", "grad_value")
 FLOOR = 1e-12  # ratios below this are rounding (exact zeros of the theory): drawn at the floor
