@@ -24,11 +24,18 @@ falls with branch scale 1 and stays with ``1/sqrt(L)``. The measured slopes and 
 spread over seeds are in the legends, read from the data when the figure is drawn.
 
 The quick tier is small: the embedded 8x8 digits, 60 Adam steps of batch 16, two
-seeds, a one-octave rate grid, widths 32, 128 and 512 (not 64: at the input
-dimension the toolkit's MLP has no input map, a different structure), depths 4, 16
-and 64 at width 64, the coordinate check at the smallest and largest width only
-(its compiles are a third of the tier's time). Where the claim does not hold on
-this tier, and why:
+seeds, a one-octave rate grid from ``2^-11`` to ``2^-5`` (every optimum has a rate on
+either side), widths 32 and 256 (not 64: at the input dimension the toolkit's MLP has
+no input map, a different structure), depths 4 and 64 at width 64, so each slope is
+that between two sizes, and the coordinate check at those two widths (its compiles
+are a large share of the tier's cost). With widths 32, 128 and 512, depths 4, 16
+and 64 and rates ``2^-12`` to ``2^-4`` the slopes were SP -1.08, muP -0.01, branch 1
+-0.35 and depth-muP -0.08 octaves per doubling; on these sizes (each kept point's
+optimum unchanged) SP -1.01, muP -0.02 and the depth slopes the same to two
+decimals, and the coordinate check's SP slopes went from +0.34, +0.29, +0.25 to
++0.33, +0.25, +0.14 (first layer, second layer, output). The steps stay at 60: at
+50 the two seeds' branch-1 slopes had opposite signs. Where the claim does not
+hold on this tier, and why:
 
 * Depth-muP's optimum is not exactly still: it drifts down by a small fraction of
   an octave per doubling of ``L`` (negative for every seed), and the
@@ -40,11 +47,12 @@ this tier, and why:
   ``L = 64`` the network barely trains in 60 steps at any rate (its best held-out
   loss is several times the others'): its optimum is that of a network that has
   not learned much, and the branch-1 slope is smaller than a ``1/L`` or
-  ``1/sqrt(L)`` rule would give; it is a fit through three depths, not a law.
+  ``1/sqrt(L)`` rule would give; it is a slope between two depths, not a law.
 * The coordinate check's slopes under SP lie well below the linear prediction
   (+1 for the hidden layers with Adam): a tanh unit's output moves by at most 2, and
-  at the check's rate the widest SP network is already near that bound, so the
-  growth flattens; the sign (SP grows, muP stays O(1)) is what the panel shows.
+  at the check's rate the widest SP network's units already move by about a third
+  of that on average, so the growth flattens; the sign (SP grows, muP stays O(1)) is
+  what the panel shows.
 * Transfer is of the optimum's position, not of the loss: muP's smallest width has a
   higher loss at the same optimum (wider is better at a fixed rate, as in Tensor
   Programs V), and muP equals SP at the base width (their width-32 curves coincide).
@@ -65,7 +73,7 @@ KEYS = ("log2_lr", "widths", "depths", "width_kinds", "depth_kinds", "width_loss
         "coord_change", "coord_slope_mean", "coord_slope_std", "steps", "batch_size",
         "seeds", "width_depth", "depth_width", "coord_lr")  # fmt: skip
 
-COST = {"quick": 44}
+COST = {"quick": 32}
 """Seconds of one CPU core for the quick tier from empty stores (a scheduling hint)."""
 
 TIERS = harness.figure_tiers(
@@ -73,6 +81,9 @@ TIERS = harness.figure_tiers(
     ("widths=8,16", "depths=2,4", "depth_width=8", "log2_lrs=-8,-6,-4", "train.steps=3",
      "train.batch_size=4"),
 )  # fmt: skip
+TIERS["quick"]["overrides"] = ("widths=32,256", "depths=4,64", "log2_lrs=-11,-10,-9,-8,-7,-6,-5")
+"""The quick tier: widths 32 and 256 (the preset's are 32, 128, 512), the preset's shallowest
+and deepest depths (of 4, 16, 64) and the rates ``2^-11`` to ``2^-5`` (of ``2^-12`` to ``2^-4``)."""
 
 COORD_STEPS, COORD_SEEDS, COORD_BATCH = 3, 2, 32
 """The coordinate check: Adam steps, seeds, and the batch of digits it trains on."""
