@@ -55,7 +55,7 @@ KEYS = (
 
 TIERS = harness.figure_tiers("transformer_trainability", tt.TINY)
 
-COST = {"quick": 140}
+COST = {"quick": 97}
 """Single-core CPU seconds of a tier from empty stores (scheduling hint for ``--jobs``): 32 runs
 of 200 steps, most of the time going to tracing and compiling 16 train steps."""
 

@@ -73,7 +73,7 @@ KEYS = ("log2_lr", "widths", "depths", "width_kinds", "depth_kinds", "width_loss
         "coord_change", "coord_slope_mean", "coord_slope_std", "steps", "batch_size",
         "seeds", "width_depth", "depth_width", "coord_lr")  # fmt: skip
 
-COST = {"quick": 32}
+COST = {"quick": 29}
 """Seconds of one CPU core for the quick tier from empty stores (a scheduling hint)."""
 
 TIERS = harness.figure_tiers(
