@@ -374,17 +374,20 @@ def results_dir(path: str | Path | None = None) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def figure_tiers(name: str, tiny_overrides: Sequence[str]) -> dict[str, dict]:
+def figure_tiers(
+    name: str, tiny_overrides: Sequence[str], quick_overrides: Sequence[str] = ()
+) -> dict[str, dict]:
     """The tiers of a figure that shows experiment ``name`` (its ``TIERS``).
 
     ``tiny``: the quick preset with ``tiny_overrides`` in a temporary store;
-    ``quick`` and ``full``: the presets as they are, stored in
+    ``quick``: the quick preset with ``quick_overrides`` (the figure's own sizes, where
+    they differ from the experiment's), ``full``: the full preset as it is, both stored in
     ``RESULTS/<name>/<tier>``. Each tier is the keyword arguments
     ``preset, overrides, store`` of the figure's ``compute`` (:func:`stored_run`).
     """
     tiers = {"tiny": {"preset": "quick", "overrides": tuple(tiny_overrides), "store": None}}
-    for tier in ("quick", "full"):
-        tiers[tier] = {"preset": tier, "overrides": (), "store": str(RESULTS / name / tier)}
+    for tier, overrides in (("quick", tuple(quick_overrides)), ("full", ())):
+        tiers[tier] = {"preset": tier, "overrides": overrides, "store": str(RESULTS / name / tier)}
     return tiers
 
 

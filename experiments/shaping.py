@@ -289,7 +289,7 @@ def theory(cfg: Config, depth: int, c=None) -> dict[str, np.ndarray]:
             continue
         if variant in WRESNETS:  # the model's structure composed with the local C-map
             act = wresnet_activation(cfg, variant, depth, cfg.width)
-            local = functools.partial(_local_c_map, act)
+            local = functools.partial(_compound_c_map_f32, act, q=1.0, sw=1.0, sb=0.0, depth=1)
             out[variant] = np.asarray(act.transform.subnet_max_func.network(c, local))
             continue
         act = activation(cfg, variant, depth)
@@ -297,19 +297,16 @@ def theory(cfg: Config, depth: int, c=None) -> dict[str, np.ndarray]:
         if variant == "eoc_tanh":
             v = initializers.resolve(act, "orthogonal", q_star=cfg.q_star)
             q, sw, sb = cfg.q_star, float(v.sigma_w2), float(v.sigma_b2)
-        with jax.enable_x64(False):
-            cf = meanfield.iterate_c_map(act, np.float32(c), q, sw, sb, depth)[-1]
-        out[variant] = np.asarray(cf, np.float64)
+        out[variant] = _compound_c_map_f32(act, c, q=q, sw=sw, sb=sb, depth=depth)
     return out
 
 
-def _local_c_map(act, c) -> np.ndarray:
-    """One layer's C-map of the normalized ``act`` at ``q = 1``, ``sigma_w2 = 1``, no bias, in
-    float32 (the fast quadrature), returned in float64."""
+def _compound_c_map_f32(act, c, *, q, sw, sb, depth) -> np.ndarray:
+    """``C^depth(c)`` of ``act`` at length ``q`` and variances ``sw, sb``, in float32 (the
+    fast quadrature), returned in float64."""
     with jax.enable_x64(False):
-        return np.asarray(
-            meanfield.iterate_c_map(act, np.float32(c), 1.0, 1.0, 0.0, 1)[-1], np.float64
-        )
+        cf = meanfield.iterate_c_map(act, np.float32(c), q, sw, sb, depth)[-1]
+    return np.asarray(cf, np.float64)
 
 
 EXPERIMENT = Experiment(

@@ -56,9 +56,9 @@ TIERS = harness.figure_tiers(
         "train.log_every=5",
         "train.eval_every=5",
     ),
+    # quick: the preset's shallowest and deepest depths (not 48 between them), 300 of its 400 steps
+    quick_overrides=("depths=16,128", "train.steps=300"),
 )
-# quick: the preset's shallowest and deepest depths (not 48 between them), 300 of its 400 steps
-TIERS["quick"]["overrides"] = ("depths=16,128", "train.steps=300")
 
 
 def compute(preset, overrides, store) -> dict:

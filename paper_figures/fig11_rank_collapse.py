@@ -71,10 +71,9 @@ TIERS = harness.figure_tiers(
         "seeds=1",
         "tangents=1",
     ),
+    # quick: the preset's depth 64 and 2 tangents at half its width (128), one of its 2 seeds
+    quick_overrides=("width=64", "seeds=1"),
 )
-TIERS["quick"]["overrides"] = ("width=64", "seeds=1")
-"""The quick tier: the preset's depth 64 and 2 tangents at half its width (128) and one of
-its 2 seeds."""
 
 STATS = ("collapse", "norm", "jacobian_sq", "update", "qk_value", "grad_value")
 FLOOR = 1e-12  # ratios below this are rounding (exact zeros of the theory): drawn at the floor

@@ -80,10 +80,10 @@ TIERS = harness.figure_tiers(
     "lr_transfer",
     ("widths=8,16", "depths=2,4", "depth_width=8", "log2_lrs=-8,-6,-4", "train.steps=3",
      "train.batch_size=4"),
+    # quick: widths 32 and 256 (the preset's: 32, 128, 512), the preset's shallowest and
+    # deepest depths (of 4, 16, 64), rates 2^-11 to 2^-5 (of 2^-12 to 2^-4)
+    quick_overrides=("widths=32,256", "depths=4,64", "log2_lrs=-11,-10,-9,-8,-7,-6,-5"),
 )  # fmt: skip
-TIERS["quick"]["overrides"] = ("widths=32,256", "depths=4,64", "log2_lrs=-11,-10,-9,-8,-7,-6,-5")
-"""The quick tier: widths 32 and 256 (the preset's are 32, 128, 512), the preset's shallowest
-and deepest depths (of 4, 16, 64) and the rates ``2^-11`` to ``2^-5`` (of ``2^-12`` to ``2^-4``)."""
 
 COORD_STEPS, COORD_SEEDS, COORD_BATCH = 3, 2, 32
 """The coordinate check: Adam steps, seeds, and the batch of digits it trains on."""
