@@ -110,7 +110,12 @@ def point_function(cfg: Config):
         spatial_dims=cfg.spatial_dims, activation=cfg.activation, init="gaussian",
         sigma_w2=sw, sigma_b2=sb,
     )  # fmt: skip
-    layer = networks.ConvNet(net, rngs=nnx.Rngs(0)).stack().layer
+    # The layer function of an abstract model (no weights drawn; they are drawn below).
+    step = nnx.eval_shape(lambda: networks.ConvNet(net, rngs=nnx.Rngs(0))).layer_step()
+
+    def layer(params_l, x):
+        return step(params_l, x, None)[0]
+
     kshape = net.kernel_shape
     C = cfg.channels
     shape = (cfg.size,) * cfg.spatial_dims + (C,)
