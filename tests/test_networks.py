@@ -1,5 +1,7 @@
 """Networks as scanned stacks: shapes, options, NNX interop, delta-orthogonal isometry, errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -458,3 +460,66 @@ def test_kernels_and_biases_come_from_the_library_sampler():
 def test_no_critical_point_is_an_error():
     with pytest.raises(ValueError, match=r"MLPConfig: .*no critical point"):
         nw.MLPConfig(depth=2, width=4, activation="sigmoid", q_star=0.25)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        nw.MLPConfig(
+            depth=3,
+            width=8,
+            in_dim=5,
+            out_dim=3,
+            init="gaussian",
+            sigma_w2=2.0,
+            sigma_b2=0.1,
+            residual=True,
+            residual_scale="1/sqrt(L)",
+        ),
+        nw.MLPConfig(depth=2, width=8, activation="tanh", q_star=0.5, norm="layer"),
+        nw.ConvConfig(
+            depth=2, channels=4, kernel_size=3, spatial_dims=1, init="critical", q_star=0.3
+        ),
+        nw.TransformerConfig(
+            depth=2,
+            width=8,
+            heads=2,
+            seq_len=3,
+            in_dim=4,
+            out_dim=3,
+            qk_sigma_w2=0.1,
+            value_sigma_w2=2.0,
+        ),
+    ],
+)
+def test_forward_config_drops_only_the_initialization(cfg):
+    """``forward_config`` resets the initialization options and keeps the rest; a model
+    merged from the jitted functions' graph definition (``training.split_for_jit``)
+    computes the original model's outputs bitwise, and the original keeps its config."""
+    from isometry.training import evaluation
+
+    fwd = nw.forward_config(cfg)
+    init_options = ("init", "sigma_w2", "sigma_b2", "q_star", "value_sigma_w2", "qk_sigma_w2")
+    for f in dataclasses.fields(cfg):
+        if f.name in init_options:
+            assert getattr(fwd, f.name) == f.default
+        else:
+            assert getattr(fwd, f.name) == getattr(cfg, f.name), f.name
+    assert nw.forward_config(fwd) is fwd
+    build = {
+        nw.MLPConfig: nw.MLP,
+        nw.ConvConfig: nw.ConvNet,
+        nw.TransformerConfig: nw.Transformer,
+    }[type(cfg)]
+    model = build(cfg, rngs=nnx.Rngs(0))
+    g, state = evaluation.split_for_jit(model)
+    assert model.config == cfg
+    merged = nnx.merge(g, state)
+    assert merged.config == fwd
+    shape = {
+        nw.MLPConfig: lambda: (2, cfg.in_dim or cfg.width),
+        nw.ConvConfig: lambda: (2, 6, 4),
+        nw.TransformerConfig: lambda: (2, 3, 4),
+    }[type(cfg)]()
+    x = jax.random.normal(jax.random.key(1), shape)
+    np.testing.assert_array_equal(np.asarray(merged(x)), np.asarray(model(x)))

@@ -424,6 +424,31 @@ def test_runs_that_differ_in_seed_share_the_jitted_step(digits):
     assert first.records != second.records
 
 
+def test_runs_that_differ_in_initialization_share_the_jitted_step(digits):
+    """Runs whose networks differ only in their initialization options (sigma_w2, sigma_b2,
+    init, q_star: a sweep's points) share one jitted train step; each equals the run made
+    alone, and each trained model keeps its own config."""
+    from isometry.training import loop
+
+    cfg = training.TrainConfig(steps=3, batch_size=8, log_every=3, eval_every=0, probe_every=0)
+    nets = [
+        _mlp(depth=2, width=8, init="gaussian", sigma_w2=1.0, sigma_b2=0.0).config,
+        _mlp(depth=2, width=8, init="gaussian", sigma_w2=2.5, sigma_b2=0.3).config,
+        _mlp(depth=2, width=8, init="critical", q_star=0.5).config,
+    ]
+    loop._train_step.cache_clear()
+    runs = [training.train(networks.MLP(n, rngs=nnx.Rngs(0)), digits, cfg) for n in nets]
+    info = loop._train_step.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+    for n, r in zip(nets, runs, strict=True):
+        assert r.model.config == n
+    loop._train_step.cache_clear()
+    alone = training.train(networks.MLP(nets[1], rngs=nnx.Rngs(0)), digits, cfg)
+    for a, b in zip(_leaves(runs[1].state), _leaves(alone.state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert runs[0].records != runs[1].records
+
+
 def test_probe_leaves_the_training_bit_identical():
     """The monitor runs on a copy with its own key: the records' training metrics and the
     final parameters are bitwise those of a run without the probe."""

@@ -90,7 +90,7 @@ References:
 """
 
 from isometry.networks.blocks import WeightedResidual, WeightedResNet
-from isometry.networks.config import BRANCH_SCALES, branch_scale, check_branch_scale
+from isometry.networks.config import BRANCH_SCALES, branch_scale, check_branch_scale, forward_config
 from isometry.networks.config import DTYPES as DTYPES  # public, not in __all__
 from isometry.networks.convnet import PADDINGS, ConvConfig, ConvNet, conv
 from isometry.networks.mlp import MLP, NORM_POSITIONS, NORMS, MLPConfig
@@ -125,5 +125,6 @@ __all__ = [
     "branch_scale",
     "check_branch_scale",
     "conv",
+    "forward_config",
     "transformer_params",
 ]

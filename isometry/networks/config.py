@@ -8,6 +8,7 @@ bad option gets a clear error naming it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import jax
@@ -29,12 +30,39 @@ __all__ = [
     "check_common",
     "check_dtype",
     "check_parameterization",
+    "forward_config",
     "resolve_dtype",
     "resolve_init",
 ]
 
 BRANCH_SCALES = ("1/sqrt(L)",)
 PARAMETERIZATIONS = ("standard", "ntk", "mup", "depth_mup")
+
+INIT_OPTIONS = ("init", "sigma_w2", "sigma_b2", "q_star", "value_sigma_w2", "qk_sigma_w2")
+"""Config fields that only choose the initial parameters; the forward pass never reads them."""
+
+
+def forward_config(cfg):
+    """``cfg`` with its initialization options (:data:`INIT_OPTIONS`) at their defaults.
+
+    Two networks whose configs have equal forward configs compute the same function of
+    their parameters: the initialization options choose the parameters' first values
+    only. Jitted functions keyed on a model's graph definition (the train step, the
+    evaluator: :mod:`isometry.training`) key on this config, so the runs of a sweep over
+    ``sigma_w2`` or ``q_star`` trace and compile them once. ``cfg`` itself where it has no
+    such field or its defaults do not make a valid config.
+    """
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(cfg)
+        if f.name in INIT_OPTIONS and f.default is not dataclasses.MISSING
+    }
+    if not defaults or all(getattr(cfg, k) == v for k, v in defaults.items()):
+        return cfg
+    try:
+        return dataclasses.replace(cfg, **defaults)
+    except (TypeError, ValueError):
+        return cfg
 
 
 def check_branch_scale(name: str, value) -> None:

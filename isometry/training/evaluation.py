@@ -22,9 +22,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from isometry import validate
+from isometry import networks, validate
 
-__all__ = ["LOSSES", "evaluate", "evaluate_state", "on_device", "per_example_loss"]
+__all__ = [
+    "LOSSES", "evaluate", "evaluate_state", "on_device", "per_example_loss", "split_for_jit",
+]  # fmt: skip
 
 LOSSES = ("cross_entropy", "mse")
 
@@ -57,6 +59,32 @@ def on_device(a, dtype) -> jax.Array:
     """``a`` as a device array; floating arrays in ``dtype`` (labels keep their integer type)."""
     a = np.asarray(a) if not isinstance(a, jax.Array) else a
     return jnp.asarray(a, dtype) if jnp.issubdtype(a.dtype, jnp.floating) else jnp.asarray(a)
+
+
+def split_for_jit(model: nnx.Module, *filters):
+    """``nnx.split(model, *filters)``, the graph definition holding the model's
+    :func:`isometry.networks.forward_config` in place of its config.
+
+    The jitted train step and evaluator are keyed on the graph definition; with the
+    initialization options out of it, runs that differ only in them (the points of a
+    sweep over ``sigma_w2``) share one compiled function. Merging the graph definition
+    gives a model that computes the same function with a config whose initialization
+    options are the defaults; ``model`` itself is left as it was. Models without a
+    toolkit config split as they are.
+    """
+    cfg = getattr(model, "config", None)
+    fwd = networks.forward_config(cfg) if _is_network_config(cfg) else cfg
+    if fwd is cfg:
+        return nnx.split(model, *filters)
+    model.config = fwd
+    try:
+        return nnx.split(model, *filters)
+    finally:
+        model.config = cfg
+
+
+def _is_network_config(cfg) -> bool:
+    return isinstance(cfg, (networks.MLPConfig, networks.ConvConfig, networks.TransformerConfig))
 
 
 def _float_dtype(states):
@@ -102,6 +130,6 @@ def evaluate(
     loop splits it, so after :func:`isometry.training.train` the same compiled
     evaluator serves (for the same ``batch_size``)."""
     model.eval()
-    graphdef, *states = nnx.split(model, nnx.Param, nnx.BatchStat, ...)  # as the training loop
+    graphdef, *states = split_for_jit(model, nnx.Param, nnx.BatchStat, ...)  # as the loop
     model.train()
     return evaluate_state(graphdef, tuple(states), x, y, loss=loss, batch_size=batch_size)

@@ -48,7 +48,7 @@ from isometry.training.config import RunConfig, TrainConfig, model_config_dict
 from isometry.training.evaluation import evaluate_state, on_device
 from isometry.training.optim import clipping, optimizer, schedule
 from isometry.training.probe import PROBE_FIELDS, monitor_probe
-from isometry.training.step import NonFiniteError, init_state, make_train_step
+from isometry.training.step import NonFiniteError, init_state, jit_graphdefs, make_train_step
 
 __all__ = ["TrainResult", "run", "train"]
 
@@ -102,9 +102,10 @@ def _param_dtype(params):
 def _train_step(graphdef, config: TrainConfig, loss: str):
     """The jitted train step of a model structure, optimizer configuration and loss.
 
-    Cached, so runs that differ only in their parameters or seed (the seeds of
-    a sweep point) share one jitted function: the second run neither traces
-    nor loads the step again. ``config`` with ``seed=0`` (the step does not
+    Cached, so runs that differ only in their parameters, seed or initialization
+    options (the seeds of a sweep point, the points of a sweep over ``sigma_w2``:
+    ``graphdef`` is :func:`~isometry.training.step.jit_graphdefs`'s) share one jitted
+    function: the second run neither traces nor loads the step again. ``config`` with ``seed=0`` (the step does not
     depend on it).
     """
     tx, clip_tx = optimizer(config), clipping(config.clip, agc_eps=config.agc_eps)
@@ -119,7 +120,8 @@ class _Run:
         self.loss = "cross_entropy" if data.num_classes is not None else "mse"
         self.tx = optimizer(config)
         self.g_train, self.g_eval, self.state = init_state(model, self.tx)
-        self.step_fn = _train_step(self.g_train, dataclasses.replace(config, seed=0), self.loss)
+        g_step, self.g_jit_eval = jit_graphdefs(model)  # shared across initializations
+        self.step_fn = _train_step(g_step, dataclasses.replace(config, seed=0), self.loss)
         # inputs (and regression targets) in the parameters' float dtype
         dt = _param_dtype(self.state["params"])
         self.x, self.y = on_device(data.x_train, dt), on_device(data.y_train, dt)
@@ -191,7 +193,7 @@ class _Run:
         if step == 0 or final or (cfg.eval_every and step % cfg.eval_every == 0):
             states = (s["params"], s["batch_stats"], s["rest"])
             b = min(cfg.eval_batch_size, self.x_test.shape[0])
-            ev = evaluate_state(self.g_eval, states, self.x_test, self.y_test,
+            ev = evaluate_state(self.g_jit_eval, states, self.x_test, self.y_test,
                                 loss=self.loss, batch_size=b)  # fmt: skip
             record["eval_loss"] = ev["loss"]
             if self.loss == "cross_entropy":

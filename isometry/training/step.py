@@ -27,13 +27,14 @@ import optax
 from flax import nnx
 
 from isometry import validate
-from isometry.training.evaluation import LOSSES, per_example_loss
+from isometry.training.evaluation import LOSSES, per_example_loss, split_for_jit
 from isometry.training.optim import stacked_mask
 
 __all__ = [
     "OUTPUT_PARAMS",
     "NonFiniteError",
     "init_state",
+    "jit_graphdefs",
     "layer_grad_norms",
     "make_train_step",
 ]
@@ -84,13 +85,21 @@ def layer_grad_norms(grads) -> dict[str, jax.Array]:
     return {"input": jnp.sqrt(sq_in), "layers": jnp.sqrt(sq_layers), "output": jnp.sqrt(sq_out)}
 
 
-def _graphdefs(model: nnx.Module):
+def _graphdefs(model: nnx.Module, split=nnx.split):
     """``(train graphdef, eval graphdef, state dict)``; the model is left in training mode."""
     model.eval()
-    g_eval = nnx.split(model, nnx.Param, nnx.BatchStat, ...)[0]
+    g_eval = split(model, nnx.Param, nnx.BatchStat, ...)[0]
     model.train()
-    g_train, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    g_train, params, stats, rest = split(model, nnx.Param, nnx.BatchStat, ...)
     return g_train, g_eval, {"params": params, "batch_stats": stats, "rest": rest}
+
+
+def jit_graphdefs(model: nnx.Module):
+    """``(train graphdef, eval graphdef)`` for the jitted step and evaluator: those of
+    :func:`init_state` with a toolkit network's initialization options out of its config
+    (:func:`isometry.training.evaluation.split_for_jit`), so runs that differ only in them
+    share the compiled functions."""
+    return _graphdefs(model, split_for_jit)[:2]
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation):
