@@ -62,25 +62,29 @@ def on_device(a, dtype) -> jax.Array:
 
 
 def split_for_jit(model: nnx.Module, *filters):
-    """``nnx.split(model, *filters)``, the graph definition holding the model's
-    :func:`isometry.networks.forward_config` in place of its config.
+    """``nnx.split(model, *filters)``, the graph definition holding the
+    :func:`isometry.networks.forward_config` of each toolkit network config in the model
+    (the model's own ``config`` and its submodules') in place of the config.
 
     The jitted train step and evaluator are keyed on the graph definition; with the
     initialization options out of it, runs that differ only in them (the points of a
     sweep over ``sigma_w2``) share one compiled function. Merging the graph definition
-    gives a model that computes the same function with a config whose initialization
+    gives a model that computes the same function with configs whose initialization
     options are the defaults; ``model`` itself is left as it was. Models without a
     toolkit config split as they are.
     """
-    cfg = getattr(model, "config", None)
-    fwd = networks.forward_config(cfg) if _is_network_config(cfg) else cfg
-    if fwd is cfg:
-        return nnx.split(model, *filters)
-    model.config = fwd
+    swapped = []
     try:
+        for _, module in nnx.iter_modules(model):
+            cfg = getattr(module, "config", None)
+            fwd = networks.forward_config(cfg) if _is_network_config(cfg) else cfg
+            if fwd is not cfg:
+                swapped.append((module, cfg))
+                module.config = fwd
         return nnx.split(model, *filters)
     finally:
-        model.config = cfg
+        for module, cfg in swapped:
+            module.config = cfg
 
 
 def _is_network_config(cfg) -> bool:
