@@ -449,6 +449,28 @@ def test_runs_that_differ_in_initialization_share_the_jitted_step(digits):
     assert runs[0].records != runs[1].records
 
 
+def test_split_for_jit_reaches_toolkit_networks_inside_a_users_module():
+    """A user's module around a toolkit MLP: the graph definitions of two initializations
+    are equal (one compiled step), a plain nnx model splits as it is, and the models keep
+    their own configs."""
+    from isometry.training.evaluation import split_for_jit
+
+    class Wrapped(nnx.Module):
+        def __init__(self, sigma_w2):
+            self.body = _mlp(depth=2, width=8, init="gaussian", sigma_w2=sigma_w2)
+            self.scale = nnx.Param(jnp.ones(()))
+
+        def __call__(self, x):
+            return self.scale[...] * self.body(x)
+
+    a, b = Wrapped(1.0), Wrapped(3.0)
+    assert split_for_jit(a)[0] == split_for_jit(b)[0]
+    assert nnx.split(a)[0] != nnx.split(b)[0]
+    assert (a.body.config.sigma_w2, b.body.config.sigma_w2) == (1.0, 3.0)
+    plain = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    assert split_for_jit(plain)[0] == nnx.split(plain)[0]
+
+
 def test_probe_leaves_the_training_bit_identical():
     """The monitor runs on a copy with its own key: the records' training metrics and the
     final parameters are bitwise those of a run without the probe."""

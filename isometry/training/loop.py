@@ -105,8 +105,8 @@ def _train_step(graphdef, config: TrainConfig, loss: str):
     Cached, so runs that differ only in their parameters, seed or initialization
     options (the seeds of a sweep point, the points of a sweep over ``sigma_w2``:
     ``graphdef`` is :func:`~isometry.training.step.jit_graphdefs`'s) share one jitted
-    function: the second run neither traces nor loads the step again. ``config`` with ``seed=0`` (the step does not
-    depend on it).
+    function: the second run neither traces nor loads the step again. ``config``
+    with ``seed=0`` (the step does not depend on it).
     """
     tx, clip_tx = optimizer(config), clipping(config.clip, agc_eps=config.agc_eps)
     return make_train_step(graphdef, tx, clip_tx, schedule(config), loss=loss)
