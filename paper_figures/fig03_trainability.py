@@ -53,7 +53,7 @@ KEYS = (
     "ntk_sigma_w2", "ntk_depth", "ntk_log10_cond", "ntk_inputs",
 )  # fmt: skip
 
-COST = {"quick": 78}
+COST = {"quick": 55}
 """Seconds of one CPU core for the quick tier from empty stores (a scheduling hint)."""
 
 TIERS = harness.figure_tiers(

@@ -43,7 +43,7 @@ KEYS = (
     "q_star", "sigma_w2",
 )  # fmt: skip
 
-COST = {"quick": 31}
+COST = {"quick": 22}
 """Seconds of one CPU core for the quick tier from empty stores (a scheduling hint)."""
 
 TIERS = harness.figure_tiers(

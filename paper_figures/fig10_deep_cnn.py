@@ -59,7 +59,7 @@ from isometry import freeprob, plotting
 from isometry.experiments import cnn_trainability, deep_cnn, harness
 from isometry.paper_figures import core
 
-COST = {"quick": 30}  # single-core CPU seconds of the quick tier (a scheduling hint)
+COST = {"quick": 26}  # single-core CPU seconds of the quick tier (a scheduling hint)
 
 KEYS = (
     "inits",

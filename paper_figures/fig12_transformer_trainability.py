@@ -60,7 +60,7 @@ KEYS = (
 
 TIERS = harness.figure_tiers("transformer_trainability", tt.TINY)
 
-COST = {"quick": 55}
+COST = {"quick": 50}
 """Single-core CPU seconds of a tier from empty stores (scheduling hint for ``--jobs``): 16 runs
 of 200 steps, most of the time going to tracing and compiling 8 train steps."""
 

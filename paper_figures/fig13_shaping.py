@@ -59,7 +59,7 @@ LR_SWEEP = (3e-4,)
 besides the experiment's own, whose runs the panel shares with the depth panel."""
 LR_VARIANTS = ("dks_tanh", "dks_softplus")
 
-COST = {"quick": 103}
+COST = {"quick": 90}
 """Seconds of one CPU core for the quick tier from empty stores (a scheduling hint)."""
 
 TIERS = harness.figure_tiers(

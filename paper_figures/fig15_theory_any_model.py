@@ -30,7 +30,7 @@ from isometry import plotting, probe, theory
 
 KEYS = ("widths", "models", "fields", "measured", "measured_se", "theory", "gap")
 
-COST = {"quick": 68}
+COST = {"quick": 66}
 """Single-core CPU seconds of the quick tier (a scheduling hint for ``--jobs``)."""
 
 TIERS = {
