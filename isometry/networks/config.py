@@ -21,6 +21,7 @@ from isometry import validate
 __all__ = [
     "BRANCH_SCALES",
     "DTYPES",
+    "INIT_OPTIONS",
     "PARAMETERIZATIONS",
     "BranchScaled",
     "activation_of",
