@@ -50,9 +50,13 @@ def forward_config(cfg):
     their parameters: the initialization options choose the parameters' first values
     only. Jitted functions keyed on a model's graph definition (the train step, the
     evaluator: :mod:`isometry.training`) key on this config, so the runs of a sweep over
-    ``sigma_w2`` or ``q_star`` trace and compile them once. ``cfg`` itself where it has no
-    such field or its defaults do not make a valid config.
+    ``sigma_w2`` or ``q_star`` trace and compile them once. ``cfg`` itself where it is not
+    a toolkit network config (``MLPConfig``, ``ConvConfig``, ``TransformerConfig``: the
+    :class:`BranchScaled` dataclasses), has no such field, or its defaults do not make a
+    valid config.
     """
+    if not (isinstance(cfg, BranchScaled) and dataclasses.is_dataclass(cfg)):
+        return cfg
     defaults = {
         f.name: f.default
         for f in dataclasses.fields(cfg)

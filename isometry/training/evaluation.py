@@ -77,7 +77,7 @@ def split_for_jit(model: nnx.Module, *filters):
     try:
         for _, module in nnx.iter_modules(model):
             cfg = getattr(module, "config", None)
-            fwd = networks.forward_config(cfg) if _is_network_config(cfg) else cfg
+            fwd = networks.forward_config(cfg)
             if fwd is not cfg:
                 swapped.append((module, cfg))
                 module.config = fwd
@@ -85,10 +85,6 @@ def split_for_jit(model: nnx.Module, *filters):
     finally:
         for module, cfg in swapped:
             module.config = cfg
-
-
-def _is_network_config(cfg) -> bool:
-    return isinstance(cfg, (networks.MLPConfig, networks.ConvConfig, networks.TransformerConfig))
 
 
 def _float_dtype(states):
